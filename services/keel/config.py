@@ -1,0 +1,62 @@
+"""The one typed settings object, read from ``KEEL_*`` environment variables.
+
+Nothing here connects to anything: adapters are built from these values in
+``keel.bootstrap``. ``keel config`` prints the effective settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one Keel process."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", frozen=True)
+
+    data_dir: Path = Field(
+        default=PROJECT_ROOT / ".keel",
+        description="Where the local broker, chDB and state files live.",
+    )
+    kafka_host: str = Field(default="127.0.0.1", description="Interface the local broker binds.")
+    kafka_port: int = Field(default=19092, description="Client port of the local broker.")
+    kafka_controller_port: int = Field(default=19093, description="KRaft controller port.")
+    kafka_bootstrap: str | None = Field(
+        default=None, description="Bootstrap servers; defaults to the local broker."
+    )
+    kafka_home: Path = Field(
+        default=PROJECT_ROOT / "infra" / "kafka",
+        description="Folder holding pom.xml, server.properties and the fetched libs/.",
+    )
+    kafka_start_timeout_s: float = Field(default=60.0, description="Bound on waiting for the broker.")
+    topic_prefix: str = Field(default="keel", description="Prefix of every Keel topic.")
+    topic_partitions: int = Field(default=6, ge=1, description="Partitions per tenant-keyed topic.")
+    replication_factor: int = Field(default=1, ge=1, description="Replication factor of Keel topics.")
+    min_insync_replicas: int = Field(default=1, ge=1, description="min.insync.replicas of Keel topics.")
+    clickhouse_dsn: str | None = Field(
+        default=None,
+        description="chdb:///path (embedded, the default under data_dir) or http://host:8123.",
+    )
+    clickhouse_database: str = Field(default="keel", description="Database holding projections.")
+    processor_batch_size: int = Field(default=5000, ge=1, description="Commands per transaction.")
+    processor_instance: str = Field(
+        default="0", description="Worker instance id; part of the transactional.id."
+    )
+    watcher_web_port: int = Field(default=6066, description="Port of the stats watcher's web view.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bootstrap_servers(self) -> str:
+        """The bootstrap servers clients use."""
+        return self.kafka_bootstrap or f"{self.kafka_host}:{self.kafka_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def analytics_dsn(self) -> str:
+        """The ClickHouse DSN: embedded chDB under ``data_dir`` unless a DSN is given."""
+        return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'chdb').resolve()}"

@@ -1,0 +1,286 @@
+"""Lifecycle of the local single-node KRaft broker: ``keel up``, ``keel down``, ``keel status``.
+
+The broker is Apache Kafka's own jars (fetched by Maven into ``infra/kafka/libs``) run
+with ``java -cp libs/* kafka.Kafka``. Storage is formatted once with
+``kafka.tools.StorageTool``. Start-up waits until the broker answers a metadata request
+and fails with the log tail if it does not within the configured bound. Stop uses the
+PID file, never a process-name match.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+from keel.config import Settings
+from keel.errors import InfraError
+
+_STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class BrokerPaths:
+    """Files of one local broker under the data folder."""
+
+    root: Path
+
+    @property
+    def log_dirs(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "server.properties"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "broker.pid"
+
+    @property
+    def server_log(self) -> Path:
+        return self.logs / "server.log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.logs / "console.log"
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    """What ``keel status`` reports."""
+
+    running: bool
+    healthy: bool
+    pid: int | None
+    bootstrap: str
+    detail: str
+
+
+def paths_for(settings: Settings) -> BrokerPaths:
+    """The broker's files for these settings."""
+    return BrokerPaths(settings.data_dir / "kafka")
+
+
+def broker_status(settings: Settings) -> BrokerStatus:
+    """Report whether the PID file's process lives and the broker answers metadata."""
+    paths = paths_for(settings)
+    pid = _read_pid(paths.pid_file)
+    running = pid is not None and _pid_alive(pid)
+    healthy = _answers_metadata(settings.bootstrap_servers, timeout_s=3.0)
+    if healthy and running:
+        detail = f"broker pid {pid} is serving {settings.bootstrap_servers}"
+    elif healthy:
+        detail = f"a broker not started by keel is serving {settings.bootstrap_servers}"
+    elif running:
+        detail = f"broker pid {pid} is running but does not answer on {settings.bootstrap_servers}"
+    else:
+        detail = "no broker is running"
+    return BrokerStatus(running, healthy, pid if running else None, settings.bootstrap_servers, detail)
+
+
+def start_broker(settings: Settings) -> BrokerStatus:
+    """Start the local broker unless one already serves; a second call is a no-op."""
+    status = broker_status(settings)
+    if status.healthy:
+        return status
+    if status.running and status.pid is not None:
+        raise InfraError(
+            f"broker pid {status.pid} is running but not answering; run `keel down` first",
+            code="broker_unhealthy",
+        )
+    java = _require_java()
+    classpath = _require_jars(settings.kafka_home)
+    for port in (settings.kafka_port, settings.kafka_controller_port):
+        _require_free_port(settings.kafka_host, port)
+
+    paths = paths_for(settings)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    _render_config(settings, paths)
+    jvm = [java, f"-Dkafka.logs.dir={paths.logs}",
+           f"-Dlog4j2.configurationFile={settings.kafka_home / 'log4j2.yaml'}",
+           "-Xms256m", "-Xmx1g", "-cp", classpath]
+    if not (paths.log_dirs / "meta.properties").exists():
+        _format_storage(jvm, paths)
+
+    with paths.console_log.open("ab") as console:
+        process = subprocess.Popen(
+            [*jvm, "kafka.Kafka", str(paths.config)],
+            stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the CLI that started it
+        )
+    paths.pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + settings.kafka_start_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            paths.pid_file.unlink(missing_ok=True)
+            raise InfraError(
+                f"the broker exited with code {process.returncode} during start-up:\n"
+                + _log_tail(paths),
+                code="broker_start_failed",
+            )
+        if _answers_metadata(settings.bootstrap_servers, timeout_s=2.0):
+            return broker_status(settings)
+        time.sleep(0.5)
+    _terminate(process.pid)
+    paths.pid_file.unlink(missing_ok=True)
+    raise InfraError(
+        f"the broker did not answer on {settings.bootstrap_servers} within "
+        f"{settings.kafka_start_timeout_s:.0f}s:\n" + _log_tail(paths),
+        code="broker_start_timeout",
+    )
+
+
+def stop_broker(settings: Settings) -> BrokerStatus:
+    """Stop the broker named by the PID file (SIGTERM, then SIGKILL after a bound)."""
+    paths = paths_for(settings)
+    pid = _read_pid(paths.pid_file)
+    if pid is not None and _pid_alive(pid):
+        _terminate(pid)
+    paths.pid_file.unlink(missing_ok=True)
+    return broker_status(settings)
+
+
+def reset_broker(settings: Settings) -> None:
+    """Stop the broker and delete its storage (every topic and offset)."""
+    stop_broker(settings)
+    shutil.rmtree(paths_for(settings).root, ignore_errors=True)
+
+
+def _render_config(settings: Settings, paths: BrokerPaths) -> None:
+    template = string.Template((settings.kafka_home / "server.properties").read_text())
+    paths.config.write_text(template.substitute(
+        host=settings.kafka_host,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+        log_dirs=paths.log_dirs,
+    ))
+
+
+def _format_storage(jvm: list[str], paths: BrokerPaths) -> None:
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    result = subprocess.run(
+        [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(paths.config)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    if result.returncode != 0:
+        raise InfraError(
+            f"formatting KRaft storage failed (exit {result.returncode}):\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}",
+            code="broker_format_failed",
+        )
+
+
+def _require_java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise InfraError("java was not found on PATH; install a Java 17+ runtime", code="java_missing")
+    return java
+
+
+def _require_jars(kafka_home: Path) -> str:
+    libs = kafka_home / "libs"
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise InfraError(
+            f"the Kafka jars are missing from {libs}; fetch them with "
+            f"`mvn -q -f {kafka_home / 'pom.xml'} dependency:copy-dependencies` (or `make setup`)",
+            code="broker_missing",
+        )
+    return f"{libs}/*"
+
+
+def _require_free_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InfraError(
+                f"port {host}:{port} is already taken ({exc.strerror}); stop what holds it or "
+                "set KEEL_KAFKA_PORT / KEEL_KAFKA_CONTROLLER_PORT",
+                code="port_in_use",
+            ) from exc
+
+
+def _answers_metadata(bootstrap: str, *, timeout_s: float) -> bool:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:  # a cheap TCP probe first, so a dead port does not cost the full client timeout
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
+                         "logger": _SilentLogger()})
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+    return True
+
+
+class _SilentLogger:
+    """Swallows librdkafka's connection-refused chatter during health probes."""
+
+    def log(self, *_args: object, **_kwargs: object) -> None:
+        return None
+
+    def __getattr__(self, _name: str) -> object:
+        return self.log
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); treat it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _log_tail(paths: BrokerPaths, lines: int = 30) -> str:
+    for log in (paths.server_log, paths.console_log):
+        if log.exists() and log.stat().st_size:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            return f"--- last lines of {log} ---\n" + "\n".join(tail)
+    return "(the broker wrote no log)"
