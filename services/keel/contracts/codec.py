@@ -1,0 +1,75 @@
+"""Avro single-object encoding of envelopes (``C3 01`` + 8-byte fingerprint + body).
+
+Any consumer resolves the writer schema from the fingerprint in the catalog and reads it
+with the current reader schema. Bytes that are not a Keel message raise typed
+``DecodeError``s, which the processor routes to the DLQ with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+from fastavro import schemaless_reader, schemaless_writer
+
+from keel.contracts.catalog import Catalog, load_catalog
+from keel.domain.envelope import Envelope
+from keel.domain.messages import payload_class
+from keel.errors import DecodeError, ValidationError
+
+MAGIC = b"\xc3\x01"
+HEADER_SIZE = len(MAGIC) + 8
+
+
+class EnvelopeCodec:
+    """Encodes and decodes envelopes against one schema catalog."""
+
+    def __init__(self, catalog: Catalog | None = None) -> None:
+        self.catalog = catalog or load_catalog()
+
+    def encode(self, envelope: Envelope) -> bytes:
+        """The single-object encoding of ``envelope`` with its type's declared schema version."""
+        schema = self.catalog.version(envelope.type, envelope.schema_version)
+        buffer = io.BytesIO()
+        buffer.write(MAGIC + schema.fingerprint)
+        schemaless_writer(buffer, schema.parsed, envelope.model_dump())
+        return buffer.getvalue()
+
+    def decode(self, data: bytes) -> Envelope:
+        """The envelope in ``data``; raises ``DecodeError`` or ``ValidationError`` if it is not one."""
+        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+            raise DecodeError("not an Avro single-object message (bad magic or too short)")
+        writer = self.catalog.writer(bytes(data[2:HEADER_SIZE]))
+        reader = self.catalog.latest(writer.message_type)
+        try:
+            record = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, reader.parsed)
+        except Exception as exc:  # fastavro raises many kinds on corrupt input
+            raise DecodeError(f"corrupt {writer.message_type} body: {exc}") from exc
+        record["schema_version"] = reader.payload_version
+        return parse_envelope(record)
+
+
+def parse_envelope(data: Mapping[str, Any]) -> Envelope:
+    """Validate a mapping as an envelope; errors name the offending field path."""
+    if not isinstance(data, Mapping):
+        raise ValidationError("a message must be an object", field="")
+    raw = dict(data)
+    if isinstance(raw.get("payload"), Mapping):
+        cls = payload_class(str(raw.get("type")))
+        try:
+            raw["payload"] = cls.model_validate(raw["payload"])
+        except pydantic.ValidationError as exc:
+            raise _typed(exc, prefix="payload") from None
+    try:
+        return Envelope.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise _typed(exc) from None
+
+
+def _typed(exc: pydantic.ValidationError, prefix: str = "") -> ValidationError:
+    first = exc.errors()[0]
+    path = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return ValidationError(f"{path or 'message'}: {first['msg']}{more}", field=path)

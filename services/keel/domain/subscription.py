@@ -1,0 +1,103 @@
+"""The subscription aggregate as pure functions: ``decide(command, state)`` and ``evolve``.
+
+No I/O, no clocks, no Kafka: the processor folds an aggregate's events with ``evolve`` to
+get its state, asks ``decide`` what a command yields, and publishes that. Replays and
+point-in-time queries use the same ``evolve``, so state can never drift between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from keel.domain.envelope import Envelope, Payload
+from keel.domain.messages import (
+    CancelSubscription,
+    CommandRejected,
+    EmailQueued,
+    IssueRefund,
+    RefundIssued,
+    SendEmail,
+    StartSubscription,
+    SubscriptionCancelled,
+    SubscriptionStarted,
+)
+
+
+class Status(StrEnum):
+    NONE = "none"
+    ACTIVE = "active"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SubscriptionState:
+    """What the system knew about one subscription at a version."""
+
+    version: int = 0
+    status: Status = Status.NONE
+    customer_id: str | None = None
+    plan: str | None = None
+    currency: str | None = None
+    paid_cents: int = 0
+    refunded_cents: int = 0
+    emails_queued: int = 0
+
+
+INITIAL = SubscriptionState()
+
+
+def reject(command: Envelope, code: str, reason: str) -> CommandRejected:
+    """A rejection outcome for ``command``."""
+    return CommandRejected(command_type=command.type, code=code, reason=reason)
+
+
+def decide(command: Envelope, state: SubscriptionState) -> list[Payload]:
+    """What ``command`` yields against ``state``: domain events, or one ``CommandRejected``."""
+    if command.expected_version is not None and command.expected_version != state.version:
+        return [reject(command, "version_conflict",
+                       f"expected version {command.expected_version}, aggregate is at {state.version}")]
+    match command.payload:
+        case StartSubscription() as start:
+            if state.status is not Status.NONE:
+                return [reject(command, "already_exists", f"subscription {command.aggregate_id} exists")]
+            return [SubscriptionStarted(customer_id=start.customer_id, plan=start.plan,
+                                        monthly_price_cents=start.monthly_price_cents,
+                                        currency=start.currency)]
+        case _ if state.status is Status.NONE:
+            return [reject(command, "unknown_aggregate", f"no subscription {command.aggregate_id}")]
+        case CancelSubscription() as cancel:
+            if state.status is Status.CANCELLED:
+                return [reject(command, "invalid_state", "the subscription is already cancelled")]
+            return [SubscriptionCancelled(reason=cancel.reason)]
+        case IssueRefund() as refund:
+            if refund.currency != state.currency:
+                return [reject(command, "currency_mismatch",
+                               f"refund in {refund.currency}, subscription bills in {state.currency}")]
+            refundable = state.paid_cents - state.refunded_cents
+            if refund.amount_cents > refundable:
+                return [reject(command, "refund_exceeds_paid",
+                               f"refund of {refund.amount_cents} exceeds the refundable {refundable}")]
+            return [RefundIssued(amount_cents=refund.amount_cents, currency=refund.currency,
+                                 reason=refund.reason)]
+        case SendEmail() as email:
+            return [EmailQueued(to_address=email.to_address, template=email.template, body=email.body)]
+    return [reject(command, "unsupported_command", f"{command.type} is not a subscription command")]
+
+
+def evolve(state: SubscriptionState, event: Envelope) -> SubscriptionState:
+    """The state after ``event``; outcome-only events (rejections) leave it unchanged."""
+    if event.version is None:
+        return state
+    match event.payload:
+        case SubscriptionStarted() as started:
+            state = replace(state, status=Status.ACTIVE, customer_id=started.customer_id,
+                            plan=started.plan, currency=started.currency,
+                            paid_cents=started.monthly_price_cents)
+        case SubscriptionCancelled():
+            state = replace(state, status=Status.CANCELLED)
+        case RefundIssued() as refund:
+            state = replace(state, refunded_cents=state.refunded_cents + refund.amount_cents)
+        case EmailQueued():
+            state = replace(state, emails_queued=state.emails_queued + 1)
+    return replace(state, version=event.version)

@@ -1,0 +1,124 @@
+"""Keel's topics, declared in code and applied idempotently through the admin API.
+
+Every tenant-keyed topic has the same partition count, so the key ``tenant/aggregate``
+lands one aggregate's commands and events on the same partition number, and the
+processor that owns a commands partition owns that aggregate's events too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
+
+from keel.config import Settings
+from keel.errors import InfraError
+
+_DAY_MS = 24 * 3600 * 1000
+FOREVER = -1
+
+
+class Topic(StrEnum):
+    """The role of a topic; its name is ``<prefix>.<role>``."""
+
+    COMMANDS = "commands"
+    EVENTS = "events"
+    AUDIT = "audit"
+    DLQ = "dlq"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """What a topic must look like: partitions, retention, cleanup, durability."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    retention_ms: int
+    cleanup_policy: str
+    min_insync_replicas: int
+    description: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict[str, str]:
+        return {
+            "retention.ms": str(self.retention_ms),
+            "cleanup.policy": self.cleanup_policy,
+            "min.insync.replicas": str(self.min_insync_replicas),
+            **self.extra,
+        }
+
+
+def topic_name(settings: Settings, topic: Topic) -> str:
+    """The full name of ``topic`` under the configured prefix."""
+    return f"{settings.topic_prefix}.{topic.value}"
+
+
+def declared_topics(settings: Settings) -> list[TopicSpec]:
+    """Every topic Keel needs, as specs."""
+
+    def spec(topic: Topic, retention_ms: int, description: str) -> TopicSpec:
+        return TopicSpec(
+            name=topic_name(settings, topic),
+            partitions=settings.topic_partitions,
+            replication_factor=settings.replication_factor,
+            retention_ms=retention_ms,
+            cleanup_policy="delete",
+            min_insync_replicas=settings.min_insync_replicas,
+            description=description,
+        )
+
+    return [
+        spec(Topic.COMMANDS, 7 * _DAY_MS, "Commands from producers, keyed tenant/aggregate."),
+        spec(Topic.EVENTS, FOREVER, "Immutable events; the source of truth, kept forever."),
+        spec(Topic.AUDIT, FOREVER, "Tenant audit records, kept forever."),
+        spec(Topic.DLQ, 30 * _DAY_MS, "Messages that could not be processed, with the reason."),
+    ]
+
+
+def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> dict[str, str]:
+    """Create missing topics and set declared configs on existing ones; returns what was done."""
+    existing = admin.list_topics(timeout=timeout_s).topics
+    outcome: dict[str, str] = {}
+    missing = [s for s in specs if s.name not in existing]
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication_factor, config=s.config) for s in missing],
+            operation_timeout=timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                outcome[name] = "created"
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent apply won
+                    raise InfraError(f"could not create topic {name}: {exc}", code="topic_create_failed") from exc
+                outcome[name] = "exists"
+    for s in specs:
+        if s.name not in existing:
+            continue
+        partitions = len(existing[s.name].partitions)
+        if partitions != s.partitions:
+            raise InfraError(
+                f"topic {s.name} has {partitions} partitions, the declaration says {s.partitions}; "
+                "changing it would move keys between partitions",
+                code="topic_partitions_mismatch",
+            )
+        resource = ConfigResource(ResourceType.TOPIC, s.name, incremental_configs=[
+            ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+            for key, value in s.config.items()
+        ])
+        for future in admin.incremental_alter_configs([resource]).values():
+            future.result()
+        outcome[s.name] = "updated"
+    return outcome
