@@ -47,7 +47,6 @@ class Settings(BaseSettings):
     processor_instance: str = Field(
         default="0", description="Worker instance id; part of the transactional.id."
     )
-    watcher_web_port: int = Field(default=6066, description="Port of the stats watcher's web view.")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

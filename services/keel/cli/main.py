@@ -1,0 +1,117 @@
+"""The ``keel`` command line: local infrastructure, the pipeline's workers, and the demo.
+
+Every command builds its adapters from ``Settings()`` (``KEEL_*`` variables). A
+``KeelError`` is printed as ``[code] message`` and exits 1; nothing prints a traceback
+for an error Keel expected.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import typer
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+
+from keel.cli import analytics, demo, watchers
+from keel.config import Settings
+from keel.errors import KeelError
+from keel.kafka.broker import broker_status, reset_broker, start_broker, stop_broker
+from keel.kafka.clients import admin_config
+from keel.kafka.topics import apply_topics, declared_topics
+from keel.logs import configure_logging
+
+app = typer.Typer(help="Keel: governed, audited, replayable actions for AI agents.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+topics_app = typer.Typer(help="Kafka topics declared in code.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+console = Console()
+
+
+@app.command()
+def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker.")) -> None:
+    """Start the local Kafka broker (a no-op when it already serves) and apply the topics."""
+    settings = Settings()
+    if timeout is not None:
+        settings = settings.model_copy(update={"kafka_start_timeout_s": timeout})
+    with console.status("starting the Kafka broker…"):
+        status = start_broker(settings)
+    console.print(f"[green]up[/green]: {status.detail}")
+    _apply_topics(settings)
+
+
+@app.command()
+def down(wipe: bool = typer.Option(False, help="Also delete the broker's data (all topics).")) -> None:
+    """Stop the local Kafka broker started by `keel up`."""
+    settings = Settings()
+    if wipe:
+        reset_broker(settings)
+        console.print("[yellow]down[/yellow]: broker stopped and its data deleted")
+    else:
+        console.print(f"[yellow]down[/yellow]: {stop_broker(settings).detail}")
+
+
+@app.command()
+def status() -> None:
+    """Report whether the local broker runs and answers; exits 1 when it does not."""
+    state = broker_status(Settings())
+    colour = "green" if state.healthy else "red"
+    console.print(f"[{colour}]{'healthy' if state.healthy else 'down'}[/{colour}]: {state.detail}")
+    raise typer.Exit(0 if state.healthy else 1)
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective settings (from KEEL_* environment variables)."""
+    print(json.dumps(Settings().model_dump(mode="json"), indent=2))
+
+
+@topics_app.command("apply")
+def topics_apply() -> None:
+    """Create or update every declared topic (idempotent)."""
+    _apply_topics(Settings())
+
+
+def _apply_topics(settings: Settings) -> None:
+    outcome = apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
+    for name, action in outcome.items():
+        console.print(f"  topic {name}: {action}")
+
+
+@app.command()
+def process(
+    instance: str = typer.Option(None, help="Worker instance id (part of its transactional.id)."),
+    caught_up: bool = typer.Option(False, "--until-caught-up", help="Exit once the backlog is decided."),
+) -> None:
+    """Run a command processor worker (JSON logs on stderr)."""
+    from keel.processor.worker import CommandProcessor
+
+    configure_logging(json_lines=True)
+    processor = CommandProcessor(Settings(), instance_id=instance)
+    try:
+        if caught_up:
+            console.print(processor.run_until_caught_up(timeout_s=300))
+        else:
+            stop = threading.Event()
+            try:
+                processor.run(stop)
+            except KeyboardInterrupt:
+                stop.set()
+    finally:
+        processor.close()
+
+
+app.command("demo")(demo.demo)
+analytics.register(app)
+watchers.register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning expected errors into one clear line."""
+    try:
+        app()
+    except KeelError as exc:
+        Console(stderr=True).print(f"[red]error[/red] {exc}", highlight=False)
+        sys.exit(1)

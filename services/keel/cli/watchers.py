@@ -1,0 +1,86 @@
+"""``keel watch stats`` (run the stats watcher) and ``keel stats`` (show its counts).
+
+Each command builds ``Settings()`` itself, so ``KEEL_*`` variables point it at any
+broker and topic prefix. Keel errors print their message in red on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from keel.config import Settings
+from keel.errors import KeelError
+from keel.watchers.stats_tally import StatsRow
+
+_LOGLEVELS = ("debug", "info", "warning", "error")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``keel watch ...`` and ``keel stats`` to ``app``."""
+    watch = typer.Typer(help="Run a watcher (faust worker) in the foreground.", no_args_is_help=True)
+    watch.command("stats")(watch_stats)
+    app.add_typer(watch, name="watch")
+    app.command("stats")(stats)
+
+
+def watch_stats(
+    loglevel: Annotated[str, typer.Option(help=f"Keel's log level: {', '.join(_LOGLEVELS)}.")] = "info",
+    faust_loglevel: Annotated[str, typer.Option(
+        help="Log level of faust, mode and aiokafka (chatty below warning).")] = "warning",
+) -> None:
+    """Count commands and decisions per tenant and minute until stopped (Ctrl-C / SIGTERM)."""
+    with _keel_errors():
+        for level in (loglevel, faust_loglevel):
+            if level.lower() not in _LOGLEVELS:
+                raise typer.BadParameter(f"{level!r} is not one of {', '.join(_LOGLEVELS)}")
+        from keel.watchers.stats import build_app  # faust is slow to import: only here
+        from keel.watchers.worker import run_worker
+
+        run_worker(build_app(Settings()), loglevel=loglevel, library_loglevel=faust_loglevel)
+
+
+def stats(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    minutes: Annotated[int, typer.Option(min=1, help="How many recent minutes to show.")] = 15,
+) -> None:
+    """Show commands, accepted and rejected decisions per tenant and minute."""
+    with _keel_errors():
+        from keel.watchers.stats_reader import read_rows
+
+        rows = read_rows(Settings(), tenant=tenant, minutes=minutes)
+        console = Console()
+        if not rows:
+            console.print(f"no stats in the last {minutes} minute(s)"
+                          + (f" for tenant {tenant}" if tenant else ""))
+            return
+        console.print(render(rows))
+
+
+def render(rows: list[StatsRow]) -> Table:
+    """The rows as a rich table, one line per minute and tenant."""
+    table = Table(title="commands and decisions per minute")
+    for header in ("minute (UTC)", "tenant", "commands", "accepted", "rejected", "undecodable"):
+        table.add_column(header, justify="left" if header in ("minute (UTC)", "tenant") else "right")
+    for row in rows:
+        counts = row.counts
+        table.add_row(row.minute.strftime("%Y-%m-%d %H:%M"), row.tenant, str(counts.commands),
+                      str(counts.accepted), str(counts.rejected), str(counts.undecodable))
+    return table
+
+
+@contextmanager
+def _keel_errors() -> Iterator[None]:
+    """Turn a KeelError into a red line on stderr and exit code 1."""
+    try:
+        yield
+    except KeelError as err:
+        Console(stderr=True).print(Text(str(err), style="red"))  # no markup: codes are [..]
+        raise typer.Exit(1) from None
+

@@ -1,0 +1,50 @@
+"""Read a topic from the beginning to its current end, as ``read_committed`` sees it.
+
+Used by the demo, the tests, and tools that need "everything committed so far". The end
+of each partition is librdkafka's partition-EOF signal, which for a ``read_committed``
+consumer is the last stable offset, so aborted or open transactions never leak in.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from keel.config import Settings
+from keel.errors import InfraError
+from keel.kafka.clients import consumer_config
+
+
+def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iterator[Message]:
+    """Every committed record of ``topic``, partition by partition in offset order."""
+    consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}.reader.{uuid.uuid4().hex}",
+                                        **{"enable.partition.eof": True}))
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        if metadata.error is not None:
+            raise KafkaException(metadata.error)
+        pending = set(metadata.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            # consume() waits until the batch is full or the timeout ends: keep it short.
+            batch = consumer.consume(10_000, timeout=0.2)
+            if not batch:
+                if time.monotonic() > deadline:
+                    raise InfraError(f"no end of {topic} partitions {sorted(pending)} within "
+                                     f"{timeout_s:.0f}s", code="read_timeout")
+                continue
+            deadline = time.monotonic() + timeout_s
+            for message in batch:
+                error = message.error()
+                if error is None:
+                    yield message
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(message.partition())
+                else:
+                    raise KafkaException(error)
+    finally:
+        consumer.close()

@@ -1,0 +1,266 @@
+"""The command processor: a consume-transform-produce loop on Kafka transactions.
+
+Each batch of commands is decided inside one Kafka transaction: the events, the dead
+letters and the consumed offsets commit together, or not at all. A crash anywhere
+leaves the batch uncommitted, invisible to ``read_committed`` consumers, and it is
+decided again by whichever worker owns the partition next. One ``transactional.id`` per
+worker instance plus the consumer group metadata sent with the offsets fence zombies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.errors import InfraError
+from keel.kafka.clients import consumer_config, transactional_producer_config
+from keel.kafka.topics import Topic, topic_name
+from keel.processor.handler import DeadLetter, Decided, Duplicate, handle
+from keel.processor.state import BatchView, PartitionState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessorStats:
+    """Counters since start, for logs, the CLI and benchmarks."""
+
+    batches: int = 0
+    commands: int = 0
+    events: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    aborted_batches: int = 0
+
+
+class CommandProcessor:
+    """One worker of the processor consumer group."""
+
+    def __init__(self, settings: Settings, *, instance_id: str | None = None,
+                 codec: EnvelopeCodec | None = None) -> None:
+        self.settings = settings
+        self.codec = codec or EnvelopeCodec()
+        self.stats = ProcessorStats()
+        self.commands_topic = topic_name(settings, Topic.COMMANDS)
+        self.events_topic = topic_name(settings, Topic.EVENTS)
+        self.dlq_topic = topic_name(settings, Topic.DLQ)
+        self.group_id = f"{settings.topic_prefix}.processor"
+        instance = instance_id or settings.processor_instance
+        self.partitions: dict[int, PartitionState] = {}
+        self._consumer = Consumer(consumer_config(settings, self.group_id))
+        self._producer = Producer(transactional_producer_config(
+            settings, f"{settings.topic_prefix}.processor.{instance}"))
+        self._check_partitioning()
+        self._producer.init_transactions(30)
+        self._consumer.subscribe([self.commands_topic], on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    # -- partition ownership ------------------------------------------------------------
+
+    def _check_partitioning(self) -> None:
+        metadata = self._consumer.list_topics(timeout=30).topics
+        counts = {t: len(metadata[t].partitions) if t in metadata else 0
+                  for t in (self.commands_topic, self.events_topic, self.dlq_topic)}
+        if not counts[self.commands_topic] or not counts[self.events_topic] or not counts[self.dlq_topic]:
+            raise InfraError(f"missing topics: {counts}; run `keel topics apply`", code="topics_missing")
+        if counts[self.commands_topic] != counts[self.events_topic]:
+            raise InfraError(
+                f"{self.commands_topic} and {self.events_topic} must have equal partition counts: {counts}",
+                code="topic_partitions_mismatch",
+            )
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions[tp.partition] = self._load_partition(tp.partition)
+        log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions.pop(tp.partition, None)
+        log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _load_partition(self, partition: int) -> PartitionState:
+        """Fold the committed events of ``partition`` into fresh state."""
+        state = PartitionState()
+        loader = Consumer(consumer_config(self.settings, f"{self.group_id}.loader",
+                                          **{"enable.partition.eof": True}))
+        try:
+            loader.assign([TopicPartition(self.events_topic, partition, OFFSET_BEGINNING)])
+            while True:
+                batch = loader.consume(10_000, timeout=0.2)
+                if not batch:
+                    continue
+                done = False
+                events = []
+                for message in batch:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            done = True
+                            continue
+                        raise KafkaException(error)
+                    events.append(self.codec.decode(message.value() or b""))
+                state.apply(events)
+                if done:
+                    return state
+        finally:
+            loader.close()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def process_batch(self, timeout_s: float = 0.02) -> int:
+        """Decide one batch in one transaction; returns how many records it consumed.
+
+        ``consume`` returns when the batch is full or ``timeout_s`` ends, so the timeout
+        bounds the latency a command waits under light load.
+        """
+        messages = [m for m in self._consumer.consume(self.settings.processor_batch_size, timeout_s)
+                    if not self._is_benign(m)]
+        if not messages:
+            return 0
+        view = BatchView(self.partitions)
+        outcome_counts = ProcessorStats()
+        self._producer.begin_transaction()
+        try:
+            for message in messages:
+                self._process(message, view, outcome_counts)
+            self._producer.send_offsets_to_transaction(
+                self._next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+            self._commit()
+        except KafkaException as exc:
+            self._abort(exc)
+            return 0
+        view.commit()
+        self._add(outcome_counts, len(messages))
+        return len(messages)
+
+    def _process(self, message: Message, view: BatchView, counts: ProcessorStats) -> None:
+        partition = message.partition()
+        outcome = handle(message.value(), message.key(), partition, view, self.codec)
+        match outcome:
+            case Decided(command, events):
+                for event in events:
+                    self._producer.produce(self.events_topic, self.codec.encode(event),
+                                           message.key(), partition=partition,
+                                           headers=[("keel-type", event.type.encode())])
+                counts.events += len(events)
+                counts.rejected += sum(e.type == "CommandRejected" for e in events)
+                log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
+            case DeadLetter(code, reason):
+                headers = list(message.headers() or []) + [
+                    ("keel-error-code", code.encode()),
+                    ("keel-error-reason", reason.encode()),
+                    ("keel-source-topic", (message.topic() or "").encode()),
+                    ("keel-source-partition", str(partition).encode()),
+                    ("keel-source-offset", str(message.offset()).encode()),
+                ]
+                self._producer.produce(self.dlq_topic, message.value(), message.key(), headers=headers)
+                counts.dead_lettered += 1
+                log.warning("dead-lettered %s[%d]@%d: %s: %s", message.topic(), partition,
+                            message.offset(), code, reason)
+            case Duplicate(command):
+                counts.duplicates += 1
+                log.info("duplicate command %s acknowledged, not re-executed", command.id)
+
+    def _commit(self) -> None:
+        while True:
+            try:
+                self._producer.commit_transaction(30)
+                return
+            except KafkaException as exc:
+                if exc.args[0].retriable():
+                    continue
+                raise
+
+    def _abort(self, exc: KafkaException) -> None:
+        error: KafkaError = exc.args[0]
+        if error.fatal() or not error.txn_requires_abort():
+            raise InfraError(f"processor transaction failed fatally: {error}", code="processor_fenced") from exc
+        log.warning("aborting batch: %s", error)
+        self._producer.abort_transaction(30)
+        self.stats.aborted_batches += 1
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Seek back to the committed offsets so the aborted batch is decided again."""
+        for tp in self._consumer.committed(self._consumer.assignment(), timeout=30):
+            tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self._consumer.seek(tp)
+
+    @staticmethod
+    def _is_benign(message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return False
+        if error.code() == KafkaError._PARTITION_EOF:
+            return True
+        raise KafkaException(error)
+
+    @staticmethod
+    def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+        last: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic() or "", m.partition())
+            last[key] = max(last.get(key, -1), m.offset())
+        return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+
+    def _add(self, counts: ProcessorStats, consumed: int) -> None:
+        self.stats.batches += 1
+        self.stats.commands += consumed - counts.dead_lettered
+        self.stats.events += counts.events
+        self.stats.rejected += counts.rejected
+        self.stats.duplicates += counts.duplicates
+        self.stats.dead_lettered += counts.dead_lettered
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, on_batch: Callable[[ProcessorStats], None] | None = None) -> None:
+        """Decide batches until ``stop`` is set."""
+        while not stop.is_set():
+            if self.process_batch() and on_batch is not None:
+                on_batch(self.stats)
+
+    def run_until_caught_up(self, timeout_s: float = 60.0) -> ProcessorStats:
+        """Decide every command that was on the topic when called; for demos, tests, tools."""
+        deadline = time.monotonic() + timeout_s
+        while not self._consumer.assignment():
+            if time.monotonic() > deadline:
+                raise InfraError("the processor got no partitions in time", code="no_assignment")
+            self.process_batch(0.2)
+        targets = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+                   for tp in self._consumer.assignment()}
+        while True:
+            positions = {tp.partition: tp.offset
+                         for tp in self._consumer.position(self._consumer.assignment())}
+            if all(positions.get(p, -1) >= high or high == 0 for p, high in targets.items()):
+                return self.stats
+            if time.monotonic() > deadline:
+                raise InfraError(f"the processor did not catch up within {timeout_s:.0f}s",
+                                 code="catch_up_timeout")
+            self.process_batch(0.2)
+
+    def close(self) -> None:
+        """Leave the group; an open transaction (if any) is aborted by the broker."""
+        self._consumer.close()
+
+
+def new_instance_id() -> str:
+    """A unique worker instance id, for ad-hoc workers."""
+    return uuid.uuid4().hex[:12]

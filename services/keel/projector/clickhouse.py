@@ -1,0 +1,52 @@
+"""Builds clickhouse-connect clients for the analytics database, embedded chDB or a server.
+
+One DSN scheme picks the engine: ``chdb:///path`` runs ClickHouse in-process, ``http://``
+talks to a server; the SQL is the same. Every call returns a new client: on chDB clients
+are cheap (~10 ms) handles onto the one engine a process may host, and a client's session
+(``USE``, ``SET``) is its own, so the projector and the query API never share session state.
+chDB refuses a second data path in one process and a data path another process owns;
+both surface here as a typed ``InfraError`` instead of the engine's terse message.
+"""
+
+from __future__ import annotations
+
+import clickhouse_connect
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError, ProgrammingError
+
+from keel.config import Settings
+from keel.errors import InfraError
+
+
+def connect(settings: Settings) -> Client:
+    """A new client on ``settings.clickhouse_database``, creating the database if missing."""
+    dsn = settings.analytics_dsn
+    database = settings.clickhouse_database
+    try:
+        # "schema": DateTime64(6, 'UTC') columns come back as aware UTC datetimes, like the domain's
+        client = clickhouse_connect.get_client(dsn=dsn, tz_mode="schema")
+    except ProgrammingError as exc:
+        raise _engine_unavailable(dsn, exc) from exc
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot reach ClickHouse at {dsn}: {exc}", code="clickhouse_unavailable") from exc
+    try:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+    except ClickHouseError as exc:
+        client.close()
+        raise InfraError(f"cannot create database {database!r} at {dsn}: {exc}",
+                         code="clickhouse_unavailable") from exc
+    client.database = database
+    return client
+
+
+def _engine_unavailable(dsn: str, exc: Exception) -> InfraError:
+    if dsn.startswith("chdb:"):
+        return InfraError(
+            f"the embedded ClickHouse (chDB) at {dsn} cannot be opened: another process owns "
+            "this data path (e.g. a running `keel project --follow`), or this process already "
+            "has a different chDB path open. Stop the other process, or point "
+            f"KEEL_CLICKHOUSE_DSN at a ClickHouse server. Engine said: {exc}",
+            code="chdb_path_in_use",
+        )
+    return InfraError(f"cannot build a ClickHouse client for {dsn}: {exc}", code="clickhouse_unavailable")

@@ -1,0 +1,97 @@
+"""The ``events`` table as the projector's store: where to resume, and idempotent batch inserts.
+
+The Kafka position of every event is stored in its row, so the projection itself says
+where to resume (the highest offset per partition plus one) and Kafka's committed offsets
+are only a lag gauge. Each batch carries a deterministic ``insert_deduplication_token``
+built from its offset spans: a batch retried after a lost acknowledgement is dropped by
+ClickHouse instead of written twice, and ReplacingMergeTree collapses any event that
+still arrives twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
+
+from keel.errors import InfraError
+from keel.projector.rows import EVENT_COLUMNS, EVENTS_TABLE, Position
+
+_INSERT_ATTEMPTS = 3
+_RETRY_PAUSE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Span:
+    """The first and last offset of one partition's records in a batch."""
+
+    partition: int
+    first: int
+    last: int
+
+
+@dataclass
+class Batch:
+    """Rows read from one topic, in offset order per partition, with the spans they cover."""
+
+    topic: str
+    rows: list[list[Any]] = field(default_factory=list)
+    spans: dict[int, Span] = field(default_factory=dict)
+
+    def add(self, row: list[Any], position: Position) -> None:
+        """Append ``row`` read at ``position`` (which must be on this batch's topic)."""
+        span = self.spans.get(position.partition)
+        first = position.offset if span is None else span.first
+        self.spans[position.partition] = Span(position.partition, first, position.offset)
+        self.rows.append(row)
+
+    @property
+    def ordered_spans(self) -> list[Span]:
+        """The spans in partition order."""
+        return [self.spans[partition] for partition in sorted(self.spans)]
+
+    @property
+    def token(self) -> str:
+        """The deduplication token: the same records always give the same token."""
+        spans = ",".join(f"{s.partition}:{s.first}-{s.last}" for s in self.ordered_spans)
+        return f"{self.topic}/{spans}"
+
+
+def resume_offsets(client: Client, topic: str) -> dict[int, int]:
+    """The next offset to read per partition: one past the highest offset already stored."""
+    try:
+        result = client.query(
+            f"SELECT _partition, max(_offset) FROM {EVENTS_TABLE} "
+            "WHERE _topic = {topic:String} GROUP BY _partition",
+            parameters={"topic": topic},
+        )
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot read stored positions of {topic}: {exc}",
+                         code="projection_unavailable") from exc
+    return {int(partition): int(offset) + 1 for partition, offset in result.result_rows}
+
+
+def insert_batch(client: Client, batch: Batch) -> None:
+    """Insert ``batch`` once, retrying transport failures with the same deduplication token."""
+    if not batch.rows:
+        return
+    settings = {"insert_deduplication_token": batch.token}
+    for attempt in range(1, _INSERT_ATTEMPTS + 1):
+        try:
+            client.insert(EVENTS_TABLE, batch.rows, column_names=list(EVENT_COLUMNS), settings=settings)
+            return
+        except OperationalError as exc:
+            if attempt == _INSERT_ATTEMPTS:
+                raise _insert_failed(batch, exc) from exc
+            time.sleep(_RETRY_PAUSE_S * attempt)
+        except ClickHouseError as exc:
+            raise _insert_failed(batch, exc) from exc
+
+
+def _insert_failed(batch: Batch, exc: Exception) -> InfraError:
+    return InfraError(f"inserting {len(batch.rows)} events ({batch.token}) failed: {exc}",
+                      code="projection_insert_failed")
+

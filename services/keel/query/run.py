@@ -1,0 +1,69 @@
+"""Runs an admitted analyst query with a row limit and a time bound, as a plain result.
+
+The ``limit`` setting caps the outermost result in the engine (one extra row tells us
+the result was cut), ``max_execution_time`` bounds the work, and ``readonly=1`` comes
+last so the settings before it may still be set. Tenant scoping is not applied yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
+
+from keel.errors import QueryError
+from keel.query.guard import admit
+
+_TIMEOUT_EXCEEDED = 159
+_READONLY = 164
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Column names and rows of a query; ``truncated`` when the limit cut further rows."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    truncated: bool = False
+
+
+def run_query(client: Client, sql: str, *, limit: int, timeout_s: float) -> QueryResult:
+    """Run ``sql`` if it is one read-only SELECT; at most ``limit`` rows, at most ``timeout_s``."""
+    if limit < 1:
+        raise QueryError(f"the row limit must be at least 1, got {limit}", code="invalid_limit")
+    if timeout_s <= 0:
+        raise QueryError(f"the timeout must be positive, got {timeout_s}", code="invalid_timeout")
+    statement = admit(client, sql)
+    settings: dict[str, Any] = {"max_execution_time": timeout_s, "limit": limit + 1, "readonly": 1}
+    try:
+        result = client.query(statement, settings=settings)
+    except DatabaseError as exc:
+        raise _failed(exc, timeout_s) from exc
+    except ClickHouseError as exc:
+        raise QueryError(f"the query failed: {exc}", code="query_failed") from exc
+    rows = result.result_rows
+    columns = tuple(result.column_names) or _described_columns(client, statement, settings)
+    return QueryResult(
+        columns=columns,
+        rows=tuple(tuple(row) for row in rows[:limit]),
+        truncated=len(rows) > limit,
+    )
+
+
+def _described_columns(client: Client, statement: str, settings: dict[str, Any]) -> tuple[str, ...]:
+    """Column names of an empty result: chDB sends no header block when there are no rows."""
+    try:
+        described = client.query(f"DESCRIBE ({statement})", settings=settings)
+    except DatabaseError as exc:
+        raise _failed(exc, float(settings["max_execution_time"])) from exc
+    return tuple(str(row[0]) for row in described.result_rows)
+
+
+def _failed(exc: DatabaseError, timeout_s: float) -> QueryError:
+    if exc.code == _TIMEOUT_EXCEEDED:
+        return QueryError(f"the query ran longer than {timeout_s:g}s and was stopped", code="timeout")
+    if exc.code == _READONLY:
+        return QueryError(f"the query tried to write or change settings: {exc}", code="not_read_only")
+    return QueryError(f"the query failed: {exc}", code="query_failed")

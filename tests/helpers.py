@@ -1,0 +1,31 @@
+"""Builders shared by tests: commands of the reference domain and topic readers."""
+
+from __future__ import annotations
+
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Actor, ActorKind, Envelope, Payload, new_command
+from keel.domain.messages import IssueRefund, StartSubscription
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, topic_name
+
+AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
+
+
+def command(tenant: str, aggregate: str, payload: Payload, **kwargs: object) -> Envelope:
+    """A command from the support agent."""
+    return new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=AGENT, **kwargs)  # type: ignore[arg-type]
+
+
+def start(price: int = 5000, currency: str = "EUR") -> StartSubscription:
+    return StartSubscription(customer_id="cust-1", plan="pro", monthly_price_cents=price, currency=currency)
+
+
+def refund(amount: int, currency: str = "EUR") -> IssueRefund:
+    return IssueRefund(amount_cents=amount, currency=currency, reason="test")
+
+
+def events(settings: Settings) -> list[Envelope]:
+    """Every committed event, in per-partition log order."""
+    codec = EnvelopeCodec()
+    return [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]

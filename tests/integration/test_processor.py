@@ -1,0 +1,141 @@
+"""The command processor on a real broker: decisions, dead letters, dedupe, restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.messages import CancelSubscription, CommandRejected, SubscriptionStarted
+from keel.domain.outcomes import event_id
+from keel.kafka.clients import producer_config
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, topic_name
+from keel.processor.worker import CommandProcessor
+from keel.sdk.producer import CommandProducer
+from tests.helpers import command, events, refund, start
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def processor(settings: Settings) -> Iterator[CommandProcessor]:
+    worker = CommandProcessor(settings, instance_id="test")
+    yield worker
+    worker.close()
+
+
+def send(settings: Settings, *commands: Any) -> None:
+    with CommandProducer(settings) as producer:
+        for cmd in commands:
+            producer.send(cmd)
+
+
+def produce_raw(settings: Settings, value: bytes, key: bytes) -> None:
+    producer = Producer(producer_config(settings))
+    producer.produce(topic_name(settings, Topic.COMMANDS), value, key)
+    assert producer.flush(10) == 0
+
+
+def test_commands_of_two_tenants_become_their_events_in_order(
+        settings: Settings, processor: CommandProcessor) -> None:
+    acme = [command("acme", "sub-1", start()), command("acme", "sub-1", refund(9000)),
+            command("acme", "sub-1", refund(2000)), command("acme", "sub-1", CancelSubscription(reason="x"))]
+    globex = [command("globex", "sub-1", start(100, "USD")), command("globex", "sub-1", refund(100, "USD"))]
+    send(settings, *acme, *globex)
+
+    stats = processor.run_until_caught_up()
+
+    assert (stats.commands, stats.events, stats.rejected) == (6, 6, 1)
+    by_tenant = {t: [e for e in events(settings) if e.tenant_id == t] for t in ("acme", "globex")}
+    assert [(e.type, e.version) for e in by_tenant["acme"]] == [
+        ("SubscriptionStarted", 1), ("CommandRejected", None), ("RefundIssued", 2),
+        ("SubscriptionCancelled", 3)]
+    assert [(e.type, e.version) for e in by_tenant["globex"]] == [
+        ("SubscriptionStarted", 1), ("RefundIssued", 2)]
+    for cmd, event in zip(acme, by_tenant["acme"], strict=True):
+        assert (event.id, event.causation_id, event.actor) == (event_id(cmd.id, 0), cmd.id, cmd.actor)
+    rejection = by_tenant["acme"][1].payload
+    assert isinstance(rejection, CommandRejected) and rejection.code == "refund_exceeds_paid"
+
+
+def test_malformed_bytes_go_to_the_dlq_with_a_reason_and_processing_continues(
+        settings: Settings, processor: CommandProcessor) -> None:
+    produce_raw(settings, b"\x00not avro at all", b"acme/sub-1")
+    send(settings, command("acme", "sub-1", start()))
+
+    stats = processor.run_until_caught_up()
+
+    assert (stats.dead_lettered, stats.events) == (1, 1)
+    [dead] = list(read_to_end(settings, topic_name(settings, Topic.DLQ)))
+    headers = {k: v.decode() for k, v in dead.headers() or []}
+    assert dead.value() == b"\x00not avro at all"
+    assert headers["keel-error-code"] == "undecodable"
+    assert headers["keel-source-topic"] == topic_name(settings, Topic.COMMANDS)
+    assert "single-object" in headers["keel-error-reason"]
+    assert [e.type for e in events(settings)] == ["SubscriptionStarted"]
+
+
+@pytest.mark.parametrize(("value_of", "key", "code"), [
+    (lambda c: EnvelopeCodec().encode(c), b"globex/sub-1", "key_mismatch"),
+    (lambda c: EnvelopeCodec().encode(c), None, "key_mismatch"),
+])
+def test_records_whose_key_disagrees_with_the_envelope_are_dead_lettered(
+        settings: Settings, processor: CommandProcessor, value_of: Any, key: bytes | None, code: str) -> None:
+    producer = Producer(producer_config(settings))
+    producer.produce(topic_name(settings, Topic.COMMANDS), value_of(command("acme", "sub-1", start())), key)
+    producer.flush(10)
+
+    assert processor.run_until_caught_up().dead_lettered == 1
+    [dead] = list(read_to_end(settings, topic_name(settings, Topic.DLQ)))
+    assert dict(dead.headers() or [])["keel-error-code"] == code.encode()
+    assert events(settings) == []
+
+
+def test_an_event_sent_as_a_command_is_dead_lettered(settings: Settings, processor: CommandProcessor) -> None:
+    send(settings, command("acme", "sub-1", start()))
+    processor.run_until_caught_up()
+    [event] = events(settings)
+    produce_raw(settings, EnvelopeCodec().encode(event), event.key.encode())
+
+    assert processor.run_until_caught_up().dead_lettered == 1
+    [dead] = list(read_to_end(settings, topic_name(settings, Topic.DLQ)))
+    assert dict(dead.headers() or [])["keel-error-code"] == b"not_a_command"
+
+
+def test_a_duplicate_command_id_is_acknowledged_and_not_executed_again(
+        settings: Settings, processor: CommandProcessor) -> None:
+    first = command("acme", "sub-1", start())
+    issue = command("acme", "sub-1", refund(1000))
+    send(settings, first, issue, issue)
+    processor.run_until_caught_up()
+    send(settings, issue)  # again, in a later batch
+
+    stats = processor.run_until_caught_up()
+
+    assert stats.duplicates == 2
+    assert [e.type for e in events(settings)] == ["SubscriptionStarted", "RefundIssued"]
+
+
+def test_a_new_worker_rebuilds_aggregate_state_from_the_events_topic(settings: Settings) -> None:
+    first = CommandProcessor(settings, instance_id="first")
+    opened = command("acme", "sub-1", start(5000))
+    send(settings, opened)
+    first.run_until_caught_up()
+    first.close()
+
+    second = CommandProcessor(settings, instance_id="second")
+    try:
+        send(settings, command("acme", "sub-1", refund(6000)), command("acme", "sub-1", refund(5000)), opened)
+        stats = second.run_until_caught_up()
+    finally:
+        second.close()
+
+    assert (stats.rejected, stats.duplicates) == (1, 1)
+    assert [(e.type, e.version) for e in events(settings)] == [
+        ("SubscriptionStarted", 1), ("CommandRejected", None), ("RefundIssued", 2)]
+    assert isinstance(events(settings)[0].payload, SubscriptionStarted)
