@@ -179,8 +179,9 @@ def _format_storage(jvm: list[str], paths: BrokerPaths) -> None:
     )
     if result.returncode != 0:
         raise InfraError(
+            # Java prints the cause first and the stack trace after it: keep the head.
             f"formatting KRaft storage failed (exit {result.returncode}):\n"
-            f"{result.stdout[-2000:]}{result.stderr[-2000:]}",
+            f"{(result.stderr or result.stdout)[:1500]}",
             code="broker_format_failed",
         )
 
