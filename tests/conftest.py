@@ -1,11 +1,16 @@
 """Session fixtures: a real Kafka broker (started or reused), unique topics per test,
-and one chDB path per session with a unique database per test."""
+and one chDB path per session with a unique database per test.
+
+``KEEL_TEST_INFRA=testcontainers`` (needs Docker and ``pip install -e '.[docker]'``) runs
+the same suite against a Kafka container and a ClickHouse server container instead.
+The default, ``local``, needs no Docker: it starts the broker from the Maven jars.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -16,27 +21,42 @@ from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 
 
+INFRA = os.environ.get("KEEL_TEST_INFRA", "local")
+
+
 @pytest.fixture(scope="session")
-def broker_settings() -> Settings:
-    """Settings of the session's broker: started here unless one already serves."""
+def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of the session's broker and ClickHouse."""
+    if INFRA == "testcontainers":
+        yield from _containers()
+        return
+    if INFRA != "local":
+        raise pytest.UsageError(f"KEEL_TEST_INFRA must be local or testcontainers, not {INFRA!r}")
     settings = Settings()
-    start_broker(settings)
-    return settings
+    start_broker(settings)  # a no-op when `keel up` already started it
+    yield settings.model_copy(update={"clickhouse_dsn": f"chdb://{tmp_path_factory.mktemp('chdb')}"})
 
 
-@pytest.fixture(scope="session")
-def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One embedded ClickHouse data path per session (only one process may own it)."""
-    return tmp_path_factory.mktemp("chdb")
+def _containers() -> Iterator[Settings]:
+    """Kafka and ClickHouse in containers (opt-in; requires a Docker engine)."""
+    from testcontainers.clickhouse import ClickHouseContainer
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer("apache/kafka:4.1.1") as kafka, \
+            ClickHouseContainer("clickhouse/clickhouse-server:25.8") as clickhouse:
+        host, port = clickhouse.get_container_host_ip(), clickhouse.get_exposed_port(8123)
+        yield Settings(
+            kafka_bootstrap=kafka.get_bootstrap_server(),
+            clickhouse_dsn=f"http://{clickhouse.username}:{clickhouse.password}@{host}:{port}",
+        )
 
 
 @pytest.fixture
-def settings(broker_settings: Settings, chdb_path: Path) -> Iterator[Settings]:
+def settings(broker_settings: Settings) -> Iterator[Settings]:
     """Settings with this test's own topics (created) and its own ClickHouse database."""
     suffix = uuid.uuid4().hex[:10]
     settings = broker_settings.model_copy(update={
         "topic_prefix": f"test-{suffix}",
-        "clickhouse_dsn": f"chdb://{chdb_path}",
         "clickhouse_database": f"keel_{suffix}",
         "topic_partitions": 3,
     })

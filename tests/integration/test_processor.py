@@ -139,3 +139,21 @@ def test_a_new_worker_rebuilds_aggregate_state_from_the_events_topic(settings: S
     assert [(e.type, e.version) for e in events(settings)] == [
         ("SubscriptionStarted", 1), ("CommandRejected", None), ("RefundIssued", 2)]
     assert isinstance(events(settings)[0].payload, SubscriptionStarted)
+
+
+def test_a_later_worker_catches_up_when_some_partitions_have_only_old_commands(settings: Settings) -> None:
+    aggregates = [f"sub-{i}" for i in range(12)]  # spread over every partition
+    send(settings, *(command("acme", a, start()) for a in aggregates))
+    first = CommandProcessor(settings, instance_id="first")
+    first.run_until_caught_up()
+    first.close()
+
+    send(settings, command("acme", "sub-0", refund(100)))
+    later = CommandProcessor(settings, instance_id="later")
+    try:
+        stats = later.run_until_caught_up(timeout_s=30)
+    finally:
+        later.close()
+
+    assert (stats.commands, stats.events) == (1, 1)
+    assert len(events(settings)) == len(aggregates) + 1

@@ -24,8 +24,20 @@ from keel.kafka.clients import admin_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
 from keel.processor.worker import CommandProcessor
+from keel.projector.clickhouse import connect
+from keel.projector.migrations import apply_migrations
+from keel.projector.projector import EventProjector
+from keel.query.render import to_table
+from keel.query.run import run_query
 from keel.sdk.producer import CommandProducer
 
+TENANT_QUERY = """
+SELECT version, type, actor_kind || ':' || actor_id AS actor, on_behalf_of,
+       authority_role AS role, JSONExtractString(payload, 'code') AS rejection
+FROM events FINAL
+WHERE tenant_id = '{tenant}' AND aggregate_id = '{aggregate}'
+ORDER BY _partition, _offset
+"""
 TENANTS = {"acme": ("cust-ada", 4900, "EUR"), "globex": ("cust-bob", 12000, "USD")}
 
 
@@ -57,9 +69,7 @@ def story(tenant: str, subscription: str) -> list[Envelope]:
 
 def demo() -> None:
     """Start the broker, run the story for two tenants, and show events and projections."""
-    from keel.cli.analytics import project_and_query  # the ClickHouse side of the demo
-
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 120)
     settings = Settings()
     with console.status("starting the Kafka broker…"):
         console.print(f"[green]broker[/green]: {start_broker(settings).detail}")
@@ -82,20 +92,40 @@ def demo() -> None:
     console.print(f"processor: {stats.commands} commands → {stats.events} events "
                   f"({stats.rejected} rejected, {stats.dead_lettered} dead-lettered)")
 
+    console.print("delegation on every agent command: human:jane.lead → agent:support-bot "
+                  "(customer asked to cancel and be refunded)")
     console.print(_events_table(settings, set(subscriptions.values())))
-    project_and_query(settings, console, tenants=sorted(TENANTS), aggregates=sorted(set(subscriptions.values())))
+    _project_and_query(settings, console, aggregate=f"sub-{run}")
+
+
+def _project_and_query(settings: Settings, console: Console, aggregate: str) -> None:
+    """Project the events into ClickHouse and show, per tenant, what an analyst sees."""
+    client = connect(settings)
+    try:
+        apply_migrations(client)
+        with console.status(f"projecting events into ClickHouse ({settings.analytics_dsn})…"), \
+                EventProjector(settings, client) as projector:
+            rows = projector.catch_up()
+        console.print(f"projector: {rows} new rows in {settings.clickhouse_database}.events")
+        for tenant in TENANTS:
+            result = run_query(client, TENANT_QUERY.format(tenant=tenant, aggregate=aggregate),
+                               limit=100, timeout_s=30)
+            table = to_table(result)
+            table.title = f"ClickHouse: tenant {tenant}, subscription {aggregate}"
+            console.print(table)
+    finally:
+        client.close()
 
 
 def _events_table(settings: Settings, aggregates: set[str]) -> Table:
     codec = EnvelopeCodec()
     table = Table(title="events of this run (read_committed from Kafka)")
-    for column in ("tenant", "aggregate", "v", "type", "actor", "on behalf of", "delegated by", "detail"):
-        table.add_column(column)
+    for column in ("tenant", "aggregate", "v", "type", "actor", "on behalf of", "detail"):
+        table.add_column(column, overflow="fold")
     events = [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
     # Sorting is stable: each aggregate's events keep their log (offset) order.
     for event in sorted((e for e in events if e.aggregate_id in aggregates), key=lambda e: e.tenant_id):
-        delegated = ", ".join(f"{link.actor.id} ({link.reason})" for link in event.delegation)
         detail = ", ".join(f"{k}={v}" for k, v in event.payload.model_dump().items() if v is not None)
         table.add_row(event.tenant_id, event.aggregate_id, str(event.version or "-"), event.type,
-                      f"{event.actor.kind}:{event.actor.id}", event.on_behalf_of or "", delegated, detail)
+                      f"{event.actor.kind}:{event.actor.id}", event.on_behalf_of or "", detail)
     return table

@@ -247,9 +247,11 @@ class CommandProcessor:
         targets = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
                    for tp in self._consumer.assignment()}
         while True:
-            positions = {tp.partition: tp.offset
-                         for tp in self._consumer.position(self._consumer.assignment())}
-            if all(positions.get(p, -1) >= high or high == 0 for p, high in targets.items()):
+            # Offsets commit with each transaction; position() would stay unset for a
+            # partition that has nothing new to consume.
+            done = {tp.partition: tp.offset
+                    for tp in self._consumer.committed(self._consumer.assignment(), timeout=10)}
+            if all(high == 0 or done.get(p, -1) >= high for p, high in targets.items()):
                 return self.stats
             if time.monotonic() > deadline:
                 raise InfraError(f"the processor did not catch up within {timeout_s:.0f}s",
