@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from pathlib import Path
 
 import typer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
+from rich.markup import escape
 
 from keel.cli import analytics, demo, watchers
 from keel.config import Settings
-from keel.errors import KeelError
+from keel.errors import KeelError, ValidationError
 from keel.kafka.broker import broker_status, reset_broker, start_broker, stop_broker
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
@@ -103,6 +105,28 @@ def process(
         processor.close()
 
 
+@app.command()
+def submit(
+    path: str = typer.Argument(..., help="JSON file with one command envelope or a list of them; - for stdin."),
+) -> None:
+    """Validate commands from JSON and send them to the commands topic (prints their ids)."""
+    from keel.contracts.codec import parse_envelope
+    from keel.sdk.producer import CommandProducer
+
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                              code="malformed_json") from exc
+    commands = [parse_envelope(item) for item in (document if isinstance(document, list) else [document])]
+    with CommandProducer(Settings()) as producer:
+        for command in commands:
+            producer.send(command)
+    for command in commands:
+        console.print(f"sent {command.type} {command.id} ({command.tenant_id}/{command.aggregate_id})")
+
+
 app.command("demo")(demo.demo)
 analytics.register(app)
 watchers.register(app)
@@ -113,5 +137,5 @@ def main() -> None:
     try:
         app()
     except KeelError as exc:
-        Console(stderr=True).print(f"[red]error[/red] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)

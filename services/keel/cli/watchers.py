@@ -1,22 +1,18 @@
 """``keel watch stats`` (run the stats watcher) and ``keel stats`` (show its counts).
 
 Each command builds ``Settings()`` itself, so ``KEEL_*`` variables point it at any
-broker and topic prefix. Keel errors print their message in red on stderr and exit 1.
+broker and topic prefix. ``keel.cli.main`` prints Keel errors as one red line and exits 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from keel.config import Settings
-from keel.errors import KeelError
 from keel.watchers.stats_tally import StatsRow
 
 _LOGLEVELS = ("debug", "info", "warning", "error")
@@ -36,14 +32,13 @@ def watch_stats(
         help="Log level of faust, mode and aiokafka (chatty below warning).")] = "warning",
 ) -> None:
     """Count commands and decisions per tenant and minute until stopped (Ctrl-C / SIGTERM)."""
-    with _keel_errors():
-        for level in (loglevel, faust_loglevel):
-            if level.lower() not in _LOGLEVELS:
-                raise typer.BadParameter(f"{level!r} is not one of {', '.join(_LOGLEVELS)}")
-        from keel.watchers.stats import build_app  # faust is slow to import: only here
-        from keel.watchers.worker import run_worker
+    for level in (loglevel, faust_loglevel):
+        if level.lower() not in _LOGLEVELS:
+            raise typer.BadParameter(f"{level!r} is not one of {', '.join(_LOGLEVELS)}")
+    from keel.watchers.stats import build_app  # faust is slow to import: only here
+    from keel.watchers.worker import run_worker
 
-        run_worker(build_app(Settings()), loglevel=loglevel, library_loglevel=faust_loglevel)
+    run_worker(build_app(Settings()), loglevel=loglevel, library_loglevel=faust_loglevel)
 
 
 def stats(
@@ -51,16 +46,15 @@ def stats(
     minutes: Annotated[int, typer.Option(min=1, help="How many recent minutes to show.")] = 15,
 ) -> None:
     """Show commands, accepted and rejected decisions per tenant and minute."""
-    with _keel_errors():
-        from keel.watchers.stats_reader import read_rows
+    from keel.watchers.stats_reader import read_rows
 
-        rows = read_rows(Settings(), tenant=tenant, minutes=minutes)
-        console = Console()
-        if not rows:
-            console.print(f"no stats in the last {minutes} minute(s)"
-                          + (f" for tenant {tenant}" if tenant else ""))
-            return
-        console.print(render(rows))
+    rows = read_rows(Settings(), tenant=tenant, minutes=minutes)
+    console = Console()
+    if not rows:
+        console.print(f"no stats in the last {minutes} minute(s)"
+                      + (f" for tenant {tenant}" if tenant else ""))
+        return
+    console.print(render(rows))
 
 
 def render(rows: list[StatsRow]) -> Table:
@@ -73,14 +67,3 @@ def render(rows: list[StatsRow]) -> Table:
         table.add_row(row.minute.strftime("%Y-%m-%d %H:%M"), row.tenant, str(counts.commands),
                       str(counts.accepted), str(counts.rejected), str(counts.undecodable))
     return table
-
-
-@contextmanager
-def _keel_errors() -> Iterator[None]:
-    """Turn a KeelError into a red line on stderr and exit code 1."""
-    try:
-        yield
-    except KeelError as err:
-        Console(stderr=True).print(Text(str(err), style="red"))  # no markup: codes are [..]
-        raise typer.Exit(1) from None
-
