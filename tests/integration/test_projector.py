@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.binding import quote_identifier
@@ -31,6 +36,7 @@ from keel.projector.store import Batch, insert_batch
 pytestmark = pytest.mark.integration
 
 CODEC = EnvelopeCodec()
+CLI = [sys.executable, "-m", "keel.cli"]
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 USER = Actor(kind=ActorKind.HUMAN, id="alice")
 
@@ -272,3 +278,31 @@ def test_run_follows_new_events_until_stopped(settings: Settings, client: Client
     assert not follower.is_alive()
     assert result == [len(events)]
     assert set(stored(client)) == {str(e.id) for e in events}
+
+
+def test_projector_killed_mid_stream_resumes_without_gaps_or_duplicates(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Own processes and their own chDB path: a chDB path belongs to one process at a time.
+    env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
+           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
+           "KEEL_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}", "KEEL_CLICKHOUSE_DATABASE": "keel"}
+    events = [e for i in range(150) for e in subscription_story(f"tenant-{i % 3}", f"sub-{i}", emails=20)]
+    follower = subprocess.Popen([*CLI, "project", "--follow"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        produce(settings, events[: len(events) // 2])
+        time.sleep(3)  # let it project part of the stream
+        producing = threading.Thread(target=produce, args=(settings, events[len(events) // 2:]))
+        producing.start()
+        time.sleep(0.5)
+        follower.send_signal(signal.SIGKILL)
+        producing.join(60)
+    finally:
+        follower.kill()
+        follower.wait(30)
+
+    subprocess.run([*CLI, "project"], env=env, check=True, capture_output=True, timeout=120)
+    answer = subprocess.run([*CLI, "query", "SELECT count(), uniqExact(event_id) FROM events", "--format", "json"],
+                            env=env, check=True, capture_output=True, text=True, timeout=60)
+    assert json.loads(answer.stdout)["rows"] == [[len(events), len(events)]]

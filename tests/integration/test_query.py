@@ -129,3 +129,13 @@ def test_unknown_table_is_a_query_failure_with_the_engine_reason(client: Client)
         run_query(client, "SELECT * FROM no_such_table", limit=1, timeout_s=5)
 
     assert failed.value.code == "query_failed" and "no_such_table" in failed.value.message
+
+
+def test_parameters_are_bound_server_side_not_spliced(client: Client) -> None:
+    sql = "SELECT aggregate_id, count() FROM events WHERE tenant_id = {tenant:String} GROUP BY aggregate_id"
+
+    acme = run_query(client, sql, limit=10, timeout_s=10, parameters={"tenant": "acme"})
+    hostile = run_query(client, sql, limit=10, timeout_s=10, parameters={"tenant": "x' OR 1 = 1 --"})
+
+    assert acme.rows == (("sub-1", 3),)
+    assert hostile.rows == () and hostile.columns == ("aggregate_id", "count()")

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
-from typer import Typer
 from typer.testing import CliRunner
 
-from keel.cli.watchers import register
+from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, new_command
@@ -38,7 +37,7 @@ from keel.watchers.stats_tally import UNKNOWN_TENANT, totals_by_tenant
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-CLI = "import typer; from keel.cli.watchers import register; app = typer.Typer(); register(app); app()"
+CLI = [sys.executable, "-m", "keel.cli"]
 RECOVERED = '"event": "stats_table_recovered"'
 ACTOR = Actor(kind=ActorKind.AGENT, id="support-bot")
 Totals = dict[str, tuple[int, int, int, int]]  # tenant -> commands, accepted, rejected, undecodable
@@ -71,7 +70,7 @@ class Watcher:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-c", CLI, "watch", "stats"],
+            self.process = subprocess.Popen([*CLI, "watch", "stats"],
                                             env=self.env, stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
@@ -217,8 +216,6 @@ def test_kill_9_neither_loses_nor_double_counts(watcher_topics: Settings, watche
 
 def _assert_cli_shows(settings: Settings, tenant: str, expected: tuple[int, int, int, int]) -> None:
     """``keel stats --tenant`` prints rows that add up to ``expected``."""
-    app = Typer()
-    register(app)
     result = CliRunner().invoke(app, ["stats", "--tenant", tenant, "--minutes", "10"],
                                 env={"KEEL_TOPIC_PREFIX": settings.topic_prefix, "COLUMNS": "120"})
     assert result.exit_code == 0, result.output

@@ -1,8 +1,8 @@
 """The analytics commands: ``keel project``, ``keel query`` and ``keel projections migrate``.
 
 ``register`` adds them to the main typer app. Each command builds its settings and
-clients itself and closes them on the way out; a ``KeelError`` prints its one-line
-``[code] message`` in red on stderr and exits 1, without a traceback.
+clients itself and closes them on the way out; ``keel.cli.main`` prints a ``KeelError``
+as one ``[code] message`` line and exits 1.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import StrEnum
 from types import FrameType
 from typing import Annotated
@@ -19,10 +17,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.status import Status
-from rich.text import Text
 
 from keel.config import Settings
-from keel.errors import KeelError
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import MigrationReport, apply_migrations
 from keel.projector.projector import EventProjector, ProjectorStats
@@ -56,17 +52,16 @@ def project(
 ) -> None:
     """Apply projection migrations, then project the events topic into ClickHouse."""
     settings = Settings()
-    with _reported_errors():
-        client = connect(settings)
-        try:
-            _print_report(apply_migrations(client))
-            with _out.status("projecting events…") as status, EventProjector(
-                settings, client, on_batch=lambda stats: status.update(_progress(stats))
-            ) as projector:
-                rows = _follow(projector, status) if follow else projector.catch_up()
-                stats = projector.stats
-        finally:
-            client.close()
+    client = connect(settings)
+    try:
+        _print_report(apply_migrations(client))
+        with _out.status("projecting events…") as status, EventProjector(
+            settings, client, on_batch=lambda stats: status.update(_progress(stats))
+        ) as projector:
+            rows = _follow(projector, status) if follow else projector.catch_up()
+            stats = projector.stats
+    finally:
+        client.close()
     _out.print(f"projected {rows} events into {settings.clickhouse_database}.events"
                + (f"; {stats.undecodable} undecodable records logged" if stats.undecodable else ""))
 
@@ -79,12 +74,11 @@ def query(
 ) -> None:
     """Run a read-only query against the projections and print the result."""
     settings = Settings()
-    with _reported_errors():
-        client = connect(settings)
-        try:
-            result = run_query(client, sql, limit=limit, timeout_s=timeout)
-        finally:
-            client.close()
+    client = connect(settings)
+    try:
+        result = run_query(client, sql, limit=limit, timeout_s=timeout)
+    finally:
+        client.close()
     if output is OutputFormat.TABLE:
         _out.print(to_table(result))
         return
@@ -96,12 +90,11 @@ def query(
 def migrate() -> None:
     """Apply the projection SQL files not yet applied, in order."""
     settings = Settings()
-    with _reported_errors():
-        client = connect(settings)
-        try:
-            report = apply_migrations(client)
-        finally:
-            client.close()
+    client = connect(settings)
+    try:
+        report = apply_migrations(client)
+    finally:
+        client.close()
     _print_report(report)
 
 
@@ -131,13 +124,3 @@ def _print_report(report: MigrationReport) -> None:
         _out.print(f"applied {name}")
     if not report.applied:
         _out.print(f"projections up to date ({len(report.already_applied)} migrations applied)")
-
-
-@contextmanager
-def _reported_errors() -> Iterator[None]:
-    """Turn a ``KeelError`` into a red one-liner on stderr and exit code 1."""
-    try:
-        yield
-    except KeelError as err:
-        _err.print(Text(str(err), style="red"), soft_wrap=True)
-        raise typer.Exit(1) from None

@@ -35,7 +35,7 @@ TENANT_QUERY = """
 SELECT version, type, actor_kind || ':' || actor_id AS actor, on_behalf_of,
        authority_role AS role, JSONExtractString(payload, 'code') AS rejection
 FROM events FINAL
-WHERE tenant_id = '{tenant}' AND aggregate_id = '{aggregate}'
+WHERE tenant_id = {tenant:String} AND aggregate_id = {aggregate:String}
 ORDER BY _partition, _offset
 """
 TENANTS = {"acme": ("cust-ada", 4900, "EUR"), "globex": ("cust-bob", 12000, "USD")}
@@ -108,8 +108,8 @@ def _project_and_query(settings: Settings, console: Console, aggregate: str) -> 
             rows = projector.catch_up()
         console.print(f"projector: {rows} new rows in {settings.clickhouse_database}.events")
         for tenant in TENANTS:
-            result = run_query(client, TENANT_QUERY.format(tenant=tenant, aggregate=aggregate),
-                               limit=100, timeout_s=30)
+            result = run_query(client, TENANT_QUERY, limit=100, timeout_s=30,
+                               parameters={"tenant": tenant, "aggregate": aggregate})
             table = to_table(result)
             table.title = f"ClickHouse: tenant {tenant}, subscription {aggregate}"
             console.print(table)

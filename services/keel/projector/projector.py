@@ -107,7 +107,12 @@ class EventProjector:
         return written
 
     def run(self, stop: threading.Event) -> int:
-        """Follow the topic until ``stop`` is set, flushing on size, linger or end of log."""
+        """Follow the topic until ``stop`` is set; returns the rows written.
+
+        A batch is inserted when full or ``linger_s`` after its first record: under load
+        that means full batches, when idle about one insert per ``linger_s``, the rate
+        ClickHouse's parts like (not one insert per record).
+        """
         start = resume_offsets(self._client, self.topic)
         self._assign({p: start.get(p, OFFSET_BEGINNING) for p in self._partitions()})
         written = 0
@@ -115,14 +120,13 @@ class EventProjector:
         opened = time.monotonic()
         try:
             while not stop.is_set():
-                at_end = False
                 for message in self._consumer.consume(self._batch_size - len(batch.rows), timeout=_POLL_S):
                     if not batch.rows:
                         opened = time.monotonic()
-                    at_end = self._take(message, batch) or at_end
+                    self._take(message, batch)
                 full = len(batch.rows) >= self._batch_size
                 lingered = time.monotonic() - opened >= self._linger_s
-                if batch.rows and (full or at_end or lingered):
+                if batch.rows and (full or lingered):
                     written += self._flush(batch)
                     batch = Batch(self.topic)
             written += self._flush(batch)
@@ -131,7 +135,7 @@ class EventProjector:
         return written
 
     def close(self) -> None:
-        """Leave the consumer group and release the consumer."""
+        """Release the Kafka consumer; the ClickHouse client belongs to the caller."""
         self._consumer.close()
 
     def __enter__(self) -> EventProjector:
@@ -143,7 +147,7 @@ class EventProjector:
     def _partitions(self) -> list[int]:
         metadata = self._consumer.list_topics(self.topic, timeout=_METADATA_TIMEOUT_S).topics.get(self.topic)
         if metadata is None or metadata.error is not None or not metadata.partitions:
-            raise InfraError(f"topic {self.topic} does not exist; run `keel topics apply`",
+            raise InfraError(f"topic {self.topic} does not exist; apply Keel's topic declarations first",
                              code="topic_missing")
         return sorted(metadata.partitions)
 

@@ -4,8 +4,9 @@ The Kafka position of every event is stored in its row, so the projection itself
 where to resume (the highest offset per partition plus one) and Kafka's committed offsets
 are only a lag gauge. Each batch carries a deterministic ``insert_deduplication_token``
 built from its offset spans: a batch retried after a lost acknowledgement is dropped by
-ClickHouse instead of written twice, and ReplacingMergeTree collapses any event that
-still arrives twice.
+ClickHouse instead of written twice, even if its rows were re-mapped meanwhile (without a
+token only byte-identical blocks are dropped), and ReplacingMergeTree collapses any event
+that still arrives twice.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """Admits only a single read-only SELECT (or WITH ... SELECT), as ClickHouse's own parser sees it.
 
 The user's text is never executed as given. chDB runs every ``;``-separated statement of
-one query and attaches per-query settings to the last one only, so ``DROP ...; SELECT 1``
-with ``readonly=1`` would still drop, and ``EXPLAIN AST <user text>`` would run what follows
-a ``;``. Instead the text travels as a bound parameter to ``formatQuery``, which parses
-exactly one statement (multi-statements are a syntax error) and returns its canonical
-text; ``EXPLAIN AST`` of that text must then be a SELECT without FORMAT, INTO OUTFILE or
-SETTINGS clauses (readonly does not stop INTO OUTFILE on chDB; the limits are Keel's).
+one query (``EXPLAIN AST SELECT 1; DROP TABLE t`` drops ``t``), and a refused multi-statement
+leaves ``readonly`` stuck on the client's session. Instead the text travels as a bound
+parameter to ``formatQuery``, which parses exactly one statement (multi-statements are a
+syntax error) and returns its canonical text; ``EXPLAIN AST`` of that text must then be a
+SELECT without FORMAT, INTO OUTFILE or SETTINGS clauses (readonly does not stop INTO
+OUTFILE on chDB; the limits are Keel's).
 Only the canonical text runs, with ``readonly=1`` as a second line of defence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
@@ -24,8 +25,11 @@ _SYNTAX_ERROR = 62
 _MULTI_STATEMENT = "Multi-statements are not allowed"
 
 
-def admit(client: Client, sql: str) -> str:
-    """The canonical text of ``sql`` if it is one plain SELECT; raises ``QueryError`` otherwise."""
+def admit(client: Client, sql: str, parameters: Mapping[str, Any] | None = None) -> str:
+    """The canonical text of ``sql`` if it is one plain SELECT; raises ``QueryError`` otherwise.
+
+    ``{name:Type}`` placeholders stay in the text; ``parameters`` binds them server-side.
+    """
     if not sql.strip():
         raise QueryError("the query is empty", code="empty_query")
     try:
@@ -39,7 +43,7 @@ def admit(client: Client, sql: str) -> str:
                              code="multi_statement") from exc
         raise QueryError(_parser_message(str(exc)), code="syntax_error") from exc
     try:
-        ast = client.command(f"EXPLAIN AST {formatted}")
+        ast = client.command(f"EXPLAIN AST {formatted}", parameters=dict(parameters or {}))
     except ClickHouseError as exc:
         raise QueryError(f"the query could not be analysed: {exc}", code="query_failed") from exc
     check_ast(str(ast).splitlines())

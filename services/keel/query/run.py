@@ -7,6 +7,7 @@ last so the settings before it may still be set. Tenant scoping is not applied y
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,22 +30,28 @@ class QueryResult:
     truncated: bool = False
 
 
-def run_query(client: Client, sql: str, *, limit: int, timeout_s: float) -> QueryResult:
-    """Run ``sql`` if it is one read-only SELECT; at most ``limit`` rows, at most ``timeout_s``."""
+def run_query(
+    client: Client, sql: str, *, limit: int, timeout_s: float, parameters: Mapping[str, Any] | None = None
+) -> QueryResult:
+    """Run ``sql`` if it is one read-only SELECT; at most ``limit`` rows, at most ``timeout_s``.
+
+    ``parameters`` fill ``{name:Type}`` placeholders server-side, never by string splicing.
+    """
     if limit < 1:
         raise QueryError(f"the row limit must be at least 1, got {limit}", code="invalid_limit")
     if timeout_s <= 0:
         raise QueryError(f"the timeout must be positive, got {timeout_s}", code="invalid_timeout")
-    statement = admit(client, sql)
+    statement = admit(client, sql, parameters)
+    bound = dict(parameters or {})
     settings: dict[str, Any] = {"max_execution_time": timeout_s, "limit": limit + 1, "readonly": 1}
     try:
-        result = client.query(statement, settings=settings)
+        result = client.query(statement, parameters=bound, settings=settings)
     except DatabaseError as exc:
         raise _failed(exc, timeout_s) from exc
     except ClickHouseError as exc:
         raise QueryError(f"the query failed: {exc}", code="query_failed") from exc
     rows = result.result_rows
-    columns = tuple(result.column_names) or _described_columns(client, statement, settings)
+    columns = tuple(result.column_names) or _described_columns(client, statement, bound, settings)
     return QueryResult(
         columns=columns,
         rows=tuple(tuple(row) for row in rows[:limit]),
@@ -52,10 +59,12 @@ def run_query(client: Client, sql: str, *, limit: int, timeout_s: float) -> Quer
     )
 
 
-def _described_columns(client: Client, statement: str, settings: dict[str, Any]) -> tuple[str, ...]:
+def _described_columns(
+    client: Client, statement: str, parameters: dict[str, Any], settings: dict[str, Any]
+) -> tuple[str, ...]:
     """Column names of an empty result: chDB sends no header block when there are no rows."""
     try:
-        described = client.query(f"DESCRIBE ({statement})", settings=settings)
+        described = client.query(f"DESCRIBE ({statement})", parameters=parameters, settings=settings)
     except DatabaseError as exc:
         raise _failed(exc, float(settings["max_execution_time"])) from exc
     return tuple(str(row[0]) for row in described.result_rows)

@@ -1,0 +1,256 @@
+"""Shared helpers of the benchmarks: environment, throwaway topics and groups, batch clocks, output.
+
+Benchmarks print figures and never judge them: the only failures are lost messages and
+infrastructure errors. Every topic and consumer group a run creates has a unique name and
+is deleted at the end, so runs can overlap with tests and with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from rich.console import Console
+from rich.table import Table
+
+from keel.config import Settings
+from keel.kafka.broker import broker_status, paths_for
+
+_VERSION_LINE = re.compile(rb"Kafka version: (\S+)")
+
+
+def unique_prefix(benchmark: str) -> str:
+    """A topic/group prefix no other run uses."""
+    return f"bench-{benchmark}-{uuid.uuid4().hex[:8]}"
+
+
+# -- environment ------------------------------------------------------------------------
+
+
+def broker_version(settings: Settings) -> str:
+    """The broker's version: from its start-up log when `keel up` runs it, else from the jars."""
+    if broker_status(settings).running:
+        log = paths_for(settings).server_log
+        if log.exists():
+            found = _VERSION_LINE.findall(log.read_bytes())
+            if found:
+                return f"{found[-1].decode()} (broker log)"
+    jars = sorted((settings.kafka_home / "libs").glob("kafka_2.13-*.jar"))
+    if jars:
+        return f"{jars[-1].stem.removeprefix('kafka_2.13-')} (local jars; broker not started by keel)"
+    return "unknown"
+
+
+def environment(settings: Settings, admin: AdminClient) -> dict[str, Any]:
+    """What the figures depend on: versions, cores, load, broker."""
+    metadata = admin.list_topics(timeout=10)
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "broker": broker_version(settings),
+        "bootstrap": settings.bootstrap_servers,
+        "brokers": len(metadata.brokers),
+        "confluent_kafka": confluent_kafka.__version__,
+        "librdkafka": confluent_kafka.libversion()[0],
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "load_avg_1m_start": os.getloadavg()[0],
+    }
+
+
+# -- topics and groups ------------------------------------------------------------------
+
+
+def create_topics(admin: AdminClient, names: Iterable[str], partitions: int) -> None:
+    """Create fresh topics (replication factor 1, the local broker has one node)."""
+    futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names], operation_timeout=30)
+    for future in futures.values():
+        future.result()
+
+
+def delete_topics(admin: AdminClient, names: Sequence[str]) -> list[str]:
+    """Delete topics; returns the problems instead of raising, so cleanup goes on."""
+    if not names:
+        return []
+    problems = []
+    for name, future in admin.delete_topics(list(names), operation_timeout=30).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].name() != "UNKNOWN_TOPIC_OR_PART":
+                problems.append(f"topic {name}: {exc}")
+    return problems
+
+
+def delete_groups(admin: AdminClient, groups: Sequence[str]) -> list[str]:
+    """Delete consumer groups; a group that never committed does not exist, which is fine."""
+    if not groups:
+        return []
+    problems = []
+    for group, future in admin.delete_consumer_groups(list(groups), request_timeout=30).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].name() not in ("GROUP_ID_NOT_FOUND", "_NOENT"):
+                problems.append(f"group {group}: {exc}")
+    return problems
+
+
+def committed_total(admin: AdminClient, group: str) -> int:
+    """The sum of a group's committed offsets over every partition it committed."""
+    request = [ConsumerGroupTopicPartitions(group)]
+    result = admin.list_consumer_group_offsets(request, request_timeout=30)[group].result()
+    return sum(max(tp.offset, 0) for tp in result.topic_partitions or [])
+
+
+def high_watermarks_total(consumer: confluent_kafka.Consumer, topic: str) -> int:
+    """The sum of a topic's high watermarks (its record count when fresh and non-transactional)."""
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+
+
+def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
+    """The offsets to commit after ``messages``: one past the last of each partition."""
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic() or "", m.partition() or 0)
+        last[key] = max(last.get(key, -1), m.offset() or 0)
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+
+
+def mismatches(*checks: tuple[str, int, int]) -> tuple[str, ...]:
+    """Each ``(what, got, want)`` that disagrees, as a readable line."""
+    return tuple(f"{what}: {got:,}, expected {want:,}" for what, got, want in checks if got != want)
+
+
+# -- timing -----------------------------------------------------------------------------
+
+
+@dataclass
+class BatchClock:
+    """Cumulative counts at the end of each batch, to time a stage without its start-up."""
+
+    start: float = field(default_factory=time.perf_counter)
+    marks: list[tuple[float, int]] = field(default_factory=list)
+
+    def mark(self, total: int) -> None:
+        """Record that ``total`` messages are done, now."""
+        self.marks.append((time.perf_counter(), total))
+
+    @property
+    def total(self) -> int:
+        """Messages done so far."""
+        return self.marks[-1][1] if self.marks else 0
+
+    def steady(self) -> tuple[int, float]:
+        """Messages and seconds from the end of the first batch to the end of the last."""
+        if len(self.marks) < 2:
+            return self.total, (self.marks[-1][0] - self.start) if self.marks else 0.0
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return n1 - n0, t1 - t0
+
+    def overall(self) -> tuple[int, float]:
+        """Messages and seconds from ``start`` (group join included) to the end of the last batch."""
+        return self.total, (self.marks[-1][0] - self.start) if self.marks else 0.0
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One stage's figures; ``rate`` is over the timed window, which ``timed`` describes."""
+
+    stage: str
+    label: str
+    expected: int
+    done: int
+    timed_messages: int
+    seconds: float
+    rate: float
+    rate_incl_start: float
+    mb_per_s: float | None
+    batches: int
+    timed: str
+    detail: str = ""
+    anomalies: tuple[str, ...] = ()
+
+    @property
+    def lost(self) -> int:
+        """Messages the stage should have handled and did not."""
+        return self.expected - self.done
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost and every cross-check agreed."""
+        return not self.lost and not self.anomalies
+
+
+def stage_result(stage: str, label: str, expected: int, clock: BatchClock, *, message_bytes: int | None,
+                 timed: str, detail: str = "", anomalies: tuple[str, ...] = ()) -> StageResult:
+    """Figures of a batch-timed stage: the rate excludes the first batch (and the group join)."""
+    timed_messages, seconds = clock.steady()
+    total, overall_s = clock.overall()
+    if len(clock.marks) < 2:  # one batch: nothing to time without the start-up
+        timed = "start (1 batch only)"
+    rate = timed_messages / seconds if seconds > 0 else 0.0
+    return StageResult(
+        stage=stage, label=label, expected=expected, done=total, timed_messages=timed_messages,
+        seconds=seconds, rate=rate, rate_incl_start=total / overall_s if overall_s > 0 else 0.0,
+        mb_per_s=rate * message_bytes / 1e6 if message_bytes else None,
+        batches=len(clock.marks), timed=timed, detail=detail, anomalies=anomalies,
+    )
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+def results_table(title: str, results: Sequence[StageResult]) -> Table:
+    """The figures as a rich table."""
+    table = Table(title=title)
+    table.add_column("stage")
+    for column in ("done", "timed s", "msgs/s", "MB/s", "incl. start"):
+        table.add_column(column, justify="right")
+    table.add_column("timed from")
+    for r in results:
+        done = f"{r.done:,}" if r.ok else f"[red]{r.done:,} of {r.expected:,}[/red]"
+        table.add_row(r.stage, done, f"{r.seconds:.2f}", f"{r.rate:,.0f}",
+                      f"{r.mb_per_s:.1f}" if r.mb_per_s is not None else "-",
+                      f"{r.rate_incl_start:,.0f}", r.timed)
+    return table
+
+
+def environment_table(env: dict[str, Any], params: dict[str, Any]) -> Table:
+    """The environment and parameters as a two-column table."""
+    table = Table(title="environment and parameters", show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in {**env, **params}.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def print_json_line(benchmark: str, env: dict[str, Any], params: dict[str, Any],
+                    results: Sequence[StageResult], ratios: dict[str, float], ok: bool) -> None:
+    """One machine-readable line with every figure, last on stdout."""
+    document = {
+        "benchmark": benchmark, "ok": ok, "env": env, "params": params,
+        "results": {r.stage: {**asdict(r), "lost": r.lost, "ok": r.ok} for r in results},
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+    }
+    sys.stdout.write(json.dumps(document, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def status_console(quiet: bool) -> Console:
+    """Progress goes to stderr, and nowhere with ``--json-only``."""
+    return Console(stderr=True, quiet=quiet)
