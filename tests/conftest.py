@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
@@ -20,6 +22,8 @@ from keel.kafka.broker import start_broker
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 
+
+pytest_plugins = ["tests.plugins.postgres", "tests.plugins.analytics", "tests.plugins.trust"]
 
 INFRA = os.environ.get("KEEL_TEST_INFRA", "local")
 
@@ -64,5 +68,8 @@ def settings(broker_settings: Settings) -> Iterator[Settings]:
     specs = declared_topics(settings)
     apply_topics(admin, specs)
     yield settings
-    for future in admin.delete_topics([s.name for s in specs], operation_timeout=30).values():
-        future.result()
+    for name, future in admin.delete_topics([s.name for s in specs], operation_timeout=30).items():
+        try:
+            future.result()
+        except KafkaException as exc:  # cleanup only: never fail the test that already ran
+            warnings.warn(f"could not delete test topic {name}: {exc}", stacklevel=1)

@@ -33,6 +33,7 @@ class Topic(StrEnum):
     COMMANDS = "commands"
     EVENTS = "events"
     AUDIT = "audit"
+    AUDIT_INTAKE = "audit-intake"
     DLQ = "dlq"
 
 
@@ -81,7 +82,9 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
     return [
         spec(Topic.COMMANDS, 7 * _DAY_MS, "Commands from producers, keyed tenant/aggregate."),
         spec(Topic.EVENTS, FOREVER, "Immutable events; the source of truth, kept forever."),
-        spec(Topic.AUDIT, FOREVER, "Tenant audit records, kept forever."),
+        spec(Topic.AUDIT_INTAKE, 30 * _DAY_MS,
+             "Every event, keyed by tenant only, so one tenant's audit chain is built in one place."),
+        spec(Topic.AUDIT, FOREVER, "Hash-chained tenant audit records, kept forever."),
         spec(Topic.DLQ, 30 * _DAY_MS, "Messages that could not be processed, with the reason."),
     ]
 

@@ -61,6 +61,7 @@ class CommandProcessor:
         self.commands_topic = topic_name(settings, Topic.COMMANDS)
         self.events_topic = topic_name(settings, Topic.EVENTS)
         self.dlq_topic = topic_name(settings, Topic.DLQ)
+        self.audit_intake_topic = topic_name(settings, Topic.AUDIT_INTAKE)
         self.group_id = f"{settings.topic_prefix}.processor"
         instance = instance_id or settings.processor_instance
         self.partitions: dict[int, PartitionState] = {}
@@ -157,9 +158,14 @@ class CommandProcessor:
         match outcome:
             case Decided(command, events):
                 for event in events:
-                    self._producer.produce(self.events_topic, self.codec.encode(event),
-                                           message.key(), partition=partition,
-                                           headers=[("keel-type", event.type.encode())])
+                    value = self.codec.encode(event)
+                    headers = [("keel-type", event.type.encode())]
+                    self._producer.produce(self.events_topic, value, message.key(),
+                                           partition=partition, headers=headers)
+                    # Keyed by tenant alone: the audit chainer sees a tenant's events in one
+                    # partition, in the order these transactions committed them.
+                    self._producer.produce(self.audit_intake_topic, value, event.tenant_id.encode(),
+                                           headers=headers)
                 counts.events += len(events)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
                 log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
