@@ -34,6 +34,8 @@ class Topic(StrEnum):
     EVENTS = "events"
     AUDIT = "audit"
     AUDIT_INTAKE = "audit-intake"
+    AUDIT_CHECKPOINTS = "audit-checkpoints"
+    CONTROLS = "controls"
     DLQ = "dlq"
 
 
@@ -68,13 +70,13 @@ def topic_name(settings: Settings, topic: Topic) -> str:
 def declared_topics(settings: Settings) -> list[TopicSpec]:
     """Every topic Keel needs, as specs."""
 
-    def spec(topic: Topic, retention_ms: int, description: str) -> TopicSpec:
+    def spec(topic: Topic, retention_ms: int, description: str, cleanup: str = "delete") -> TopicSpec:
         return TopicSpec(
             name=topic_name(settings, topic),
             partitions=settings.topic_partitions,
             replication_factor=settings.replication_factor,
             retention_ms=retention_ms,
-            cleanup_policy="delete",
+            cleanup_policy=cleanup,
             min_insync_replicas=settings.min_insync_replicas,
             description=description,
         )
@@ -85,7 +87,10 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         spec(Topic.AUDIT_INTAKE, 30 * _DAY_MS,
              "Every event, keyed by tenant only, so one tenant's audit chain is built in one place."),
         spec(Topic.AUDIT, FOREVER, "Hash-chained tenant audit records, kept forever."),
+        spec(Topic.AUDIT_CHECKPOINTS, FOREVER, "Signed chain heads (tenant, sequence, hash)."),
         spec(Topic.DLQ, 30 * _DAY_MS, "Messages that could not be processed, with the reason."),
+        spec(Topic.CONTROLS, FOREVER, "Current guardrail switches per tenant; the latest value per key wins.",
+             cleanup="compact"),
     ]
 
 
