@@ -6,7 +6,9 @@ import io
 import json
 import types
 import typing
+import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import pytest
@@ -22,7 +24,15 @@ from keel.errors import DecodeError, UnknownMessageType, UnknownSchema, Validati
 
 AVRO_PRIMITIVES: dict[str, set[Any]] = {
     "string": {str}, "long": {int}, "int": {int}, "double": {float}, "boolean": {bool},
+    "uuid": {uuid.UUID}, "timestamp-micros": {datetime},
 }
+
+
+def _avro_kind(avro_type: Any) -> str:
+    """A field's type name: primitive, logical type, or 'enum'."""
+    if isinstance(avro_type, dict):
+        return str(avro_type.get("logicalType") or avro_type["type"])
+    return str(avro_type)
 
 
 def _avro_fields(schema: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
@@ -60,7 +70,12 @@ def test_each_payload_model_matches_its_newest_avro_schema(message_type: str) ->
     for name, (avro_type, avro_nullable) in avro.items():
         py_type, py_nullable = pydantic_fields[name]
         assert avro_nullable == py_nullable, name
-        assert py_type in AVRO_PRIMITIVES[avro_type], (name, avro_type, py_type)
+        kind = _avro_kind(avro_type)
+        if kind == "enum":
+            assert issubclass(py_type, StrEnum), name
+            assert [m.value for m in py_type] == avro_type["symbols"], name
+        else:
+            assert py_type in AVRO_PRIMITIVES[kind], (name, avro_type, py_type)
     assert int(newest.stem[1:]) == model.schema_version
 
 

@@ -1,0 +1,107 @@
+"""Events: what was decided. Each class matches ``schemas/events/<Name>/v<N>.avsc``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from keel.domain.payloads import Event
+
+
+class SubscriptionStarted(Event):
+    customer_id: str
+    plan: str
+    monthly_price_cents: int
+    currency: str
+
+
+class SubscriptionCancelled(Event):
+    reason: str
+
+
+class SubscriptionReactivated(Event):
+    reason: str
+
+
+class RefundIssued(Event):
+    amount_cents: int
+    currency: str
+    reason: str
+
+
+class RefundReversed(Event):
+    amount_cents: int
+    currency: str
+    reason: str
+    reverses: uuid.UUID
+
+
+class EmailQueued(Event):
+    to_address: str
+    template: str
+    body: str | None = None
+
+
+class CommandRejected(Event):
+    command_type: str
+    code: str
+    reason: str
+
+
+class ApprovalKind(StrEnum):
+    APPROVAL = "approval"  # by an actor holding an approver role in the tenant
+    CONFIRMATION = "confirmation"  # by the on-behalf-of subject themself
+
+
+class ApprovalRequested(Event):
+    command_id: uuid.UUID
+    command_type: str
+    approval_kind: ApprovalKind
+    policy_rule: str
+    policy_version: str
+    expires_at: datetime
+    command: str
+
+
+class ApprovalGranted(Event):
+    command_id: uuid.UUID
+    approver: str
+    comment: str | None = None
+
+
+class ApprovalRejected(Event):
+    command_id: uuid.UUID
+    approver: str
+    reason: str
+
+
+class ApprovalExpired(Event):
+    command_id: uuid.UUID
+
+
+class KillSwitchEngaged(Event):
+    scope: str
+    target: str
+    reason: str
+
+
+class KillSwitchReleased(Event):
+    scope: str
+    target: str
+    reason: str
+
+
+class BreakerTripped(Event):
+    agent_id: str
+    reason: str
+
+
+class BreakerReset(Event):
+    agent_id: str
+    reason: str
+
+
+class PolicyPublished(Event):
+    policy_version: str
+    document: str
