@@ -80,20 +80,28 @@ def test_malformed_bytes_go_to_the_dlq_with_a_reason_and_processing_continues(
     assert [e.type for e in events(settings)] == ["SubscriptionStarted"]
 
 
-@pytest.mark.parametrize(("value_of", "key", "code"), [
-    (lambda c: EnvelopeCodec().encode(c), b"globex/sub-1", "key_mismatch"),
-    (lambda c: EnvelopeCodec().encode(c), None, "key_mismatch"),
-])
-def test_records_whose_key_disagrees_with_the_envelope_are_dead_lettered(
-        settings: Settings, processor: CommandProcessor, value_of: Any, key: bytes | None, code: str) -> None:
+def test_a_record_without_a_key_is_dead_lettered(settings: Settings, processor: CommandProcessor) -> None:
     producer = Producer(producer_config(settings))
-    producer.produce(topic_name(settings, Topic.COMMANDS), value_of(command("acme", "sub-1", start())), key)
+    producer.produce(topic_name(settings, Topic.COMMANDS), EnvelopeCodec().encode(command("acme", "sub-1", start())))
     producer.flush(10)
 
     assert processor.run_until_caught_up().dead_lettered == 1
     [dead] = list(read_to_end(settings, topic_name(settings, Topic.DLQ)))
-    assert dict(dead.headers() or [])["keel-error-code"] == code.encode()
+    assert dict(dead.headers() or [])["keel-error-code"] == b"key_mismatch"
     assert events(settings) == []
+
+
+def test_a_command_routed_to_another_tenants_aggregate_is_rejected_with_an_event(
+        settings: Settings, processor: CommandProcessor) -> None:
+    producer = Producer(producer_config(settings))
+    producer.produce(topic_name(settings, Topic.COMMANDS), EnvelopeCodec().encode(command("acme", "sub-1", start())),
+                     b"globex/sub-1")
+    producer.flush(10)
+
+    assert processor.run_until_caught_up().rejected == 1
+    [rejection] = events(settings)
+    assert isinstance(rejection.payload, CommandRejected)
+    assert (rejection.tenant_id, rejection.payload.code) == ("acme", "cross_tenant_aggregate")
 
 
 def test_an_event_sent_as_a_command_is_dead_lettered(settings: Settings, processor: CommandProcessor) -> None:

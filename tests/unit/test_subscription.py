@@ -13,7 +13,10 @@ from keel.domain.messages import (
     CommandRejected,
     EmailQueued,
     IssueRefund,
+    ReactivateSubscription,
     RefundIssued,
+    RefundReversed,
+    ReverseRefund,
     SendEmail,
     StartSubscription,
     SubscriptionCancelled,
@@ -33,13 +36,19 @@ def command(payload: Payload, **kwargs: object) -> Envelope:
 
 def run(*payloads: Payload) -> tuple[SubscriptionState, list[Envelope]]:
     """Decide and fold each command in turn, as the processor does."""
-    state, history = INITIAL, []
+    states, history = run_states(*payloads)
+    return states[-1], history
+
+
+def run_states(*payloads: Payload) -> tuple[list[SubscriptionState], list[Envelope]]:
+    """Like ``run``, keeping the state after every command."""
+    states, history = [INITIAL], []
     for payload in payloads:
         cmd = command(payload)
-        events = to_events(cmd, decide(cmd, state), version=state.version, now=NOW)
-        state = reduce(evolve, events, state)
+        events = to_events(cmd, decide(cmd, states[-1]), version=states[-1].version, now=NOW)
+        states.append(reduce(evolve, events, states[-1]))
         history.extend(events)
-    return state, history
+    return states, history
 
 
 START = StartSubscription(customer_id="cust-1", plan="pro", monthly_price_cents=5000, currency="EUR")
@@ -74,13 +83,33 @@ def test_the_support_story_cancels_refunds_and_queues_an_email() -> None:
 ])
 def test_invalid_commands_are_rejected_with_a_code_and_leave_state_unchanged(
         payloads: tuple[Payload, ...], code: str) -> None:
-    before, _ = run(*payloads[:-1])
-    after, events = run(*payloads)
+    states, events = run_states(*payloads)
+    before, after = states[-2], states[-1]
     rejection = events[-1]
     assert isinstance(rejection.payload, CommandRejected)
     assert rejection.payload.code == code
     assert rejection.version is None
     assert after == before
+
+
+def test_a_refund_is_undone_by_its_compensation_once() -> None:
+    states, events = run_states(START, IssueRefund(amount_cents=2000, currency="EUR", reason="half"))
+    refund_command_id = events[-1].causation_id
+    assert refund_command_id is not None
+    undo = command(ReverseRefund(refund_command_id=refund_command_id, reason="customer disputes"))
+    [reversal] = decide(undo, states[-1])
+    assert isinstance(reversal, RefundReversed)
+    assert (reversal.amount_cents, reversal.reverses) == (2000, refund_command_id)
+    [reversed_event] = to_events(undo, [reversal], version=states[-1].version, now=NOW)
+    after = evolve(states[-1], reversed_event)
+    assert (after.refunded_cents, after.refunds) == (0, {})
+    [again] = decide(command(ReverseRefund(refund_command_id=refund_command_id, reason="twice")), after)
+    assert isinstance(again, CommandRejected) and again.code == "nothing_to_reverse"
+
+
+def test_a_cancellation_is_undone_by_reactivation() -> None:
+    state, _ = run(START, CancelSubscription(reason="asked"), ReactivateSubscription(reason="mistake"))
+    assert state.status is Status.ACTIVE
 
 
 def test_stale_expected_version_is_rejected() -> None:

@@ -1,8 +1,10 @@
-"""Turning what ``decide`` returned into event envelopes with deterministic ids.
+"""Turning decided payloads into event envelopes with deterministic ids.
 
-Event ids derive from the command id and the event's index, so a re-run of the same
-command (after a crash, on another worker) yields byte-identical ids that any consumer
-can dedupe on. Versions continue the aggregate's sequence; rejections carry none.
+Event ids derive from the deciding command's id and the event's index, so a re-run of the
+same command (after a crash, on another worker) yields identical ids that any consumer can
+dedupe on. Versions continue the aggregate's sequence; outcome-only events (rejections)
+carry none. ``origin`` is the command the events are *about*: usually the deciding command
+itself, but the parked command when an approval resumes it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from keel.domain.envelope import Envelope, Payload
+from keel.domain.envelope import Authority, Envelope, Payload
 from keel.domain.messages import CommandRejected
 
 _EVENT_NAMESPACE = uuid.UUID("6f1c4b0e-7d4a-5b8e-9c1f-3a2d5e6f7a8b")
@@ -23,28 +25,38 @@ def event_id(command_id: uuid.UUID, index: int) -> uuid.UUID:
 
 
 def to_events(
-    command: Envelope, payloads: Sequence[Payload], *, version: int, now: datetime
+    command: Envelope,
+    payloads: Sequence[Payload],
+    *,
+    version: int,
+    now: datetime,
+    authority: Authority | None = None,
+    origin: Envelope | None = None,
+    first_index: int = 0,
 ) -> list[Envelope]:
-    """Envelopes for ``payloads``, attributed to the command's actor and authority."""
+    """Envelopes for ``payloads``, attributed to ``origin``'s actor (default: ``command``)."""
+    origin = origin or command
     events = []
-    for index, payload in enumerate(payloads):
-        if not isinstance(payload, CommandRejected):
+    for index, payload in enumerate(payloads, start=first_index):
+        outcome_only = isinstance(payload, CommandRejected)
+        if not outcome_only:
             version += 1
-        events.append(Envelope(
+        events.append(Envelope.model_construct(
             id=event_id(command.id, index),
-            tenant_id=command.tenant_id,
-            actor=command.actor,
-            delegation=command.delegation,
-            on_behalf_of=command.on_behalf_of,
-            authority=command.authority,
+            tenant_id=origin.tenant_id,
+            actor=origin.actor,
+            delegation=origin.delegation,
+            on_behalf_of=origin.on_behalf_of,
+            authority=authority or origin.authority,
             type=type(payload).__name__,
             schema_version=payload.schema_version,
-            aggregate_id=command.aggregate_id,
-            version=None if isinstance(payload, CommandRejected) else version,
-            causation_id=command.id,
-            correlation_id=command.correlation_id,
+            aggregate_id=origin.aggregate_id,
+            expected_version=None,
+            version=None if outcome_only else version,
+            causation_id=origin.id,
+            correlation_id=origin.correlation_id,
             occurred_at=now,
-            traceparent=command.traceparent,
+            traceparent=origin.traceparent,
             payload=payload,
         ))
     return events

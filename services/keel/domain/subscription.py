@@ -7,7 +7,8 @@ point-in-time queries use the same ``evolve``, so state can never drift between 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from keel.domain.envelope import Envelope, Payload
@@ -16,10 +17,14 @@ from keel.domain.messages import (
     CommandRejected,
     EmailQueued,
     IssueRefund,
+    ReactivateSubscription,
     RefundIssued,
+    RefundReversed,
+    ReverseRefund,
     SendEmail,
     StartSubscription,
     SubscriptionCancelled,
+    SubscriptionReactivated,
     SubscriptionStarted,
 )
 
@@ -42,6 +47,8 @@ class SubscriptionState:
     paid_cents: int = 0
     refunded_cents: int = 0
     emails_queued: int = 0
+    refunds: dict[uuid.UUID, int] = field(default_factory=dict)
+    """Refunds still standing, by the IssueRefund command id (what compensation can undo)."""
 
 
 INITIAL = SubscriptionState()
@@ -82,6 +89,17 @@ def decide(command: Envelope, state: SubscriptionState) -> list[Payload]:
                                  reason=refund.reason)]
         case SendEmail() as email:
             return [EmailQueued(to_address=email.to_address, template=email.template, body=email.body)]
+        case ReverseRefund() as undo:
+            amount = state.refunds.get(undo.refund_command_id)
+            if amount is None:
+                return [reject(command, "nothing_to_reverse",
+                               f"no standing refund from command {undo.refund_command_id} on this subscription")]
+            return [RefundReversed(amount_cents=amount, currency=state.currency or "", reason=undo.reason,
+                                   reverses=undo.refund_command_id)]
+        case ReactivateSubscription() as reactivate:
+            if state.status is not Status.CANCELLED:
+                return [reject(command, "invalid_state", "only a cancelled subscription can be reactivated")]
+            return [SubscriptionReactivated(reason=reactivate.reason)]
     return [reject(command, "unsupported_command", f"{command.type} is not a subscription command")]
 
 
@@ -97,7 +115,15 @@ def evolve(state: SubscriptionState, event: Envelope) -> SubscriptionState:
         case SubscriptionCancelled():
             state = replace(state, status=Status.CANCELLED)
         case RefundIssued() as refund:
-            state = replace(state, refunded_cents=state.refunded_cents + refund.amount_cents)
+            refunds = dict(state.refunds)
+            if event.causation_id is not None:
+                refunds[event.causation_id] = refund.amount_cents
+            state = replace(state, refunded_cents=state.refunded_cents + refund.amount_cents, refunds=refunds)
+        case RefundReversed() as reversal:
+            state = replace(state, refunded_cents=state.refunded_cents - reversal.amount_cents,
+                            refunds={k: v for k, v in state.refunds.items() if k != reversal.reverses})
+        case SubscriptionReactivated():
+            state = replace(state, status=Status.ACTIVE)
         case EmailQueued():
             state = replace(state, emails_queued=state.emails_queued + 1)
     return replace(state, version=event.version)

@@ -1,33 +1,42 @@
 """What the processor does with one record from the commands topic, without Kafka I/O.
 
-A record ends in exactly one outcome: events to publish (the command's decision), a
-dead letter (bytes that are not a valid command, or a handler crash, with the reason),
-or a duplicate (already decided; acknowledged, not re-executed).
+A record ends in exactly one outcome: events to publish (the command's governed
+decision, rejections included), a dead letter (bytes that are not a command at all, or a
+handler crash, with the reason), or a duplicate (already decided; acknowledged, not
+re-executed). A command whose envelope is identifiable but whose payload breaks its
+schema is rejected with an event, so the producer can see why.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from keel.contracts.codec import EnvelopeCodec
-from keel.domain.envelope import Envelope
+from fastavro import schemaless_reader
+
+from keel.contracts.codec import HEADER_SIZE, EnvelopeCodec
+from keel.domain.envelope import Actor, Envelope
+from keel.domain.governance.controls import Controls
+from keel.domain.governance.pipeline import Context, Decision, govern
+from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.messages import payload_class
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import decide
-from keel.errors import KeelError
+from keel.domain.subscription import reject
+from keel.errors import KeelError, ValidationError
 from keel.processor.state import BatchView
 
 log = logging.getLogger(__name__)
+PRINCIPAL_TENANT_HEADER = "keel-principal-tenant"
 
 
 @dataclass(frozen=True)
 class Decided:
-    """The command was decided; these events are its outcome."""
+    """The command was decided; these events (and controls records) are its outcome."""
 
     command: Envelope
-    events: list[Envelope]
+    decision: Decision
 
 
 @dataclass(frozen=True)
@@ -48,29 +57,63 @@ class Duplicate:
 Outcome = Decided | DeadLetter | Duplicate
 
 
-def handle(value: bytes | None, key: bytes | None, partition: int, view: BatchView,
-           codec: EnvelopeCodec) -> Outcome:
+@dataclass
+class Governance:
+    """The worker-wide inputs of every decision besides the aggregate."""
+
+    controls: Controls
+    limiter: RateLimiter
+
+
+def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], partition: int,
+           view: BatchView, codec: EnvelopeCodec, governance: Governance) -> Outcome:
     """Decode, check and decide one commands-topic record against the batch's state."""
     if value is None:
         return DeadLetter("empty_record", "the record has no value")
     try:
         command = codec.decode(value)
+    except ValidationError as exc:
+        return _invalid_payload(value, key, exc, codec) or DeadLetter(exc.code, exc.message)
     except KeelError as exc:
         return DeadLetter(exc.code, exc.message)
     if payload_class(command.type).kind != "command":
         return DeadLetter("not_a_command", f"{command.type} is an event, not a command")
-    if key is None or key.decode(errors="replace") != command.key:
+    key_tenant, _, key_aggregate = (key or b"").decode(errors="replace").partition("/")
+    if key_aggregate != command.aggregate_id:
         # The key decides the partition, and so which worker owns the aggregate: a record
-        # whose key disagrees with its envelope would split the aggregate's state.
+        # whose key names another aggregate would split the aggregate's state.
         return DeadLetter("key_mismatch", f"record key {key!r} is not the envelope's {command.key!r}")
     if view.already_decided(partition, command.id):
         return Duplicate(command)
+    principal = headers.get(PRINCIPAL_TENANT_HEADER)
+    context = Context(governance.controls.of(command.tenant_id), governance.limiter, datetime.now(UTC),
+                      principal_tenant=principal.decode() if principal is not None else None,
+                      key_tenant=key_tenant)
     try:
-        state = view.state(partition, command.key)
-        events = to_events(command, decide(command, state), version=state.version,
-                           now=datetime.now(UTC))
+        decision = govern(command, view.state(partition, command.key), context)
     except Exception as exc:  # noqa: BLE001 - a crashing handler must not stop the partition
         log.exception("handler crashed on command %s", command.id)
         return DeadLetter("handler_error", f"{type(exc).__name__}: {exc}")
-    view.record(partition, command.id, events)
-    return Decided(command, events)
+    view.record(partition, command.id, decision.events)
+    return Decided(command, decision)
+
+
+def _invalid_payload(value: bytes, key: bytes | None, error: ValidationError,
+                     codec: EnvelopeCodec) -> Decided | None:
+    """A rejection event for a well-addressed command whose payload breaks its schema."""
+    try:
+        writer = codec.catalog.writer(bytes(value[2:HEADER_SIZE]))
+        record = schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), writer.parsed, writer.parsed)
+        shell = Envelope.model_construct(
+            id=record["id"], tenant_id=record["tenant_id"], actor=Actor.model_validate(record["actor"]),
+            delegation=(), on_behalf_of=record.get("on_behalf_of"), authority=None,
+            type=record["type"], aggregate_id=record["aggregate_id"], correlation_id=record["correlation_id"],
+            traceparent=record.get("traceparent"))
+        if key != shell.key.encode() or not error.field or not error.field.startswith("payload"):
+            return None
+        payload = reject(shell, "schema_violation", error.message)
+        events = to_events(shell, [payload], version=0, now=datetime.now(UTC))
+        Envelope.model_validate(events[0].model_dump())  # ids and addressing must be valid
+        return Decided(shell, Decision(events))
+    except Exception:  # noqa: BLE001 - not identifiable enough: the caller dead-letters it
+        return None

@@ -2,7 +2,7 @@
 
 The processor's only state is the events it wrote: on partition assignment it reads its
 partition of the events topic (``read_committed``) and folds it with the domain's
-``evolve``. No second store can drift from the log. Changes made while a transaction is
+``evolve`` (plus the parked approvals). No second store can drift from the log. Changes made while a transaction is
 open live in a ``BatchView`` and reach the partition state only after the commit.
 """
 
@@ -13,20 +13,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from keel.domain.envelope import Envelope
-from keel.domain.subscription import INITIAL, SubscriptionState, evolve
+from keel.domain.aggregate import EMPTY, AggregateState, evolve_aggregate
 
 
 @dataclass
 class PartitionState:
     """Every aggregate on one partition, and the command ids already decided there."""
 
-    aggregates: dict[str, SubscriptionState] = field(default_factory=dict)
+    aggregates: dict[str, AggregateState] = field(default_factory=dict)
     decided: set[uuid.UUID] = field(default_factory=set)
 
     def apply(self, events: Iterable[Envelope]) -> None:
         """Fold committed events into the state."""
         for event in events:
-            self.aggregates[event.key] = evolve(self.aggregates.get(event.key, INITIAL), event)
+            self.aggregates[event.key] = evolve_aggregate(self.aggregates.get(event.key, EMPTY), event)
             if event.causation_id is not None:
                 self.decided.add(event.causation_id)
 
@@ -36,15 +36,15 @@ class BatchView:
     """Uncommitted changes of one transaction, layered over the partition states."""
 
     base: dict[int, PartitionState]
-    aggregates: dict[tuple[int, str], SubscriptionState] = field(default_factory=dict)
+    aggregates: dict[tuple[int, str], AggregateState] = field(default_factory=dict)
     decided: set[tuple[int, uuid.UUID]] = field(default_factory=set)
 
-    def state(self, partition: int, key: str) -> SubscriptionState:
+    def state(self, partition: int, key: str) -> AggregateState:
         """The aggregate's state including this batch's changes."""
         staged = self.aggregates.get((partition, key))
         if staged is not None:
             return staged
-        return self.base[partition].aggregates.get(key, INITIAL)
+        return self.base[partition].aggregates.get(key, EMPTY)
 
     def already_decided(self, partition: int, command_id: uuid.UUID) -> bool:
         """True when the command was decided before (its events exist or are staged)."""
@@ -53,7 +53,7 @@ class BatchView:
     def record(self, partition: int, command_id: uuid.UUID, events: Iterable[Envelope]) -> None:
         """Stage the command's events."""
         for event in events:
-            self.aggregates[(partition, event.key)] = evolve(self.state(partition, event.key), event)
+            self.aggregates[(partition, event.key)] = evolve_aggregate(self.state(partition, event.key), event)
         self.decided.add((partition, command_id))
 
     def commit(self) -> None:

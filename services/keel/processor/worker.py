@@ -31,7 +31,10 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
 from keel.kafka.clients import consumer_config, transactional_producer_config
 from keel.kafka.topics import Topic, topic_name
-from keel.processor.handler import DeadLetter, Decided, Duplicate, handle
+from keel.domain.governance.controls import Controls
+from keel.domain.governance.ratelimit import RateLimiter
+from keel.processor.controls import ControlsFollower
+from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
 from keel.processor.state import BatchView, PartitionState
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ class CommandProcessor:
         self.events_topic = topic_name(settings, Topic.EVENTS)
         self.dlq_topic = topic_name(settings, Topic.DLQ)
         self.audit_intake_topic = topic_name(settings, Topic.AUDIT_INTAKE)
+        self.controls_topic = topic_name(settings, Topic.CONTROLS)
+        self.governance = Governance(Controls(), RateLimiter())
         self.group_id = f"{settings.topic_prefix}.processor"
         instance = instance_id or settings.processor_instance
         self.partitions: dict[int, PartitionState] = {}
@@ -69,6 +74,8 @@ class CommandProcessor:
         self._producer = Producer(transactional_producer_config(
             settings, f"{settings.topic_prefix}.processor.{instance}"))
         self._check_partitioning()
+        self._controls = ControlsFollower(settings, self.governance.controls)
+        self._controls.start()
         self._producer.init_transactions(30)
         self._consumer.subscribe([self.commands_topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
@@ -138,10 +145,11 @@ class CommandProcessor:
             return 0
         view = BatchView(self.partitions)
         outcome_counts = ProcessorStats()
+        thrown: list[tuple[str, bytes | None]] = []
         self._producer.begin_transaction()
         try:
             for message in messages:
-                self._process(message, view, outcome_counts)
+                thrown += self._process(message, view, outcome_counts)
             self._producer.send_offsets_to_transaction(
                 self._next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
             self._commit()
@@ -149,14 +157,20 @@ class CommandProcessor:
             self._abort(exc)
             return 0
         view.commit()
+        for key, value in thrown:  # this worker's own switches hold from its next batch on
+            self.governance.controls.apply(key, value)
         self._add(outcome_counts, len(messages))
         return len(messages)
 
-    def _process(self, message: Message, view: BatchView, counts: ProcessorStats) -> None:
+    def _process(self, message: Message, view: BatchView,
+                 counts: ProcessorStats) -> list[tuple[str, bytes | None]]:
+        """Produce one record's outcome into the open transaction; returns controls it threw."""
         partition = message.partition()
-        outcome = handle(message.value(), message.key(), partition, view, self.codec)
+        headers = {k: v for k, v in message.headers() or [] if v is not None}
+        outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance)
         match outcome:
-            case Decided(command, events):
+            case Decided(command, decision):
+                events = decision.events
                 for event in events:
                     value = self.codec.encode(event)
                     headers = [("keel-type", event.type.encode())]
@@ -166,9 +180,12 @@ class CommandProcessor:
                     # partition, in the order these transactions committed them.
                     self._producer.produce(self.audit_intake_topic, value, event.tenant_id.encode(),
                                            headers=headers)
+                for key, value in decision.controls:
+                    self._producer.produce(self.controls_topic, value, key.encode())
                 counts.events += len(events)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
                 log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
+                return decision.controls
             case DeadLetter(code, reason):
                 headers = list(message.headers() or []) + [
                     ("keel-error-code", code.encode()),
@@ -184,6 +201,7 @@ class CommandProcessor:
             case Duplicate(command):
                 counts.duplicates += 1
                 log.info("duplicate command %s acknowledged, not re-executed", command.id)
+        return []
 
     def _commit(self) -> None:
         while True:
@@ -266,6 +284,7 @@ class CommandProcessor:
 
     def close(self) -> None:
         """Leave the group; an open transaction (if any) is aborted by the broker."""
+        self._controls.close()
         self._consumer.close()
 
 

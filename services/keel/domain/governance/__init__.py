@@ -1,0 +1,1 @@
+"""Governance as data: policies (RBAC + rules), guardrail controls, parked approvals."""

@@ -1,0 +1,71 @@
+"""Keeps a worker's view of the compacted controls topic current.
+
+On start it reads the topic to its end (so no command is decided under stale switches),
+then a background thread follows it. The processor also applies the control records of
+its own committed transactions at once, so a switch it throws holds for its very next
+batch; other workers see it within one poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from keel.config import Settings
+from keel.domain.governance.controls import Controls
+from keel.errors import KeelError
+from keel.kafka.clients import consumer_config
+from keel.kafka.topics import Topic, topic_name
+
+log = logging.getLogger(__name__)
+
+
+class ControlsFollower:
+    """Folds the controls topic into ``controls`` until stopped."""
+
+    def __init__(self, settings: Settings, controls: Controls) -> None:
+        self.controls = controls
+        self._topic = topic_name(settings, Topic.CONTROLS)
+        self._consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}.controls-follower",
+                                                  **{"enable.partition.eof": True}))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="controls-follower", daemon=True)
+
+    def start(self) -> None:
+        """Read the topic to its end, then follow it in the background."""
+        partitions = self._consumer.list_topics(self._topic, timeout=30).topics[self._topic].partitions
+        self._consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
+        pending = set(partitions)
+        while pending:
+            for message in self._consumer.consume(1000, timeout=0.2):
+                error = message.error()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(message.partition())
+                else:
+                    self._apply(message)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(1000, timeout=0.2):
+                self._apply(message)
+
+    def _apply(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.error("controls topic error: %s", error)
+            return
+        key = (message.key() or b"").decode()
+        try:
+            self.controls.apply(key, message.value())
+        except KeelError as exc:  # a bad record must not freeze every tenant's controls
+            log.error("ignoring unusable controls record %s: %s", key, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._consumer.close()
