@@ -12,9 +12,9 @@ from keel.kafka.topics import Topic, topic_name
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 
 
-def command(tenant: str, aggregate: str, payload: Payload, **kwargs: object) -> Envelope:
-    """A command from the support agent."""
-    return new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=AGENT, **kwargs)  # type: ignore[arg-type]
+def command(tenant: str, aggregate: str, payload: Payload, actor: Actor = AGENT, **kwargs: object) -> Envelope:
+    """A command, from the support agent unless ``actor`` says otherwise."""
+    return new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=actor, **kwargs)  # type: ignore[arg-type]
 
 
 def start(price: int = 5000, currency: str = "EUR") -> StartSubscription:

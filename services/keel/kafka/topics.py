@@ -7,6 +7,7 @@ processor that owns a commands partition owns that aggregate's events too.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -112,6 +113,8 @@ def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent apply won
                     raise InfraError(f"could not create topic {name}: {exc}", code="topic_create_failed") from exc
                 outcome[name] = "exists"
+    if missing:
+        _await_metadata(admin, {s.name for s in missing}, timeout_s)
     for s in specs:
         if s.name not in existing:
             continue
@@ -130,3 +133,16 @@ def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 
             future.result()
         outcome[s.name] = "updated"
     return outcome
+
+
+def _await_metadata(admin: AdminClient, names: set[str], timeout_s: float) -> None:
+    """Wait until new topics show in metadata, so the next client finds them at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        if all(name in topics and topics[name].error is None and topics[name].partitions for name in names):
+            return
+        if time.monotonic() > deadline:
+            raise InfraError(f"topics {sorted(names)} did not appear in metadata within {timeout_s:.0f}s",
+                             code="topic_create_failed")
+        time.sleep(0.1)

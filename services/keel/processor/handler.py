@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from fastavro import schemaless_reader
 
 from keel.contracts.codec import HEADER_SIZE, EnvelopeCodec
-from keel.domain.envelope import Actor, Envelope
+from keel.domain.envelope import Actor, Authority, Envelope
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.pipeline import Context, Decision, govern
 from keel.domain.governance.ratelimit import RateLimiter
@@ -106,7 +106,7 @@ def _invalid_payload(value: bytes, key: bytes | None, error: ValidationError,
         record = schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), writer.parsed, writer.parsed)
         shell = Envelope.model_construct(
             id=record["id"], tenant_id=record["tenant_id"], actor=Actor.model_validate(record["actor"]),
-            delegation=(), on_behalf_of=record.get("on_behalf_of"), authority=None,
+            delegation=(), on_behalf_of=record.get("on_behalf_of"), authority=Authority(),
             type=record["type"], aggregate_id=record["aggregate_id"], correlation_id=record["correlation_id"],
             traceparent=record.get("traceparent"))
         if key != shell.key.encode() or not error.field or not error.field.startswith("payload"):
