@@ -3,7 +3,8 @@
 Controls travel on the compacted controls topic as ``key -> JSON`` records (a tombstone
 clears a switch), written by the processor in the same transaction as the event that
 changed them, and read by every worker, so a switch thrown on one partition applies to
-all of them at once.
+all of them at once. "At once" means from the next batch: a command decided in the same
+transaction as the switch, on another partition, still sees the previous controls.
 """
 
 from __future__ import annotations

@@ -1,0 +1,209 @@
+"""Governance commands: approvals, undo, kill switches, breakers, policies, dead letters.
+
+Each one sends a command through the same governed processor as any agent's, so it is
+authorized, decided, evented and audited like everything else. ``--as kind:id`` names
+the acting principal; in production these actions come through the gateway, where the
+caller's API key binds it.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from keel.config import Settings
+from keel.domain.envelope import Actor, Authority, Payload, new_command
+from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
+from keel.domain.governance.policy import SYSTEM_ACTOR, parse_policy
+from keel.domain.messages import (
+    ApproveCommand,
+    ReactivateSubscription,
+    RejectCommand,
+    ResetBreaker,
+    ReverseRefund,
+    SetKillSwitch,
+    SetPolicy,
+    SubscriptionCancelled,
+    SwitchScope,
+)
+from keel.domain.events import RefundIssued
+from keel.errors import KeelError, ValidationError
+from keel.ops import dlq as dead_letters
+from keel.ops.lookup import events_of_command, parked_aggregate, pending_approvals
+from keel.sdk.producer import CommandProducer
+
+console = Console()
+Tenant = Annotated[str, typer.Option(help="The tenant acted in.")]
+As = Annotated[str, typer.Option("--as", help="Acting principal as kind:id, e.g. human:jane.lead.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the governance commands and groups to ``app``."""
+    app.command()(approve)
+    app.command()(reject)
+    app.command()(undo)
+    approvals = typer.Typer(help="Commands waiting for approval.", no_args_is_help=True)
+    approvals.command("list")(approvals_list)
+    app.add_typer(approvals, name="approvals")
+    switch = typer.Typer(help="Kill switches per tenant: an agent or a command type.", no_args_is_help=True)
+    switch.command("engage")(kill_switch_engage)
+    switch.command("release")(kill_switch_release)
+    app.add_typer(switch, name="kill-switch")
+    breaker = typer.Typer(help="Circuit breakers of agents.", no_args_is_help=True)
+    breaker.command("reset")(breaker_reset)
+    app.add_typer(breaker, name="breaker")
+    policy = typer.Typer(help="Tenant policies (roles, grants, rules, limits).", no_args_is_help=True)
+    policy.command("apply")(policy_apply)
+    app.add_typer(policy, name="policy")
+    dlq = typer.Typer(help="Dead letters: list, show, redrive.", no_args_is_help=True)
+    dlq.command("list")(dlq_list)
+    dlq.command("show")(dlq_show)
+    dlq.command("redrive")(dlq_redrive)
+    app.add_typer(dlq, name="dlq")
+
+
+def approve(command_id: uuid.UUID, tenant: Tenant, acting: As,
+            comment: Annotated[str | None, typer.Option(help="Why.")] = None) -> None:
+    """Approve (or, as its subject, confirm) a command waiting for approval."""
+    settings = Settings()
+    aggregate = parked_aggregate(settings, tenant, command_id)
+    _send(settings, ApproveCommand(command_id=command_id, comment=comment), tenant, aggregate, _actor(acting))
+
+
+def reject(command_id: uuid.UUID, tenant: Tenant, acting: As,
+           reason: Annotated[str, typer.Option(help="Why it must not run.")]) -> None:
+    """Refuse a command waiting for approval."""
+    settings = Settings()
+    aggregate = parked_aggregate(settings, tenant, command_id)
+    _send(settings, RejectCommand(command_id=command_id, reason=reason), tenant, aggregate, _actor(acting))
+
+
+def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
+         reason: Annotated[str, typer.Option(help="Why it is undone.")]) -> None:
+    """Issue the compensating command of an executed command (e.g. RefundIssued → ReverseRefund)."""
+    settings = Settings()
+    events = events_of_command(settings, tenant, command_id)
+    compensation: Payload | None = None
+    for event in events:
+        if isinstance(event.payload, RefundIssued):
+            compensation = ReverseRefund(refund_command_id=command_id, reason=reason)
+        elif isinstance(event.payload, SubscriptionCancelled):
+            compensation = ReactivateSubscription(reason=reason)
+    if compensation is None:
+        raise KeelError(f"command {command_id} yielded {[e.type for e in events]}; none of them can be undone",
+                        code="irreversible")
+    _send(settings, compensation, tenant, events[0].aggregate_id, _actor(acting), causation_id=command_id)
+
+
+def approvals_list(tenant: Tenant) -> None:
+    """Show the commands of a tenant that wait for approval or confirmation."""
+    table = Table(title=f"pending approvals of {tenant}")
+    for column in ("command id", "aggregate", "type", "actor", "on behalf of", "kind", "rule", "expires"):
+        table.add_column(column)
+    for aggregate, state in pending_approvals(Settings(), tenant).items():
+        for command_id, parked in state.pending.items():
+            table.add_row(str(command_id), aggregate, parked.command.type,
+                          f"{parked.command.actor.kind}:{parked.command.actor.id}", parked.command.on_behalf_of or "",
+                          parked.kind.value, parked.policy_rule, parked.expires_at.isoformat(timespec="seconds"))
+    console.print(table)
+
+
+def kill_switch_engage(tenant: Tenant, reason: Annotated[str, typer.Option()],
+                       agent: Annotated[str | None, typer.Option(help="Agent id to switch off.")] = None,
+                       command_type: Annotated[str | None, typer.Option(help="Command type to switch off.")] = None,
+                       acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
+    """Switch an agent or a command type off for the tenant, at once."""
+    _switch(tenant, agent, command_type, True, reason, acting)
+
+
+def kill_switch_release(tenant: Tenant, reason: Annotated[str, typer.Option()],
+                        agent: Annotated[str | None, typer.Option()] = None,
+                        command_type: Annotated[str | None, typer.Option()] = None,
+                        acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
+    """Switch an agent or a command type back on."""
+    _switch(tenant, agent, command_type, False, reason, acting)
+
+
+def breaker_reset(tenant: Tenant, agent: Annotated[str, typer.Option()], reason: Annotated[str, typer.Option()],
+                  acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
+    """Close an agent's open circuit breaker."""
+    _send(Settings(), ResetBreaker(agent_id=agent, reason=reason), tenant, CONTROLS_AGGREGATE, _actor(acting))
+
+
+def policy_apply(path: Path, tenant: Tenant, acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
+    """Validate a policy file (JSON or TOML) and publish it as the tenant's policy."""
+    text = path.read_text()
+    try:
+        document = json.dumps(tomllib.loads(text)) if path.suffix == ".toml" else text
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(f"{path} is not TOML: {exc}", code="malformed_policy") from exc
+    policy = parse_policy(document)
+    _send(Settings(), SetPolicy(document=document), tenant, CONTROLS_AGGREGATE, _actor(acting))
+    console.print(f"policy version {policy.version} sent for {tenant}")
+
+
+def dlq_list(code: Annotated[str | None, typer.Option(help="Only this error code.")] = None) -> None:
+    """List dead letters with their reasons."""
+    table = Table(title="dead letters")
+    for column in ("position", "code", "reason", "source", "key"):
+        table.add_column(column, overflow="fold")
+    for letter in dead_letters.dead_letters(Settings(), code):
+        table.add_row(letter.position, letter.code, letter.reason, letter.source,
+                      (letter.key or b"").decode(errors="replace"))
+    console.print(table)
+
+
+def dlq_show(position: Annotated[str, typer.Argument(help="partition:offset")]) -> None:
+    """Show one dead letter: reason, headers and the original bytes."""
+    letter = dead_letters.find(Settings(), position)
+    console.print(f"[bold]{letter.position}[/bold] {letter.code}: {letter.reason}")
+    for key, value in letter.headers:
+        console.print(f"  {key}: {value.decode(errors='replace')}")
+    console.print(f"  value ({len(letter.value or b'')} bytes): {(letter.value or b'')[:200]!r}")
+
+
+def dlq_redrive(position: Annotated[str | None, typer.Argument(help="partition:offset")] = None,
+                all_letters: Annotated[bool, typer.Option("--all", help="Every dead letter (with --code)")] = False,
+                code: Annotated[str | None, typer.Option()] = None) -> None:
+    """Send dead letters back to their source topic (after a fix); duplicates are deduped."""
+    settings = Settings()
+    if (position is None) == (not all_letters):
+        raise KeelError("give one partition:offset, or --all", code="bad_arguments")
+    letters = [dead_letters.find(settings, position)] if position else dead_letters.dead_letters(settings, code)
+    console.print(f"redrove {dead_letters.redrive(settings, letters)} dead letter(s)")
+
+
+def _switch(tenant: str, agent: str | None, command_type: str | None, engaged: bool, reason: str,
+            acting: str) -> None:
+    if (agent is None) == (command_type is None):
+        raise KeelError("give exactly one of --agent or --command-type", code="bad_arguments")
+    scope, target = (SwitchScope.AGENT, agent) if agent else (SwitchScope.COMMAND_TYPE, command_type)
+    assert target is not None
+    payload = SetKillSwitch(scope=scope, target=target, engaged=engaged, reason=reason)
+    _send(Settings(), payload, tenant, CONTROLS_AGGREGATE, _actor(acting))
+
+
+def _actor(spec: str) -> Actor:
+    kind, _, actor_id = spec.partition(":")
+    try:
+        return Actor.model_validate({"kind": kind, "id": actor_id})
+    except Exception as exc:
+        raise ValidationError(f"--as must be kind:id with kind agent, human or service, not {spec!r}",
+                              code="bad_actor", field="as") from exc
+
+
+def _send(settings: Settings, payload: Payload, tenant: str, aggregate: str, actor: Actor,
+          causation_id: uuid.UUID | None = None) -> None:
+    command = new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=actor,
+                          authority=Authority(), causation_id=causation_id)
+    with CommandProducer(settings) as producer:
+        producer.send(command)
+    console.print(f"sent {command.type} {command.id} to {tenant}/{aggregate}; "
+                  f"follow it with `keel query` or the events topic")

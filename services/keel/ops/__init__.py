@@ -1,0 +1,1 @@
+"""Operator tools over the topics: dead letters, lookups for approvals and undo."""
