@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     processor_instance: str = Field(
         default="0", description="Worker instance id; part of the transactional.id."
     )
+    processor_static_membership: bool = Field(
+        default=False,
+        description="Join the group as a static member named by the instance id: a restarted worker "
+        "gets its partitions back at once, without a rebalance. For fixed worker sets (one id each); "
+        "a static member that stops for good holds its partitions until the session times out.",
+    )
+    processor_session_timeout_ms: int = Field(
+        default=10_000, ge=6_000, description="How long the group waits for a silent worker."
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

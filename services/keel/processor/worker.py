@@ -70,7 +70,10 @@ class CommandProcessor:
         self.group_id = f"{settings.topic_prefix}.processor"
         instance = instance_id or settings.processor_instance
         self.partitions: dict[int, PartitionState] = {}
-        self._consumer = Consumer(consumer_config(settings, self.group_id))
+        membership: dict[str, object] = {"session.timeout.ms": settings.processor_session_timeout_ms}
+        if settings.processor_static_membership:
+            membership["group.instance.id"] = f"{self.group_id}.{instance}"
+        self._consumer = Consumer(consumer_config(settings, self.group_id, **membership))
         self._producer = Producer(transactional_producer_config(
             settings, f"{settings.topic_prefix}.processor.{instance}"))
         self._check_partitioning()

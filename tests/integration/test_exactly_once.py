@@ -1,0 +1,175 @@
+"""The exactly-once oracle: two processor workers under a kill -9 schedule.
+
+Commands for several tenants and many aggregates stream in while worker processes are
+SIGKILLed and restarted at random 0.1–1 s intervals (and a third worker joins and leaves,
+forcing rebalances). Afterwards the events topic, read ``read_committed``, must equal a
+reference run of the same pure decision pipeline, aggregate by aggregate: every command
+decided exactly once, versions without gaps or duplicates, order kept, and the refunds
+parked for approval still pending.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import reduce
+from pathlib import Path
+
+import pytest
+
+from keel.config import Settings
+from keel.domain.aggregate import EMPTY, evolve_aggregate
+from keel.domain.envelope import Envelope
+from keel.domain.governance.controls import TenantControls
+from keel.domain.governance.pipeline import Context, govern
+from keel.domain.governance.ratelimit import RateLimiter
+from keel.domain.messages import SendEmail
+from keel.sdk.producer import CommandProducer
+from tests.helpers import command, events, refund, start
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+TENANTS = ("acme", "globex", "initech", "umbrella")
+AGGREGATES_PER_TENANT = 40
+COMMANDS_PER_AGGREGATE = 125  # 4 x 40 x 125 = 20,000
+MIN_KILLS = 30
+
+
+def workload() -> dict[str, list[Envelope]]:
+    """Each aggregate's commands in order: a start, refunds, emails, and one big refund that parks."""
+    rng = random.Random(7)
+    plans: dict[str, list[Envelope]] = {}
+    for tenant in TENANTS:
+        for n in range(AGGREGATES_PER_TENANT):
+            aggregate = f"sub-{n}"
+            commands = [command(tenant, aggregate, start(10_000_000))]
+            big_at = rng.randrange(10, COMMANDS_PER_AGGREGATE)
+            for i in range(1, COMMANDS_PER_AGGREGATE):
+                if i == big_at:
+                    commands.append(command(tenant, aggregate, refund(500_000)))  # needs an admin: parks
+                elif i % 10 == 0:
+                    commands.append(command(tenant, aggregate, SendEmail(to_address="c@example.com", template="t")))
+                else:
+                    commands.append(command(tenant, aggregate, refund(rng.randrange(1, 100))))
+            plans[f"{tenant}/{aggregate}"] = commands
+    return plans
+
+
+def expected_types(commands: list[Envelope]) -> list[tuple[str, int | None]]:
+    """What the pure pipeline decides for one aggregate's commands, in order."""
+    state, decided = EMPTY, []
+    for cmd in commands:
+        decision = govern(cmd, state, Context(TenantControls(), RateLimiter(), datetime.now(UTC)))
+        state = reduce(evolve_aggregate, decision.events, state)
+        decided += [(e.type, e.version) for e in decision.events]
+    return decided
+
+
+class Worker:
+    """A `keel process` subprocess with a fixed instance id (static group member)."""
+
+    def __init__(self, settings: Settings, instance: str, logs: Path) -> None:
+        self.instance, self.log = instance, logs / f"{instance}.log"
+        self.env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
+                    "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
+                    "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
+                    "KEEL_PROCESSOR_STATIC_MEMBERSHIP": "true", "KEEL_PROCESSOR_BATCH_SIZE": "500"}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def assignments(self) -> int:
+        """How many partition assignments this worker has logged so far (over all its lives)."""
+        return self.log.read_text().count("assigned partitions") if self.log.exists() else 0
+
+    def working(self, since: int) -> bool:
+        """Alive and assigned partitions since the count was ``since``: mid-stream, not booting."""
+        return self.process is not None and self.process.poll() is None and self.assignments() > since
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "keel.cli", "process", "--instance", self.instance],
+                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+
+
+@pytest.fixture
+def workers(settings: Settings, tmp_path: Path) -> Iterator[dict[str, Worker]]:
+    pool = {name: Worker(settings, name, tmp_path) for name in ("w1", "w2", "w3")}
+    yield pool
+    for worker in pool.values():
+        worker.kill()
+
+
+def test_kill_9_schedule_yields_every_decision_exactly_once(settings: Settings, workers: dict[str, Worker]) -> None:
+    plans = workload()
+    total = sum(len(c) for c in plans.values())
+    assert total >= 20_000
+
+    def produce() -> None:
+        queues = [list(c) for c in plans.values()]
+        with CommandProducer(settings) as producer:
+            for round_ in range(COMMANDS_PER_AGGREGATE):
+                for queue in queues:
+                    producer.send(queue[round_])
+                if round_ % 5 == 4:
+                    producer.flush()
+                    time.sleep(0.1)  # spread the load over the kill schedule
+
+    feeder = threading.Thread(target=produce)
+    workers["w1"].start()
+    time.sleep(3)
+    workers["w2"].start()  # a rebalance: w2 joins
+    feeder.start()
+    rng, kills, started = random.Random(11), 0, time.monotonic()
+    booted = {name: 0 for name in ("w1", "w2")}  # assignments logged before the current life
+    while feeder.is_alive() or kills < MIN_KILLS:
+        time.sleep(rng.uniform(0.1, 1.0))
+        ready = [name for name in booted if workers[name].working(booted[name])]
+        if not ready:
+            continue  # only kill a worker that is processing, never one still booting
+        name = rng.choice(ready)
+        booted[name] = workers[name].assignments()
+        workers[name].kill()
+        workers[name].start()
+        kills += 1
+        if kills == 10:
+            workers["w3"].start()  # another rebalance: a third worker joins ...
+        if kills == 20:
+            workers["w3"].kill(signal.SIGTERM)  # ... and leaves
+    feeder.join()
+    assert kills >= MIN_KILLS
+    assert sum(workers[n].assignments() for n in booted) >= MIN_KILLS, "kills must land on working workers"
+
+    deadline = time.monotonic() + 180
+    while True:
+        decided = Counter(e.causation_id for e in events(settings) if e.type != "ApprovalGranted")
+        if len(decided) >= total or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    elapsed = time.monotonic() - started
+
+    actual = events(settings)
+    ids = Counter(e.id for e in actual)
+    assert [i for i, n in ids.items() if n > 1] == [], "an event was published twice"
+    by_aggregate: dict[str, list[Envelope]] = defaultdict(list)
+    for event in actual:
+        by_aggregate[event.key].append(event)
+    mismatched = [key for key, commands in plans.items()
+                  if [(e.type, e.version) for e in by_aggregate[key]] != expected_types(commands)]
+    assert mismatched == [], f"{len(mismatched)} aggregates differ from the reference, e.g. {mismatched[:3]}"
+    for key, commands in plans.items():
+        assert [e.causation_id for e in by_aggregate[key]] == [c.id for c in commands], key
+        state = reduce(evolve_aggregate, by_aggregate[key], EMPTY)
+        assert len(state.pending) == 1, f"{key}: the parked refund must still wait"
+    print(f"\n{total} commands, {len(actual)} events, {kills} SIGKILLs in {elapsed:.0f}s")
