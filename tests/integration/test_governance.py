@@ -14,6 +14,8 @@ from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Envelope
 from keel.domain.governance.policy import SYSTEM_ACTOR
+from keel.domain.principal import Principal
+from keel.errors import ValidationError
 from keel.domain.messages import (
     ApproveCommand,
     CancelSubscription,
@@ -28,9 +30,8 @@ from keel.domain.messages import (
 )
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
-from keel.processor.handler import PRINCIPAL_TENANT_HEADER
 from keel.processor.worker import CommandProcessor
-from keel.sdk.producer import CommandProducer
+from keel.sdk.producer import PRINCIPAL_TENANT_HEADER, CommandProducer
 from tests.helpers import command, events, refund, start
 
 pytestmark = pytest.mark.integration
@@ -179,3 +180,10 @@ def test_a_refund_is_compensated_by_a_linked_reversal(settings: Settings, worker
     assert reversal.payload.reverses == issue.id  # type: ignore[attr-defined]
     assert reversal.causation_id == undo.id
     assert reversal.authority.policy_rule is not None
+
+
+def test_a_producer_acting_for_one_tenant_cannot_send_for_another(settings: Settings) -> None:
+    producer = CommandProducer(settings, principal=Principal(tenant_id="globex", actor=ADMIN))
+    with pytest.raises(ValidationError) as caught:
+        producer.send(command("acme", "sub-1", start()))
+    assert caught.value.code == "wrong_tenant"

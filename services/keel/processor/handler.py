@@ -26,9 +26,9 @@ from keel.domain.outcomes import to_events
 from keel.domain.subscription import reject
 from keel.errors import KeelError, ValidationError
 from keel.processor.state import BatchView
+from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 
 log = logging.getLogger(__name__)
-PRINCIPAL_TENANT_HEADER = "keel-principal-tenant"
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 An idempotent ``acks=all`` producer (no loss, no duplicates, no reordering on retry).
 Delivery reports are collected and surfaced: ``flush`` raises ``DeliveryError`` naming
 every command Kafka did not acknowledge, so a caller never believes a lost send.
+
+Every record carries the producing principal's tenant in the ``keel-principal-tenant``
+header; the processor rejects a command whose envelope claims another tenant. A producer
+built with a ``Principal`` refuses such a command before it leaves the process.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
 from keel.domain.messages import payload_class
+from keel.domain.principal import Principal
 from keel.errors import DeliveryError, ValidationError
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
+
+PRINCIPAL_TENANT_HEADER = "keel-principal-tenant"
 
 
 @dataclass
@@ -32,8 +39,10 @@ class _Deliveries:
 class CommandProducer:
     """Sends commands to Kafka directly; for trusted internal services."""
 
-    def __init__(self, settings: Settings, codec: EnvelopeCodec | None = None) -> None:
+    def __init__(self, settings: Settings, codec: EnvelopeCodec | None = None,
+                 principal: Principal | None = None) -> None:
         self._codec = codec or EnvelopeCodec()
+        self._principal = principal
         self._topic = topic_name(settings, Topic.COMMANDS)
         self._producer = Producer(producer_config(settings))
         self._deliveries = _Deliveries()
@@ -42,7 +51,12 @@ class CommandProducer:
         """Queue ``command``; its delivery is confirmed by ``flush``."""
         if payload_class(command.type).kind != "command":
             raise ValidationError(f"{command.type} is an event; only commands can be sent", field="type")
+        tenant = self._principal.tenant_id if self._principal else command.tenant_id
+        if tenant != command.tenant_id:
+            raise ValidationError(f"this producer acts for tenant {tenant!r}, the command claims "
+                                  f"{command.tenant_id!r}", code="wrong_tenant", field="tenant_id")
         value = self._codec.encode(command)
+        headers = [(PRINCIPAL_TENANT_HEADER, tenant.encode())]
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
             if error is None:
@@ -53,7 +67,7 @@ class CommandProducer:
         while True:
             try:
                 self._producer.produce(self._topic, value=value, key=command.key.encode(),
-                                       on_delivery=on_delivery)
+                                       headers=headers, on_delivery=on_delivery)
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.1)
