@@ -8,6 +8,7 @@ with the current reader schema. Bytes that are not a Keel message raise typed
 from __future__ import annotations
 
 import io
+from typing import Any
 from fastavro import schemaless_reader, schemaless_writer
 
 from keel.contracts.catalog import Catalog, load_catalog
@@ -32,7 +33,7 @@ class EnvelopeCodec:
         schema = self.catalog.version(envelope.type, envelope.schema_version)
         buffer = io.BytesIO()
         buffer.write(MAGIC + schema.fingerprint)
-        schemaless_writer(buffer, schema.parsed, envelope.model_dump())
+        schemaless_writer(buffer, schema.parsed, to_record(envelope))
         return buffer.getvalue()
 
     def decode(self, data: bytes) -> Envelope:
@@ -47,3 +48,17 @@ class EnvelopeCodec:
             raise DecodeError(f"corrupt {writer.message_type} body: {exc}") from exc
         record["schema_version"] = reader.payload_version
         return parse_envelope(record)
+
+
+def to_record(envelope: Envelope) -> dict[str, Any]:
+    """The envelope as the plain mapping Avro writes.
+
+    The models are validated when built, so this copies attributes instead of running
+    pydantic's serializer (a quarter of the processor's time per command when it did).
+    """
+    record = dict(envelope.__dict__)
+    record["actor"] = envelope.actor.__dict__
+    record["authority"] = envelope.authority.__dict__
+    record["delegation"] = [{"actor": link.actor.__dict__, "reason": link.reason} for link in envelope.delegation]
+    record["payload"] = envelope.payload.__dict__
+    return record
