@@ -34,11 +34,12 @@ def test_the_demo_shows_both_tenants_events_and_their_clickhouse_rows(env: dict[
     result = keel("demo", env=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "10 commands → 10 events (2 rejected, 0 dead-lettered)" in out
+    assert "12 commands → 12 events (2 rejected, 0 dead-lettered)" in out
+    assert out.count("ApprovalRequested") >= 4  # parked for the customer: in Kafka and in ClickHouse
     assert out.count("refund_exceeds_paid") >= 4  # two tenants, in Kafka and in ClickHouse
     assert "ClickHouse: tenant acme" in out and "ClickHouse: tenant globex" in out
-    assert out.count("5 rows") == 2
-    assert "projector: 10 new rows" in out
+    assert out.count("6 rows") == 2
+    assert "projector: 12 new rows" in out
 
 
 def test_a_command_that_breaks_its_schema_is_refused_naming_the_field(env: dict[str, str]) -> None:

@@ -2,7 +2,8 @@
 
 For two tenants, a support lead delegates a cancellation to an AI agent. The agent
 cancels the subscription, refunds part of the fee, tries to refund more than was paid
-(rejected by the domain), and queues a follow-up email. The processor decides every
+(rejected by the domain), proposes a goodwill refund it is unsure of (parked by the
+policy until the customer confirms), and queues a follow-up email. The processor decides every
 command in Kafka transactions, the projector writes the events to ClickHouse, and the
 demo prints the events and a per-tenant query: who did what, on whose behalf.
 """
@@ -60,7 +61,9 @@ def story(tenant: str, subscription: str) -> list[Envelope]:
         new_command(CancelSubscription(reason="customer request"), correlation_id=start.id, **by_agent),
         new_command(IssueRefund(amount_cents=price // 2, currency=currency, reason="unused half month",
                                 confidence=0.93), correlation_id=start.id, **by_agent),
-        new_command(IssueRefund(amount_cents=price * 2, currency=currency, reason="goodwill",
+        new_command(IssueRefund(amount_cents=price * 2, currency=currency, reason="refund everything twice",
+                                confidence=0.95), correlation_id=start.id, **by_agent),
+        new_command(IssueRefund(amount_cents=price // 10, currency=currency, reason="goodwill",
                                 confidence=0.41), correlation_id=start.id, **by_agent),
         new_command(SendEmail(to_address=f"{customer}@example.com", template="cancellation-confirmed"),
                     correlation_id=start.id, **by_agent),
@@ -81,7 +84,7 @@ def demo() -> None:
         for tenant, subscription in subscriptions.items():
             for command in story(tenant, subscription):
                 producer.send(command)
-    console.print(f"submitted {len(TENANTS) * 5} commands for tenants {', '.join(TENANTS)} (run {run})")
+    console.print(f"submitted {len(TENANTS) * 6} commands for tenants {', '.join(TENANTS)} (run {run})")
 
     processor = CommandProcessor(settings, instance_id=f"demo-{run}")
     try:
@@ -90,7 +93,8 @@ def demo() -> None:
     finally:
         processor.close()
     console.print(f"processor: {stats.commands} commands → {stats.events} events "
-                  f"({stats.rejected} rejected, {stats.dead_lettered} dead-lettered)")
+                  f"({stats.rejected} rejected, {stats.dead_lettered} dead-lettered); "
+                  "the unsure goodwill refund waits for the customer (`keel approvals list --tenant acme`)")
 
     console.print("delegation on every agent command: human:jane.lead → agent:support-bot "
                   "(customer asked to cancel and be refunded)")
