@@ -1,8 +1,9 @@
-"""Shared helpers of the benchmarks: environment, throwaway topics and groups, batch clocks, output.
+"""Shared helpers of the benchmarks: the reference workload, environment, throwaway topics and
+groups, batch clocks, output.
 
-Benchmarks print figures and never judge them: the only failures are lost messages and
-infrastructure errors. Every topic and consumer group a run creates has a unique name and
-is deleted at the end, so runs can overlap with tests and with each other.
+Benchmarks print figures and never judge them: the only failures are lost messages, failed
+cross-checks and infrastructure errors. Every topic and consumer group a run creates has a
+unique name and is deleted at the end, so runs can overlap with tests and with each other.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import re
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import confluent_kafka
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
@@ -26,14 +28,59 @@ from rich.console import Console
 from rich.table import Table
 
 from keel.config import Settings
+from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
+from keel.domain.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.kafka.broker import broker_status, paths_for
+from keel.kafka.reader import read_to_end
 
 _VERSION_LINE = re.compile(rb"Kafka version: (\S+)")
+
+TENANTS = ("acme", "globex", "initech", "umbrella")
+STORY_LENGTH = 5  # commands per aggregate in the reference workload, one of them rejected
+BILLING = Actor(kind=ActorKind.SERVICE, id="billing")
+AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
+LEAD = DelegationLink(actor=Actor(kind=ActorKind.HUMAN, id="jane.lead"), reason="customer asked to cancel")
 
 
 def unique_prefix(benchmark: str) -> str:
     """A topic/group prefix no other run uses."""
     return f"bench-{benchmark}-{uuid.uuid4().hex[:8]}"
+
+
+# -- the reference workload -------------------------------------------------------------
+
+
+def story(tenant: str, aggregate: str, price: int) -> list[Envelope]:
+    """Five commands on one subscription; the oversized refund is rejected by the domain."""
+    customer = f"cust-{aggregate}"
+
+    def by_agent(payload: Payload) -> Envelope:
+        return new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=AGENT,
+                           on_behalf_of=customer, delegation=(LEAD,),
+                           authority=Authority(role="support-agent"))
+
+    return [
+        new_command(StartSubscription(customer_id=customer, plan="pro", monthly_price_cents=price,
+                                      currency="EUR"),
+                    tenant_id=tenant, aggregate_id=aggregate, actor=BILLING,
+                    authority=Authority(role="billing-service")),
+        by_agent(IssueRefund(amount_cents=price // 2, currency="EUR", reason="unused half month",
+                             confidence=0.93)),
+        # Sure enough for the default policy to let it through; the domain rejects it.
+        by_agent(IssueRefund(amount_cents=price * 2, currency="EUR", reason="goodwill", confidence=0.8)),
+        by_agent(SendEmail(to_address=f"{customer}@example.com", template="refund-issued")),
+        by_agent(CancelSubscription(reason="customer request")),
+    ]
+
+
+def reference_commands(aggregates: int) -> list[Envelope]:
+    """Stories of ``aggregates`` subscriptions across the tenants, interleaved step by step.
+
+    Interleaving puts many aggregates in every batch; each aggregate's own commands keep
+    their order because one key always lands on one partition.
+    """
+    stories = [story(TENANTS[i % len(TENANTS)], f"sub-{i}", 1000 + i % 9000) for i in range(aggregates)]
+    return [s[step] for step in range(STORY_LENGTH) for s in stories]
 
 
 # -- environment ------------------------------------------------------------------------
@@ -121,6 +168,11 @@ def high_watermarks_total(consumer: confluent_kafka.Consumer, topic: str) -> int
     return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
 
 
+def record_types(settings: Settings, topic: str) -> Counter[str]:
+    """How many committed records of each ``keel-type`` header ``topic`` holds."""
+    return Counter(dict(m.headers() or []).get("keel-type", b"?").decode() for m in read_to_end(settings, topic))
+
+
 def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
     """The offsets to commit after ``messages``: one past the last of each partition."""
     last: dict[tuple[str, int], int] = {}
@@ -138,32 +190,40 @@ def mismatches(*checks: tuple[str, int, int]) -> tuple[str, ...]:
 # -- timing -----------------------------------------------------------------------------
 
 
+class Mark(NamedTuple):
+    """A point in a stage: wall clock, this process's CPU time (all threads), messages done."""
+
+    wall: float
+    cpu: float
+    total: int
+
+
+def now_mark(total: int) -> Mark:
+    """A mark for ``total`` messages done, now."""
+    return Mark(time.perf_counter(), time.process_time(), total)
+
+
 @dataclass
 class BatchClock:
-    """Cumulative counts at the end of each batch, to time a stage without its start-up."""
+    """Marks at the end of each batch, to time a stage without its start-up."""
 
-    start: float = field(default_factory=time.perf_counter)
-    marks: list[tuple[float, int]] = field(default_factory=list)
+    start: Mark = field(default_factory=lambda: now_mark(0))
+    marks: list[Mark] = field(default_factory=list)
 
     def mark(self, total: int) -> None:
         """Record that ``total`` messages are done, now."""
-        self.marks.append((time.perf_counter(), total))
+        self.marks.append(now_mark(total))
 
     @property
     def total(self) -> int:
         """Messages done so far."""
-        return self.marks[-1][1] if self.marks else 0
+        return self.marks[-1].total if self.marks else 0
 
-    def steady(self) -> tuple[int, float]:
-        """Messages and seconds from the end of the first batch to the end of the last."""
-        if len(self.marks) < 2:
-            return self.total, (self.marks[-1][0] - self.start) if self.marks else 0.0
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return n1 - n0, t1 - t0
-
-    def overall(self) -> tuple[int, float]:
-        """Messages and seconds from ``start`` (group join included) to the end of the last batch."""
-        return self.total, (self.marks[-1][0] - self.start) if self.marks else 0.0
+    def window(self) -> tuple[Mark, Mark]:
+        """The timed window: end of the first batch to end of the last (from the start if one batch)."""
+        if not self.marks:
+            return self.start, self.start
+        return (self.marks[0] if len(self.marks) > 1 else self.start), self.marks[-1]
 
 
 @dataclass(frozen=True)
@@ -179,6 +239,7 @@ class StageResult:
     rate: float
     rate_incl_start: float
     mb_per_s: float | None
+    cpu_us_per_message: float
     batches: int
     timed: str
     detail: str = ""
@@ -195,20 +256,31 @@ class StageResult:
         return not self.lost and not self.anomalies
 
 
+def window_result(stage: str, label: str, expected: int, done: int, first: Mark, last: Mark, *,
+                  start: Mark, message_bytes: int | None, batches: int, timed: str, detail: str = "",
+                  anomalies: tuple[str, ...] = ()) -> StageResult:
+    """Figures of the window ``first``..``last``; ``start`` gives the rate with start-up included."""
+    messages, seconds = last.total - first.total, last.wall - first.wall
+    rate = messages / seconds if seconds > 0 else 0.0
+    overall_s = last.wall - start.wall
+    return StageResult(
+        stage=stage, label=label, expected=expected, done=done, timed_messages=messages,
+        seconds=seconds, rate=rate, rate_incl_start=last.total / overall_s if overall_s > 0 else 0.0,
+        mb_per_s=rate * message_bytes / 1e6 if message_bytes else None,
+        cpu_us_per_message=(last.cpu - first.cpu) / messages * 1e6 if messages else 0.0,
+        batches=batches, timed=timed, detail=detail, anomalies=anomalies,
+    )
+
+
 def stage_result(stage: str, label: str, expected: int, clock: BatchClock, *, message_bytes: int | None,
                  timed: str, detail: str = "", anomalies: tuple[str, ...] = ()) -> StageResult:
     """Figures of a batch-timed stage: the rate excludes the first batch (and the group join)."""
-    timed_messages, seconds = clock.steady()
-    total, overall_s = clock.overall()
+    first, last = clock.window()
     if len(clock.marks) < 2:  # one batch: nothing to time without the start-up
         timed = "start (1 batch only)"
-    rate = timed_messages / seconds if seconds > 0 else 0.0
-    return StageResult(
-        stage=stage, label=label, expected=expected, done=total, timed_messages=timed_messages,
-        seconds=seconds, rate=rate, rate_incl_start=total / overall_s if overall_s > 0 else 0.0,
-        mb_per_s=rate * message_bytes / 1e6 if message_bytes else None,
-        batches=len(clock.marks), timed=timed, detail=detail, anomalies=anomalies,
-    )
+    return window_result(stage, label, expected, clock.total, first, last, start=clock.start,
+                         message_bytes=message_bytes, batches=len(clock.marks), timed=timed,
+                         detail=detail, anomalies=anomalies)
 
 
 # -- output -----------------------------------------------------------------------------
@@ -218,14 +290,14 @@ def results_table(title: str, results: Sequence[StageResult]) -> Table:
     """The figures as a rich table."""
     table = Table(title=title)
     table.add_column("stage")
-    for column in ("done", "timed s", "msgs/s", "MB/s", "incl. start"):
+    for column in ("done", "timed s", "msgs/s", "MB/s", "incl. start", "CPU µs/msg"):
         table.add_column(column, justify="right")
     table.add_column("timed from")
     for r in results:
         done = f"{r.done:,}" if r.ok else f"[red]{r.done:,} of {r.expected:,}[/red]"
         table.add_row(r.stage, done, f"{r.seconds:.2f}", f"{r.rate:,.0f}",
                       f"{r.mb_per_s:.1f}" if r.mb_per_s is not None else "-",
-                      f"{r.rate_incl_start:,.0f}", r.timed)
+                      f"{r.rate_incl_start:,.0f}", f"{r.cpu_us_per_message:.1f}", r.timed)
     return table
 
 

@@ -29,6 +29,7 @@ from confluent_kafka import (
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
+from keel.kafka import transactions
 from keel.kafka.clients import consumer_config, transactional_producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
@@ -154,10 +155,11 @@ class CommandProcessor:
             for message in messages:
                 thrown += self._process(message, view, outcome_counts)
             self._producer.send_offsets_to_transaction(
-                self._next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
-            self._commit()
+                transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+            transactions.commit(self._producer)
         except KafkaException as exc:
-            self._abort(exc)
+            transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor")
+            self.stats.aborted_batches += 1
             return 0
         view.commit()
         for key, value in thrown:  # this worker's own switches hold from its next batch on
@@ -206,31 +208,6 @@ class CommandProcessor:
                 log.info("duplicate command %s acknowledged, not re-executed", command.id)
         return []
 
-    def _commit(self) -> None:
-        while True:
-            try:
-                self._producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                if exc.args[0].retriable():
-                    continue
-                raise
-
-    def _abort(self, exc: KafkaException) -> None:
-        error: KafkaError = exc.args[0]
-        if error.fatal() or not error.txn_requires_abort():
-            raise InfraError(f"processor transaction failed fatally: {error}", code="processor_fenced") from exc
-        log.warning("aborting batch: %s", error)
-        self._producer.abort_transaction(30)
-        self.stats.aborted_batches += 1
-        self._rewind()
-
-    def _rewind(self) -> None:
-        """Seek back to the committed offsets so the aborted batch is decided again."""
-        for tp in self._consumer.committed(self._consumer.assignment(), timeout=30):
-            tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self._consumer.seek(tp)
-
     @staticmethod
     def _is_benign(message: Message) -> bool:
         error = message.error()
@@ -239,14 +216,6 @@ class CommandProcessor:
         if error.code() == KafkaError._PARTITION_EOF:
             return True
         raise KafkaException(error)
-
-    @staticmethod
-    def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
-        last: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (m.topic() or "", m.partition())
-            last[key] = max(last.get(key, -1), m.offset())
-        return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
     def _add(self, counts: ProcessorStats, consumed: int) -> None:
         self.stats.batches += 1
@@ -271,19 +240,13 @@ class CommandProcessor:
             if time.monotonic() > deadline:
                 raise InfraError("the processor got no partitions in time", code="no_assignment")
             self.process_batch(0.2)
-        targets = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
-                   for tp in self._consumer.assignment()}
-        while True:
-            # Offsets commit with each transaction; position() would stay unset for a
-            # partition that has nothing new to consume.
-            done = {tp.partition: tp.offset
-                    for tp in self._consumer.committed(self._consumer.assignment(), timeout=10)}
-            if all(high == 0 or done.get(p, -1) >= high for p, high in targets.items()):
-                return self.stats
+        targets = transactions.end_offsets(self._consumer)
+        while not transactions.caught_up(self._consumer, targets):
             if time.monotonic() > deadline:
                 raise InfraError(f"the processor did not catch up within {timeout_s:.0f}s",
                                  code="catch_up_timeout")
             self.process_batch(0.2)
+        return self.stats
 
     def close(self) -> None:
         """Leave the group; an open transaction (if any) is aborted by the broker."""

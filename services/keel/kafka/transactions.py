@@ -1,0 +1,69 @@
+"""The mechanics every consume-transform-produce loop on Kafka transactions shares.
+
+Used by the command processor and the audit chainer: commit with retries, abort and
+rewind to the committed offsets (so the batch is processed again), the offsets to send
+with a batch, and "has this consumer caught up with the topic as it was".
+"""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from keel.errors import InfraError
+
+log = logging.getLogger(__name__)
+TIMEOUT_S = 30.0
+
+
+def commit(producer: Producer) -> None:
+    """Commit the open transaction, retrying what librdkafka calls retriable."""
+    while True:
+        try:
+            producer.commit_transaction(TIMEOUT_S)
+            return
+        except KafkaException as exc:
+            if exc.args[0].retriable():
+                continue
+            raise
+
+
+def abort_and_rewind(producer: Producer, consumer: Consumer, exc: KafkaException, role: str) -> None:
+    """Abort the open transaction and seek back, or raise if this producer is fenced for good."""
+    error: KafkaError = exc.args[0]
+    if error.fatal() or not error.txn_requires_abort():
+        raise InfraError(f"{role} transaction failed fatally: {error}", code=f"{role}_fenced") from exc
+    log.warning("aborting %s batch: %s", role, error)
+    producer.abort_transaction(TIMEOUT_S)
+    for tp in consumer.committed(consumer.assignment(), timeout=TIMEOUT_S):
+        tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+        consumer.seek(tp)
+
+
+def next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """The offsets to commit with a batch: one past the last record of each partition."""
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic() or "", m.partition())
+        last[key] = max(last.get(key, -1), m.offset())
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+
+
+def end_offsets(consumer: Consumer) -> dict[int, int]:
+    """The high watermark of every assigned partition, now."""
+    return {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in consumer.assignment()}
+
+
+def caught_up(consumer: Consumer, targets: dict[int, int]) -> bool:
+    """Whether every partition got to its target offset.
+
+    Either mark counts: the position passes transaction markers (which committed offsets
+    never reach on a transactional topic), and the committed offset stands in for a
+    partition with nothing new to consume (whose position stays unset).
+    """
+    assignment = consumer.assignment()
+    done = {tp.partition: tp.offset for tp in consumer.committed(assignment, timeout=10)}
+    for tp in consumer.position(assignment):
+        done[tp.partition] = max(done.get(tp.partition, -1), tp.offset)
+    return all(high == 0 or done.get(p, -1) >= high for p, high in targets.items())
