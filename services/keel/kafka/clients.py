@@ -49,3 +49,12 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
 def admin_config(settings: Settings) -> dict[str, Any]:
     """The admin client's configuration."""
     return {"bootstrap.servers": settings.bootstrap_servers}
+
+
+def loader_config(settings: Settings, group_id: str) -> dict[str, Any]:
+    """A consumer that reads partitions to their end once: short fetch waits, EOF events.
+
+    The default fetch wait (500 ms) is a long poll for new data; a loader wants to learn
+    quickly that there is none.
+    """
+    return consumer_config(settings, group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 10})

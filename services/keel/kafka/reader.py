@@ -15,13 +15,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from keel.config import Settings
 from keel.errors import InfraError
-from keel.kafka.clients import consumer_config
+from keel.kafka.clients import loader_config
 
 
 def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iterator[Message]:
     """Every committed record of ``topic``, partition by partition in offset order."""
-    consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}.reader.{uuid.uuid4().hex}",
-                                        **{"enable.partition.eof": True}))
+    consumer = Consumer(loader_config(settings, f"{settings.topic_prefix}.reader.{uuid.uuid4().hex}"))
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
         if metadata.error is not None:

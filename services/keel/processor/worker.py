@@ -30,7 +30,7 @@ from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
 from keel.kafka import transactions
-from keel.kafka.clients import consumer_config, transactional_producer_config
+from keel.kafka.clients import consumer_config, loader_config, transactional_producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.ratelimit import RateLimiter
@@ -99,8 +99,7 @@ class CommandProcessor:
             )
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.partitions[tp.partition] = self._load_partition(tp.partition)
+        self.partitions.update(self._load_partitions([tp.partition for tp in partitions]))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -108,30 +107,25 @@ class CommandProcessor:
             self.partitions.pop(tp.partition, None)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
 
-    def _load_partition(self, partition: int) -> PartitionState:
-        """Fold the committed events of ``partition`` into fresh state."""
-        state = PartitionState()
-        loader = Consumer(consumer_config(self.settings, f"{self.group_id}.loader",
-                                          **{"enable.partition.eof": True}))
+    def _load_partitions(self, partitions: list[int]) -> dict[int, PartitionState]:
+        """Fold the committed events of ``partitions`` into fresh state, all in one pass."""
+        states = {p: PartitionState() for p in partitions}
+        if not partitions:
+            return states
+        loader = Consumer(loader_config(self.settings, f"{self.group_id}.loader"))
         try:
-            loader.assign([TopicPartition(self.events_topic, partition, OFFSET_BEGINNING)])
-            while True:
-                batch = loader.consume(10_000, timeout=0.2)
-                if not batch:
-                    continue
-                done = False
-                events = []
-                for message in batch:
+            loader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
+            pending = set(partitions)
+            while pending:
+                for message in loader.consume(10_000, timeout=0.1):
                     error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            done = True
-                            continue
+                    if error is None:
+                        states[message.partition()].apply([self.codec.decode(message.value() or b"")])
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(message.partition())
+                    else:
                         raise KafkaException(error)
-                    events.append(self.codec.decode(message.value() or b""))
-                state.apply(events)
-                if done:
-                    return state
+            return states
         finally:
             loader.close()
 
