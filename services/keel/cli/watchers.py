@@ -1,4 +1,4 @@
-"""``keel watch stats`` (run the stats watcher) and ``keel stats`` (show its counts).
+"""``keel watch stats|breakers|approvals`` (run a watcher) and ``keel stats`` (show its counts).
 
 Each command builds ``Settings()`` itself, so ``KEEL_*`` variables point it at any
 broker and topic prefix. ``keel.cli.main`` prints Keel errors as one red line and exits 1.
@@ -6,7 +6,7 @@ broker and topic prefix. ``keel.cli.main`` prints Keel errors as one red line an
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 from keel.config import Settings
 from keel.watchers.stats_tally import StatsRow
 
+if TYPE_CHECKING:
+    import faust
+
 _LOGLEVELS = ("debug", "info", "warning", "error")
 
 
@@ -22,23 +25,59 @@ def register(app: typer.Typer) -> None:
     """Add ``keel watch ...`` and ``keel stats`` to ``app``."""
     watch = typer.Typer(help="Run a watcher (faust worker) in the foreground.", no_args_is_help=True)
     watch.command("stats")(watch_stats)
+    watch.command("breakers")(watch_breakers)
+    watch.command("approvals")(watch_approvals)
     app.add_typer(watch, name="watch")
     app.command("stats")(stats)
 
 
-def watch_stats(
-    loglevel: Annotated[str, typer.Option(help=f"Keel's log level: {', '.join(_LOGLEVELS)}.")] = "info",
-    faust_loglevel: Annotated[str, typer.Option(
-        help="Log level of faust, mode and aiokafka (chatty below warning).")] = "warning",
-) -> None:
-    """Count commands and decisions per tenant and minute until stopped (Ctrl-C / SIGTERM)."""
-    for level in (loglevel, faust_loglevel):
+_Loglevel = Annotated[str, typer.Option(help=f"Keel's log level: {', '.join(_LOGLEVELS)}.")]
+_FaustLoglevel = Annotated[str, typer.Option(
+    help="Log level of faust, mode and aiokafka (chatty below warning).")]
+
+
+def _check_levels(*levels: str) -> None:
+    for level in levels:
         if level.lower() not in _LOGLEVELS:
             raise typer.BadParameter(f"{level!r} is not one of {', '.join(_LOGLEVELS)}")
+
+
+def watch_stats(loglevel: _Loglevel = "info", faust_loglevel: _FaustLoglevel = "warning") -> None:
+    """Count commands and decisions per tenant and minute until stopped (Ctrl-C / SIGTERM)."""
+    _check_levels(loglevel, faust_loglevel)
     from keel.watchers.stats import build_app  # faust is slow to import: only here
+
+    settings = Settings()
+    _run(settings, build_app(settings), loglevel, faust_loglevel)
+
+
+def watch_breakers(loglevel: _Loglevel = "info", faust_loglevel: _FaustLoglevel = "warning") -> None:
+    """Trip an agent's breaker when too many of its decisions are rejected (KEEL_BREAKER_*)."""
+    _check_levels(loglevel, faust_loglevel)
+    from keel.watchers.breaker import build_app
+    from keel.watchers.breaker_rules import BreakerSettings
+
+    settings = Settings()
+    _run(settings, build_app(settings, BreakerSettings()), loglevel, faust_loglevel)
+
+
+def watch_approvals(loglevel: _Loglevel = "info", faust_loglevel: _FaustLoglevel = "warning") -> None:
+    """Send ExpireApproval for approvals past their deadline (KEEL_APPROVALS_*)."""
+    _check_levels(loglevel, faust_loglevel)
+    from keel.watchers.approvals import build_app
+    from keel.watchers.approvals_rules import ApprovalSettings
+
+    settings = Settings()
+    _run(settings, build_app(settings, ApprovalSettings()), loglevel, faust_loglevel)
+
+
+def _run(settings: Settings, app: faust.App, loglevel: str, faust_loglevel: str) -> None:
+    """Create the app's internal topics, then run it as a worker in the foreground."""
+    from keel.watchers.common import declare_internal_topics
     from keel.watchers.worker import run_worker
 
-    run_worker(build_app(Settings()), loglevel=loglevel, library_loglevel=faust_loglevel)
+    declare_internal_topics(settings, app)
+    run_worker(app, loglevel=loglevel, library_loglevel=faust_loglevel)
 
 
 def stats(

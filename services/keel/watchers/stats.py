@@ -22,13 +22,12 @@ from datetime import timedelta
 from typing import Any
 
 import faust
-from aiokafka.codec import has_lz4  # type: ignore[import-untyped]
 from faust.types import Message
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.errors import ConfigError, KeelError
 from keel.kafka.topics import Topic, topic_name
+from keel.watchers.common import CHANGELOG_CONFIG, decode, new_app
 from keel.watchers.stats_tally import UNKNOWN_TENANT, Counts, Metric, Source, classify, table_key
 
 log = logging.getLogger(__name__)
@@ -36,10 +35,6 @@ log = logging.getLogger(__name__)
 TABLE = "counts"
 WINDOW = timedelta(minutes=1)
 EXPIRES = timedelta(hours=3)
-# Compaction only touches closed segments: roll them often so the changelog that
-# recovery and ``keel stats`` read stays close to one record per key and window.
-CHANGELOG_CONFIG = {"segment.ms": str(10 * 60 * 1000), "min.cleanable.dirty.ratio": "0.1"}
-SESSION_TIMEOUT_S = 10.0  # faust's 60 s default keeps a killed worker's partitions that long
 
 
 def app_id(settings: Settings) -> str:
@@ -54,20 +49,7 @@ def changelog_topic(settings: Settings) -> str:
 
 def build_app(settings: Settings) -> faust.App:
     """The stats watcher app for ``settings``: one agent, one windowed table."""
-    if not has_lz4():  # Keel's producers compress with lz4; aiokafka needs cramjam for it
-        raise ConfigError("aiokafka cannot read lz4 batches: install aiokafka[lz4] (cramjam)",
-                          code="lz4_missing")
-    app = faust.App(
-        app_id(settings),
-        broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
-        store="memory://",
-        autodiscover=False,
-        web_enabled=False,
-        topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.replication_factor,
-        broker_session_timeout=SESSION_TIMEOUT_S,
-        consumer_auto_offset_reset="earliest",
-    )
+    app = new_app(settings, app_id(settings))
     sources = {topic_name(settings, Topic.COMMANDS): Source.COMMANDS,
                topic_name(settings, Topic.EVENTS): Source.EVENTS}
     topic = app.topic(*sources, key_serializer="raw", value_serializer="raw")
@@ -106,12 +88,7 @@ def build_app(settings: Settings) -> faust.App:
 def _measure(codec: EnvelopeCodec, source: Source, data: Any,
              message: Message) -> tuple[str, Metric | None]:
     """The tenant and metric of one message; undecodable bytes are logged, not raised."""
-    try:
-        envelope = codec.decode(bytes(data or b""))
-    except KeelError as err:
-        log.warning(json.dumps({
-            "event": "undecodable", "topic": message.topic, "partition": message.partition,
-            "offset": message.offset, "code": err.code, "reason": err.message,
-        }))
+    envelope = decode(codec, data, message)
+    if envelope is None:
         return UNKNOWN_TENANT, Metric.UNDECODABLE
     return envelope.tenant_id, classify(source, envelope)

@@ -1,0 +1,244 @@
+"""The breaker watcher against the real broker: one TripBreaker per bad agent, none for others.
+
+The watcher runs as its own process (``keel watch breakers``) on this test's topics. The
+test plays the processor: it writes the decision events agents' commands would produce
+(all stamped in one window) and the BreakerTripped / BreakerReset events, and reads back
+the commands the watcher sends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
+from keel.domain.messages import (
+    BreakerReset,
+    BreakerTripped,
+    CommandRejected,
+    EmailQueued,
+    ResetBreaker,
+    StartSubscription,
+    SubscriptionStarted,
+    TripBreaker,
+)
+from keel.domain.outcomes import to_events
+from keel.kafka.clients import admin_config, producer_config
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, topic_name
+from keel.watchers.breaker import app_id
+from keel.watchers.breaker_rules import trip_command_id, window_start
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+CLI = [sys.executable, "-m", "keel.cli", "watch", "breakers"]
+RECOVERED = '"event": "breaker_tables_recovered"'
+WINDOW_S = 60.0
+OPS = Actor(kind=ActorKind.HUMAN, id="ops-oncall")
+
+
+class Watcher:
+    """One ``keel watch breakers`` process at a time, its output in a log file."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.env = {**os.environ,
+                    "KEEL_TOPIC_PREFIX": settings.topic_prefix,
+                    "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
+                    "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
+                    "KEEL_BREAKER_WINDOW_S": str(WINDOW_S),
+                    "KEEL_BREAKER_MIN_DECISIONS": "5",
+                    "KEEL_BREAKER_THRESHOLD": "0.5"}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(CLI, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def count(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
+
+    def assert_alive(self) -> None:
+        assert self.process is not None and self.process.poll() is None, (
+            "the watcher exited:\n" + self.log.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture
+def watcher(settings: Settings, tmp_path: Path) -> Iterator[Watcher]:
+    """A watcher on this test's topics; killed at the end, its topics and group removed."""
+    running = Watcher(settings, tmp_path / "watcher.log")
+    try:
+        yield running
+    finally:
+        running.stop(grace_s=5.0)
+        admin = AdminClient(admin_config(settings))
+        own = [name for name in admin.list_topics(timeout=10).topics if name.startswith(app_id(settings))]
+        if own:
+            for future in admin.delete_topics(own, operation_timeout=30).values():
+                future.exception()
+        for future in admin.delete_consumer_groups([app_id(settings)]).values():
+            future.exception()
+
+
+@pytest.fixture
+def second(watcher: Watcher) -> Iterator[Watcher]:
+    """Another worker of the same watcher (same group); stopped before ``watcher`` cleans up."""
+    running = Watcher(watcher.settings, watcher.log.with_name("second.log"))
+    try:
+        yield running
+    finally:
+        running.stop(grace_s=5.0)
+
+
+def _decisions(tenant: str, agent: str, *, accepted: int, rejected: int) -> list[Envelope]:
+    """The events the processor writes for an agent's commands: one decision each."""
+    actor, now, out = Actor(kind=ActorKind.AGENT, id=agent), datetime.now(UTC), []
+    for index in range(accepted + rejected):
+        command = new_command(
+            StartSubscription(customer_id=f"c-{index}", plan="pro", monthly_price_cents=900,
+                              currency="EUR"),
+            tenant_id=tenant, aggregate_id=f"sub-{uuid.uuid4().hex[:8]}", actor=actor)
+        if index < accepted:  # a second event of one command is not a second decision
+            outcome = [SubscriptionStarted(customer_id="c", plan="pro", monthly_price_cents=900,
+                                           currency="EUR"),
+                       EmailQueued(to_address="c@example.com", template="welcome")]
+        else:
+            outcome = [CommandRejected(command_type=command.type, code="policy_denied",
+                                       reason="over the refund limit")]
+        out += to_events(command, outcome, version=0, now=now)
+    return out
+
+
+def _breaker_event(tenant: str, agent: str, *, reset: bool, version: int) -> Envelope:
+    """What the processor writes when an operator trips or resets an agent's breaker."""
+    payload = (ResetBreaker if reset else TripBreaker)(agent_id=agent, reason="by hand")
+    command = new_command(payload, tenant_id=tenant, aggregate_id="controls", actor=OPS)
+    event = (BreakerReset if reset else BreakerTripped)(agent_id=agent, reason="by hand")
+    [envelope] = to_events(command, [event], version=version, now=datetime.now(UTC))
+    return envelope
+
+
+def _produce(settings: Settings, events: list[Envelope], timestamp_s: float) -> None:
+    """Write ``events`` to the events topic, all with the Kafka timestamp ``timestamp_s``."""
+    codec, producer = EnvelopeCodec(), Producer(producer_config(settings))
+    for event in events:
+        producer.produce(topic_name(settings, Topic.EVENTS), codec.encode(event), key=event.key,
+                         timestamp=int(timestamp_s * 1000))
+    assert producer.flush(15) == 0
+
+
+def _trips(settings: Settings) -> list[tuple[Envelope, bytes | None, int | None]]:
+    """Every TripBreaker on the commands topic, with its Kafka key and partition."""
+    codec = EnvelopeCodec()
+    found = []
+    for message in read_to_end(settings, topic_name(settings, Topic.COMMANDS)):
+        command = codec.decode(message.value() or b"")
+        if command.type == "TripBreaker":
+            found.append((command, message.key(), message.partition()))
+    return found
+
+
+def _wait_for(check: Callable[[], bool], what: str, watcher: Watcher, timeout_s: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        watcher.assert_alive()
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _partition_of(settings: Settings, key: str) -> int:
+    """The partition librdkafka's murmur2 partitioner (the processor's view) gives ``key``."""
+    placed: list[int | None] = []
+    producer = Producer(producer_config(settings))
+    producer.produce(topic_name(settings, Topic.DLQ), b"probe", key=key,
+                     on_delivery=lambda _err, message: placed.append(message.partition()))
+    assert producer.flush(15) == 0
+    assert placed[0] is not None
+    return placed[0]
+
+
+def test_breaker_trips_once_for_the_bad_agent_only_and_respects_open_and_reset(
+    settings: Settings, watcher: Watcher, second: Watcher
+) -> None:
+    stamp = time.time()
+    start = window_start(stamp, WINDOW_S)
+    # two workers: an agent's decisions land on every events partition, its counts in one place
+    watcher.start()
+    second.start()
+    both = (watcher, second)
+    _wait_for(lambda: all(w.count(RECOVERED) for w in both), "both workers to start", watcher)
+    time.sleep(2.0)  # let the group settle before the first events
+
+    def seen(text: str) -> int:
+        return sum(w.count(text) for w in both)
+
+    # flaky-bot's breaker is already open (tripped by hand): its rejections must not trip it.
+    _produce(settings, [_breaker_event("acme", "flaky-bot", reset=False, version=1)], stamp)
+    _wait_for(lambda: seen('"event": "breaker_tripped"') >= 1,
+              "the watcher to see flaky-bot's open breaker", watcher)
+    _produce(settings,
+             _decisions("acme", "rogue-bot", accepted=2, rejected=6)       # 75 % rejected: trips
+             + _decisions("acme", "support-bot", accepted=9, rejected=3)   # 25 %: healthy
+             + _decisions("acme", "flaky-bot", accepted=0, rejected=6)     # open already
+             + _decisions("globex", "rogue-bot", accepted=0, rejected=4),  # too few decisions
+             stamp)
+    rogue_id = trip_command_id("acme", "rogue-bot", start, "")
+    _wait_for(lambda: len(_trips(settings)) >= 1, "a TripBreaker command", watcher)
+    time.sleep(3.0)  # a second (wrong) trip would be sent by now
+
+    [(trip, key, partition)] = _trips(settings)
+    assert trip.id == rogue_id
+    assert isinstance(trip.payload, TripBreaker)
+    assert (trip.tenant_id, trip.aggregate_id, trip.payload.agent_id) == ("acme", "controls", "rogue-bot")
+    assert trip.actor == Actor(kind=ActorKind.SERVICE, id="keel-breaker-watcher")
+    assert trip.authority.role == "system"
+    assert re.match(r"\d+ of \d+ decisions rejected in the 60s window", trip.payload.reason)
+    assert key == b"acme/controls" == trip.key.encode()
+    assert partition == _partition_of(settings, "acme/controls")
+
+    # After a reset, flaky-bot's counts start again; new rejections trip it under a new id.
+    reset = _breaker_event("acme", "flaky-bot", reset=True, version=2)
+    _produce(settings, [reset], stamp)
+    _wait_for(lambda: seen('"event": "breaker_reset"') >= 1,
+              "the watcher to see flaky-bot's reset", watcher)
+    _produce(settings, _decisions("acme", "flaky-bot", accepted=1, rejected=4), stamp)
+    flaky_id = trip_command_id("acme", "flaky-bot", start, str(reset.id))
+    _wait_for(lambda: flaky_id in {t.id for t, _, _ in _trips(settings)}, "flaky-bot's trip", watcher)
+
+    # kill -9 both and restart one: the tables come back, nothing trips again under a new id.
+    second.stop(sig=signal.SIGKILL)
+    watcher.stop(sig=signal.SIGKILL)
+    watcher.start()
+    _wait_for(lambda: watcher.count(RECOVERED) >= 2, "the restarted watcher to recover", watcher)
+    _produce(settings, _decisions("acme", "rogue-bot", accepted=0, rejected=3), stamp)
+    time.sleep(4.0)
+    trips = _trips(settings)
+    assert {t.id for t, _, _ in trips} == {rogue_id, flaky_id}
