@@ -10,11 +10,7 @@ parked for approval still pending.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -34,6 +30,7 @@ from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.messages import SendEmail
 from keel.sdk.producer import CommandProducer
 from tests.helpers import command, events, refund, start
+from tests.processes import KeelProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -73,34 +70,20 @@ def expected_types(commands: list[Envelope]) -> list[tuple[str, int | None]]:
     return decided
 
 
-class Worker:
-    """A `keel process` subprocess with a fixed instance id (static group member)."""
+class Worker(KeelProcess):
+    """A `keel process` worker with a fixed instance id (a static group member)."""
 
     def __init__(self, settings: Settings, instance: str, logs: Path) -> None:
-        self.instance, self.log = instance, logs / f"{instance}.log"
-        self.env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
-                    "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
-                    "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
-                    "KEEL_PROCESSOR_STATIC_MEMBERSHIP": "true", "KEEL_PROCESSOR_BATCH_SIZE": "500"}
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(["process", "--instance", instance], settings, logs / f"{instance}.log",
+                         KEEL_PROCESSOR_STATIC_MEMBERSHIP="true", KEEL_PROCESSOR_BATCH_SIZE="500")
 
     def assignments(self) -> int:
         """How many partition assignments this worker has logged so far (over all its lives)."""
-        return self.log.read_text().count("assigned partitions") if self.log.exists() else 0
+        return self.count("assigned partitions")
 
     def working(self, since: int) -> bool:
         """Alive and assigned partitions since the count was ``since``: mid-stream, not booting."""
-        return self.process is not None and self.process.poll() is None and self.assignments() > since
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "keel.cli", "process", "--instance", self.instance],
-                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(30)
+        return self.alive() and self.assignments() > since
 
 
 @pytest.fixture
@@ -146,7 +129,7 @@ def test_kill_9_schedule_yields_every_decision_exactly_once(settings: Settings, 
         if kills == 10:
             workers["w3"].start()  # another rebalance: a third worker joins ...
         if kills == 20:
-            workers["w3"].kill(signal.SIGTERM)  # ... and leaves
+            workers["w3"].stop()  # ... and leaves
     feeder.join()
     assert kills >= MIN_KILLS
     assert sum(workers[n].assignments() for n in booted) >= MIN_KILLS, "kills must land on working workers"
