@@ -28,10 +28,11 @@ class KeelProcess:
         self.args, self.log, self.env = args, log, keel_env(settings, **env)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
+        """Start the process; ``env`` adds to (or overrides) the environment for this start only."""
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "keel.cli", *self.args], env=self.env,
-                                            stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, "-m", "keel.cli", *self.args],
+                                            env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
         """Send ``sig``; SIGKILL if the process still lives after ``grace_s``."""
@@ -52,12 +53,16 @@ class KeelProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def output(self) -> str:
+        """The log so far (over all the process's lives)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     def count(self, text: str) -> int:
         """How often ``text`` appears in the log so far."""
-        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
+        return self.output().count(text)
 
     def assert_alive(self) -> None:
-        assert self.alive(), f"`keel {' '.join(self.args)}` exited:\n" + self.log.read_text(errors="replace")[-3000:]
+        assert self.alive(), f"`keel {' '.join(self.args)}` exited:\n" + self.output()[-3000:]
 
 
 def remove_app_state(settings: Settings, app_id: str) -> None:

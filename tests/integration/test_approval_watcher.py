@@ -7,10 +7,7 @@ events and reads back the ExpireApproval commands the watcher sends.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
@@ -34,71 +30,34 @@ from keel.domain.messages import (
     IssueRefund,
 )
 from keel.domain.outcomes import to_events
-from keel.kafka.clients import admin_config, producer_config
+from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
 from keel.watchers.approvals import TABLE, app_id
 from keel.watchers.approvals_rules import expire_command_id
+from tests.processes import KeelProcess, remove_app_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-CLI = [sys.executable, "-m", "keel.cli", "watch", "approvals"]
 RECOVERED = '"event": "approval_table_recovered"'
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 APPROVER = Actor(kind=ActorKind.HUMAN, id="alice")
 
 
-class Watcher:
-    """One ``keel watch approvals`` process at a time, its output in a log file."""
-
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.log = log
-        self.env = {**os.environ,
-                    "KEEL_TOPIC_PREFIX": settings.topic_prefix,
-                    "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
-                    "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
-                    "KEEL_APPROVALS_TICK_S": "0.5"}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, **env: str) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(CLI, env={**self.env, **env}, stdout=out,
-                                            stderr=subprocess.STDOUT)
-
-    def stop(self, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def assert_alive(self) -> None:
-        assert self.process is not None and self.process.poll() is None, (
-            "the watcher exited:\n" + self.output()[-3000:])
+def _watcher(settings: Settings, log: Path) -> KeelProcess:
+    """A ``keel watch approvals`` worker on this test's topics, its output in ``log``."""
+    return KeelProcess(["watch", "approvals"], settings, log, KEEL_APPROVALS_TICK_S="0.5")
 
 
 @pytest.fixture
-def watcher(settings: Settings, tmp_path: Path) -> Iterator[Watcher]:
+def watcher(settings: Settings, tmp_path: Path) -> Iterator[KeelProcess]:
     """A watcher on this test's topics; killed at the end, its topics and group removed."""
-    running = Watcher(settings, tmp_path / "watcher.log")
+    running = _watcher(settings, tmp_path / "watcher.log")
     try:
         yield running
     finally:
         running.stop(grace_s=5.0)
-        admin = AdminClient(admin_config(settings))
-        own = [name for name in admin.list_topics(timeout=10).topics if name.startswith(app_id(settings))]
-        if own:
-            for future in admin.delete_topics(own, operation_timeout=30).values():
-                future.exception()
-        for future in admin.delete_consumer_groups([app_id(settings)]).values():
-            future.exception()
+        remove_app_state(settings, app_id(settings))
 
 
 def _paused(tenant: str, aggregate: str, expires_in_s: float) -> tuple[Envelope, Envelope]:
@@ -151,7 +110,7 @@ def _expiries(settings: Settings) -> dict[uuid.UUID, list[tuple[Envelope, bytes 
     return found
 
 
-def _wait_for(check: Callable[[], bool], what: str, watcher: Watcher, timeout_s: float = 40.0) -> None:
+def _wait_for(check: Callable[[], bool], what: str, watcher: KeelProcess, timeout_s: float = 40.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         watcher.assert_alive()
@@ -162,7 +121,7 @@ def _wait_for(check: Callable[[], bool], what: str, watcher: Watcher, timeout_s:
 
 
 def test_due_approvals_expire_once_with_their_id_and_granted_ones_never(
-    settings: Settings, watcher: Watcher
+    settings: Settings, watcher: KeelProcess
 ) -> None:
     overdue_cmd, overdue = _paused("acme", "sub-1", expires_in_s=-60)
     soon_cmd, soon = _paused("acme", "sub-2", expires_in_s=2)
@@ -204,7 +163,7 @@ def _in_changelog(settings: Settings, command_id: uuid.UUID) -> bool:
 
 
 def test_pending_approvals_survive_kill_9_and_resends_keep_the_id(
-    settings: Settings, watcher: Watcher
+    settings: Settings, watcher: KeelProcess
 ) -> None:
     overdue_cmd, overdue = _paused("acme", "sub-1", expires_in_s=-1)
     later_cmd, later = _paused("acme", "sub-2", expires_in_s=12)
@@ -230,9 +189,9 @@ def test_pending_approvals_survive_kill_9_and_resends_keep_the_id(
 
 
 def test_two_workers_split_the_partitions_and_expire_each_approval_once(
-    settings: Settings, watcher: Watcher, tmp_path: Path
+    settings: Settings, watcher: KeelProcess, tmp_path: Path
 ) -> None:
-    second = Watcher(settings, tmp_path / "second.log")
+    second = _watcher(settings, tmp_path / "second.log")
     try:
         watcher.start()
         second.start()

@@ -8,11 +8,8 @@ the commands the watcher sends.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
@@ -37,79 +33,41 @@ from keel.domain.messages import (
     TripBreaker,
 )
 from keel.domain.outcomes import to_events
-from keel.kafka.clients import admin_config, producer_config
+from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
 from keel.watchers.breaker import app_id
 from keel.watchers.breaker_rules import trip_command_id, window_start
+from tests.processes import KeelProcess, remove_app_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-CLI = [sys.executable, "-m", "keel.cli", "watch", "breakers"]
 RECOVERED = '"event": "breaker_tables_recovered"'
 WINDOW_S = 60.0
 OPS = Actor(kind=ActorKind.HUMAN, id="ops-oncall")
 
 
-class Watcher:
-    """One ``keel watch breakers`` process at a time, its output in a log file."""
-
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.settings = settings
-        self.log = log
-        self.env = {**os.environ,
-                    "KEEL_TOPIC_PREFIX": settings.topic_prefix,
-                    "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
-                    "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
-                    "KEEL_BREAKER_WINDOW_S": str(WINDOW_S),
-                    "KEEL_BREAKER_MIN_DECISIONS": "5",
-                    "KEEL_BREAKER_THRESHOLD": "0.5"}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(CLI, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-    def count(self, text: str) -> int:
-        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
-
-    def assert_alive(self) -> None:
-        assert self.process is not None and self.process.poll() is None, (
-            "the watcher exited:\n" + self.log.read_text(errors="replace")[-3000:])
+def _watcher(settings: Settings, log: Path) -> KeelProcess:
+    """A ``keel watch breakers`` worker on this test's topics, its output in ``log``."""
+    return KeelProcess(["watch", "breakers"], settings, log, KEEL_BREAKER_WINDOW_S=str(WINDOW_S),
+                       KEEL_BREAKER_MIN_DECISIONS="5", KEEL_BREAKER_THRESHOLD="0.5")
 
 
 @pytest.fixture
-def watcher(settings: Settings, tmp_path: Path) -> Iterator[Watcher]:
+def watcher(settings: Settings, tmp_path: Path) -> Iterator[KeelProcess]:
     """A watcher on this test's topics; killed at the end, its topics and group removed."""
-    running = Watcher(settings, tmp_path / "watcher.log")
+    running = _watcher(settings, tmp_path / "watcher.log")
     try:
         yield running
     finally:
         running.stop(grace_s=5.0)
-        admin = AdminClient(admin_config(settings))
-        own = [name for name in admin.list_topics(timeout=10).topics if name.startswith(app_id(settings))]
-        if own:
-            for future in admin.delete_topics(own, operation_timeout=30).values():
-                future.exception()
-        for future in admin.delete_consumer_groups([app_id(settings)]).values():
-            future.exception()
+        remove_app_state(settings, app_id(settings))
 
 
 @pytest.fixture
-def second(watcher: Watcher) -> Iterator[Watcher]:
+def second(settings: Settings, watcher: KeelProcess) -> Iterator[KeelProcess]:
     """Another worker of the same watcher (same group); stopped before ``watcher`` cleans up."""
-    running = Watcher(watcher.settings, watcher.log.with_name("second.log"))
+    running = _watcher(settings, watcher.log.with_name("second.log"))
     try:
         yield running
     finally:
@@ -164,7 +122,7 @@ def _trips(settings: Settings) -> list[tuple[Envelope, bytes | None, int | None]
     return found
 
 
-def _wait_for(check: Callable[[], bool], what: str, watcher: Watcher, timeout_s: float = 40.0) -> None:
+def _wait_for(check: Callable[[], bool], what: str, watcher: KeelProcess, timeout_s: float = 40.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         watcher.assert_alive()
@@ -186,7 +144,7 @@ def _partition_of(settings: Settings, key: str) -> int:
 
 
 def test_breaker_trips_once_for_the_bad_agent_only_and_respects_open_and_reset(
-    settings: Settings, watcher: Watcher, second: Watcher
+    settings: Settings, watcher: KeelProcess, second: KeelProcess
 ) -> None:
     stamp = time.time()
     start = window_start(stamp, WINDOW_S)

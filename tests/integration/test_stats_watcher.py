@@ -6,10 +6,7 @@ are read the way ``keel stats`` reads them, from the table's changelog.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
 from keel.cli.main import app
@@ -29,79 +25,41 @@ from keel.domain.messages import CancelSubscription, EmailQueued, StartSubscript
 from keel.domain.outcomes import to_events
 from keel.domain.subscription import INITIAL, decide
 from keel.errors import InfraError
-from keel.kafka.clients import admin_config, producer_config
+from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.watchers.stats import app_id
 from keel.watchers.stats_reader import read_rows
 from keel.watchers.stats_tally import UNKNOWN_TENANT, totals_by_tenant
+from tests.processes import KeelProcess, remove_app_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-CLI = [sys.executable, "-m", "keel.cli"]
 RECOVERED = '"event": "stats_table_recovered"'
 ACTOR = Actor(kind=ActorKind.AGENT, id="support-bot")
 Totals = dict[str, tuple[int, int, int, int]]  # tenant -> commands, accepted, rejected, undecodable
 Message = tuple[str, str | None, bytes]
 
 
-@pytest.fixture
-def watcher_topics(settings: Settings) -> Iterator[Settings]:
-    """``settings``, and removal of what the faust app creates (its topics and group)."""
-    yield settings
-    admin = AdminClient(admin_config(settings))
-    own = [name for name in admin.list_topics(timeout=10).topics if name.startswith(app_id(settings))]
-    if own:
-        for future in admin.delete_topics(own, operation_timeout=30).values():
-            future.result()
-    for future in admin.delete_consumer_groups([app_id(settings)]).values():
-        future.exception()  # a group that is already gone is fine
-
-
-class Watcher:
-    """One ``keel watch stats`` process at a time, its output in a log file."""
+class Watcher(KeelProcess):
+    """``keel watch stats`` on this test's topics, its output in a log file."""
 
     def __init__(self, settings: Settings, log: Path) -> None:
-        self.log = log
-        self.env = {**os.environ,
-                    "KEEL_TOPIC_PREFIX": settings.topic_prefix,
-                    "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
-                    "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen([*CLI, "watch", "stats"],
-                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 15.0) -> None:
-        """Send ``sig``; SIGKILL if the process still lives after ``grace_s``."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        super().__init__(["watch", "stats"], settings, log)
 
     def recoveries(self) -> int:
         """How many times the worker said its table is back from the changelog."""
-        return self.log.read_text(errors="replace").count(RECOVERED) if self.log.exists() else 0
-
-    def assert_alive(self) -> None:
-        assert self.process is not None and self.process.poll() is None, (
-            "the watcher exited:\n" + self.log.read_text(errors="replace")[-3000:])
+        return self.count(RECOVERED)
 
 
 @pytest.fixture
-def watcher(watcher_topics: Settings, tmp_path: Path) -> Iterator[Watcher]:
-    """A watcher on this test's topics; always killed at the end."""
-    running = Watcher(watcher_topics, tmp_path / "watcher.log")
+def watcher(settings: Settings, tmp_path: Path) -> Iterator[Watcher]:
+    """A watcher on this test's topics; killed at the end, its topics and group removed."""
+    running = Watcher(settings, tmp_path / "watcher.log")
     try:
         yield running
     finally:
         running.stop(grace_s=5.0)
+        remove_app_state(settings, app_id(settings))
 
 
 def _traffic(tenant: str, *, accepted: int, rejected: int, settings: Settings) -> list[Message]:
@@ -176,9 +134,8 @@ def _batch_two(settings: Settings) -> tuple[list[Message], Totals]:
 
 
 def test_counts_per_tenant_come_back_after_a_restart_and_keep_growing(
-    watcher_topics: Settings, watcher: Watcher
+    settings: Settings, watcher: Watcher
 ) -> None:
-    settings = watcher_topics
     first, after_first = _batch_one(settings)
     second, after_second = _batch_two(settings)
     _produce(settings, first)
@@ -197,8 +154,7 @@ def test_counts_per_tenant_come_back_after_a_restart_and_keep_growing(
     _assert_cli_shows(settings, "acme", after_second["acme"])
 
 
-def test_kill_9_neither_loses_nor_double_counts(watcher_topics: Settings, watcher: Watcher) -> None:
-    settings = watcher_topics
+def test_kill_9_neither_loses_nor_double_counts(settings: Settings, watcher: Watcher) -> None:
     first, after_first = _batch_one(settings)
     second, after_second = _batch_two(settings)
     watcher.start()
