@@ -5,12 +5,18 @@ with ``java -cp libs/* kafka.Kafka``. Storage is formatted once with
 ``kafka.tools.StorageTool``. Start-up waits until the broker answers a metadata request
 and fails with the log tail if it does not within the configured bound. Stop uses the
 PID file, never a process-name match.
+
+``secure=True`` (``keel up --secure``) renders ``server-secure.properties`` instead: SASL/SCRAM
+and the StandardAuthorizer. The platform principal's random password is written, 0600, to
+``credentials.json`` next to the data; a data folder formatted secure always starts secure.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
@@ -27,6 +34,7 @@ from keel.config import Settings
 from keel.errors import InfraError
 
 _STOP_TIMEOUT_S = 30.0
+PLATFORM_USER = "keel-platform"
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,10 @@ class BrokerPaths:
     @property
     def pid_file(self) -> Path:
         return self.root / "broker.pid"
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "credentials.json"
 
     @property
     def server_log(self) -> Path:
@@ -76,12 +88,22 @@ def paths_for(settings: Settings) -> BrokerPaths:
     return BrokerPaths(settings.data_dir / "kafka")
 
 
+def platform_auth(settings: Settings) -> dict[str, Any]:
+    """librdkafka settings of the platform principal of a secure local broker ({} if not secure)."""
+    path = paths_for(settings).credentials
+    if not path.exists():
+        return {}
+    secret = json.loads(path.read_text())
+    return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": secret["admin_user"], "sasl.password": secret["admin_password"]}
+
+
 def broker_status(settings: Settings) -> BrokerStatus:
     """Report whether the PID file's process lives and the broker answers metadata."""
     paths = paths_for(settings)
     pid = _read_pid(paths.pid_file)
     running = pid is not None and _pid_alive(pid)
-    healthy = _answers_metadata(settings.bootstrap_servers, timeout_s=3.0)
+    healthy = _answers_metadata(settings.bootstrap_servers, timeout_s=3.0, auth=platform_auth(settings))
     if healthy and running:
         detail = f"broker pid {pid} is serving {settings.bootstrap_servers}"
     elif healthy:
@@ -93,8 +115,13 @@ def broker_status(settings: Settings) -> BrokerStatus:
     return BrokerStatus(running, healthy, pid if running else None, settings.bootstrap_servers, detail)
 
 
-def start_broker(settings: Settings) -> BrokerStatus:
+def start_broker(settings: Settings, *, secure: bool = False) -> BrokerStatus:
     """Start the local broker unless one already serves; a second call is a no-op."""
+    paths = paths_for(settings)
+    formatted = (paths.log_dirs / "meta.properties").exists()
+    if secure and formatted and not paths.credentials.exists():
+        raise InfraError(f"{paths.root} was formatted without --secure; run `keel down --wipe` first",
+                         code="broker_not_secure")
     status = broker_status(settings)
     if status.healthy:
         return status
@@ -108,13 +135,14 @@ def start_broker(settings: Settings) -> BrokerStatus:
     for port in (settings.kafka_port, settings.kafka_controller_port):
         _require_free_port(settings.kafka_host, port)
 
-    paths = paths_for(settings)
     paths.logs.mkdir(parents=True, exist_ok=True)
+    if secure and not formatted:
+        _write_credentials(paths)
     _render_config(settings, paths)
     jvm = [java, f"-Dkafka.logs.dir={paths.logs}",
            f"-Dlog4j2.configurationFile={settings.kafka_home / 'log4j2.yaml'}",
            "-Xms256m", "-Xmx1g", "-cp", classpath]
-    if not (paths.log_dirs / "meta.properties").exists():
+    if not formatted:
         _format_storage(jvm, paths)
 
     with paths.console_log.open("ab") as console:
@@ -133,7 +161,7 @@ def start_broker(settings: Settings) -> BrokerStatus:
                 + _log_tail(paths),
                 code="broker_start_failed",
             )
-        if _answers_metadata(settings.bootstrap_servers, timeout_s=2.0):
+        if _answers_metadata(settings.bootstrap_servers, timeout_s=2.0, auth=platform_auth(settings)):
             return broker_status(settings)
         time.sleep(0.5)
     _terminate(process.pid)
@@ -161,20 +189,37 @@ def reset_broker(settings: Settings) -> None:
     shutil.rmtree(paths_for(settings).root, ignore_errors=True)
 
 
+def _write_credentials(paths: BrokerPaths) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    secret = {"admin_user": PLATFORM_USER, "admin_password": secrets.token_hex(24),
+              "controller_password": secrets.token_hex(24)}
+    descriptor = os.open(paths.credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        json.dump(secret, out)
+
+
 def _render_config(settings: Settings, paths: BrokerPaths) -> None:
-    template = string.Template((settings.kafka_home / "server.properties").read_text())
+    secure = paths.credentials.exists()
+    name = "server-secure.properties" if secure else "server.properties"
+    template = string.Template((settings.kafka_home / name).read_text())
     paths.config.write_text(template.substitute(
         host=settings.kafka_host,
         port=settings.kafka_port,
         controller_port=settings.kafka_controller_port,
         log_dirs=paths.log_dirs,
+        **(json.loads(paths.credentials.read_text()) if secure else {}),
     ))
 
 
 def _format_storage(jvm: list[str], paths: BrokerPaths) -> None:
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    scram = []
+    if paths.credentials.exists():  # the platform principal must exist before the broker can log in
+        secret = json.loads(paths.credentials.read_text())
+        scram = ["--add-scram",
+                 f"SCRAM-SHA-512=[name={secret['admin_user']},password={secret['admin_password']}]"]
     result = subprocess.run(
-        [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(paths.config)],
+        [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(paths.config), *scram],
         capture_output=True, text=True, timeout=120, check=False,
     )
     if result.returncode != 0:
@@ -217,14 +262,14 @@ def _require_free_port(host: str, port: int) -> None:
             ) from exc
 
 
-def _answers_metadata(bootstrap: str, *, timeout_s: float) -> bool:
+def _answers_metadata(bootstrap: str, *, timeout_s: float, auth: dict[str, Any]) -> bool:
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     try:  # a cheap TCP probe first, so a dead port does not cost the full client timeout
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError:
         return False
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                         "logger": _SilentLogger()})
+                         "logger": _SilentLogger(), **auth})
     try:
         admin.list_topics(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - any failure means "not answering"

@@ -1,0 +1,247 @@
+"""Gateway benchmark: commands accepted per second through HTTP into the durable outbox.
+
+Stages, in one run:
+
+1. ``kafka-raw``: raw idempotent ``acks=all`` produce of the same encoded commands (the baseline).
+2. ``gateway-sqlite`` / ``gateway-postgres``: ``keel gateway`` (uvicorn, real sockets) with the
+   outbox on a SQLite file (WAL, synchronous=FULL) and on a local PostgreSQL with its durable
+   defaults (fsync, synchronous_commit on). Closed loop: C keep-alive connections send as fast
+   as answers come back; the rate counts 202s only.
+3. ``latency@R``: open loop at a fixed R requests/s; latency runs from each request's scheduled
+   send time, so a stalled server cannot hide queueing (no coordinated omission).
+
+The load generator speaks HTTP/1.1 over asyncio streams by hand: Python HTTP clients spend
+more CPU per request than the server being measured, on the same two cores. Figures are
+printed, never judged. Run: ``.venv/bin/python benchmarks/gateway.py`` after ``keel up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import typer
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from rich.console import Console
+from rich.table import Table
+
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Actor, ActorKind
+from keel.domain.messages import IssueRefund
+from keel.domain.envelope import new_command
+from keel.kafka.clients import admin_config, producer_config
+from keel.outbox.db import open_database
+from keel.outbox.local_postgres import find_binaries, start_postgres
+from keel.outbox.store import OutboxStore
+from keel.security.keys import KeyStore
+
+AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
+console = Console()
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One stage's result."""
+
+    stage: str
+    rate: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def body(tenant: str, aggregate: int) -> bytes:
+    """One IssueRefund command as the gateway receives it (tenant and actor come from the key)."""
+    return json.dumps({"id": str(uuid.uuid4()), "type": "IssueRefund", "aggregate_id": f"sub-{aggregate}",
+                       "payload": {"amount_cents": 1250, "currency": "EUR", "reason": "late delivery"}}).encode()
+
+
+def kafka_raw(settings: Settings, count: int) -> Figures:
+    """Raw produce of ``count`` encoded commands to a throwaway topic."""
+    codec, topic = EnvelopeCodec(), f"bench-gateway-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient(admin_config(settings))
+    admin.create_topics([NewTopic(topic, settings.topic_partitions, 1)])[topic].result()
+    values = [codec.encode(new_command(IssueRefund(amount_cents=1250, currency="EUR", reason="late delivery"),
+                                       tenant_id="acme", aggregate_id=f"sub-{i % 500}", actor=AGENT))
+              for i in range(2000)]
+    producer = Producer(producer_config(settings))
+    started = time.perf_counter()
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(topic, values[i % len(values)], key=f"acme/sub-{i % 500}".encode())
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.flush(60)
+    elapsed = time.perf_counter() - started
+    admin.delete_topics([topic])
+    return Figures("kafka-raw", count / elapsed)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that posts commands."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str) -> None:
+        self.reader, self.writer = reader, writer
+        self.head = (f"POST /v1/commands HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {token}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: ").encode()
+
+    async def post(self, payload: bytes) -> int:
+        """Send one command; returns the HTTP status."""
+        self.writer.write(self.head + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(header[9:12])
+        length = int(header.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await self.reader.readexactly(length)
+        return status
+
+
+async def connect(port: int, token: str, count: int) -> list[Connection]:
+    """``count`` open connections to the gateway."""
+    pairs = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    return [Connection(reader, writer, token) for reader, writer in pairs]
+
+
+async def closed_loop(port: int, token: str, connections: int, duration_s: float) -> tuple[int, int, float]:
+    """Send as fast as answers come; returns (accepted, errors, seconds)."""
+    pool, accepted, errors = await connect(port, token, connections), 0, 0
+    deadline = time.perf_counter() + duration_s
+
+    async def run(connection: Connection, worker: int) -> None:
+        nonlocal accepted, errors
+        while time.perf_counter() < deadline:
+            if await connection.post(body("acme", worker)) == 202:
+                accepted += 1
+            else:
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(run(c, n) for n, c in enumerate(pool)))
+    elapsed = time.perf_counter() - started
+    for connection in pool:
+        connection.writer.close()
+    return accepted, errors, elapsed
+
+
+async def open_loop(port: int, token: str, rate: int, duration_s: float) -> tuple[list[float], int]:
+    """Send at a fixed rate; latencies (ms) from each request's scheduled time, and errors."""
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for connection in await connect(port, token, 64):
+        idle.put_nowait(connection)
+    latencies: list[float] = []
+    errors = 0
+    bodies = [body("acme", i % 500) for i in range(int(rate * duration_s))]
+
+    async def one(scheduled: float, payload: bytes) -> None:
+        nonlocal errors
+        connection = await idle.get()
+        status = await connection.post(payload)
+        latencies.append((time.perf_counter() - scheduled) * 1000)
+        errors += status != 202
+        idle.put_nowait(connection)
+
+    started, tasks = time.perf_counter(), []
+    for index, payload in enumerate(bodies):
+        scheduled = started + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled, payload)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        idle.get_nowait().writer.close()
+    return sorted(latencies), errors
+
+
+def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, workers: int, connections: int,
+                  duration_s: float, rate: int) -> list[Figures]:
+    """Run ``keel gateway`` on ``dsn`` and measure it."""
+    db = open_database(dsn)
+    OutboxStore(db).migrate()
+    keys = KeyStore(db)
+    keys.create_tenant("acme")
+    _, token = keys.create_key("acme", AGENT)
+    db.close()
+    port = _free_port()
+    env = {**os.environ, "KEEL_OUTBOX_DSN": dsn, "KEEL_DATA_DIR": str(data_dir),
+           "KEEL_GATEWAY_KEY_CACHE_S": "30", "KEEL_LOG_LEVEL": "WARNING"}
+    server = subprocess.Popen([sys.executable, "-m", "keel.cli", "gateway", "--port", str(port),
+                               "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=(data_dir / f"gateway-{name}.log").open("wb"))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    log = (data_dir / f"gateway-{name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the gateway did not start (exit {server.poll()}):\n{log}") from None
+                time.sleep(0.2)
+        asyncio.run(closed_loop(port, token, connections, 2.0))  # warm-up: imports, caches, connections
+        accepted, errors, elapsed = asyncio.run(closed_loop(port, token, connections, duration_s))
+        latencies, late_errors = asyncio.run(open_loop(port, token, rate, duration_s))
+    finally:
+        server.terminate()
+        server.wait(30)
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
+    return [Figures(f"gateway-{name}", accepted / elapsed, errors=errors),
+            Figures(f"gateway-{name} latency@{rate}/s", rate, p50, p99, late_errors)]
+
+
+def main(duration: float = typer.Option(10.0, help="Seconds per measured stage."),
+         workers: int = typer.Option(2, help="Gateway worker processes."),
+         connections: int = typer.Option(64, help="Concurrent connections in the closed loop."),
+         rate: int = typer.Option(1000, help="Requests per second of the latency stage."),
+         kafka_count: int = typer.Option(200_000, help="Messages of the raw Kafka baseline."),
+         postgres: bool = typer.Option(True, help="Also measure the PostgreSQL outbox.")) -> None:
+    """Measure and print the gateway's figures next to the raw Kafka baseline."""
+    settings = Settings()
+    figures = [kafka_raw(settings, kafka_count)]
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as folder:
+        root = Path(folder)
+        figures += gateway_stage("sqlite", f"sqlite:///{root / 'outbox.sqlite3'}", root, settings,
+                                 workers=workers, connections=connections, duration_s=duration, rate=rate)
+        if postgres:
+            server = start_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")), _free_port(), find_binaries())
+            try:
+                with psycopg.connect(server.dsn, autocommit=True) as admin:
+                    admin.execute("CREATE DATABASE bench")
+                figures += gateway_stage("postgres", server.dsn.rsplit("/", 1)[0] + "/bench", root, settings,
+                                         workers=workers, connections=connections, duration_s=duration, rate=rate)
+            finally:
+                server.stop()
+    baseline, load = figures[0].rate, os.getloadavg()
+    table = Table("stage", "per second", "vs raw Kafka", "p50 ms", "p99 ms", "errors",
+                  title=f"gateway benchmark ({os.cpu_count()} cores, load {load[0]:.1f}, {workers} gateway workers)")
+    for f in figures:
+        table.add_row(f.stage, f"{f.rate:,.0f}", f"{f.rate / baseline:.3f}",
+                      f"{f.p50_ms:.1f}" if f.p50_ms is not None else "",
+                      f"{f.p99_ms:.1f}" if f.p99_ms is not None else "", str(f.errors))
+    console.print(table)
+    print(json.dumps({"benchmark": "gateway", "workers": workers, "connections": connections, "load": load,
+                      "figures": [f.__dict__ for f in figures]}))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,64 @@
+"""The gateway's typed errors and the HTTP status each error code answers with.
+
+Every refusal is ``{"error": {"code", "field", "message"}}``; clients branch on ``code``.
+"""
+
+from __future__ import annotations
+
+from keel.errors import KeelError
+
+
+class WrongTenant(KeelError):
+    """The body names a tenant other than the API key's."""
+
+    code = "wrong_tenant"
+
+
+class WrongActor(KeelError):
+    """The body names an actor other than the API key's."""
+
+    code = "wrong_actor"
+
+
+class IdempotencyConflict(KeelError):
+    """The command id was accepted before with a different body."""
+
+    code = "idempotency_conflict"
+
+
+class BodyTooLarge(KeelError):
+    """The body is larger than the gateway accepts."""
+
+    code = "payload_too_large"
+
+
+class NotFound(KeelError):
+    """No command with this id belongs to the caller's tenant."""
+
+    code = "not_found"
+
+
+HTTP_STATUS: dict[str, int] = {
+    "malformed_json": 400,
+    "missing_key": 401,
+    "invalid_key": 401,
+    "wrong_tenant": 403,
+    "wrong_actor": 403,
+    "not_found": 404,
+    "idempotency_conflict": 409,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "unknown_type": 422,
+    "unknown_schema": 422,
+    "schema_violation": 422,
+    "not_a_command": 422,
+    "outbox_unavailable": 503,
+}
+
+# Refusals that may be an attack on tenant isolation: kept in the outbox's rejection table.
+RECORDED = frozenset({"wrong_tenant", "wrong_actor", "idempotency_conflict"})
+
+
+def http_status(error: KeelError) -> int:
+    """The status code for ``error`` (500 only for codes no one mapped)."""
+    return HTTP_STATUS.get(error.code, 500)

@@ -1,0 +1,67 @@
+"""From raw request bytes and the caller's principal to an outbox row, or a precise refusal.
+
+Pure: no I/O, so the property test can throw any bytes at it. Tenant and actor come from
+the principal; a body may repeat them, but a body that disagrees is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from keel.contracts.codec import EnvelopeCodec, parse_envelope
+from keel.domain.envelope import Envelope
+from keel.domain.messages import payload_class
+from keel.domain.principal import Principal
+from keel.errors import KeelError, ValidationError
+from keel.gateway.errors import WrongActor, WrongTenant
+from keel.outbox.enqueue import to_new_command
+from keel.outbox.models import NewCommand
+
+
+def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec) -> tuple[Envelope, NewCommand]:
+    """Validate a ``POST /v1/commands`` body for ``principal``; raises typed ``KeelError``s."""
+    document = _json_object(raw)
+    claimed = document.get("tenant_id")
+    if claimed is not None and claimed != principal.tenant_id:
+        raise WrongTenant(f"the body claims tenant {str(claimed)[:130]!r}; this key acts for "
+                          f"{principal.tenant_id!r}", field="tenant_id")
+    actor = principal.actor.model_dump(mode="json")
+    if document.get("actor") is not None and document["actor"] != actor:
+        raise WrongActor(f"the body names another actor; this key acts as {actor['kind']}:{actor['id']}",
+                         field="actor")
+    request_hash = hashlib.sha256(
+        json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    command_id = document.get("id") or str(uuid.uuid4())
+    filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC).isoformat(),
+              **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
+    envelope = parse_envelope(filled)
+    if payload_class(envelope.type).kind != "command":
+        raise ValidationError(f"{envelope.type} is an event; only commands are accepted",
+                              code="not_a_command", field="type")
+    try:
+        value = codec.encode(envelope)
+    except KeelError as exc:  # e.g. a schema_version the catalog does not have
+        raise ValidationError(exc.message, code=exc.code, field=exc.field or "schema_version") from None
+    except (ValueError, TypeError, UnicodeError, OverflowError) as exc:
+        raise ValidationError(f"the command cannot be encoded: {exc}", field="payload") from None
+    return envelope, to_new_command(envelope, value, request_hash)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(
+            exc, json.JSONDecodeError) else str(exc)[:200]
+        raise ValidationError(f"the body is not JSON: {detail}", code="malformed_json", field="") from None
+    if not isinstance(document, dict):
+        raise ValidationError("a command must be a JSON object", field="")
+    return document
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

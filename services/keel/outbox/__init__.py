@@ -1,0 +1,1 @@
+"""The transactional outbox: commands acknowledged durably before Kafka sees them."""

@@ -1,0 +1,154 @@
+"""One relational database behind the outbox and key stores: SQLite or PostgreSQL, by DSN.
+
+Stores write portable SQL with ``?`` placeholders; this module runs it on either engine.
+Connections are per thread (sqlite3 and psycopg connections are not shared across
+threads), so a gateway's writer thread and its readers never step on each other.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from keel.errors import ConfigError, InfraError
+
+Row = tuple[Any, ...]
+
+
+class Cursor:
+    """Runs ``?``-placeholder SQL on one engine inside one open transaction."""
+
+    def __init__(self, raw: Any, postgres: bool) -> None:
+        self._raw = raw
+        self._postgres = postgres
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; returns the affected row count."""
+        self._raw.execute(sql.replace("?", "%s") if self._postgres else sql, tuple(params))
+        return int(self._raw.rowcount)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run a query and return every row."""
+        self._raw.execute(sql.replace("?", "%s") if self._postgres else sql, tuple(params))
+        return [tuple(row) for row in self._raw.fetchall()]
+
+
+class Database(ABC):
+    """A connection factory with transactions; the dialect decides a few DDL words."""
+
+    serial: str
+    blob: str
+    is_postgres: bool
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        """A write transaction: committed when the block ends, rolled back on error."""
+        with self._translate(), self._begin() as cursor:
+            yield cursor
+
+    @abstractmethod
+    def _begin(self) -> Any:
+        """A context manager yielding a ``Cursor`` inside a transaction."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close this thread's connection."""
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.OperationalError, psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self.close()  # the connection may be broken; the next call reconnects
+            raise InfraError(f"the outbox database failed: {exc}", code="outbox_unavailable") from exc
+
+
+class SQLiteDatabase(Database):
+    """A SQLite file in WAL mode with full fsync: an acknowledged write survives power loss."""
+
+    serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    blob = "BLOB"
+    is_postgres = False
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                         check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            self._local.connection = connection
+        return connection
+
+    @contextmanager
+    def _begin(self) -> Iterator[Cursor]:
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")  # take the write lock now, not mid-transaction
+        try:
+            yield Cursor(connection.cursor(), postgres=False)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+class PostgresDatabase(Database):
+    """A PostgreSQL database reached by a libpq DSN (``postgresql://…``)."""
+
+    serial = "BIGSERIAL PRIMARY KEY"
+    blob = "BYTEA"
+    is_postgres = True
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self.dsn = dsn
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
+        if connection is None or connection.closed:
+            connection = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            self._local.connection = connection
+        return connection
+
+    @contextmanager
+    def _begin(self) -> Iterator[Cursor]:
+        connection = self._connection()
+        with connection.transaction(), connection.cursor() as raw:
+            yield Cursor(raw, postgres=True)
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+def open_database(dsn: str) -> Database:
+    """The database a DSN names: ``sqlite:///abs/path`` or ``postgresql://…``."""
+    if dsn.startswith("sqlite:///"):
+        return SQLiteDatabase(Path(dsn.removeprefix("sqlite://")))
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(dsn)
+    raise ConfigError(f"unsupported outbox DSN {dsn!r}; use sqlite:///path or postgresql://…",
+                      code="bad_outbox_dsn", field="outbox_dsn")

@@ -1,0 +1,75 @@
+"""The outbox's tables, in the SQL both engines accept (the dialect fills two words).
+
+``keel_outbox`` holds the command and its idempotency record in one row, so the gateway's
+one INSERT is both; ``seq`` orders rows for the relay, ``published_at IS NULL`` marks the
+relay's work (a partial index keeps that scan small however long the table grows).
+"""
+
+from __future__ import annotations
+
+from keel.outbox.db import Database
+
+
+def ddl(db: Database) -> list[str]:
+    """Every CREATE statement, idempotent."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS keel_outbox (
+            seq {db.serial},
+            command_id TEXT NOT NULL UNIQUE,
+            tenant_id TEXT NOT NULL,
+            aggregate_key TEXT NOT NULL,
+            command_type TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            value {db.blob} NOT NULL,
+            status TEXT NOT NULL,
+            reason_code TEXT,
+            reason TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            published_at DOUBLE PRECISION)""",
+        "CREATE INDEX IF NOT EXISTS keel_outbox_unsent ON keel_outbox (seq) WHERE published_at IS NULL",
+        """CREATE TABLE IF NOT EXISTS keel_command_events (
+            event_id TEXT PRIMARY KEY,
+            command_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            occurred_at TEXT NOT NULL,
+            payload TEXT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS keel_command_events_command ON keel_command_events (command_id)",
+        f"""CREATE TABLE IF NOT EXISTS keel_ingress_rejections (
+            id {db.serial},
+            at DOUBLE PRECISION NOT NULL,
+            tenant_id TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            code TEXT NOT NULL,
+            field TEXT,
+            message TEXT NOT NULL,
+            claimed_tenant TEXT,
+            command_id TEXT)""",
+        """CREATE TABLE IF NOT EXISTS keel_leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            epoch INTEGER NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS keel_tenants (
+            tenant_id TEXT PRIMARY KEY,
+            created_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS keel_api_keys (
+            key_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL REFERENCES keel_tenants (tenant_id),
+            actor_kind TEXT NOT NULL,
+            actor_id TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION)""",
+    ]
+
+
+def migrate(db: Database) -> None:
+    """Create the outbox's tables where missing (safe to run from every process)."""
+    with db.transaction() as cursor:
+        if db.is_postgres:  # concurrent CREATE IF NOT EXISTS races in PostgreSQL
+            cursor.execute("SELECT pg_advisory_xact_lock(7306734)")
+        for statement in ddl(db):
+            cursor.execute(statement)

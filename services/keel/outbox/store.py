@@ -1,0 +1,195 @@
+"""The outbox store: durable acceptance, the relay's queue, status tracking and leases.
+
+One class over either engine (``keel.outbox.db``); the contract test suite runs it on
+SQLite and on a real PostgreSQL. Every write is one short transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+
+from keel.outbox.db import Cursor, Database
+from keel.outbox.models import (
+    RANK,
+    Accepted,
+    CommandRecord,
+    CommandStatus,
+    NewCommand,
+    Outcome,
+    PendingRow,
+    TrackedEvent,
+)
+from keel.outbox.schema import migrate
+
+
+class OutboxStore:
+    """Commands waiting for Kafka, and what became of them."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def migrate(self) -> None:
+        """Create the tables where missing."""
+        migrate(self.db)
+
+    # -- acceptance (gateway, SDK) -------------------------------------------------------
+
+    def accept(self, commands: Sequence[NewCommand]) -> list[Accepted]:
+        """Write commands in one transaction; a known id answers with its original result."""
+        if not commands:
+            return []
+        with self.db.transaction() as cursor:
+            return insert_commands(cursor, commands)
+
+    def get(self, tenant_id: str, command_id: uuid.UUID) -> CommandRecord | None:
+        """The command's record, only when it belongs to ``tenant_id``."""
+        with self.db.transaction() as cursor:
+            rows = cursor.query(
+                "SELECT command_type, aggregate_key, status, reason_code, reason, created_at, updated_at "
+                "FROM keel_outbox WHERE command_id = ? AND tenant_id = ?", (str(command_id), tenant_id))
+            if not rows:
+                return None
+            events = cursor.query(
+                "SELECT event_id, event_type, occurred_at, payload FROM keel_command_events "
+                "WHERE command_id = ? ORDER BY occurred_at, event_id", (str(command_id),))
+        kind, key, status, code, reason, created, updated = rows[0]
+        return CommandRecord(
+            command_id=command_id, tenant_id=tenant_id, command_type=kind, key=key,
+            status=CommandStatus(status), reason_code=code, reason=reason,
+            created_at=created, updated_at=updated,
+            events=tuple(TrackedEvent(event_id=uuid.UUID(e[0]), type=e[1], occurred_at=e[2],
+                                      payload=json.loads(e[3])) for e in events),
+        )
+
+    def record_rejection(self, *, tenant_id: str, actor: str, code: str, field: str | None,
+                         message: str, claimed_tenant: str | None, command_id: str | None) -> None:
+        """Keep an ingress rejection that matters for security (wrong tenant, replays)."""
+        with self.db.transaction() as cursor:
+            cursor.execute(
+                "INSERT INTO keel_ingress_rejections (at, tenant_id, actor, code, field, message, "
+                "claimed_tenant, command_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), tenant_id, actor, code, field, message, claimed_tenant, command_id))
+
+    def rejections(self, tenant_id: str) -> list[dict[str, object]]:
+        """The recorded ingress rejections of a tenant's principals, oldest first."""
+        with self.db.transaction() as cursor:
+            rows = cursor.query(
+                "SELECT at, actor, code, field, message, claimed_tenant, command_id "
+                "FROM keel_ingress_rejections WHERE tenant_id = ? ORDER BY id", (tenant_id,))
+        names = ("at", "actor", "code", "field", "message", "claimed_tenant", "command_id")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    # -- the relay's queue ---------------------------------------------------------------
+
+    def unsent(self, limit: int) -> list[PendingRow]:
+        """The oldest unpublished rows, by ``seq``; no high-water mark, so none is ever skipped."""
+        with self.db.transaction() as cursor:
+            rows = cursor.query(
+                "SELECT seq, command_id, aggregate_key, value FROM keel_outbox "
+                "WHERE published_at IS NULL ORDER BY seq LIMIT ?", (limit,))
+        return [PendingRow(seq=r[0], command_id=uuid.UUID(r[1]), key=r[2], value=bytes(r[3])) for r in rows]
+
+    def mark_published(self, command_ids: Iterable[uuid.UUID]) -> int:
+        """Record Kafka's acknowledgement; an outcome already tracked keeps its status."""
+        ids = [str(i) for i in command_ids]
+        if not ids:
+            return 0
+        now = time.time()
+        with self.db.transaction() as cursor:
+            return cursor.execute(
+                "UPDATE keel_outbox SET published_at = ?, updated_at = ?, status = CASE WHEN "
+                f"status = 'accepted' THEN 'published' ELSE status END WHERE command_id IN "
+                f"({', '.join('?' * len(ids))}) AND published_at IS NULL", (now, now, *ids))
+
+    # -- status tracking -----------------------------------------------------------------
+
+    def apply_outcomes(self, outcomes: Sequence[Outcome]) -> int:
+        """Apply what the tracker learnt; statuses only move forward, events are kept once."""
+        changed = 0
+        with self.db.transaction() as cursor:
+            for outcome in outcomes:
+                changed += _apply(cursor, outcome)
+        return changed
+
+    # -- leases (one active relay per outbox) ----------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Take or renew the lease; returns its epoch, or None while another holder's is live."""
+        now = time.time()
+        with self.db.transaction() as cursor:
+            cursor.execute("INSERT INTO keel_leases (name, holder, expires_at, epoch) VALUES (?, ?, ?, 0) "
+                           "ON CONFLICT (name) DO NOTHING", (name, holder, 0.0))
+            taken = cursor.execute(
+                "UPDATE keel_leases SET epoch = epoch + CASE WHEN holder = ? AND expires_at >= ? "
+                "THEN 0 ELSE 1 END, holder = ?, expires_at = ? "
+                "WHERE name = ? AND (holder = ? OR expires_at < ?)",
+                (holder, now, holder, now + ttl_s, name, holder, now))
+            if not taken:
+                return None
+            return int(cursor.query("SELECT epoch FROM keel_leases WHERE name = ?", (name,))[0][0])
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at a clean stop, so a standby takes over at once."""
+        with self.db.transaction() as cursor:
+            cursor.execute("UPDATE keel_leases SET expires_at = 0 WHERE name = ? AND holder = ?",
+                           (name, holder))
+
+
+def insert_commands(cursor: Cursor, commands: Sequence[NewCommand]) -> list[Accepted]:
+    """Insert commands inside the caller's transaction: one multi-row INSERT, one look-up of known ids.
+
+    Ids seen before (in the table or earlier in ``commands``) answer with the first
+    command's status; ``conflict`` when tenant or request fingerprint differ.
+    """
+    first: dict[uuid.UUID, NewCommand] = {}
+    for command in commands:
+        first.setdefault(command.command_id, command)
+    now = time.time()
+    params = [value for c in first.values() for value in (
+        str(c.command_id), c.tenant_id, c.key, c.command_type, c.actor, c.request_hash, c.value,
+        CommandStatus.ACCEPTED.value, now, now)]
+    inserted = {row[0] for row in cursor.query(
+        "INSERT INTO keel_outbox (command_id, tenant_id, aggregate_key, command_type, actor, request_hash, "
+        "value, status, created_at, updated_at) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(first))
+        + " ON CONFLICT (command_id) DO NOTHING RETURNING command_id", params)}
+    known = [str(i) for i in first if str(i) not in inserted]
+    stored = {row[0]: (row[1], row[2], CommandStatus(row[3])) for row in cursor.query(
+        f"SELECT command_id, tenant_id, request_hash, status FROM keel_outbox WHERE command_id IN "
+        f"({', '.join('?' * len(known))})", known)} if known else {}
+    results, answered = [], set()
+    for command in commands:
+        key = str(command.command_id)
+        if key in inserted and key not in answered:
+            answered.add(key)
+            results.append(Accepted(command_id=command.command_id, status=CommandStatus.ACCEPTED, replayed=False))
+            continue
+        original = first[command.command_id]
+        tenant, request_hash, status = stored.get(key, (original.tenant_id, original.request_hash,
+                                                        CommandStatus.ACCEPTED))
+        same = tenant == command.tenant_id and request_hash == command.request_hash
+        results.append(Accepted(command_id=command.command_id, status=status, replayed=same, conflict=not same))
+    return results
+
+
+def _apply(cursor: Cursor, outcome: Outcome) -> int:
+    command_id = str(outcome.command_id)
+    if outcome.event is not None:
+        event = outcome.event
+        cursor.execute(
+            "INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+            (str(event.event_id), command_id, event.type, event.occurred_at,
+             json.dumps(event.payload, default=str)))
+    if outcome.status is None:
+        return 0
+    rows = cursor.query("SELECT status FROM keel_outbox WHERE command_id = ?", (command_id,))
+    if not rows or RANK[CommandStatus(rows[0][0])] >= RANK[outcome.status]:
+        return 0
+    return cursor.execute(
+        "UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
+        "WHERE command_id = ?",
+        (outcome.status.value, outcome.reason_code, outcome.reason, time.time(), command_id))

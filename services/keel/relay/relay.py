@@ -1,0 +1,138 @@
+"""The outbox relay: moves committed outbox rows to the commands topic, in order, at least once.
+
+Why it never skips a late commit: it keeps no high-water mark. Each round reads the
+oldest rows still marked unpublished (``published_at IS NULL ORDER BY seq``), so a row
+whose transaction took a low ``seq`` and committed after higher ones is simply found by
+the next round. A row is marked published only after Kafka's delivery report for it.
+
+Why one relay at a time: relays share the outbox through a lease with an epoch. Only the
+holder publishes; standbys take over when it lapses (``kill -9`` included). A paused
+holder that wakes after a takeover may publish rows again; they are exact duplicates of
+commands the processor dedupes by id, and each aggregate's order is kept because a relay
+always publishes an aggregate's unpublished rows in ``seq`` order on one idempotent producer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from keel.config import Settings
+from keel.gateway.settings import IngressSettings
+from keel.kafka.clients import producer_config
+from keel.kafka.topics import Topic, topic_name
+from keel.outbox.models import PendingRow
+from keel.outbox.store import OutboxStore
+
+log = logging.getLogger(__name__)
+
+LEASE = "relay"
+
+
+@dataclass
+class RelayStats:
+    """Counters since start, for logs and tests."""
+
+    rounds: int = 0
+    published: int = 0
+    failed: int = 0
+    standby_rounds: int = 0
+    last_error: str | None = None
+
+
+class Relay:
+    """Publishes outbox rows while it holds the outbox's relay lease."""
+
+    def __init__(self, store: OutboxStore, settings: Settings, ingress: IngressSettings,
+                 *, holder: str | None = None) -> None:
+        self.store = store
+        self.ingress = ingress
+        self.topic = topic_name(settings, Topic.COMMANDS)
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stats = RelayStats()
+        self._epoch: int | None = None
+        timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
+        self._producer = Producer(producer_config(
+            settings, **ingress.kafka_auth(), **{"message.timeout.ms": timeout_ms}))
+
+    def run_once(self) -> int:
+        """One round: renew the lease, publish a batch, mark what Kafka acknowledged."""
+        self.stats.rounds += 1
+        epoch = self.store.acquire_lease(LEASE, self.holder, self.ingress.relay_lease_ttl_s)
+        if epoch is None:
+            self.stats.standby_rounds += 1
+            return 0
+        if epoch != self._epoch:  # a takeover (or the first round): say so, for whoever runs the relays
+            log.info("relay holds the outbox lease", extra={"holder": self.holder, "epoch": epoch})
+            self._epoch = epoch
+        rows = self.store.unsent(self.ingress.relay_batch_size)
+        if not rows:
+            return 0
+        delivered = self._publish(rows)
+        self.store.mark_published(delivered)
+        self.stats.published += len(delivered)
+        return len(delivered)
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set; then give the lease up for a standby."""
+        try:
+            while not stop.is_set():
+                try:
+                    if self.run_once() == 0:
+                        stop.wait(self.ingress.relay_poll_interval_s)
+                except Exception as exc:  # noqa: BLE001 - an outage must not kill the relay
+                    log.warning("relay round failed: %s", exc, extra={"holder": self.holder})
+                    self.stats.last_error = str(exc)
+                    stop.wait(1.0)
+        finally:
+            self.store.release_lease(LEASE, self.holder)
+            self._producer.flush(self.ingress.relay_delivery_timeout_s)
+
+    def _publish(self, rows: list[PendingRow]) -> list[uuid.UUID]:
+        """Produce rows in ``seq`` order and wait for every report; returns the acknowledged ids.
+
+        A row after a failed row of the same aggregate is not marked either: the next round
+        sends both again in order, and the processor drops the duplicate by command id.
+        """
+        failed: dict[uuid.UUID, str] = {}
+
+        def report(command_id: uuid.UUID) -> Callable[[KafkaError | None, Message], None]:
+            def on_delivery(error: KafkaError | None, _message: Message) -> None:
+                if error is not None:
+                    failed[command_id] = error.str()
+            return on_delivery
+
+        for row in rows:
+            while True:
+                try:
+                    self._producer.produce(self.topic, value=row.value, key=row.key.encode(),
+                                           on_delivery=report(row.command_id))
+                    break
+                except BufferError:  # local queue full: serve delivery reports, then retry
+                    self._producer.poll(0.05)
+        while len(self._producer) > 0:  # never start a new round while a row is in flight
+            self._producer.flush(1.0)
+            self.store.acquire_lease(LEASE, self.holder, self.ingress.relay_lease_ttl_s)  # slow Kafka: keep it
+        if not failed:
+            return [row.command_id for row in rows]
+        self.stats.failed += len(failed)
+        log.warning("%d outbox row(s) were not delivered; first: %s", len(failed), next(iter(failed.values())))
+        blocked: set[str] = set()
+        delivered = []
+        for row in rows:
+            if row.command_id in failed or row.key in blocked:
+                blocked.add(row.key)
+            else:
+                delivered.append(row.command_id)
+        return delivered
+
+    def close(self) -> None:
+        """Flush what is in flight (its rows stay unpublished if it fails)."""
+        self._producer.flush(self.ingress.relay_delivery_timeout_s)

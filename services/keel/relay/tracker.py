@@ -1,0 +1,88 @@
+"""The status tracker: follows the events and dead-letter topics into the outbox's status table.
+
+It reads ``read_committed`` in its own consumer group and commits offsets only after the
+outbox transaction, so a crash replays records; applying one twice changes nothing
+(events are kept by id, statuses only move forward).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.errors import KeelError
+from keel.gateway.settings import IngressSettings
+from keel.kafka.clients import consumer_config
+from keel.kafka.topics import Topic, topic_name
+from keel.outbox.models import Outcome
+from keel.outbox.store import OutboxStore
+from keel.relay.status import dead_letter_outcome, event_outcome
+
+log = logging.getLogger(__name__)
+
+
+class StatusTracker:
+    """One member of the tracker group; each owns some partitions of events and DLQ."""
+
+    def __init__(self, store: OutboxStore, settings: Settings, ingress: IngressSettings,
+                 codec: EnvelopeCodec | None = None) -> None:
+        self.store = store
+        self.codec = codec or EnvelopeCodec()
+        self.events_topic = topic_name(settings, Topic.EVENTS)
+        self.dlq_topic = topic_name(settings, Topic.DLQ)
+        self.applied = 0
+        self._consumer = Consumer(consumer_config(
+            settings, f"{settings.topic_prefix}.tracker", **ingress.kafka_auth()))
+        self._consumer.subscribe([self.events_topic, self.dlq_topic])
+
+    def run_once(self, timeout_s: float = 0.5) -> int:
+        """Apply one batch of records; returns how many statuses changed."""
+        messages = self._consumer.consume(1000, timeout=timeout_s)
+        outcomes = [o for o in (self._outcome(m) for m in messages if m.error() is None) if o is not None]
+        changed = self.store.apply_outcomes(outcomes) if outcomes else 0
+        positions: dict[tuple[str, int], int] = {}
+        for message in messages:
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is not None and partition is not None and offset is not None:
+                positions[(topic, partition)] = offset + 1
+        if positions:
+            self._consumer.commit(offsets=[TopicPartition(topic, partition, offset) for
+                                           (topic, partition), offset in positions.items()],
+                                  asynchronous=False)
+        self.applied += len(outcomes)
+        return changed
+
+    def run(self, stop: threading.Event) -> None:
+        """Track until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except KeelError as exc:  # the outbox is down: records are read again later
+                log.warning("status tracking failed: %s", exc)
+                stop.wait(1.0)
+
+    def _outcome(self, message: Message) -> Outcome | None:
+        try:
+            envelope = self.codec.decode(message.value() or b"")
+        except KeelError as exc:  # not ours to fail on: unknown schemas, foreign bytes
+            log.info("tracker skipped a record of %s: %s", message.topic(), exc)
+            return None
+        if message.topic() == self.dlq_topic:
+            raw = message.headers() or []
+            headers = {name: _text(value) for name, value in (raw.items() if isinstance(raw, dict) else raw)}
+            code = headers.get("keel-error-code") or "dead_lettered"
+            reason = headers.get("keel-error-reason") or ""
+            return dead_letter_outcome(envelope, code, reason)
+        return event_outcome(envelope)
+
+    def close(self) -> None:
+        """Leave the group."""
+        self._consumer.close()
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")

@@ -1,0 +1,188 @@
+"""The outbox store's contract, run against every adapter: SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from keel.errors import KeelError
+from keel.outbox.db import open_database
+from keel.outbox.enqueue import enqueue
+from keel.outbox.models import CommandStatus, NewCommand, Outcome, TrackedEvent
+from keel.outbox.store import OutboxStore
+from tests.helpers import command, start
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+@pytest.fixture
+def store(dsn: str) -> Iterator[OutboxStore]:
+    store = OutboxStore(open_database(dsn))
+    store.migrate()
+    yield store
+    store.db.close()
+
+
+def new(tenant: str = "acme", aggregate: str = "sub-1", body: str = "h1",
+        command_id: uuid.UUID | None = None) -> NewCommand:
+    return NewCommand(command_id=command_id or uuid.uuid4(), tenant_id=tenant, key=f"{tenant}/{aggregate}",
+                      command_type="StartSubscription", actor="agent:bot", request_hash=body,
+                      value=b"\xc3\x01" + body.encode())
+
+
+def test_migrate_is_idempotent(store: OutboxStore) -> None:
+    store.migrate()
+    store.migrate()
+
+
+def test_an_accepted_command_is_readable_by_its_tenant_only(store: OutboxStore) -> None:
+    row = new()
+    [result] = store.accept([row])
+    assert result.status is CommandStatus.ACCEPTED and not result.replayed and not result.conflict
+    record = store.get("acme", row.command_id)
+    assert record is not None and record.status is CommandStatus.ACCEPTED and record.key == "acme/sub-1"
+    assert store.get("globex", row.command_id) is None
+
+
+def test_the_same_id_and_body_answers_with_the_original_result(store: OutboxStore) -> None:
+    row = new()
+    store.accept([row])
+    store.mark_published([row.command_id])
+    [again] = store.accept([row])
+    assert again.replayed and not again.conflict and again.status is CommandStatus.PUBLISHED
+    assert len(store.unsent(100)) == 0
+
+
+def test_the_same_id_with_another_body_or_tenant_is_a_conflict(store: OutboxStore) -> None:
+    row = new()
+    store.accept([row])
+    [other_body] = store.accept([new(body="h2", command_id=row.command_id)])
+    [other_tenant] = store.accept([new(tenant="globex", command_id=row.command_id)])
+    assert other_body.conflict and other_tenant.conflict
+    assert [r.command_id for r in store.unsent(10)] == [row.command_id]
+
+
+def test_a_repeated_id_inside_one_batch_is_written_once(store: OutboxStore) -> None:
+    row = new()
+    first, second = store.accept([row, row])
+    assert not first.replayed and second.replayed
+    assert len(store.unsent(10)) == 1
+
+
+def test_unsent_rows_come_in_acceptance_order_until_published(store: OutboxStore) -> None:
+    rows = [new(aggregate=f"sub-{i % 3}") for i in range(7)]
+    store.accept(rows[:4])
+    store.accept(rows[4:])
+    pending = store.unsent(100)
+    assert [p.command_id for p in pending] == [r.command_id for r in rows]
+    assert [p.seq for p in pending] == sorted(p.seq for p in pending)
+    assert pending[0].value == rows[0].value and pending[0].key == rows[0].key
+    assert store.mark_published([rows[0].command_id, rows[2].command_id]) == 2
+    assert store.mark_published([rows[0].command_id]) == 0
+    assert [p.command_id for p in store.unsent(3)] == [rows[1].command_id, rows[3].command_id,
+                                                       rows[4].command_id]
+
+
+def test_statuses_only_move_forward_and_events_are_kept_once(store: OutboxStore) -> None:
+    row = new()
+    store.accept([row])
+    event = TrackedEvent(event_id=uuid.uuid4(), type="SubscriptionStarted",
+                         occurred_at="2026-01-01T00:00:00+00:00", payload={"plan": "pro"})
+    executed = Outcome(command_id=row.command_id, status=CommandStatus.EXECUTED, event=event)
+    assert store.apply_outcomes([executed, executed]) == 1
+    store.mark_published([row.command_id])  # a late delivery report hides no outcome
+    assert store.apply_outcomes([Outcome(command_id=row.command_id, status=CommandStatus.PENDING_APPROVAL)]) == 0
+    record = store.get("acme", row.command_id)
+    assert record is not None and record.status is CommandStatus.EXECUTED
+    assert [e.event_id for e in record.events] == [event.event_id]
+    assert record.events[0].payload == {"plan": "pro"}
+
+
+def test_a_rejection_keeps_its_code_and_reason(store: OutboxStore) -> None:
+    row = new()
+    store.accept([row])
+    store.apply_outcomes([Outcome(command_id=row.command_id, status=CommandStatus.REJECTED,
+                                  reason_code="refund_exceeds_paid", reason="too much")])
+    record = store.get("acme", row.command_id)
+    assert record is not None
+    assert (record.status, record.reason_code, record.reason) == (CommandStatus.REJECTED,
+                                                                  "refund_exceeds_paid", "too much")
+
+
+def test_one_lease_holder_at_a_time_and_a_takeover_after_expiry(store: OutboxStore) -> None:
+    first = store.acquire_lease("relay", "a", ttl_s=0.5)
+    assert first is not None
+    assert store.acquire_lease("relay", "b", ttl_s=0.5) is None
+    assert store.acquire_lease("relay", "a", ttl_s=0.5) == first  # renewal keeps the epoch
+    time.sleep(0.6)
+    taken = store.acquire_lease("relay", "b", ttl_s=5)
+    assert taken is not None and taken > first
+    assert store.acquire_lease("relay", "a", ttl_s=5) is None
+    store.release_lease("relay", "b")
+    assert store.acquire_lease("relay", "a", ttl_s=5) is not None
+
+
+def test_ingress_rejections_are_recorded_per_tenant(store: OutboxStore) -> None:
+    store.record_rejection(tenant_id="acme", actor="agent:bot", code="wrong_tenant", field="tenant_id",
+                           message="no", claimed_tenant="globex", command_id=None)
+    [recorded] = store.rejections("acme")
+    assert recorded["code"] == "wrong_tenant" and recorded["claimed_tenant"] == "globex"
+    assert store.rejections("globex") == []
+
+
+def test_the_sdk_enqueue_commits_and_rolls_back_with_the_callers_transaction(
+        store: OutboxStore, dsn: str) -> None:
+    kept, dropped = command("acme", "sub-1", start()), command("acme", "sub-2", start())
+    if dsn.startswith("sqlite"):
+        connection: object = sqlite3.connect(dsn.removeprefix("sqlite://"))
+    else:
+        connection = psycopg.connect(dsn)
+    try:
+        enqueue(connection, kept)
+        connection.commit()  # type: ignore[attr-defined]
+        enqueue(connection, dropped)
+        connection.rollback()  # type: ignore[attr-defined]
+        with pytest.raises(KeelError) as caught:
+            enqueue(connection, command("acme", "sub-3", start(), command_id=kept.id))
+        assert caught.value.code == "idempotency_conflict"
+        connection.rollback()  # type: ignore[attr-defined]
+    finally:
+        connection.close()  # type: ignore[attr-defined]
+    assert [p.command_id for p in store.unsent(10)] == [kept.id]
+
+
+def test_replicas_racing_on_one_id_write_it_once(dsn: str) -> None:
+    stores = [OutboxStore(open_database(dsn)) for _ in range(4)]
+    stores[0].migrate()
+    row, results = new(), []
+    barrier = threading.Barrier(len(stores))
+
+    def race(store: OutboxStore) -> None:
+        barrier.wait()
+        results.extend(store.accept([row]))
+        store.db.close()
+
+    threads = [threading.Thread(target=race, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.replayed for r in results) == [False, True, True, True]
+    assert not any(r.conflict for r in results)
+    check = OutboxStore(open_database(dsn))
+    assert len(check.unsent(10)) == 1
+    check.db.close()

@@ -1,0 +1,59 @@
+"""The gateway's intake, without I/O: the key decides tenant and actor, errors name the field."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Actor, ActorKind
+from keel.domain.principal import Principal
+from keel.errors import KeelError
+from keel.gateway.intake import admit
+
+CODEC = EnvelopeCodec()
+BOT = Principal(tenant_id="acme", actor=Actor(kind=ActorKind.AGENT, id="bot"), roles=frozenset({"agent"}))
+REFUND = {"type": "IssueRefund", "aggregate_id": "sub-1",
+          "payload": {"amount_cents": 5, "currency": "EUR", "reason": "r"}}
+
+
+def raw(**fields: object) -> bytes:
+    return json.dumps({**REFUND, **fields}).encode()
+
+
+def test_tenant_and_actor_are_filled_from_the_principal() -> None:
+    envelope, row = admit(raw(), BOT, CODEC)
+    assert (envelope.tenant_id, envelope.actor) == ("acme", BOT.actor)
+    assert row.key == "acme/sub-1" and row.actor == "agent:bot"
+    assert CODEC.decode(row.value) == envelope
+
+
+def test_the_request_hash_ignores_key_order_but_not_content() -> None:
+    command_id = str(uuid.uuid4())
+    a = admit(json.dumps({"id": command_id, **REFUND}).encode(), BOT, CODEC)[1]
+    b = admit(json.dumps(dict(reversed(list({"id": command_id, **REFUND}.items())))).encode(), BOT, CODEC)[1]
+    c = admit(raw(id=command_id, aggregate_id="sub-2"), BOT, CODEC)[1]
+    assert a.request_hash == b.request_hash != c.request_hash
+
+
+@pytest.mark.parametrize(("body", "code", "field"), [
+    (b"{", "malformed_json", ""),
+    (b'{"a": NaN}', "malformed_json", ""),
+    (b"[" * 100_000, "malformed_json", ""),
+    (b"\xff\xfe\x00", "malformed_json", ""),
+    (b'"text"', "schema_violation", ""),
+    (raw(tenant_id="globex"), "wrong_tenant", "tenant_id"),
+    (raw(actor={"kind": "human", "id": "bot"}), "wrong_actor", "actor"),
+    (raw(type="Nope"), "unknown_type", "type"),
+    (raw(type="SubscriptionCancelled", payload={"reason": "x"}), "not_a_command", "type"),
+    (raw(payload={"amount_cents": 5, "currency": "euro", "reason": "r"}), "schema_violation", "payload.currency"),
+    (raw(aggregate_id="a/b"), "schema_violation", "aggregate_id"),
+    (raw(schema_version=2), "unknown_schema", "schema_version"),
+    (raw(payload={"amount_cents": 5, "currency": "EUR", "reason": "\ud800"}), "schema_violation", "payload.reason"),
+])
+def test_bad_bodies_are_refused_with_a_code_and_field(body: bytes, code: str, field: str) -> None:
+    with pytest.raises(KeelError) as caught:
+        admit(body, BOT, CODEC)
+    assert (caught.value.code, caught.value.field) == (code, field)
