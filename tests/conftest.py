@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.kafka.broker import start_broker
 from keel.kafka.clients import admin_config
@@ -38,6 +39,7 @@ def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
         raise pytest.UsageError(f"KEEL_TEST_INFRA must be local or testcontainers, not {INFRA!r}")
     settings = Settings()
     start_broker(settings)  # a no-op when `keel up` already started it
+    ensure_local_keys(settings)  # personal fields are sealed, as after `keel up`
     yield settings.model_copy(update={"clickhouse_dsn": f"chdb://{tmp_path_factory.mktemp('chdb')}"})
 
 

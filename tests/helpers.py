@@ -13,7 +13,8 @@ AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 
 
 def command(tenant: str, aggregate: str, payload: Payload, actor: Actor = AGENT, **kwargs: object) -> Envelope:
-    """A command, from the support agent unless ``actor`` says otherwise."""
+    """A command, from the support agent unless ``actor`` says otherwise, for customer cust-1."""
+    kwargs.setdefault("on_behalf_of", "cust-1")
     return new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=actor, **kwargs)  # type: ignore[arg-type]
 
 

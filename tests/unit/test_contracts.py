@@ -52,9 +52,11 @@ def _model_fields(model: type[BaseModel]) -> dict[str, tuple[Any, bool]]:
     for name, info in model.model_fields.items():
         annotation = info.annotation
         args = typing.get_args(annotation)
-        nullable = isinstance(annotation, types.UnionType) and type(None) in args
+        nullable = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
         if nullable:
             [annotation] = [a for a in args if a is not type(None)]
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
         fields[name] = (annotation, nullable)
     return fields
 

@@ -16,6 +16,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
+from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, new_command
@@ -77,6 +78,7 @@ def demo() -> None:
     with console.status("starting the Kafka broker…"):
         console.print(f"[green]broker[/green]: {start_broker(settings).detail}")
     apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
+    ensure_local_keys(settings)  # the customer's e-mail address travels sealed
 
     run = uuid.uuid4().hex[:6]
     subscriptions = {tenant: f"sub-{run}" for tenant in TENANTS}

@@ -17,10 +17,12 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.markup import escape
 
-from keel.cli import analytics, demo, watchers
+from keel.cli import analytics, demo, governance, ingress, trust, watchers
+from keel.cli import replay as replay_cli
+from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.errors import KeelError, ValidationError
-from keel.kafka.broker import broker_status, reset_broker, start_broker, stop_broker
+from keel.kafka.broker import broker_status, platform_auth, reset_broker, start_broker, stop_broker
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 from keel.logs import configure_logging
@@ -33,15 +35,24 @@ console = Console()
 
 
 @app.command()
-def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker.")) -> None:
+def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker."),
+       secure: bool = typer.Option(False, help="SASL/SCRAM and ACLs (StandardAuthorizer); needs a fresh data dir.")
+       ) -> None:
     """Start the local Kafka broker (a no-op when it already serves) and apply the topics."""
     settings = Settings()
     if timeout is not None:
         settings = settings.model_copy(update={"kafka_start_timeout_s": timeout})
     with console.status("starting the Kafka broker…"):
-        status = start_broker(settings)
+        status = start_broker(settings, secure=secure)
     console.print(f"[green]up[/green]: {status.detail}")
+    auth = platform_auth(settings)
+    if auth:
+        console.print(f"secure: platform principal User:{auth['sasl.username']}; clients set "
+                      f"KEEL_KAFKA_SASL_USERNAME/PASSWORD (see {settings.data_dir / 'kafka' / 'credentials.json'})")
     _apply_topics(settings)
+    ensure_local_keys(settings)
+    console.print(f"keys: personal data is sealed with {settings.data_dir / 'master.key'} "
+                  "(set KEEL_MASTER_KEY_FILE in production)")
 
 
 @app.command()
@@ -77,7 +88,8 @@ def topics_apply() -> None:
 
 
 def _apply_topics(settings: Settings) -> None:
-    outcome = apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
+    admin = AdminClient({**admin_config(settings), **platform_auth(settings)})
+    outcome = apply_topics(admin, declared_topics(settings))
     for name, action in outcome.items():
         console.print(f"  topic {name}: {action}")
 
@@ -129,7 +141,11 @@ def submit(
 
 app.command("demo")(demo.demo)
 analytics.register(app)
+replay_cli.register(app)
+governance.register(app)
 watchers.register(app)
+ingress.register(app)
+trust.register(app)
 
 
 def main() -> None:

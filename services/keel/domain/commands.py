@@ -13,6 +13,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from keel.domain.payloads import Command
+from keel.domain.personal import EmailAddress, PersonalText
 
 _Currency = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")
 _Reason = Field(min_length=1, max_length=1000)
@@ -38,9 +39,9 @@ class IssueRefund(Command):
 
 
 class SendEmail(Command):
-    to_address: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)
+    to_address: EmailAddress
     template: str = Field(min_length=1, max_length=100)
-    body: str | None = Field(default=None, max_length=100_000)
+    body: PersonalText | None = None
 
 
 class ReverseRefund(Command):

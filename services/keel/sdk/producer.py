@@ -18,6 +18,7 @@ from typing import Self
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from keel.bootstrap import edge_codec
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
@@ -41,7 +42,11 @@ class CommandProducer:
 
     def __init__(self, settings: Settings, codec: EnvelopeCodec | None = None,
                  principal: Principal | None = None) -> None:
-        self._codec = codec or EnvelopeCodec()
+        if codec is None:
+            codec, self._release_codec = edge_codec(settings)  # seals personal fields when keys exist
+        else:
+            self._release_codec = lambda: None
+        self._codec = codec
         self._principal = principal
         self._topic = topic_name(settings, Topic.COMMANDS)
         self._producer = Producer(producer_config(settings))
@@ -91,5 +96,12 @@ class CommandProducer:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.flush()
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the key store the codec holds (the producer itself needs no closing)."""
+        self._release_codec()

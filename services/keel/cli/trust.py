@@ -1,0 +1,156 @@
+"""The trust commands: ``keel chain``, ``keel audit verify|show|export|keygen``, ``keel subjects erase``.
+
+``register`` adds them to the main typer app; a ``KeelError`` becomes one ``[code] message``
+line and exit 1 in ``keel.cli.main``. A failed verification prints the first bad sequence
+number and the kind of failure, and exits 2.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import typer
+from rich.console import Console
+
+from keel.bootstrap import trust_settings
+from keel.config import Settings
+from keel.logs import configure_logging
+
+_out = Console()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the trust commands to ``app``."""
+    audit = typer.Typer(help="The tenant audit chain: verify, show, export, signing keys.", no_args_is_help=True)
+    subjects = typer.Typer(help="Data subjects: crypto-shredding.", no_args_is_help=True)
+    app.add_typer(audit, name="audit")
+    app.add_typer(subjects, name="subjects")
+    app.command("chain")(chain)
+    audit.command("verify")(verify)
+    audit.command("show")(show)
+    audit.command("export")(export)
+    audit.command("keygen")(keygen)
+    subjects.command("erase")(erase)
+
+
+def chain(
+    instance: str = typer.Option("0", help="Instance id (part of its transactional.id)."),
+    caught_up: bool = typer.Option(False, "--until-caught-up", help="Exit once the intake backlog is chained."),
+) -> None:
+    """Run the audit chainer: intake -> per-tenant hash chain + signed checkpoints (JSON logs)."""
+    from keel.trust.chainer import Chainer
+    from keel.trust.checkpoints import CheckpointSigner
+
+    configure_logging(json_lines=True)
+    trust = trust_settings(Settings())
+    chainer = Chainer(Settings(), CheckpointSigner.from_settings(trust), instance_id=instance,
+                      checkpoint_every=trust.audit_checkpoint_every,
+                      checkpoint_interval_s=trust.audit_checkpoint_interval_s)
+    stop = threading.Event()
+
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        if caught_up:
+            stats = chainer.run_until_caught_up(timeout_s=300)
+            _out.print(f"chained {stats.records} records, {stats.checkpoints} checkpoints")
+        else:
+            try:
+                chainer.run(stop)
+            except KeyboardInterrupt:
+                stop.set()
+    finally:
+        chainer.close()
+
+
+def verify(
+    tenant: str = typer.Option(..., help="Tenant whose chain to verify."),
+    from_checkpoint: list[Path] = typer.Option(  # noqa: B008
+        [], "--from-checkpoint", help="Trusted checkpoints kept outside the system (export or checkpoint file)."),
+    records: Path | None = typer.Option(None, help="Verify an exported file instead of Kafka."),
+) -> None:
+    """Recompute the tenant's chain and check every checkpoint: OK, or the first bad seq and why."""
+    from keel.trust.checkpoints import TrustedKeys
+    from keel.trust.store import read_audit, read_export
+    from keel.trust.verify import verify_chain
+
+    audit = read_export(records, tenant) if records else read_audit(Settings(), tenant)
+    anchors = [cp for path in from_checkpoint for cp in read_export(path, tenant).checkpoints]
+    report = verify_chain(tenant, audit.records, [*audit.checkpoints, *anchors],
+                          TrustedKeys.from_settings(trust_settings(Settings())))
+    _out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.ok else 2)
+
+
+def show(
+    tenant: str = typer.Option(..., help="Tenant."),
+    command: str | None = typer.Option(None, help="A command id: its causal trail."),
+    subject: str | None = typer.Option(None, help="A data subject (on-behalf-of): everything done for them."),
+) -> None:
+    """Print a readable trail: who did what, in what order, under whose authority, and what undid it."""
+    from keel.trust.show import render_trail, select_trail
+    from keel.trust.store import read_audit
+
+    if (command is None) == (subject is None):
+        raise typer.BadParameter("give exactly one of --command or --subject")
+    audit = read_audit(Settings(), tenant)
+    for line in render_trail(select_trail(audit.records, command=command, subject=subject)):
+        _out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def export(
+    tenant: str = typer.Option(..., help="Tenant."),
+    out: Path = typer.Option(..., help="File to write (JSON lines of records and checkpoints)."),
+) -> None:
+    """Export the tenant's chain and checkpoints to a file that can live outside the system."""
+    from keel.trust.store import export_audit, read_audit
+
+    lines = export_audit(read_audit(Settings(), tenant), out)
+    _out.print(f"wrote {lines} lines to {out}")
+
+
+def keygen(
+    key_id: str = typer.Option(..., help="Id of the new signing key, e.g. k2 (rotation: a new id each time)."),
+    folder: Path = typer.Option(..., "--dir", help="Where to write <key-id>.pem and <key-id>.pub.pem."),
+) -> None:
+    """Create an Ed25519 checkpoint signing key pair."""
+    from keel.trust.checkpoints import generate_signing_key
+
+    private, public = generate_signing_key(folder, key_id)
+    _out.print(f"private key {private} (KEEL_AUDIT_SIGNING_KEY_FILE), public key {public} "
+               "(copy into KEEL_AUDIT_TRUSTED_KEYS_DIR)")
+
+
+def erase(
+    tenant: str = typer.Option(..., help="Tenant."),
+    subject: str = typer.Option(..., help="The data subject (on-behalf-of id) to erase."),
+    actor: str = typer.Option(..., help="Who erases, as kind:id, e.g. human:dpo-alice."),
+    reason: str = typer.Option("erasure request", help="Why (kept in the receipt)."),
+    redact: bool = typer.Option(True, help="Also redact the subject's projected rows in ClickHouse "
+                                "(embedded chDB: stop `keel project --follow` first)."),
+) -> None:
+    """Crypto-shred a subject: delete their data keys, audit a SubjectErased receipt, redact projections."""
+    from keel.trust.erasure import erase_subject, redaction_sql
+    from keel.trust.keystore import open_keystore
+
+    settings = Settings()
+    with open_keystore(settings, trust_settings(settings)) as keys:
+        receipt = erase_subject(settings, keys, tenant=tenant, subject=subject, actor=actor, reason=reason)
+    _out.print(f"erased subject {subject} of {tenant}: {len(receipt.key_ids)} key(s) deleted, "
+               f"receipt {receipt.receipt_id}")
+    if redact:
+        from keel.projector.clickhouse import connect
+        from keel.projector.migrations import apply_migrations
+
+        client = connect(settings)
+        try:
+            apply_migrations(client)
+            client.command(redaction_sql(), parameters={"tenant": tenant, "subject": subject})
+        finally:
+            client.close()
+        _out.print("projected rows redacted")

@@ -1,0 +1,1 @@
+"""Trust: the tenant audit hash chain, signed checkpoints, verification, and erasable personal data."""

@@ -1,0 +1,288 @@
+"""The chainer: appends every intake record to its tenant's hash chain, exactly once.
+
+A consume-transform-produce loop on Kafka transactions, like the processor. It reads
+``<prefix>.audit-intake`` partition p (key = tenant) and writes records to ``<prefix>.audit``
+partition p, and due checkpoints to ``<prefix>.audit-checkpoints`` partition p; the records,
+checkpoints and consumed offsets commit together or not at all. The per-tenant state
+(last seq, head hash) is folded from the committed audit partition on assignment, after
+waiting for any open transaction on it to finish, so a restarted or new owner continues
+each chain exactly where the last committed transaction left it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from keel.config import Settings
+from keel.contracts.catalog import load_catalog
+from keel.errors import InfraError
+from keel.kafka.clients import consumer_config, transactional_producer_config
+from keel.kafka.topics import Topic, topic_name
+from keel.trust.checkpoints import CheckpointSigner
+from keel.trust.entries import entry_from_intake
+from keel.trust.record import GENESIS, peek, seal_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TenantHead:
+    """Where a tenant's chain stands, and what is not yet signed."""
+
+    seq: int = 0
+    head: bytes = GENESIS
+    signed_seq: int = 0
+    unsigned_since: float = 0.0
+
+
+@dataclass
+class ChainerStats:
+    """Counters since start."""
+
+    batches: int = 0
+    records: int = 0
+    checkpoints: int = 0
+    aborted_batches: int = 0
+    heads: dict[str, int] = field(default_factory=dict)
+
+
+class Chainer:
+    """One instance of the chainer consumer group."""
+
+    def __init__(self, settings: Settings, signer: CheckpointSigner, *, instance_id: str = "0",
+                 checkpoint_every: int = 1000, checkpoint_interval_s: float = 10.0,
+                 batch_size: int = 5000) -> None:
+        self.settings, self.signer = settings, signer
+        self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
+        self.batch_size = batch_size
+        self.catalog = load_catalog()
+        self.stats = ChainerStats()
+        self.intake_topic = topic_name(settings, Topic.AUDIT_INTAKE)
+        self.audit_topic = topic_name(settings, Topic.AUDIT)
+        self.checkpoints_topic = topic_name(settings, Topic.AUDIT_CHECKPOINTS)
+        self.group_id = f"{settings.topic_prefix}.chainer"
+        self.partitions: dict[int, dict[str, TenantHead]] = {}
+        # Static membership: a restarted instance takes its partitions back at once, without
+        # waiting for the dead incarnation's session to time out.
+        self._consumer = Consumer(consumer_config(
+            settings, self.group_id, **{"group.instance.id": f"{settings.topic_prefix}.chainer.{instance_id}",
+                                        "enable.partition.eof": True}))
+        self._ends: dict[int, int] = {}  # partition -> offset where the consumer last hit its end
+        self._producer = Producer(transactional_producer_config(
+            settings, f"{settings.topic_prefix}.chainer.{instance_id}"))
+        self._check_partitioning()
+        self._producer.init_transactions(60)  # fences a previous incarnation, resolves its transaction
+        self._consumer.subscribe([self.intake_topic], on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+
+    # -- partition ownership ------------------------------------------------------------
+
+    def _check_partitioning(self) -> None:
+        """Intake p feeds audit p: the two topics must exist with equal partition counts."""
+        metadata = self._consumer.list_topics(timeout=30).topics
+        counts = {t: len(metadata[t].partitions) if t in metadata else 0
+                  for t in (self.intake_topic, self.audit_topic, self.checkpoints_topic)}
+        if not all(counts.values()) or len(set(counts.values())) != 1:
+            raise InfraError(f"audit topics missing or with unequal partition counts: {counts}; "
+                             "run `keel topics apply`", code="topic_partitions_mismatch")
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.partitions.update(self._fold([tp.partition for tp in partitions]))
+        log.info("chainer assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.partitions.pop(tp.partition, None)
+            self._ends.pop(tp.partition, None)
+
+    def _fold(self, partitions: list[int], timeout_s: float = 120.0) -> dict[int, dict[str, TenantHead]]:
+        """Every tenant's head in the committed audit ``partitions``, once no transaction is open on them."""
+        heads: dict[int, dict[str, TenantHead]] = {p: {} for p in partitions}
+        if not partitions:
+            return heads
+        loader = Consumer(consumer_config(self.settings, f"{self.group_id}.loader",
+                                          **{"enable.partition.eof": True}))
+        deadline = time.monotonic() + timeout_s
+        try:
+            loader.assign([TopicPartition(self.audit_topic, p, OFFSET_BEGINNING) for p in partitions])
+            pending, eof_at = set(partitions), {p: -1 for p in partitions}
+            while pending:
+                for message in loader.consume(10_000, timeout=0.2):
+                    error = message.error()
+                    if error is None:
+                        seq, _prev, tenant, digest = peek(message.value() or b"")
+                        if message.key() != tenant.encode():
+                            # written by someone else than a chainer: never let it move a head
+                            log.warning("ignoring audit record keyed %r that claims tenant %r",
+                                        message.key(), tenant)
+                            continue
+                        heads[_partition(message)][tenant] = TenantHead(seq, digest)
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        eof_at[_partition(message)] = _offset(message)
+                    else:
+                        raise KafkaException(error)
+                for partition in list(pending):
+                    # read_committed stops at the last stable offset: it reaches the high
+                    # watermark only once no transaction is still open on the partition.
+                    tp = TopicPartition(self.audit_topic, partition)
+                    position = max(eof_at[partition], loader.position([tp])[0].offset)
+                    if position >= loader.get_watermark_offsets(tp, timeout=10, cached=False)[1]:
+                        pending.discard(partition)
+                if time.monotonic() > deadline:
+                    raise InfraError(f"audit partitions {sorted(pending)} kept an open transaction for "
+                                     f"{timeout_s:.0f}s", code="chainer_fold_timeout")
+            return heads
+        finally:
+            loader.close()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def process_batch(self, timeout_s: float = 0.05) -> int:
+        """Chain one batch in one transaction; returns how many intake records it consumed."""
+        messages = [m for m in self._consumer.consume(self.batch_size, timeout_s) if not self._is_end(m)]
+        now = time.monotonic()
+        due_by_time = [(p, t) for p, heads in self.partitions.items() for t, h in heads.items()
+                       if h.seq > h.signed_seq and now - h.unsigned_since >= self.checkpoint_interval_s]
+        if not messages and not due_by_time:
+            return 0
+        touched: dict[tuple[int, str], TenantHead] = {}
+        self._producer.begin_transaction()
+        try:
+            for message in messages:
+                self._append(message, touched, now)
+            self._checkpoint(touched, due_by_time, now)
+            if messages:
+                self._producer.send_offsets_to_transaction(
+                    _next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+            self._commit()
+        except KafkaException as exc:
+            self._abort(exc)
+            return 0
+        for (partition, tenant), head in touched.items():
+            if partition in self.partitions:
+                self.partitions[partition][tenant] = head
+                self.stats.heads[tenant] = head.seq
+        self.stats.batches += 1
+        self.stats.records += len(messages)
+        return len(messages)
+
+    def _append(self, message: Message, touched: dict[tuple[int, str], TenantHead], now: float) -> None:
+        partition = _partition(message)
+        key_tenant = (message.key() or b"").decode(errors="replace")
+        entry = entry_from_intake(message.value() or b"", key_tenant, self.catalog)
+        slot = (partition, entry.tenant)
+        current = touched.get(slot) or self.partitions[partition].get(entry.tenant) or TenantHead()
+        raw = seal_record(current.seq + 1, current.head, entry)
+        self._producer.produce(self.audit_topic, raw, entry.tenant.encode(), partition=partition)
+        unsigned_since = current.unsigned_since if current.seq > current.signed_seq else now
+        touched[slot] = TenantHead(current.seq + 1, raw[-32:], current.signed_seq, unsigned_since)
+        if current.seq + 1 - current.signed_seq >= self.checkpoint_every:
+            self._sign(touched, slot, now)
+
+    def _checkpoint(self, touched: dict[tuple[int, str], TenantHead], due_by_time: list[tuple[int, str]],
+                    now: float) -> None:
+        for slot in due_by_time:
+            head = touched.get(slot) or self.partitions[slot[0]][slot[1]]
+            if head.seq > head.signed_seq:  # this batch may have signed it already
+                self._sign(touched, slot, now)
+
+    def _sign(self, touched: dict[tuple[int, str], TenantHead], slot: tuple[int, str], now: float) -> None:
+        partition, tenant = slot
+        head = touched.get(slot) or self.partitions[partition][tenant]
+        checkpoint = self.signer.sign(tenant, head.seq, head.head)
+        self._producer.produce(self.checkpoints_topic, checkpoint.to_json().encode(), tenant.encode(),
+                               partition=partition)
+        touched[slot] = TenantHead(head.seq, head.head, head.seq, now)
+        self.stats.checkpoints += 1
+
+    def _commit(self) -> None:
+        while True:
+            try:
+                self._producer.commit_transaction(30)
+                return
+            except KafkaException as exc:
+                if exc.args[0].retriable():
+                    continue
+                raise
+
+    def _abort(self, exc: KafkaException) -> None:
+        error: KafkaError = exc.args[0]
+        if error.fatal() or not error.txn_requires_abort():
+            raise InfraError(f"chainer transaction failed fatally: {error}", code="chainer_fenced") from exc
+        log.warning("aborting chainer batch: %s", error)
+        self._producer.abort_transaction(30)
+        self.stats.aborted_batches += 1
+        for tp in self._consumer.committed(self._consumer.assignment(), timeout=30):
+            tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            self._consumer.seek(tp)
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Chain batches until ``stop`` is set."""
+        while not stop.is_set():
+            self.process_batch()
+
+    def run_until_caught_up(self, timeout_s: float = 60.0) -> ChainerStats:
+        """Chain everything on the intake topic when called, then sign every unsigned head."""
+        deadline = time.monotonic() + timeout_s
+        while not self._consumer.assignment():
+            if time.monotonic() > deadline:
+                raise InfraError("the chainer got no partitions in time", code="no_assignment")
+            self.process_batch(0.2)
+        targets = {tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+                   for tp in self._consumer.assignment()}
+        while True:
+            # The position and end offsets pass transaction markers; committed offsets never reach them.
+            done = {tp.partition: max(tp.offset, self._ends.get(tp.partition, -1))
+                    for tp in self._consumer.position(self._consumer.assignment())}
+            if all(high == 0 or done.get(p, -1) >= high for p, high in targets.items()):
+                break
+            if time.monotonic() > deadline:
+                raise InfraError(f"the chainer did not catch up within {timeout_s:.0f}s: at {done}, "
+                                 f"targets {targets}, {self.stats}", code="catch_up_timeout")
+            self.process_batch(0.2)
+        self.checkpoint_interval_s, interval = 0.0, self.checkpoint_interval_s
+        try:
+            self.process_batch(0.0)  # sign every head still unsigned
+        finally:
+            self.checkpoint_interval_s = interval
+        return self.stats
+
+    def _is_end(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return False
+        if error.code() == KafkaError._PARTITION_EOF:
+            self._ends[_partition(message)] = _offset(message)
+            return True
+        raise KafkaException(error)
+
+    def close(self) -> None:
+        """Leave the group; an open transaction is aborted by the broker."""
+        self._consumer.close()
+
+
+def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic() or "", _partition(m))
+        last[key] = max(last.get(key, -1), _offset(m))
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def _partition(message: Message) -> int:
+    partition = message.partition()
+    assert partition is not None, "a consumed message always has a partition"
+    return partition
+
+
+def _offset(message: Message) -> int:
+    offset = message.offset()
+    assert offset is not None, "a consumed message always has an offset"
+    return offset

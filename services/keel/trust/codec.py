@@ -1,0 +1,51 @@
+"""The envelope codec with the encrypt stage: seal personal fields before encoding, open after decoding.
+
+A drop-in ``EnvelopeCodec`` for the edges (SDK, gateway, processor). ``decode`` opens the
+raw Avro record *before* validation, so a command whose personal field has a format rule
+(``SendEmail.to_address``) validates its plaintext, which then lives only in memory;
+``encode`` seals with the envelope's own id as associated data, so the processor's
+events are re-sealed under their event ids. Consumers that must never see plaintext
+(the projector, the chainer) keep the plain codec and store ciphertext.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, cast
+
+from fastavro import schemaless_reader
+
+from keel.contracts.catalog import Catalog
+from keel.contracts.codec import HEADER_SIZE, MAGIC, EnvelopeCodec, parse_envelope
+from keel.domain.envelope import Envelope
+from keel.errors import DecodeError
+from keel.trust.fields import FieldCipher
+
+
+class SealingCodec(EnvelopeCodec):
+    """Single-object Avro with personal fields sealed on the wire."""
+
+    def __init__(self, cipher: FieldCipher, catalog: Catalog | None = None) -> None:
+        super().__init__(catalog or cipher.catalog)
+        self.cipher = cipher
+
+    def encode(self, envelope: Envelope) -> bytes:
+        """Seal, then encode."""
+        return super().encode(self.cipher.seal(envelope))
+
+    def decode(self, data: bytes) -> Envelope:
+        """Decode the raw record, open its personal fields (or mark them erased), then validate."""
+        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+            raise DecodeError("not an Avro single-object message (bad magic or too short)")
+        writer = self.catalog.writer(bytes(data[2:HEADER_SIZE]))
+        reader = self.catalog.latest(writer.message_type)
+        try:
+            record = cast(dict[str, Any], schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed,
+                                                           reader.parsed))
+        except Exception as exc:  # fastavro raises many kinds on corrupt input
+            raise DecodeError(f"corrupt {writer.message_type} body: {exc}") from exc
+        record["schema_version"] = reader.payload_version
+        record["payload"] = self.cipher.open_payload(
+            record["payload"], tenant=record["tenant_id"], subject=record.get("on_behalf_of"),
+            envelope_id=str(record["id"]), message_type=record["type"])
+        return parse_envelope(record)

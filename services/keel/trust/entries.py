@@ -1,0 +1,102 @@
+"""Turn what arrives on ``<prefix>.audit-intake`` into audit entries, for any message type.
+
+Two kinds of intake value: an event's exact Avro single-object bytes (from the processor),
+or a receipt, ``b"KRC\\x01"`` + canonical JSON (from the erase command, the gateway...).
+Events are read as raw Avro records, not validated models: the chain must accept every
+type in the catalog, including ones the domain code does not model, and sealed fields.
+Bytes that are neither are still chained, as ``opaque``: the audit never drops anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from fastavro import schemaless_reader
+
+from keel.contracts.catalog import Catalog, load_catalog
+from keel.contracts.codec import HEADER_SIZE, MAGIC
+from keel.errors import KeelError
+from keel.trust.record import AuditEntry
+
+RECEIPT_MAGIC = b"KRC\x01"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text (sorted keys, no spaces): the same value always hashes the same."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def encode_receipt(*, tenant: str, type: str, receipt_id: uuid.UUID, actor: str, details: dict[str, Any],
+                   on_behalf_of: str | None = None, authority: dict[str, Any] | None = None,
+                   occurred_at: datetime | None = None, correlation_id: uuid.UUID | None = None) -> bytes:
+    """The intake bytes of a non-event audit entry (e.g. ``SubjectErased``)."""
+    when = occurred_at or datetime.now(UTC)
+    return RECEIPT_MAGIC + canonical_json({
+        "tenant": tenant, "type": type, "id": str(receipt_id), "actor": actor,
+        "on_behalf_of": on_behalf_of, "authority": authority or {}, "details": details,
+        "occurred_at_us": _micros(when),
+        "correlation_id": str(correlation_id or receipt_id),
+    }).encode()
+
+
+def entry_from_intake(value: bytes, key_tenant: str, catalog: Catalog | None = None) -> AuditEntry:
+    """The audit entry for one intake record; the Kafka key (the tenant) owns the chain."""
+    try:
+        if value[:2] == MAGIC:
+            entry = _event_entry(value, catalog or load_catalog())
+        elif value[:4] == RECEIPT_MAGIC:
+            entry = _receipt_entry(value)
+        else:
+            return _opaque(value, key_tenant, "Unrecognised")
+    except (KeelError, ValueError, KeyError, TypeError, EOFError, IndexError):
+        return _opaque(value, key_tenant, "Undecodable")
+    if entry.tenant != key_tenant:  # never let a record enter another tenant's chain
+        return _opaque(value, key_tenant, "TenantMismatch")
+    return entry
+
+
+def _event_entry(value: bytes, catalog: Catalog) -> AuditEntry:
+    writer = catalog.writer(bytes(value[2:HEADER_SIZE]))
+    record = cast(dict[str, Any], schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), writer.parsed, None))
+    actor, authority = record["actor"], record["authority"]
+    return AuditEntry(
+        tenant=record["tenant_id"], kind="event", entry_id=str(record["id"]), type=record["type"],
+        aggregate_id=record["aggregate_id"], version=record.get("version"),
+        actor=f"{actor['kind']}:{actor['id']}", on_behalf_of=record.get("on_behalf_of"),
+        authority=canonical_json(authority), delegation=canonical_json(record.get("delegation", [])),
+        causation_id=_opt(record.get("causation_id")), correlation_id=str(record["correlation_id"]),
+        occurred_at_us=_micros(record["occurred_at"]), schema_version=record["schema_version"], body=value,
+    )
+
+
+def _receipt_entry(value: bytes) -> AuditEntry:
+    doc = json.loads(value[4:])
+    return AuditEntry(
+        tenant=doc["tenant"], kind="receipt", entry_id=doc["id"], type=doc["type"], aggregate_id=None,
+        version=None, actor=doc["actor"], on_behalf_of=doc.get("on_behalf_of"),
+        authority=canonical_json(doc.get("authority", {})), delegation=None, causation_id=None,
+        correlation_id=doc.get("correlation_id"), occurred_at_us=int(doc["occurred_at_us"]),
+        schema_version=None, body=value,
+    )
+
+
+def _opaque(value: bytes, tenant: str, type: str) -> AuditEntry:
+    return AuditEntry(tenant=tenant, kind="opaque", entry_id=uuid.uuid5(uuid.NAMESPACE_OID, value.hex()).hex,
+                      type=type, aggregate_id=None, version=None, actor=None, on_behalf_of=None,
+                      authority=None, delegation=None, causation_id=None, correlation_id=None,
+                      occurred_at_us=None, schema_version=None, body=value)
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _micros(value: datetime | int) -> int:
+    if isinstance(value, int):
+        return value
+    return (value - _EPOCH) // timedelta(microseconds=1)

@@ -1,0 +1,126 @@
+"""Per-subject field encryption: the encrypt stage of the serialisation pipeline.
+
+Fields marked ``"keel.personal": true`` in a payload schema are sealed with AES-256-GCM
+under the data subject's key (the envelope's ``on_behalf_of``), a fresh 96-bit nonce per
+field, and the tenant, subject, envelope id and field name as associated data, so a
+ciphertext moved to another event, field, subject or tenant fails to open. A sealed value
+is the self-describing string ``keel-enc:v1:<key-id>:<base64url(nonce || ciphertext)>``.
+Opening a value whose key was erased gives ``ERASED`` (``⟨erased⟩``), never a silent null.
+Nothing decrypted is cached: plaintext exists only in the envelope ``open`` returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keel.contracts.catalog import Catalog, load_catalog
+from keel.domain.envelope import Envelope
+from keel.domain.personal import ERASED, SEALED_PREFIX, is_sealed
+
+__all__ = ["ERASED", "PREFIX", "FieldCipher", "is_sealed", "field_aad", "personal_fields"]
+from keel.trust.errors import CorruptCiphertext, TrustError
+from keel.trust.keystore import KeyStore
+
+PREFIX = SEALED_PREFIX
+_LEN = struct.Struct(">I")
+
+
+def personal_fields(message_type: str, catalog: Catalog | None = None) -> tuple[str, ...]:
+    """The payload fields of ``message_type``'s current schema marked ``keel.personal``."""
+    schema = (catalog or load_catalog()).latest(message_type).parsed
+    [payload] = [f["type"] for f in schema["fields"] if f["name"] == "payload"]
+    return tuple(f["name"] for f in payload["fields"] if f.get("keel.personal") is True)
+
+
+def field_aad(tenant: str, subject: str, envelope_id: str, field: str) -> bytes:
+    """What a field's ciphertext is bound to (length-prefixed, domain-separated)."""
+    parts = [p.encode() for p in (tenant, subject, envelope_id, field)]
+    return b"keel.field.v1\x00" + b"".join(_LEN.pack(len(p)) + p for p in parts)
+
+
+class FieldCipher:
+    """Seals and opens the personal fields of envelopes against one key store."""
+
+    def __init__(self, keys: KeyStore, catalog: Catalog | None = None) -> None:
+        self.keys = keys
+        self.catalog = catalog or load_catalog()
+        self._personal: dict[str, tuple[str, ...]] = {}  # schema facts only, never values
+
+    def personal(self, message_type: str) -> tuple[str, ...]:
+        """The personal fields of ``message_type`` (memoised per cipher)."""
+        if message_type not in self._personal:
+            self._personal[message_type] = personal_fields(message_type, self.catalog)
+        return self._personal[message_type]
+
+    def seal(self, envelope: Envelope) -> Envelope:
+        """``envelope`` with every plaintext personal field sealed under its subject's key."""
+        payload = envelope.payload.model_dump()
+        sealed = self.seal_payload(payload, tenant=envelope.tenant_id, subject=envelope.on_behalf_of,
+                                   envelope_id=str(envelope.id), message_type=envelope.type)
+        if sealed == payload:
+            return envelope
+        # model_copy skips validation: a ciphertext need not match the plaintext's format rule.
+        return envelope.model_copy(update={"payload": envelope.payload.model_copy(update=sealed)})
+
+    def open(self, envelope: Envelope) -> Envelope:
+        """``envelope`` with personal fields decrypted, or ``ERASED`` where the key was erased."""
+        payload = envelope.payload.model_dump()
+        opened = self.open_payload(payload, tenant=envelope.tenant_id, subject=envelope.on_behalf_of,
+                                   envelope_id=str(envelope.id), message_type=envelope.type)
+        if opened == payload:
+            return envelope
+        return envelope.model_copy(update={"payload": envelope.payload.model_copy(update=opened)})
+
+    def seal_payload(self, payload: Mapping[str, Any], *, tenant: str, subject: str | None, envelope_id: str,
+                     message_type: str) -> dict[str, Any]:
+        """The payload mapping with personal string fields sealed (for raw Avro records too)."""
+        out = dict(payload)
+        names = [n for n in self.personal(message_type)
+                 if isinstance(out.get(n), str) and not is_sealed(out[n])]
+        if not names:
+            return out
+        if not subject:
+            raise TrustError(f"{message_type} carries personal data but names no data subject (on_behalf_of)",
+                             code="personal_data_without_subject", field="on_behalf_of")
+        key = self.keys.key_for(tenant, subject)
+        cipher = AESGCM(key.key)
+        for name in names:
+            nonce = os.urandom(12)
+            ct = cipher.encrypt(nonce, out[name].encode(), field_aad(tenant, subject, envelope_id, name))
+            out[name] = f"{PREFIX}{key.key_id}:{base64.urlsafe_b64encode(nonce + ct).decode()}"
+        return out
+
+    def open_payload(self, payload: Mapping[str, Any], *, tenant: str, subject: str | None, envelope_id: str,
+                     message_type: str) -> dict[str, Any]:
+        """The payload mapping with sealed fields opened or shown as ``ERASED``."""
+        out = dict(payload)
+        for name in self.personal(message_type):
+            if is_sealed(out.get(name)):
+                out[name] = self._open(out[name], tenant, subject or "", envelope_id, name)
+        return out
+
+    def _open(self, value: str, tenant: str, subject: str, envelope_id: str, name: str) -> str:
+        try:
+            key_id, blob = value.removeprefix(PREFIX).split(":", 1)
+            data = base64.urlsafe_b64decode(blob.encode())
+        except ValueError:
+            raise CorruptCiphertext(f"payload.{name} is not a well-formed sealed value",
+                                    field=f"payload.{name}") from None
+        key = self.keys.lookup(tenant, key_id)
+        if key is None:
+            return ERASED
+        if len(data) < 12 + 16:
+            raise CorruptCiphertext(f"payload.{name} ciphertext is truncated", field=f"payload.{name}")
+        try:
+            return AESGCM(key.key).decrypt(data[:12], data[12:], field_aad(tenant, subject, envelope_id, name)).decode()
+        except InvalidTag:
+            raise CorruptCiphertext(
+                f"payload.{name} does not authenticate under key {key_id!r} for this tenant, subject, "
+                "event and field (edited, or moved from elsewhere)", field=f"payload.{name}") from None

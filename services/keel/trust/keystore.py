@@ -1,0 +1,188 @@
+"""The data-key store port: one AES-256 key per (tenant, data subject), wrapped by the tenant master key.
+
+Keys live apart from the events (SQLite by default, PostgreSQL in production; the same
+contract suite runs against both). A stored key is ``nonce + AES-GCM(tenant master key,
+data key)`` with the tenant, subject and key id as associated data, so a row copied to
+another tenant or subject does not unwrap. Each tenant's master key is derived with
+HKDF-SHA256 from the root master key in ``KEEL_MASTER_KEY_FILE``. Erasing a subject
+deletes the wrapped key and keeps a tombstone (key id, when, by whom), so ciphertexts
+under it read as erased rather than as unknown.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from types import TracebackType
+from typing import Self
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keel.config import Settings
+from keel.errors import ConfigError
+from keel.trust.errors import KeyUnwrapFailed, UnknownKey, WrongTenantKey
+from keel.trust.settings import TrustSettings
+
+_LEN = struct.Struct(">I")
+
+
+def _lp(*parts: str) -> bytes:
+    return b"".join(_LEN.pack(len(p.encode())) + p.encode() for p in parts)
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A subject's plaintext data key, in memory only while sealing or opening."""
+
+    key_id: str
+    tenant: str
+    subject: str
+    key: bytes
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """A stored key: wrapped material, or ``None`` once erased (a tombstone)."""
+
+    key_id: str
+    tenant: str
+    subject: str
+    wrapped: bytes | None
+    erased_at: datetime | None = None
+    erased_by: str | None = None
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """The root key; derives one wrapping key per tenant."""
+
+    root: bytes
+
+    def for_tenant(self, tenant: str) -> AESGCM:
+        """The tenant's wrapping cipher (HKDF-SHA256 of the root, bound to the tenant id)."""
+        return AESGCM(_tenant_master(self.root, tenant))
+
+    @classmethod
+    def from_settings(cls, settings: TrustSettings) -> MasterKey:
+        """Read ``KEEL_MASTER_KEY_FILE``: 32 raw bytes, or their base64 text."""
+        if settings.master_key_file is None:
+            raise ConfigError("set KEEL_MASTER_KEY_FILE to a file holding a 32-byte master key",
+                              code="master_key_missing")
+        data = settings.master_key_file.read_bytes()
+        if len(data) != 32:
+            try:
+                data = base64.b64decode(data.strip(), validate=True)
+            except ValueError:
+                data = b""
+        if len(data) != 32:
+            raise ConfigError(f"{settings.master_key_file} must hold 32 bytes (raw or base64)",
+                              code="master_key_invalid")
+        return cls(data)
+
+
+@lru_cache(maxsize=1024)
+def _tenant_master(root: bytes, tenant: str) -> bytes:
+    """Derived once per tenant: key-wrapping material, never subject data."""
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"keel.tenant-master.v1\x00" + tenant.encode()).derive(root)
+
+
+class KeyStore(ABC):
+    """Data keys by subject; adapters store ``KeyRow``s, this class does the cryptography."""
+
+    def __init__(self, master: MasterKey) -> None:
+        self.master = master
+
+    # -- what adapters implement ----------------------------------------------------------
+
+    @abstractmethod
+    def _active(self, tenant: str, subject: str) -> KeyRow | None: ...
+
+    @abstractmethod
+    def _insert(self, row: KeyRow) -> KeyRow:
+        """Store ``row`` unless the subject already has an active key; return the active one."""
+
+    @abstractmethod
+    def _row(self, key_id: str) -> KeyRow | None: ...
+
+    @abstractmethod
+    def _erase(self, tenant: str, subject: str, erased_by: str, when: datetime) -> list[str]:
+        """Delete the subject's wrapped keys, keep tombstones; return the erased key ids."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- the port -----------------------------------------------------------------------
+
+    def key_for(self, tenant: str, subject: str) -> DataKey:
+        """The subject's active data key, created on first use."""
+        row = self._active(tenant, subject)
+        if row is None:
+            key_id = uuid.uuid4().hex
+            key = AESGCM.generate_key(bit_length=256)
+            nonce = os.urandom(12)
+            wrapped = nonce + self.master.for_tenant(tenant).encrypt(nonce, key, self._aad(tenant, subject, key_id))
+            row = self._insert(KeyRow(key_id, tenant, subject, wrapped))
+        return self._unwrap(row)
+
+    def lookup(self, tenant: str, key_id: str) -> DataKey | None:
+        """The key ``key_id`` of ``tenant``; ``None`` if it was erased; typed errors otherwise."""
+        row = self._row(key_id)
+        if row is None:
+            raise UnknownKey(f"no data key {key_id!r} in the key store", field="key_id")
+        if row.tenant != tenant:
+            raise WrongTenantKey(f"data key {key_id!r} belongs to another tenant, not {tenant!r}", field="key_id")
+        return None if row.wrapped is None else self._unwrap(row)
+
+    def erase(self, tenant: str, subject: str, erased_by: str) -> list[str]:
+        """Crypto-shred every key of ``subject``; returns the erased key ids."""
+        return self._erase(tenant, subject, erased_by, datetime.now(UTC))
+
+    def tombstone(self, key_id: str) -> KeyRow | None:
+        """The stored row of ``key_id`` (for receipts and inspection)."""
+        return self._row(key_id)
+
+    def _unwrap(self, row: KeyRow) -> DataKey:
+        assert row.wrapped is not None
+        try:
+            key = self.master.for_tenant(row.tenant).decrypt(
+                row.wrapped[:12], row.wrapped[12:], self._aad(row.tenant, row.subject, row.key_id))
+        except InvalidTag:
+            raise KeyUnwrapFailed(f"data key {row.key_id!r} does not unwrap under the master key of "
+                                  f"{row.tenant!r}", field="key_id") from None
+        return DataKey(row.key_id, row.tenant, row.subject, key)
+
+    @staticmethod
+    def _aad(tenant: str, subject: str, key_id: str) -> bytes:
+        return b"keel.data-key.v1\x00" + _lp(tenant, subject, key_id)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def open_keystore(settings: Settings, trust: TrustSettings) -> KeyStore:
+    """The key store named by ``KEEL_KEYSTORE_DSN`` (default: SQLite under ``data_dir``)."""
+    master = MasterKey.from_settings(trust)
+    dsn = trust.keystore_dsn or f"sqlite:///{(settings.data_dir / 'keys.db').resolve()}"
+    if dsn.startswith("sqlite:///"):
+        from keel.trust.keystore_sqlite import SqliteKeyStore
+
+        return SqliteKeyStore(dsn.removeprefix("sqlite:///"), master)
+    if dsn.startswith(("postgresql://", "postgres://")):
+        from keel.trust.keystore_postgres import PostgresKeyStore
+
+        return PostgresKeyStore(dsn, master)
+    raise ConfigError(f"KEEL_KEYSTORE_DSN must be sqlite:///path or postgresql://..., not {dsn!r}",
+                      code="keystore_dsn_invalid")

@@ -1,0 +1,30 @@
+"""Settings of the trust slice (``KEEL_*`` variables), kept apart from ``keel.config`` on purpose.
+
+Secrets are referenced by file path so they never appear in ``keel config`` output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrustSettings(BaseSettings):
+    """Where the signing key, trusted public keys, master key and key store live; checkpoint cadence."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", frozen=True)
+
+    audit_signing_key_file: Path | None = Field(
+        default=None, description="PEM Ed25519 private key that signs checkpoints (the chainer needs it).")
+    audit_signing_key_id: str = Field(default="k1", description="Id of the signing key, stored in each checkpoint.")
+    audit_trusted_keys_dir: Path | None = Field(
+        default=None, description="Folder of <key-id>.pub.pem Ed25519 public keys that verify checkpoints.")
+    audit_checkpoint_every: int = Field(default=1000, ge=1, description="Sign a tenant's head every N records.")
+    audit_checkpoint_interval_s: float = Field(
+        default=10.0, gt=0, description="...or when its newest record is this old and unsigned.")
+    master_key_file: Path | None = Field(
+        default=None, description="File holding the 32-byte root master key (raw or base64) that wraps data keys.")
+    keystore_dsn: str | None = Field(
+        default=None, description="sqlite:///path (default under data_dir) or postgresql://... for data keys.")

@@ -1,0 +1,146 @@
+"""Crypto-shredding end to end: SDK -> processor -> events -> chainer + projector, erase, replay, grep every store."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+
+from keel.config import Settings
+from keel.domain.messages import EmailQueued, SendEmail
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, declared_topics, topic_name
+from keel.processor.worker import CommandProcessor
+from keel.projector.clickhouse import connect
+from keel.projector.migrations import apply_migrations
+from keel.projector.projector import EventProjector
+from keel.sdk.producer import CommandProducer
+from keel.trust.chainer import Chainer
+from keel.trust.checkpoints import CheckpointSigner, TrustedKeys
+from keel.trust.codec import SealingCodec
+from keel.trust.erasure import redaction_sql
+from keel.trust.fields import ERASED, FieldCipher
+from keel.trust.keystore import open_keystore
+from keel.trust.record import parse_record
+from keel.trust.settings import TrustSettings
+from keel.trust.store import read_audit
+from keel.trust.verify import verify_chain
+from tests.helpers import command, start
+from tests.plugins.trust import trust_env
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "keel.cli"]
+GONE = "zq-erasable-7f3a"  # only ever in the erased subject's personal fields
+KEPT = "zq-kept-91bc"  # in another subject's personal fields
+PUBLIC = "zq-template-c0ffee"  # not personal: stored in clear, proves the grep finds what is there
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    client = connect(settings)
+    apply_migrations(client)
+    yield client
+    client.command(f"DROP DATABASE IF EXISTS {quote_identifier(settings.clickhouse_database)}")
+    client.close()
+
+
+def emails(tenant: str, subject: str, marker: str) -> list:
+    return [command(tenant, f"sub-{subject}", start(), on_behalf_of=subject),
+            command(tenant, f"sub-{subject}", SendEmail(to_address=f"{marker}@example.com", template=PUBLIC,
+                                                        body=f"Dear {marker}, your refund."), on_behalf_of=subject)]
+
+
+def stores_containing(settings: Settings, client: Client, paths: list[Path], text: str, logs: str) -> set[str]:
+    """Every store whose bytes contain ``text``: Kafka topics, chDB tables and files, key store, logs."""
+    needle = text.encode()
+    found = set()
+    for spec in declared_topics(settings):
+        for m in read_to_end(settings, spec.name):
+            blob = (m.value() or b"") + (m.key() or b"") + b"".join(v for _, v in m.headers() or [])
+            if needle in blob:
+                found.add(f"kafka:{spec.name}")
+    for (table,) in client.query("SHOW TABLES").result_rows:
+        dump = client.raw_query(f"SELECT * FROM {quote_identifier(table)} FORMAT TSV")
+        if needle in dump:
+            found.add(f"clickhouse:{table}")
+    for root in paths:
+        for path in (root.rglob("*") if root.is_dir() else [root]):
+            if path.is_file() and needle in path.read_bytes():
+                found.add(f"file:{path}")
+    if text in logs:
+        found.add("logs")
+    return found
+
+
+def test_erased_subject_leaves_no_plaintext_anywhere_and_every_chain_still_verifies(
+        settings: Settings, trust_settings: TrustSettings, client: Client, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
+    caplog.set_level(logging.DEBUG)
+    keys = open_keystore(settings, trust_settings)
+    codec = SealingCodec(FieldCipher(keys))
+    with CommandProducer(settings, codec=codec) as producer:
+        for cmd in [*emails("acme", "cust-gone", GONE), *emails("acme", "cust-kept", KEPT)]:
+            producer.send(cmd)
+    processor = CommandProcessor(settings, instance_id="erasure", codec=codec)
+    try:
+        processor.run_until_caught_up()
+    finally:
+        processor.close()
+    events = [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
+    mails = {e.on_behalf_of: e.payload for e in events if isinstance(e.payload, EmailQueued)}
+    assert mails["cust-gone"].to_address == f"{GONE}@example.com"  # sealed on the wire, opens with the key
+    with EventProjector(settings, client) as projector:  # the plain codec: ciphertext is projected
+        projector.catch_up()
+
+    env = trust_env(settings, trust_settings)
+    erased = subprocess.run([*CLI, "subjects", "erase", "--tenant", "acme", "--subject", "cust-gone",
+                             "--actor", "human:dpo-alice", "--reason", "GDPR art. 17 request",
+                             "--no-redact"],  # this process owns the chDB path: it redacts below
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert erased.returncode == 0, erased.stderr
+    client.command(redaction_sql(), parameters={"tenant": "acme", "subject": "cust-gone"})
+    chainer = Chainer(settings, CheckpointSigner.from_settings(trust_settings), instance_id="erasure")
+    try:
+        chainer.run_until_caught_up()
+    finally:
+        chainer.close()
+
+    # events still decode: an explicit marker for the erased subject, the other subject intact
+    events = [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
+    mails = {e.on_behalf_of: e.payload for e in events if isinstance(e.payload, EmailQueued)}
+    assert (mails["cust-gone"].to_address, mails["cust-gone"].body) == (ERASED, ERASED)
+    assert mails["cust-kept"].to_address == f"{KEPT}@example.com"
+    # the chain verifies, and holds the receipt: what, when, by whom
+    audit = read_audit(settings, "acme")
+    assert verify_chain("acme", audit.records, audit.checkpoints, TrustedKeys.from_settings(trust_settings)).ok
+    receipt = parse_record(audit.records[-1]).entry
+    assert (receipt.type, receipt.actor, receipt.on_behalf_of) == ("SubjectErased", "human:dpo-alice", "cust-gone")
+    assert b"GDPR art. 17 request" in receipt.body and b'"key_ids":["' in receipt.body
+    # a projection rebuilt by replay, and the redacted existing rows
+    rebuilt = connect(settings.model_copy(update={"clickhouse_database": settings.clickhouse_database + "_r"}))
+    try:
+        apply_migrations(rebuilt)
+        with EventProjector(settings, rebuilt) as projector:
+            projector.catch_up()
+        [(redacted,)] = client.query("SELECT count() FROM events FINAL WHERE on_behalf_of = 'cust-gone' "
+                                     "AND position(payload, {m:String}) > 0", parameters={"m": ERASED}).result_rows
+        assert redacted == 1
+        chdb_path = Path(settings.analytics_dsn.removeprefix("chdb://"))
+        key_db = Path(str(trust_settings.keystore_dsn).removeprefix("sqlite:///"))
+        keys.close()
+        logs = caplog.text + erased.stdout + erased.stderr
+        for store_client in (client, rebuilt):
+            assert stores_containing(settings, store_client, [chdb_path, key_db, tmp_path], GONE, logs) == set()
+        control = stores_containing(settings, client, [chdb_path], PUBLIC, logs)
+        assert control >= {f"kafka:{topic_name(settings, Topic.EVENTS)}", "clickhouse:events"}
+        assert any(store.startswith("file:") for store in control), control  # the file grep sees chDB parts
+    finally:
+        rebuilt.command(f"DROP DATABASE IF EXISTS {quote_identifier(settings.clickhouse_database + '_r')}")
+        rebuilt.close()

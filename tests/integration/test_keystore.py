@@ -1,0 +1,93 @@
+"""One contract suite for the data-key store, run against every adapter (SQLite, PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keel.trust.errors import KeyUnwrapFailed, UnknownKey, WrongTenantKey
+from keel.trust.keystore import KeyStore, MasterKey
+from keel.trust.keystore_postgres import PostgresKeyStore
+from keel.trust.keystore_sqlite import SqliteKeyStore
+
+pytestmark = pytest.mark.integration
+
+MASTER = MasterKey(os.urandom(32))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the adapter under test keeps its keys (a PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "keys.db")
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+def open_store(location: str, master: MasterKey = MASTER) -> KeyStore:
+    if location.startswith("postgresql://"):
+        return PostgresKeyStore(location, master)
+    return SqliteKeyStore(location, master)
+
+
+@pytest.fixture
+def store(location: str) -> Iterator[KeyStore]:
+    with open_store(location) as keys:
+        yield keys
+
+
+def test_a_subject_has_one_active_key_that_survives_reopening(store: KeyStore, location: str) -> None:
+    first = store.key_for("acme", "cust-1")
+    assert store.key_for("acme", "cust-1") == first and len(first.key) == 32
+    assert store.key_for("acme", "cust-2").key_id != first.key_id
+    assert store.key_for("globex", "cust-1").key_id != first.key_id  # subjects are per tenant
+    with open_store(location) as again:
+        assert again.lookup("acme", first.key_id) == first
+
+
+def test_concurrent_first_use_agrees_on_one_key(store: KeyStore, location: str) -> None:
+    seen: list[str] = []
+
+    def use() -> None:
+        with open_store(location) as own:
+            seen.append(own.key_for("acme", "cust-race").key_id)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 1 and store.key_for("acme", "cust-race").key_id == seen[0]
+
+
+def test_erasure_tombstones_the_key_and_names_who_and_when(store: KeyStore) -> None:
+    key = store.key_for("acme", "cust-1")
+    other = store.key_for("acme", "cust-2")
+    assert store.erase("acme", "cust-1", "human:dpo") == [key.key_id]
+    assert store.lookup("acme", key.key_id) is None
+    row = store.tombstone(key.key_id)
+    assert row is not None and row.wrapped is None and row.erased_by == "human:dpo" and row.erased_at
+    assert store.lookup("acme", other.key_id) == other
+    assert store.erase("acme", "cust-1", "human:dpo") == []
+
+
+def test_unknown_key_wrong_tenant_and_wrong_master_are_typed_errors(store: KeyStore, location: str) -> None:
+    key = store.key_for("acme", "cust-1")
+    with pytest.raises(UnknownKey):
+        store.lookup("acme", "f" * 32)
+    with pytest.raises(WrongTenantKey):
+        store.lookup("globex", key.key_id)
+    with open_store(location, MasterKey(os.urandom(32))) as stranger, pytest.raises(KeyUnwrapFailed):
+        stranger.lookup("acme", key.key_id)
+
+
+def test_key_material_is_stored_wrapped_never_in_clear(store: KeyStore, location: str) -> None:
+    key = store.key_for("acme", "cust-1")
+    row = store.tombstone(key.key_id)
+    assert row is not None and row.wrapped is not None and key.key not in row.wrapped
+    if not location.startswith("postgresql://"):
+        store.close()
+        assert key.key not in Path(location).read_bytes()

@@ -1,0 +1,162 @@
+"""The audit record encoding, the chain and the verifier, on in-memory chains (no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Authority
+from keel.domain.messages import EmailQueued, RefundIssued
+from keel.domain.outcomes import to_events
+from keel.trust.checkpoints import Checkpoint, CheckpointSigner, TrustedKeys
+from keel.trust.entries import encode_receipt, entry_from_intake
+from keel.trust.errors import AuditFormatError
+from keel.trust.record import GENESIS, AuditEntry, parse_record, record_hash, seal_record
+from keel.trust.verify import FailureKind, verify_chain
+from tests.helpers import command, refund
+
+CODEC = EnvelopeCodec()
+SIGNER = CheckpointSigner("k1", Ed25519PrivateKey.generate())
+TRUSTED = TrustedKeys({"k1": SIGNER.key.public_key()})
+
+
+def event_bytes(tenant: str, n: int) -> list[bytes]:
+    """``n`` real encoded events of ``tenant`` (refunds on one aggregate)."""
+    out = []
+    for i in range(n):
+        cmd = command(tenant, "sub-1", refund(100 + i), on_behalf_of="cust-7",
+                      authority=Authority(role="support", approval_id=f"appr-{i}"))
+        [event] = to_events(cmd, [RefundIssued(amount_cents=100 + i, currency="EUR", reason="r")],
+                            version=i, now=cmd.occurred_at)
+        out.append(CODEC.encode(event))
+    return out
+
+
+def chain(tenant: str, values: list[bytes]) -> list[bytes]:
+    """The chained records of ``values``, as the chainer builds them."""
+    records, head = [], GENESIS
+    for seq, value in enumerate(values, start=1):
+        raw = seal_record(seq, head, entry_from_intake(value, tenant))
+        records.append(raw)
+        head = raw[-32:]
+    return records
+
+
+def checkpoint(records: list[bytes], tenant: str = "acme", signer: CheckpointSigner = SIGNER) -> Checkpoint:
+    last = parse_record(records[-1])
+    return signer.sign(tenant, last.seq, last.hash)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[bytes]:
+    return chain("acme", event_bytes("acme", 8))
+
+
+def test_an_intact_chain_verifies_with_its_checkpoint(records: list[bytes]) -> None:
+    report = verify_chain("acme", records, [checkpoint(records[:4]), checkpoint(records)], TRUSTED)
+    assert report.ok, report.summary()
+    assert (report.records, report.checkpoints, report.head) == (8, 2, parse_record(records[-1]).hash)
+
+
+def test_record_holds_every_attributing_field_of_the_event(records: list[bytes]) -> None:
+    event = CODEC.decode(parse_record(records[2]).entry.body)
+    entry = parse_record(records[2]).entry
+    assert (entry.tenant, entry.kind, entry.entry_id, entry.type) == ("acme", "event", str(event.id), "RefundIssued")
+    assert (entry.aggregate_id, entry.version, entry.actor) == ("sub-1", 3, "agent:support-bot")
+    assert (entry.on_behalf_of, entry.causation_id) == ("cust-7", str(event.causation_id))
+    assert '"approval_id":"appr-2"' in (entry.authority or "")
+
+
+def test_an_edited_byte_anywhere_in_a_record_is_detected(records: list[bytes]) -> None:
+    for position in (5, 20, 60, len(records[3]) - 40, len(records[3]) - 1):
+        edited = bytearray(records[3])
+        edited[position] ^= 0x01
+        report = verify_chain("acme", [*records[:3], bytes(edited), *records[4:]], [], TRUSTED)
+        assert report.failure is not None and report.failure.seq == 4
+        assert report.failure.kind in (FailureKind.EDITED, FailureKind.MALFORMED)
+
+
+def test_reordered_records_are_detected_at_the_first_out_of_place_seq(records: list[bytes]) -> None:
+    report = verify_chain("acme", [*records[:2], records[3], records[2], *records[4:]], [], TRUSTED)
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (3, FailureKind.REORDERED)
+
+
+def test_a_deleted_record_is_detected(records: list[bytes]) -> None:
+    report = verify_chain("acme", [*records[:5], *records[6:]], [], TRUSTED)
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (6, FailureKind.MISSING)
+
+
+def test_a_truncated_tail_is_detected_against_the_latest_checkpoint(records: list[bytes]) -> None:
+    report = verify_chain("acme", records[:6], [checkpoint(records)], TRUSTED)
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (7, FailureKind.TRUNCATED)
+
+
+def test_a_consistently_rewritten_history_disagrees_with_the_signed_head(records: list[bytes]) -> None:
+    signed = checkpoint(records)
+    forged_values = [parse_record(r).entry.body for r in records]
+    forged_values[1] = event_bytes("acme", 8)[5]  # rehash everything after the swap
+    report = verify_chain("acme", chain("acme", forged_values), [signed], TRUSTED)
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (8, FailureKind.CHECKPOINT_MISMATCH)
+
+
+def test_a_forged_checkpoint_and_an_unknown_signing_key_are_named(records: list[bytes]) -> None:
+    genuine = checkpoint(records)
+    forged = dataclasses.replace(genuine, seq=20)
+    report = verify_chain("acme", records, [forged], TRUSTED)
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (20, FailureKind.FORGED_CHECKPOINT)
+    stranger = checkpoint(records, signer=CheckpointSigner("k9", Ed25519PrivateKey.generate()))
+    report = verify_chain("acme", records, [stranger], TRUSTED)
+    assert report.failure is not None and report.failure.kind == FailureKind.UNKNOWN_SIGNING_KEY
+    assert "k9" in report.failure.detail
+
+
+def test_a_record_moved_from_another_tenant_is_detected(records: list[bytes]) -> None:
+    other = chain("globex", event_bytes("globex", 8))
+    report = verify_chain("acme", [*records[:4], other[4], *records[5:]], [], TRUSTED)
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (5, FailureKind.FOREIGN_TENANT)
+
+
+def test_a_rotated_key_set_verifies_checkpoints_of_old_and_new_keys(records: list[bytes]) -> None:
+    new = CheckpointSigner("k2", Ed25519PrivateKey.generate())
+    both = TrustedKeys({"k1": SIGNER.key.public_key(), "k2": new.key.public_key()})
+    assert verify_chain("acme", records, [checkpoint(records[:3]), checkpoint(records, signer=new)], both).ok
+
+
+def test_no_bytes_can_move_between_fields() -> None:
+    base = AuditEntry("acme", "event", "e1", "ab", "c", None, None, None, None, None, None, None, None, None, b"")
+    shifted = dataclasses.replace(base, type="a", aggregate_id="bc")
+    empty = dataclasses.replace(base, aggregate_id="")
+    absent = dataclasses.replace(base, aggregate_id=None)
+    hashes = {seal_record(1, GENESIS, e)[-32:] for e in (base, shifted, empty, absent)}
+    assert len(hashes) == 4
+
+
+def test_record_round_trips_and_its_hash_recomputes(records: list[bytes]) -> None:
+    record = parse_record(records[0])
+    assert seal_record(record.seq, record.prev_hash, record.entry) == records[0]
+    assert record_hash(records[0]) == record.hash and record.prev_hash == GENESIS
+    with pytest.raises(AuditFormatError):
+        parse_record(b"KAR\x01" + bytes(50))
+
+
+def test_receipts_and_unrecognised_bytes_are_chained_not_dropped() -> None:
+    receipt = encode_receipt(tenant="acme", type="SubjectErased", receipt_id=uuid.uuid4(), actor="human:dpo",
+                             on_behalf_of="cust-7", details={"key_ids": ["k"]})
+    assert entry_from_intake(receipt, "acme").kind == "receipt"
+    assert entry_from_intake(receipt, "globex").type == "TenantMismatch"
+    assert entry_from_intake(b"garbage", "acme").type == "Unrecognised"
+    sealed = EmailQueued.model_construct(to_address="keel-enc:v1:x:y", template="t", body=None)
+    cmd = command("acme", "sub-1", refund(1))
+    [event] = to_events(cmd, [sealed], version=0, now=cmd.occurred_at)
+    assert entry_from_intake(CODEC.encode(event), "acme").type == "EmailQueued"
+
+
+def test_checkpoint_json_round_trips_and_rejects_junk(records: list[bytes]) -> None:
+    cp = checkpoint(records)
+    assert Checkpoint.from_json(cp.to_json()) == cp
+    with pytest.raises(AuditFormatError):
+        Checkpoint.from_json('{"v": 1, "tenant": "acme"}')
