@@ -15,6 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from keel.config import Settings
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, topic_name
 from keel.domain.envelope import Actor, ActorKind
 from keel.gateway.app import create_app
 from keel.gateway.settings import IngressSettings
@@ -41,8 +43,8 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def build(dsn: str, tmp_path: Path, **ingress: Any) -> Iterator[Harness]:
-    settings = Settings(data_dir=tmp_path)
+def build(dsn: str, tmp_path: Path, base: Settings, **ingress: Any) -> Iterator[Harness]:
+    settings = base.model_copy(update={"data_dir": tmp_path})  # this test's topics, no shared keys
     db = open_database(dsn)
     store, keys = OutboxStore(db), KeyStore(db)
     store.migrate()
@@ -57,8 +59,8 @@ def build(dsn: str, tmp_path: Path, **ingress: Any) -> Iterator[Harness]:
 
 
 @pytest.fixture
-def gw(tmp_path: Path) -> Iterator[Harness]:
-    yield from build(f"sqlite:///{tmp_path / 'outbox.sqlite3'}", tmp_path, gateway_key_cache_s=0,
+def gw(tmp_path: Path, settings: Settings) -> Iterator[Harness]:
+    yield from build(f"sqlite:///{tmp_path / 'outbox.sqlite3'}", tmp_path, settings, gateway_key_cache_s=0,
                      gateway_max_body_bytes=4096)
 
 
@@ -112,6 +114,19 @@ def test_command_for_other_tenant_is_rejected_and_audited(gw: Harness) -> None:
     [recorded] = gw.store.rejections("acme")
     assert recorded["claimed_tenant"] == "globex" and recorded["actor"] == "agent:support-bot"
     assert gw.store.unsent(10) == []
+
+
+def test_an_isolation_violation_reaches_the_tenants_audit_chain(gw: Harness, settings: Settings) -> None:
+    gw.client.post("/v1/commands", json=body(tenant_id="globex"), headers=gw.acme)
+    deadline = time.monotonic() + 20
+    while True:
+        intake = [(m.key(), m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.AUDIT_INTAKE))]
+        if intake or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    [(key, value)] = intake
+    assert key == b"acme"
+    assert b"IsolationViolation" in value and b"globex" in value
 
 
 def test_the_tenant_and_actor_come_from_the_key(gw: Harness) -> None:

@@ -7,6 +7,7 @@ database; the relay alone talks to Kafka. ``create_app`` builds everything at st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from keel.config import Settings
 from keel.bootstrap import edge_codec
+from keel.trust.store import append_receipt
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
@@ -57,6 +59,7 @@ class Gateway:
     keys: KeyStore
     writer: BatchWriter
     ingress: IngressSettings
+    settings: Settings
     codec: EnvelopeCodec = field(default_factory=EnvelopeCodec)
     verified: dict[str, tuple[Principal, float]] = field(default_factory=dict)
 
@@ -105,7 +108,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
         await to_thread.run_sync(store.migrate)
         codec, release_codec = edge_codec(settings)  # personal fields are sealed before the outbox
         app.state.gateway = Gateway(store, KeyStore(db), BatchWriter(store, ingress.gateway_batch_max), ingress,
-                                    codec)
+                                    settings, codec)
         yield
         app.state.gateway.writer.close()
         release_codec()
@@ -227,6 +230,19 @@ async def _refused(gw: Gateway, caller: Principal, exc: KeelError, raw: bytes) -
         await to_thread.run_sync(lambda: gw.store.record_rejection(
             tenant_id=caller.tenant_id, actor=_actor(caller), code=exc.code, field=exc.field,
             message=exc.message, claimed_tenant=claimed, command_id=_peek(raw, "id")))
+        details = {"code": exc.code, "field": exc.field, "claimed_tenant": claimed, "command_id": _peek(raw, "id")}
+        # Into the tenant's audit chain too; in the background, so a Kafka outage never
+        # stalls the gateway (the row above is the durable record).
+        asyncio.get_running_loop().run_in_executor(None, _audit_violation, gw.settings, caller, details)
+
+
+def _audit_violation(settings: Settings, caller: Principal, details: dict[str, str | None]) -> None:
+    try:
+        append_receipt(settings, tenant=caller.tenant_id, type="IsolationViolation", actor=_actor(caller),
+                       details=details)
+    except Exception:  # noqa: BLE001 - logged; the outbox row keeps the violation
+        log.exception("could not append an isolation violation to the audit chain",
+                      extra={"tenant_id": caller.tenant_id})
 
 
 def _bearer_token(request: Request) -> str | None:
