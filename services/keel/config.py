@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(default=6, ge=1, description="Partitions per tenant-keyed topic.")
     replication_factor: int = Field(default=1, ge=1, description="Replication factor of Keel topics.")
     min_insync_replicas: int = Field(default=1, ge=1, description="min.insync.replicas of Keel topics.")
+    kafka_sasl_username: str | None = Field(default=None, description="SASL/SCRAM user (secure brokers).")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL/SCRAM password.")
+    kafka_sasl_mechanism: str = Field(default="SCRAM-SHA-512", description="SASL mechanism.")
     clickhouse_dsn: str | None = Field(
         default=None,
         description="chdb:///path (embedded, the default under data_dir) or http://host:8123.",
@@ -62,6 +65,14 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         """The bootstrap servers clients use."""
         return self.kafka_bootstrap or f"{self.kafka_host}:{self.kafka_port}"
+
+    def kafka_auth(self) -> dict[str, str]:
+        """librdkafka settings that authenticate as the configured principal (none if unset)."""
+        if self.kafka_sasl_username is None:
+            return {}
+        password = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": self.kafka_sasl_mechanism,
+                "sasl.username": self.kafka_sasl_username, "sasl.password": password}
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -49,7 +49,7 @@ def test_statuses_follow_execution_rejection_and_dead_letters(settings: Settings
         processor.run_until_caught_up(timeout_s=120)
     finally:
         processor.close()
-    tracker = StatusTracker(store, settings, INGRESS)
+    tracker = StatusTracker(store, settings)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from typer.testing import CliRunner
@@ -155,9 +156,9 @@ def test_platform_topics_are_written_only_by_the_platform_principal(secure: Secu
     store.migrate()
     cmd = command("a", "sub-1", start())
     store.accept([to_new_command(cmd, EnvelopeCodec().encode(cmd))])
-    ingress = IngressSettings(kafka_sasl_username=secure.platform["sasl.username"],
-                              kafka_sasl_password=secure.platform["sasl.password"])
-    relay = Relay(store, secure.settings, ingress)
+    platform = secure.settings.model_copy(update={"kafka_sasl_username": secure.platform["sasl.username"],
+                                                  "kafka_sasl_password": SecretStr(secure.platform["sasl.password"])})
+    relay = Relay(store, platform, IngressSettings())
     assert relay.run_once() == 1
     relay.close()
     # read_to_end has no auth hook: read as the platform principal with a plain consumer

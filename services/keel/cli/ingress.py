@@ -87,7 +87,7 @@ def relay(track: Annotated[bool, typer.Option(help="Also track command statuses 
     signal.signal(signal.SIGINT, on_signal)
     workers: list[Any] = [Relay(store, settings, ingress)]
     if track:
-        workers.append(StatusTracker(store, settings, ingress))
+        workers.append(StatusTracker(store, settings))
     threads = [threading.Thread(target=worker.run, args=(stop,), name=type(worker).__name__) for worker in workers]
     for thread in threads:
         thread.start()
@@ -105,11 +105,11 @@ def tenants_create(
         help="Create the tenant's Kafka principal and ACLs (default: when the broker is secure).")] = None,
 ) -> None:
     """Register a tenant; on a secure broker also its SCRAM principal with prefixed ACLs."""
-    settings, ingress = Settings(), IngressSettings()
+    settings = Settings()
     _, key_store = _stores()
     created = key_store.create_tenant(tenant)
     _out.print(f"tenant {tenant}: {'created' if created else 'exists'}")
-    auth = ingress.kafka_auth() or platform_auth(settings)
+    auth = settings.kafka_auth() or platform_auth(settings)
     if kafka is None:
         kafka = bool(auth)
     if not kafka:

@@ -1,12 +1,10 @@
-"""Settings of the ingress path (gateway, outbox, relay, Kafka credentials), from ``KEEL_*``.
+"""Settings of the ingress path (gateway, outbox, relay), from ``KEEL_*``; printed by ``keel config``.
 
-Kept apart from ``keel.config.Settings`` until the lead merges them; same prefix, same
-rules: typed, frozen, printed by ``keel config`` once merged.
+Kafka credentials live in ``keel.config.Settings``: every client uses them.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,17 +30,7 @@ class IngressSettings(BaseSettings):
     relay_poll_interval_s: float = Field(default=0.05, gt=0, description="Sleep when the outbox is empty.")
     relay_lease_ttl_s: float = Field(default=10.0, gt=0, description="A dead relay's lease expires after this.")
     relay_delivery_timeout_s: float = Field(default=30.0, gt=0, description="Bound on one Kafka delivery.")
-    kafka_sasl_username: str | None = Field(default=None, description="SASL/SCRAM user (secure brokers).")
-    kafka_sasl_password: str | None = Field(default=None, description="SASL/SCRAM password.")
-    kafka_sasl_mechanism: str = Field(default="SCRAM-SHA-512", description="SASL mechanism.")
 
     def dsn(self, settings: Settings) -> str:
         """The outbox DSN: the configured one or a SQLite file under ``data_dir``."""
         return self.outbox_dsn or f"sqlite:///{(settings.data_dir / 'outbox.sqlite3').resolve()}"
-
-    def kafka_auth(self) -> dict[str, Any]:
-        """librdkafka settings that authenticate as the configured principal (none if unset)."""
-        if self.kafka_sasl_username is None:
-            return {}
-        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": self.kafka_sasl_mechanism,
-                "sasl.username": self.kafka_sasl_username, "sasl.password": self.kafka_sasl_password or ""}

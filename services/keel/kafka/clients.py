@@ -1,7 +1,8 @@
 """librdkafka configurations for each role, built from settings in one place.
 
 Producers partition with murmur2 (the Java client's partitioner), so any client in any
-language maps ``tenant/aggregate`` keys to the same partition.
+language maps ``tenant/aggregate`` keys to the same partition. Every client authenticates
+as the configured SASL principal when one is set (``keel up --secure``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """An idempotent, ``acks=all`` producer: no duplicates, no reordering on retry."""
     return {
         "bootstrap.servers": settings.bootstrap_servers,
+        **settings.kafka_auth(),
         "enable.idempotence": True,
         "acks": "all",
         "partitioner": PARTITIONER,
@@ -36,6 +38,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
     """A ``read_committed`` consumer with manual offset handling."""
     return {
         "bootstrap.servers": settings.bootstrap_servers,
+        **settings.kafka_auth(),
         "group.id": group_id,
         "isolation.level": "read_committed",
         "enable.auto.commit": False,
@@ -48,7 +51,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
 
 def admin_config(settings: Settings) -> dict[str, Any]:
     """The admin client's configuration."""
-    return {"bootstrap.servers": settings.bootstrap_servers}
+    return {"bootstrap.servers": settings.bootstrap_servers, **settings.kafka_auth()}
 
 
 def loader_config(settings: Settings, group_id: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from keel.config import Settings
 from keel.gateway.settings import IngressSettings
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
+from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 from keel.outbox.models import PendingRow
 from keel.outbox.store import OutboxStore
 
@@ -60,7 +61,7 @@ class Relay:
         self._epoch: int | None = None
         timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
         self._producer = Producer(producer_config(
-            settings, **ingress.kafka_auth(), **{"message.timeout.ms": timeout_ms}))
+            settings, **{"message.timeout.ms": timeout_ms}))
 
     def run_once(self) -> int:
         """One round: renew the lease, publish a batch, mark what Kafka acknowledged."""
@@ -112,7 +113,9 @@ class Relay:
         for row in rows:
             while True:
                 try:
+                    # The key's tenant is the gateway's authenticated principal's (never the body's).
                     self._producer.produce(self.topic, value=row.value, key=row.key.encode(),
+                                           headers=[(PRINCIPAL_TENANT_HEADER, row.key.split("/", 1)[0].encode())],
                                            on_delivery=report(row.command_id))
                     break
                 except BufferError:  # local queue full: serve delivery reports, then retry

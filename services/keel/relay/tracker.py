@@ -15,7 +15,6 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import KeelError
-from keel.gateway.settings import IngressSettings
 from keel.kafka.clients import consumer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.outbox.models import Outcome
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 class StatusTracker:
     """One member of the tracker group; each owns some partitions of events and DLQ."""
 
-    def __init__(self, store: OutboxStore, settings: Settings, ingress: IngressSettings,
+    def __init__(self, store: OutboxStore, settings: Settings,
                  codec: EnvelopeCodec | None = None) -> None:
         self.store = store
         self.codec = codec or EnvelopeCodec()
@@ -36,7 +35,7 @@ class StatusTracker:
         self.dlq_topic = topic_name(settings, Topic.DLQ)
         self.applied = 0
         self._consumer = Consumer(consumer_config(
-            settings, f"{settings.topic_prefix}.tracker", **ingress.kafka_auth()))
+            settings, f"{settings.topic_prefix}.tracker"))
         self._consumer.subscribe([self.events_topic, self.dlq_topic])
 
     def run_once(self, timeout_s: float = 0.5) -> int:
