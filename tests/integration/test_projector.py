@@ -302,7 +302,8 @@ def test_projector_killed_mid_stream_resumes_without_gaps_or_duplicates(
         follower.kill()
         follower.wait(30)
 
-    subprocess.run([*CLI, "project"], env=env, check=True, capture_output=True, timeout=120)
-    answer = subprocess.run([*CLI, "query", "SELECT count(), uniqExact(event_id) FROM events", "--format", "json"],
-                            env=env, check=True, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, "project"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = subprocess.run([*CLI, "query", "SELECT count(), uniqExact(event_id) FROM events", "--all-tenants",
+                             "--format", "json"], env=env, check=True, capture_output=True, text=True, timeout=60)
     assert json.loads(answer.stdout)["rows"] == [[len(events), len(events)]]

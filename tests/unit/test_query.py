@@ -12,9 +12,10 @@ import pytest
 from rich.console import Console
 
 from keel.errors import QueryError
-from keel.query.guard import check_ast
+from keel.query.guard import check_ast, check_query_tree
 from keel.query.render import to_csv, to_json, to_table
 from keel.query.run import QueryResult
+from keel.query.scope import Scope
 
 SELECT = """SelectWithUnionQuery (children 1)
  ExpressionList (children 1)
@@ -71,3 +72,57 @@ def test_table_shows_null_and_says_rows_were_cut() -> None:
     text = console.export_text()
 
     assert "NULL" in text and "raise --limit" in text
+
+
+SCOPE = Scope(database="keel__t_abc", tables=frozenset({"events", "commands"}), tenant="acme")
+
+
+def tree(*tables: str, functions: tuple[str, ...] = ()) -> list[str]:
+    lines = ["QUERY id: 0", "  JOIN TREE"]
+    lines += [f"    TABLE id: {n + 3}, alias: __table{n + 1}, table_name: {t}" for n, t in enumerate(tables)]
+    lines += [f"    FUNCTION id: {n + 20}, function_name: {f}, function_type: ordinary, result_type: UInt8"
+              for n, f in enumerate(functions)]
+    return lines
+
+
+def test_query_tree_over_the_scope_passes() -> None:
+    check_query_tree(tree("keel__t_abc.events", "keel__t_abc.commands", "system.one", functions=("equals",)), SCOPE)
+
+
+@pytest.mark.parametrize(("lines", "code"), [
+    (tree("keel.events"), "table_not_allowed"),
+    (tree("keel__t_abc.events", "system.tables"), "table_not_allowed"),
+    (tree("keel__t_abc.tenant_hourly"), "table_not_allowed"),
+    (tree("keel__t_abc.events") + ["    TABLE_FUNCTION id: 3, alias: __table1, table_function_name: numbers"],
+     "table_not_allowed"),
+    (tree("keel__t_abc.events", functions=("file",)), "function_not_allowed"),
+    (tree("keel__t_abc.events", functions=("dictGetString",)), "function_not_allowed"),
+])
+def test_query_tree_reaching_out_of_scope_is_refused(lines: list[str], code: str) -> None:
+    with pytest.raises(QueryError) as refused:
+        check_query_tree(lines, SCOPE)
+
+    assert refused.value.code == code
+
+
+@pytest.mark.parametrize(("line", "code"), [
+    ("      TableIdentifier keel.events", "table_not_allowed"),
+    ("      Identifier system.tables", "table_not_allowed"),
+    ("      Function joinGet (children 1)", "function_not_allowed"),
+    ("      QueryParameter t:Identifier", "table_not_allowed"),
+])
+def test_syntax_tree_naming_another_database_or_a_denied_function_is_refused(line: str, code: str) -> None:
+    with pytest.raises(QueryError) as refused:
+        check_ast([*SELECT.splitlines(), line], databases={"keel", "system"})
+
+    assert refused.value.code == code
+
+
+def test_a_column_qualified_by_a_table_alias_passes() -> None:
+    check_ast([*SELECT.splitlines(), "    Identifier e.tenant_id"], databases={"keel", "system"})
+
+
+def test_a_final_modifier_in_the_tree_does_not_hide_the_table_name() -> None:
+    check_query_tree(["    TABLE id: 3, alias: __table1, table_name: keel__t_abc.events, final: 1"], SCOPE)
+    with pytest.raises(QueryError):
+        check_query_tree(["    TABLE id: 3, alias: __table1, table_name: keel.events, final: 1"], SCOPE)

@@ -1,4 +1,4 @@
-"""The analytics commands: ``keel project``, ``keel query`` and ``keel projections migrate``.
+"""The analytics commands: ``keel project``, ``keel query`` and ``keel projections migrate|rebuild|rollback``.
 
 ``register`` adds them to the main typer app. Each command builds its settings and
 clients itself and closes them on the way out; ``keel.cli.main`` prints a ``KeelError``
@@ -10,20 +10,25 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from enum import StrEnum
 from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.status import Status
 
 from keel.config import Settings
+from keel.errors import QueryError
+from keel.kafka.topics import Topic
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import MigrationReport, apply_migrations
-from keel.projector.projector import EventProjector, ProjectorStats
+from keel.projector.projector import PROJECTED_TOPICS, EventProjector, ProjectorStats
 from keel.query.render import to_csv, to_json, to_table
-from keel.query.run import run_query
+from keel.query.service import execute
+from keel.replay.rebuild import rebuild, rebuildable, rollback
 
 _out = Console()
 _err = Console(stderr=True)
@@ -44,41 +49,54 @@ def register(app: typer.Typer) -> None:
     projections = typer.Typer(help="ClickHouse projections (the SQL under projections/).",
                               no_args_is_help=True)
     projections.command("migrate")(migrate)
+    projections.command("rebuild")(rebuild_view)
+    projections.command("rollback")(rollback_view)
     app.add_typer(projections, name="projections")
 
 
 def project(
-    follow: Annotated[bool, typer.Option("--follow", help="Keep projecting new events until Ctrl-C.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep projecting new records until Ctrl-C.")] = False,
 ) -> None:
-    """Apply projection migrations, then project the events topic into ClickHouse."""
+    """Apply projection migrations, then project the events and commands topics into ClickHouse."""
     settings = Settings()
     client = connect(settings)
     try:
         _print_report(apply_migrations(client))
-        with _out.status("projecting events…") as status, EventProjector(
-            settings, client, on_batch=lambda stats: status.update(_progress(stats))
-        ) as projector:
-            rows = _follow(projector, status) if follow else projector.catch_up()
+    finally:
+        client.close()
+    with _out.status("projecting…") as status:
+        stats = _follow(settings, status) if follow else {
+            source: _project_once(settings, source, status) for source in PROJECTED_TOPICS}
+    for source, done in stats.items():
+        _out.print(f"projected {done.rows} records into {settings.clickhouse_database}.{source.value}"
+                   + (f"; {done.undecodable} undecodable records logged" if done.undecodable else ""))
+
+
+def _project_once(settings: Settings, source: Topic, status: Status) -> ProjectorStats:
+    client = connect(settings)
+    try:
+        with EventProjector(settings, client, source=source,
+                            on_batch=lambda stats: status.update(_progress(source, stats))) as projector:
+            projector.catch_up()
             stats = projector.stats
     finally:
         client.close()
-    _out.print(f"projected {rows} events into {settings.clickhouse_database}.events"
-               + (f"; {stats.undecodable} undecodable records logged" if stats.undecodable else ""))
+    return stats
 
 
 def query(
     sql: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")],
+    tenant: Annotated[str | None, typer.Option("--tenant", help="The tenant whose rows the query sees.")] = None,
+    all_tenants: Annotated[bool, typer.Option("--all-tenants", help="Ops: see every tenant's rows.")] = False,
     output: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.TABLE,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most rows to return.")] = 1000,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds the query may run.")] = 30.0,
 ) -> None:
-    """Run a read-only query against the projections and print the result."""
-    settings = Settings()
-    client = connect(settings)
-    try:
-        result = run_query(client, sql, limit=limit, timeout_s=timeout)
-    finally:
-        client.close()
+    """Run a read-only query over one tenant's projections (or, for ops, every tenant's)."""
+    if (tenant is None) == (not all_tenants):
+        raise QueryError("pass exactly one of --tenant T (analysts) or --all-tenants (ops)",
+                         code="scope_required")
+    result = execute(Settings(), sql, tenant=tenant, limit=limit, timeout_s=timeout)
     if output is OutputFormat.TABLE:
         _out.print(to_table(result))
         return
@@ -98,25 +116,84 @@ def migrate() -> None:
     _print_report(report)
 
 
-def _follow(projector: EventProjector, status: Status) -> int:
-    """Run until Ctrl-C, letting the current batch finish instead of abandoning it."""
+def rebuild_view(
+    view: Annotated[str, typer.Argument(help=f"The table to rebuild: {', '.join(rebuildable())}.")],
+) -> None:
+    """Rebuild a projection into a shadow table, swap it in atomically, keep the old one for rollback."""
+    settings = Settings()
+    client = connect(settings)
+    try:
+        apply_migrations(client)
+        with Progress(TextColumn("rebuilding {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]:,.0f} rows/s"), TimeRemainingColumn(), console=_err) as bar:
+            task = bar.add_task(view, total=None, rate=0.0)
+            started = time.monotonic()
+            report = rebuild(settings, client, view, on_batch=lambda stats: bar.update(
+                task, completed=stats.rows, rate=stats.rows / max(time.monotonic() - started, 1e-6)))
+    finally:
+        client.close()
+    for done in (report, *report.dependents):
+        _out.print(f"rebuilt {done.table}: {done.rows} rows; the old table is kept as {done.kept_as} "
+                   f"(`keel projections rollback {done.table}`)")
+
+
+def rollback_view(
+    view: Annotated[str, typer.Argument(help="The table whose last rebuild to undo.")],
+) -> None:
+    """Swap a projection back to the table its last rebuild replaced (run again to undo)."""
+    settings = Settings()
+    client = connect(settings)
+    try:
+        report = rollback(client, view)
+    finally:
+        client.close()
+    _out.print(f"rolled back {report.table}: {report.rows} rows; the replaced table is kept as {report.kept_as}")
+
+
+def _follow(settings: Settings, status: Status) -> dict[Topic, ProjectorStats]:
+    """One projector thread per topic until Ctrl-C; each finishes its current batch first."""
     stop = threading.Event()
+    stats: dict[Topic, ProjectorStats] = {}
+    failures: list[BaseException] = []
 
     def request_stop(_signum: int, _frame: FrameType | None) -> None:
         status.update("stopping after the current batch…")
         stop.set()
 
-    status.update("following new events (Ctrl-C to stop)…")
+    def follow(source: Topic) -> None:
+        client = connect(settings)
+        try:
+            with EventProjector(settings, client, source=source,
+                                on_batch=lambda done: status.update(_progress(source, done))) as projector:
+                projector.run(stop)
+                stats[source] = projector.stats
+        except BaseException as exc:  # surfaced by the main thread after the others stop
+            failures.append(exc)
+            stop.set()
+        finally:
+            client.close()
+
+    status.update("following new records (Ctrl-C to stop)…")
     previous = signal.signal(signal.SIGINT, request_stop)
+    threads = [threading.Thread(target=follow, args=(source,), name=f"project-{source.value}")
+               for source in PROJECTED_TOPICS]
     try:
-        return projector.run(stop)
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(0.2)
     finally:
+        stop.set()
         signal.signal(signal.SIGINT, previous)
+    if failures:
+        raise failures[0]
+    return stats
 
 
-def _progress(stats: ProjectorStats) -> str:
+def _progress(source: Topic, stats: ProjectorStats) -> str:
     undecodable = f", {stats.undecodable} undecodable" if stats.undecodable else ""
-    return f"projected {stats.rows} events in {stats.batches} batches{undecodable}…"
+    return f"projected {stats.rows} {source.value} in {stats.batches} batches{undecodable}…"
 
 
 def _print_report(report: MigrationReport) -> None:

@@ -1,14 +1,16 @@
-"""The event projector: a read_committed consumer that writes the events topic into ClickHouse.
+"""The projector: a read_committed consumer that writes a log topic (events, commands) into ClickHouse.
 
-Partitions are assigned explicitly from the positions stored in the ``events`` table (no
+Partitions are assigned explicitly from the positions stored in the projection table (no
 consumer-group rebalancing, no reliance on Kafka's committed offsets, which are committed
-after each batch only so lag tools can see progress). Records are decoded, batched and
-inserted with a deterministic deduplication token; a crash anywhere leaves either the whole
-batch with its positions in ClickHouse or none of it, and the next start resumes from
-there. Bytes that do not decode are logged with the reason and counted, never fatal: the
-processor already dead-letters bad commands, so an undecodable event is a bug to surface.
+after each batch only so lag tools can see progress). Records are batched and inserted
+with a deterministic deduplication token (on chDB the engine itself decodes them, see
+``keel.projector.native``); a crash anywhere leaves either the whole batch with its
+positions in ClickHouse or none of it, and the next start resumes from there. Bytes that
+do not decode are logged with the reason and counted, never fatal: the processor already
+dead-letters bad commands, so an undecodable event is a bug to surface.
 
-One projector owns the events table of a topic; run one per topic, not one per partition.
+One projector owns the table of a topic (``events`` for ``<prefix>.events``, ``commands`` for
+``<prefix>.commands``); run one per topic, not one per partition.
 """
 
 from __future__ import annotations
@@ -16,22 +18,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.errors import InfraError, KeelError
+from keel.errors import ConfigError, InfraError, KeelError
 from keel.kafka.clients import consumer_config
 from keel.kafka.topics import Topic, topic_name
+from keel.projector.native import NativeBatch, NativeInserter
 from keel.projector.rows import Position, event_row
 from keel.projector.store import Batch, insert_batch, resume_offsets
 
 log = logging.getLogger(__name__)
+
+PROJECTED_TOPICS = (Topic.EVENTS, Topic.COMMANDS)
 
 _POLL_S = 0.2
 _METADATA_TIMEOUT_S = 10.0
@@ -47,7 +54,7 @@ class ProjectorStats:
 
 
 class EventProjector:
-    """Projects ``<prefix>.events`` into the ``events`` table of the client's database."""
+    """Projects ``<prefix>.<source>`` into the table of the same name in the client's database."""
 
     def __init__(
         self,
@@ -55,19 +62,29 @@ class EventProjector:
         client: Client,
         *,
         codec: EnvelopeCodec | None = None,
-        batch_size: int = 5000,
-        linger_s: float = 1.0,
+        batch_size: int = 20_000,
+        linger_s: float = 0.1,
         on_batch: Callable[[ProjectorStats], None] | None = None,
+        source: Topic = Topic.EVENTS,
+        table: str | None = None,
+        native: bool | None = None,
     ) -> None:
-        self.topic = topic_name(settings, Topic.EVENTS)
+        if source not in PROJECTED_TOPICS:
+            raise ConfigError(f"the {source.value} topic has no projection table", code="unknown_view")
+        self.topic = topic_name(settings, source)
+        self.table = table or source.value  # another table: a rebuild's shadow
         self._client = client
         self._codec = codec or EnvelopeCodec()
+        # the engine decodes batches itself where it can read this process's files (chDB)
+        use_native = settings.analytics_dsn.startswith("chdb:") if native is None else native
+        self._native = NativeInserter(self._codec) if use_native else None
         self._batch_size = batch_size
         self._linger_s = linger_s
         self._on_batch = on_batch
         self._stats = ProjectorStats()
+        self._stats_lock = threading.Lock()
         self._consumer = Consumer(consumer_config(
-            settings, f"{settings.topic_prefix}.projector.events", **{"enable.partition.eof": True}))
+            settings, f"{settings.topic_prefix}.projector.{source.value}", **{"enable.partition.eof": True}))
 
     @property
     def stats(self) -> ProjectorStats:
@@ -76,21 +93,21 @@ class EventProjector:
 
     def catch_up(self, *, timeout_s: float = 300.0) -> int:
         """Project up to the end offsets seen at the start; returns the rows written."""
-        start = resume_offsets(self._client, self.topic)
+        start = resume_offsets(self._client, self.topic, self.table)
         targets = self._behind(start)
         if not targets:
             return 0
         self._assign({p: start.get(p, OFFSET_BEGINNING) for p in targets})
         deadline = time.monotonic() + timeout_s
-        written = 0
-        batch = Batch(self.topic)
+        lane = _InsertLane(self._insert, self._stored)
+        batch = self._batch()
         try:
             while targets:
                 if time.monotonic() > deadline:
                     raise InfraError(
                         f"catching up {self.topic} did not finish within {timeout_s:.0f}s; "
                         f"partitions still behind: {sorted(targets)}", code="projector_timeout")
-                for message in self._consumer.consume(self._batch_size - len(batch.rows), timeout=_POLL_S):
+                for message in self._consumer.consume(self._batch_size - len(batch), timeout=_POLL_S):
                     at_end = self._take(message, batch)
                     partition, offset = message.partition(), message.offset()
                     if partition is None or partition not in targets:
@@ -99,44 +116,51 @@ class EventProjector:
                                   and offset + 1 >= targets[partition]):
                         del targets[partition]  # later records wait for the next catch_up or run
                         self._consumer.pause([TopicPartition(self.topic, partition)])
-                if len(batch.rows) >= self._batch_size or (batch.rows and not targets):
-                    written += self._flush(batch)
-                    batch = Batch(self.topic)
+                lane.poll()
+                if len(batch) >= self._batch_size or (len(batch) > 0 and not targets):
+                    lane.submit(batch)
+                    batch = self._batch()
+            return lane.wait()
         finally:
+            lane.close()
             self._consumer.unassign()
-        return written
 
     def run(self, stop: threading.Event) -> int:
         """Follow the topic until ``stop`` is set; returns the rows written.
 
         A batch is inserted when full or ``linger_s`` after its first record: under load
-        that means full batches, when idle about one insert per ``linger_s``, the rate
-        ClickHouse's parts like (not one insert per record).
+        that means full batches (thousands of rows), while records trickle in at most one
+        insert per ``linger_s``, never one insert per record. Inserting runs beside reading
+        (``_InsertLane``), so a slow insert does not stall the consumer.
         """
-        start = resume_offsets(self._client, self.topic)
+        start = resume_offsets(self._client, self.topic, self.table)
         self._assign({p: start.get(p, OFFSET_BEGINNING) for p in self._partitions()})
-        written = 0
-        batch = Batch(self.topic)
+        lane = _InsertLane(self._insert, self._stored)
+        batch = self._batch()
         opened = time.monotonic()
         try:
             while not stop.is_set():
-                for message in self._consumer.consume(self._batch_size - len(batch.rows), timeout=_POLL_S):
-                    if not batch.rows:
+                for message in self._consumer.consume(self._batch_size - len(batch), timeout=_POLL_S):
+                    if not len(batch):
                         opened = time.monotonic()
                     self._take(message, batch)
-                full = len(batch.rows) >= self._batch_size
+                lane.poll()
+                full = len(batch) >= self._batch_size
                 lingered = time.monotonic() - opened >= self._linger_s
-                if batch.rows and (full or lingered):
-                    written += self._flush(batch)
-                    batch = Batch(self.topic)
-            written += self._flush(batch)
+                if len(batch) and (full or lingered):
+                    lane.submit(batch)
+                    batch = self._batch()
+            lane.submit(batch)
+            return lane.wait()
         finally:
+            lane.close()
             self._consumer.unassign()
-        return written
 
     def close(self) -> None:
         """Release the Kafka consumer; the ClickHouse client belongs to the caller."""
         self._consumer.close()
+        if self._native is not None:
+            self._native.close()
 
     def __enter__(self) -> EventProjector:
         return self
@@ -173,39 +197,108 @@ class EventProjector:
             if error.code() == KafkaError._PARTITION_EOF:
                 return True
             if error.fatal():
-                raise InfraError(f"the events consumer failed: {error.str()}", code="consumer_failed")
-            log.warning("events consumer error", extra={"topic": self.topic, "error": error.str()})
+                raise InfraError(f"the {self.table} consumer failed: {error.str()}", code="consumer_failed")
+            log.warning("projector consumer error", extra={"topic": self.topic, "error": error.str()})
             return False
         partition, offset = message.partition(), message.offset()
         assert partition is not None and offset is not None  # only error events lack a position
-        position = Position(self.topic, partition, offset)
         try:
-            event = self._codec.decode(message.value() or b"")
+            if batch.native is not None and self._native is not None:
+                self._native.accept(batch.native, message.value() or b"", partition, offset)
+                batch.mark(partition, offset)
+            else:
+                position = Position(self.topic, partition, offset)
+                batch.add(event_row(self._codec.decode(message.value() or b""), position), position)
         except KeelError as exc:
-            self._stats = _bump(self._stats, undecodable=1)
-            log.error(
-                "undecodable event at %s[%d]@%d skipped: %s", position.topic, position.partition,
-                position.offset, exc,
-                extra={"topic": position.topic, "partition": position.partition,
-                       "offset": position.offset, "code": exc.code, "reason": exc.message},
-            )
-            return False
-        batch.add(event_row(event, position), position)
+            self._undecodable(Position(self.topic, partition, offset), exc)
         return False
 
-    def _flush(self, batch: Batch) -> int:
-        if not batch.rows:
-            return 0
-        insert_batch(self._client, batch)
+    def _undecodable(self, position: Position, exc: KeelError) -> None:
+        with self._stats_lock:  # the insert lane counts too
+            self._stats = _bump(self._stats, undecodable=1)
+        log.error(
+            "undecodable event at %s[%d]@%d skipped: %s", position.topic, position.partition,
+            position.offset, exc,
+            extra={"topic": position.topic, "partition": position.partition,
+                   "offset": position.offset, "code": exc.code, "reason": exc.message},
+        )
+
+    def _batch(self) -> Batch:
+        return Batch(self.topic, native=NativeBatch() if self._native is not None else None)
+
+    def _insert(self, batch: Batch) -> int:
+        """The native path when available; the Python path when the engine refuses the batch."""
+        if batch.native is None or self._native is None:
+            insert_batch(self._client, batch, self.table)
+            return len(batch)
+        try:
+            self._native.insert(self._client, self.table, self.topic, batch.native, batch.token)
+            return len(batch)
+        except ClickHouseError as exc:
+            log.warning("native insert of %s refused (%s); decoding it in Python", batch.token, exc,
+                        extra={"topic": self.topic, "token": batch.token})
+        rows = Batch(self.topic)
+        for value, partition, offset in self._native.decoded(batch.native):
+            position = Position(self.topic, partition, offset)
+            try:
+                rows.add(event_row(self._codec.decode(value), position), position)
+            except KeelError as exc:
+                self._undecodable(position, exc)
+        rows.same_records_as(batch)
+        insert_batch(self._client, rows, self.table)
+        return len(rows)
+
+    def _stored(self, batch: Batch, written: int) -> None:
+        """After ``batch`` is stored, on the consuming thread (the consumer is not shared)."""
         # Informational only: ClickHouse holds the positions the projector resumes from.
         self._consumer.commit(offsets=[TopicPartition(self.topic, s.partition, s.last + 1)
                                        for s in batch.ordered_spans], asynchronous=True)
-        self._stats = _bump(self._stats, rows=len(batch.rows), batches=1)
-        log.info("projected %d events (%s)", len(batch.rows), batch.token,
-                 extra={"topic": self.topic, "rows": len(batch.rows), "token": batch.token})
+        with self._stats_lock:
+            self._stats = _bump(self._stats, rows=written, batches=1)
+        log.info("projected %d %s (%s)", written, self.table, batch.token,
+                 extra={"topic": self.topic, "rows": written, "token": batch.token})
         if self._on_batch is not None:
             self._on_batch(self._stats)
-        return len(batch.rows)
+
+
+class _InsertLane:
+    """Inserts one batch at a time, in order, off the consuming thread.
+
+    The next batch is read and encoded while the previous one is written, yet a batch is
+    only inserted after the one before it is stored: the positions in ClickHouse never
+    run ahead of a gap, so resuming from them stays exact.
+    """
+
+    def __init__(self, insert: Callable[[Batch], int], stored: Callable[[Batch, int], None]) -> None:
+        self._insert = insert
+        self._stored = stored
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-insert")
+        self._pending: tuple[Batch, Future[int]] | None = None
+        self._written = 0
+
+    def submit(self, batch: Batch) -> None:
+        """Insert ``batch`` once the previous insert is stored (its failure raises here)."""
+        self.wait()
+        if len(batch):
+            self._pending = (batch, self._pool.submit(self._insert, batch))
+
+    def poll(self) -> None:
+        """Report the insert in flight if it is done, without waiting."""
+        if self._pending is not None and self._pending[1].done():
+            self.wait()
+
+    def wait(self) -> int:
+        """Wait for the insert in flight, then report it on this thread; returns the rows written."""
+        if self._pending is not None:
+            (batch, pending), self._pending = self._pending, None
+            written = pending.result()
+            self._written += written
+            self._stored(batch, written)
+        return self._written
+
+    def close(self) -> None:
+        """Let an insert in flight finish (its outcome is already moot when closing on an error)."""
+        self._pool.shutdown(wait=True)
 
 
 def _bump(stats: ProjectorStats, *, rows: int = 0, batches: int = 0, undecodable: int = 0) -> ProjectorStats:

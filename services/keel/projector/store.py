@@ -1,4 +1,4 @@
-"""The ``events`` table as the projector's store: where to resume, and idempotent batch inserts.
+"""A log table (``events``, ``commands``) as the projector's store: resume points, idempotent inserts.
 
 The Kafka position of every event is stored in its row, so the projection itself says
 where to resume (the highest offset per partition plus one) and Kafka's committed offsets
@@ -19,6 +19,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from keel.errors import InfraError
+from keel.projector.native import NativeBatch
 from keel.projector.rows import EVENT_COLUMNS, EVENTS_TABLE, Position
 
 _INSERT_ATTEMPTS = 3
@@ -36,23 +37,42 @@ class Span:
 
 @dataclass
 class Batch:
-    """Rows read from one topic, in offset order per partition, with the spans they cover."""
+    """Rows read from one topic, in offset order per partition, with the spans they cover.
+
+    A batch for the native path (``keel.projector.native``) holds undecoded bodies in
+    ``native`` instead of rows; spans and token work the same.
+    """
 
     topic: str
     rows: list[list[Any]] = field(default_factory=list)
-    spans: dict[int, Span] = field(default_factory=dict)
+    native: NativeBatch | None = None
+    # partition -> [first offset, last offset]; mutable lists keep the per-record cost low
+    _spans: dict[int, list[int]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows) + (self.native.count if self.native is not None else 0)
 
     def add(self, row: list[Any], position: Position) -> None:
         """Append ``row`` read at ``position`` (which must be on this batch's topic)."""
-        span = self.spans.get(position.partition)
-        first = position.offset if span is None else span.first
-        self.spans[position.partition] = Span(position.partition, first, position.offset)
+        self.mark(position.partition, position.offset)
         self.rows.append(row)
+
+    def mark(self, partition: int, offset: int) -> None:
+        """Extend the spans to ``offset`` of ``partition`` (its record went into ``native``)."""
+        span = self._spans.get(partition)
+        if span is None:
+            self._spans[partition] = [offset, offset]
+        else:
+            span[1] = offset
+
+    def same_records_as(self, other: Batch) -> None:
+        """Take ``other``'s spans: these rows are the records it read, so the token is the same."""
+        self._spans = {partition: list(span) for partition, span in other._spans.items()}
 
     @property
     def ordered_spans(self) -> list[Span]:
         """The spans in partition order."""
-        return [self.spans[partition] for partition in sorted(self.spans)]
+        return [Span(partition, *self._spans[partition]) for partition in sorted(self._spans)]
 
     @property
     def token(self) -> str:
@@ -61,11 +81,11 @@ class Batch:
         return f"{self.topic}/{spans}"
 
 
-def resume_offsets(client: Client, topic: str) -> dict[int, int]:
+def resume_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dict[int, int]:
     """The next offset to read per partition: one past the highest offset already stored."""
     try:
         result = client.query(
-            f"SELECT _partition, max(_offset) FROM {EVENTS_TABLE} "
+            f"SELECT _partition, max(_offset) FROM {table} "
             "WHERE _topic = {topic:String} GROUP BY _partition",
             parameters={"topic": topic},
         )
@@ -75,14 +95,19 @@ def resume_offsets(client: Client, topic: str) -> dict[int, int]:
     return {int(partition): int(offset) + 1 for partition, offset in result.result_rows}
 
 
-def insert_batch(client: Client, batch: Batch) -> None:
-    """Insert ``batch`` once, retrying transport failures with the same deduplication token."""
+def insert_batch(client: Client, batch: Batch, table: str = EVENTS_TABLE) -> None:
+    """Insert ``batch`` once, retrying transport failures with the same deduplication token.
+
+    The token also reaches the materialized views fed by ``table``, so a retried batch is
+    dropped there too.
+    """
     if not batch.rows:
         return
-    settings = {"insert_deduplication_token": batch.token}
+    settings = {"insert_deduplication_token": batch.token,
+                "deduplicate_blocks_in_dependent_materialized_views": 1}
     for attempt in range(1, _INSERT_ATTEMPTS + 1):
         try:
-            client.insert(EVENTS_TABLE, batch.rows, column_names=list(EVENT_COLUMNS), settings=settings)
+            client.insert(table, batch.rows, column_names=list(EVENT_COLUMNS), settings=settings)
             return
         except OperationalError as exc:
             if attempt == _INSERT_ATTEMPTS:

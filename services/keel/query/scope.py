@@ -1,0 +1,91 @@
+"""Tenant scopes: the only tables an analyst query can name, already filtered to one tenant.
+
+Threat model: the analyst is authenticated and bound to one tenant, and writes arbitrary SQL
+text. On chDB there are no users or row policies, so isolation is built from names: each
+tenant gets its own database (``<db>__t_<hash>``) holding one view per exposed projection,
+``SELECT * FROM <db>.<view> WHERE tenant_id = '<tenant>'``, and the query runs with that
+database as its default. The guard (``keel.query.guard``) then proves from ClickHouse's own
+resolved query tree that every table the query reads is one of those views: a database
+prefix, ``system.*``, ``information_schema``, a table function or a table-reading scalar
+function is refused before anything runs. Ops can choose the all-tenants scope explicitly:
+the base database, same allow-list, same guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from keel.errors import InfraError, QueryError
+
+EXPOSED: tuple[str, ...] = (
+    "events", "commands", "command_lifecycle", "approvals", "agent_activity", "tenant_metrics",
+    "refund_totals",
+)
+# Log tables may hold a row twice until a merge; analysts see each once.
+_FINAL = frozenset({"events", "commands"})
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a query runs and what it may read: ``tables`` of ``database``, for ``tenant``."""
+
+    database: str
+    tables: frozenset[str]
+    tenant: str | None
+
+    @property
+    def qualified(self) -> frozenset[str]:
+        """The tables as the query tree names them, ``database.table``."""
+        return frozenset(f"{self.database}.{table}" for table in self.tables)
+
+
+def scoped_database(base: str, tenant: str) -> str:
+    """The name of ``tenant``'s scoped database; it changes when the exposed set changes."""
+    digest = hashlib.sha256("\0".join((tenant, *EXPOSED)).encode()).hexdigest()[:20]
+    return f"{base}__t_{digest}"
+
+
+def all_tenants_scope(base: str) -> Scope:
+    """The base database itself, every tenant's rows: for ops only, chosen explicitly."""
+    return Scope(database=base, tables=frozenset(EXPOSED), tenant=None)
+
+
+def tenant_scope(admin: Client, base: str, tenant: str) -> Scope:
+    """``tenant``'s scope, creating its database and views if missing (``admin`` may write)."""
+    if not _TENANT.match(tenant):
+        raise QueryError(f"{tenant!r} is not a valid tenant id", code="invalid_tenant")
+    database = scoped_database(base, tenant)
+    present = _tables(admin, base)
+    tables = frozenset(name for name in EXPOSED if name in present)
+    try:
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+        for name in sorted(tables):
+            final = " FINAL" if name in _FINAL else ""
+            admin.command(
+                f"CREATE VIEW IF NOT EXISTS {quote_identifier(database)}.{quote_identifier(name)} AS "
+                f"SELECT * FROM {quote_identifier(base)}.{quote_identifier(name)}{final} "
+                f"WHERE tenant_id = {format_query_value(tenant)}")
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot prepare the query scope of tenant {tenant}: {exc}",
+                         code="scope_unavailable") from exc
+    return Scope(database=database, tables=tables, tenant=tenant)
+
+
+def _tables(client: Client, database: str) -> set[str]:
+    try:
+        rows = client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+                            parameters={"db": database}).result_rows
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot list the projections of {database}: {exc}",
+                         code="projection_unavailable") from exc
+    if "events" not in {str(name) for (name,) in rows}:
+        raise QueryError(f"no projections in {database}; run `keel projections migrate` first",
+                         code="projections_missing")
+    return {str(name) for (name,) in rows}

@@ -1,0 +1,67 @@
+"""Opens a query session for a caller: their scope, a client bound to it, a bounded slot.
+
+Shared by ``keel query`` and ``GET /v1/query``. Each query gets its own client (cheap on
+chDB, its own session), so an analyst's session never touches the projector's. A
+``QueryGate`` caps concurrent queries: a caller beyond the cap is told to retry instead
+of queueing, so analyst load can never starve the projector of the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from keel.config import Settings
+from keel.errors import QueryError
+from keel.projector.clickhouse import connect
+from keel.query.run import QueryResult, run_query
+from keel.query.scope import Scope, all_tenants_scope, tenant_scope
+
+
+class QueryGate:
+    """At most ``limit`` queries at once; more are refused with ``too_many_queries``."""
+
+    def __init__(self, limit: int = 4) -> None:
+        if limit < 1:
+            raise ValueError("a query gate needs at least one slot")
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one slot for the duration of a query."""
+        if not self._slots.acquire(blocking=False):
+            raise QueryError(f"{self.limit} queries are already running; retry shortly",
+                             code="too_many_queries")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def execute(
+    settings: Settings, sql: str, *, tenant: str | None, limit: int, timeout_s: float,
+    gate: QueryGate | None = None, parameters: Mapping[str, Any] | None = None,
+) -> QueryResult:
+    """Run ``sql`` for ``tenant`` (``None``: every tenant, for ops) within the gate's bound."""
+    with (gate or QueryGate(1)).slot():
+        admin = connect(settings)
+        try:
+            scope = (all_tenants_scope(settings.clickhouse_database) if tenant is None
+                     else tenant_scope(admin, settings.clickhouse_database, tenant))
+        finally:
+            admin.close()
+        return run_in_scope(settings, scope, sql, limit=limit, timeout_s=timeout_s, parameters=parameters)
+
+
+def run_in_scope(settings: Settings, scope: Scope, sql: str, *, limit: int, timeout_s: float,
+                 parameters: Mapping[str, Any] | None = None) -> QueryResult:
+    """Run ``sql`` on a fresh client whose default database is the scope's."""
+    client = connect(settings)
+    try:
+        client.database = scope.database
+        return run_query(client, sql, scope=scope, limit=limit, timeout_s=timeout_s, parameters=parameters)
+    finally:
+        client.close()

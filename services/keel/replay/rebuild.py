@@ -1,0 +1,134 @@
+"""Blue-green rebuild of a projection table: fill a shadow, swap it in atomically, keep the old one.
+
+``rebuild`` fills ``<table>__shadow`` while ``<table>`` keeps serving, then runs
+``EXCHANGE TABLES`` (one atomic rename on chDB and on a server's Atomic database) and keeps the
+old table as ``<table>__previous`` for ``rollback``, which exchanges the two back. Everything
+that reads the table by name (tenant-scoped views, the materialized view feeding
+``tenant_hourly``) follows the swap.
+
+The log tables (``events``, ``commands``) are replayed from Kafka with the projector itself:
+the shadow stores the positions of its rows, so an interrupted rebuild resumes where it
+stopped. After the swap one more catch-up brings the new table to the topic's end. Run the
+rebuild where the projector runs (one chDB path, one process) or stop the projector first:
+rows a concurrent projector writes into the old table between the last catch-up and the
+swap are re-read by that final catch-up, and ReplacingMergeTree collapses any repeat.
+Aggregated tables are recomputed from ``events`` with their materialized view's own SELECT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from keel.config import Settings
+from keel.errors import InfraError
+from keel.kafka.topics import Topic
+from keel.projector.projector import EventProjector, ProjectorStats
+from keel.replay.errors import ProjectionError
+
+SHADOW = "__shadow"
+PREVIOUS = "__previous"
+FROM_KAFKA: dict[str, Topic] = {"events": Topic.EVENTS, "commands": Topic.COMMANDS}
+FROM_EVENTS: dict[str, str] = {"tenant_hourly": "tenant_hourly_mv"}  # table -> the view that feeds it
+COMPUTED = frozenset({"command_lifecycle", "approvals", "agent_activity", "tenant_metrics", "refund_totals"})
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What a rebuild did: rows in the new table, where the old one is kept, dependents rebuilt."""
+
+    table: str
+    rows: int
+    kept_as: str
+    dependents: tuple[RebuildReport, ...] = ()
+
+
+def rebuildable() -> tuple[str, ...]:
+    """The tables ``rebuild`` knows."""
+    return (*FROM_KAFKA, *FROM_EVENTS)
+
+
+def rebuild(settings: Settings, client: Client, table: str, *, batch_size: int = 50_000,
+            on_batch: Callable[[ProjectorStats], None] | None = None) -> RebuildReport:
+    """Rebuild ``table`` into its shadow, swap it in, keep the old one as ``<table>__previous``."""
+    _check(table)
+    shadow = table + SHADOW
+    _run(client, f"CREATE TABLE IF NOT EXISTS {_q(shadow)} AS {_q(table)}")
+    if table in FROM_KAFKA:
+        _replay_log(settings, client, table, shadow, batch_size, on_batch)
+    else:
+        _recompute(client, table, shadow)
+    _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(shadow)}")
+    _run(client, f"DROP TABLE IF EXISTS {_q(table + PREVIOUS)}")
+    _run(client, f"RENAME TABLE {_q(shadow)} TO {_q(table + PREVIOUS)}")
+    dependents: tuple[RebuildReport, ...] = ()
+    if table in FROM_KAFKA:
+        _replay_log(settings, client, table, table, batch_size, on_batch)  # arrived while swapping
+    if table == "events":  # aggregates saw the old table's inserts, not the replayed ones
+        dependents = tuple(rebuild(settings, client, derived) for derived in FROM_EVENTS)
+    return RebuildReport(table=table, rows=_count(client, table), kept_as=table + PREVIOUS, dependents=dependents)
+
+
+def rollback(client: Client, table: str) -> RebuildReport:
+    """Swap ``table`` with the one the last rebuild replaced; a second rollback undoes the first."""
+    _check(table)
+    previous = table + PREVIOUS
+    if not _exists(client, previous):
+        raise ProjectionError(f"{table} has no previous version to roll back to; rebuild it first",
+                              code="nothing_to_roll_back")
+    _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(previous)}")
+    return RebuildReport(table=table, rows=_count(client, table), kept_as=previous)
+
+
+def _check(table: str) -> None:
+    if table in COMPUTED:
+        raise ProjectionError(f"{table} is a view computed at query time from the log tables; it is always "
+                              "current and has nothing to rebuild", code="view_not_materialized")
+    if table not in FROM_KAFKA and table not in FROM_EVENTS:
+        raise ProjectionError(f"unknown projection {table!r}; rebuildable: {', '.join(rebuildable())}",
+                              code="unknown_view")
+
+
+def _replay_log(settings: Settings, client: Client, table: str, target: str, batch_size: int,
+                on_batch: Callable[[ProjectorStats], None] | None) -> None:
+    with EventProjector(settings, client, source=FROM_KAFKA[table], table=target, batch_size=batch_size,
+                        on_batch=on_batch) as projector:
+        projector.catch_up()
+
+
+def _recompute(client: Client, table: str, shadow: str) -> None:
+    try:
+        found = client.query("SELECT as_select FROM system.tables WHERE database = currentDatabase() "
+                             "AND name = {view:String}", parameters={"view": FROM_EVENTS[table]}).result_rows
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot read the definition of {FROM_EVENTS[table]}: {exc}",
+                         code="projection_unavailable") from exc
+    if not found:
+        raise ProjectionError(f"{FROM_EVENTS[table]} is missing; run `keel projections migrate`",
+                              code="projections_missing")
+    _run(client, f"TRUNCATE TABLE {_q(shadow)}")  # one INSERT ... SELECT: nothing to resume
+    _run(client, f"INSERT INTO {_q(shadow)} {found[0][0]}")
+
+
+def _exists(client: Client, table: str) -> bool:
+    return bool(client.query("SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                             "AND name = {t:String}", parameters={"t": table}).result_rows[0][0])
+
+
+def _count(client: Client, table: str) -> int:
+    return int(client.query(f"SELECT count() FROM {_q(table)}").result_rows[0][0])
+
+
+def _run(client: Client, statement: str) -> None:
+    try:
+        client.command(statement)
+    except ClickHouseError as exc:
+        raise InfraError(f"{statement.split(' (')[0]} failed: {exc}", code="rebuild_failed") from exc
+
+
+def _q(name: str) -> str:
+    return quote_identifier(name)
