@@ -222,3 +222,9 @@ def test_the_openapi_document_describes_the_endpoints_and_errors(gw: Harness) ->
     assert "aggregate_id" in post["requestBody"]["content"]["application/json"]["schema"]["required"]
     assert "Actor" in document["components"]["schemas"]
     assert gw.client.get("/docs").status_code == 200
+
+
+def test_the_query_api_is_served_by_the_gateway_for_analysts_only(gw: Harness) -> None:
+    response = gw.client.get("/v1/query", params={"sql": "SELECT count() FROM events"}, headers=gw.acme)
+    assert response.status_code == 403  # the acme key holds support-agent, not analyst
+    assert "/v1/query" in gw.client.get("/openapi.json").json()["paths"]

@@ -26,6 +26,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from keel.config import Settings
 from keel.bootstrap import edge_codec
+from keel.query.http import build_query_router
 from keel.trust.store import append_receipt
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.principal import Principal
@@ -114,7 +115,11 @@ def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
         release_codec()
 
     app = FastAPI(title="Keel command gateway", version="1", lifespan=lifespan,
-                  description="Send commands with a per-tenant API key; follow their status.")
+                  description="Send commands with a per-tenant API key; follow their status; "
+                              "query your tenant's projections (role analyst).")
+    # Analysts' read-only queries. On embedded chDB the process that owns the data path
+    # answers them; with a ClickHouse server any gateway replica can.
+    app.include_router(build_query_router(_principal, settings=settings))
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:
