@@ -77,8 +77,16 @@ def status() -> None:
 
 @app.command("config")
 def show_config() -> None:
-    """Print the effective settings (from KEEL_* environment variables)."""
-    print(json.dumps(Settings().model_dump(mode="json"), indent=2))
+    """Print the effective settings of every part (from KEEL_* variables); secrets stay masked."""
+    from keel.bootstrap import trust_settings
+    from keel.gateway.settings import IngressSettings
+    from keel.watchers.approvals_rules import ApprovalSettings
+    from keel.watchers.breaker_rules import BreakerSettings
+
+    settings = Settings()
+    sections = {"core": settings, "ingress": IngressSettings(), "trust": trust_settings(settings),
+                "breaker_watcher": BreakerSettings(), "approval_watcher": ApprovalSettings()}
+    print(json.dumps({name: part.model_dump(mode="json") for name, part in sections.items()}, indent=2))
 
 
 @topics_app.command("apply")
