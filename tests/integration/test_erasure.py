@@ -139,8 +139,10 @@ def test_erased_subject_leaves_no_plaintext_anywhere_and_every_chain_still_verif
         for store_client in (client, rebuilt):
             assert stores_containing(settings, store_client, [chdb_path, key_db, tmp_path], GONE, logs) == set()
         control = stores_containing(settings, client, [chdb_path], PUBLIC, logs)
+        # The positive control proves the Kafka and SQL greps see plaintext where it is. The raw
+        # chDB files are LZ4-compressed parts, so their grep is defence in depth only: it may
+        # or may not see the control, and must never see the erased marker.
         assert control >= {f"kafka:{topic_name(settings, Topic.EVENTS)}", "clickhouse:events"}
-        assert any(store.startswith("file:") for store in control), control  # the file grep sees chDB parts
     finally:
         rebuilt.command(f"DROP DATABASE IF EXISTS {quote_identifier(settings.clickhouse_database + '_r')}")
         rebuilt.close()

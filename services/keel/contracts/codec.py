@@ -42,8 +42,10 @@ class EnvelopeCodec:
             raise DecodeError("not an Avro single-object message (bad magic or too short)")
         writer = self.catalog.writer(bytes(data[2:HEADER_SIZE]))
         reader = self.catalog.latest(writer.message_type)
+        # Written with the current schema (the usual case): nothing to resolve.
+        resolve = reader.parsed if reader is not writer else None
         try:
-            record = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, reader.parsed)
+            record = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, resolve)
         except Exception as exc:  # fastavro raises many kinds on corrupt input
             raise DecodeError(f"corrupt {writer.message_type} body: {exc}") from exc
         record["schema_version"] = reader.payload_version

@@ -9,6 +9,7 @@ itself, but the parked command when an approval resumes it.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,12 +17,18 @@ from datetime import datetime
 from keel.domain.envelope import Authority, Envelope, Payload
 from keel.domain.messages import CommandRejected
 
-_EVENT_NAMESPACE = uuid.UUID("6f1c4b0e-7d4a-5b8e-9c1f-3a2d5e6f7a8b")
+_EVENT_NAMESPACE = uuid.UUID("6f1c4b0e-7d4a-5b8e-9c1f-3a2d5e6f7a8b").bytes
 
 
 def event_id(command_id: uuid.UUID, index: int) -> uuid.UUID:
-    """The deterministic id of the ``index``-th event caused by ``command_id``."""
-    return uuid.uuid5(_EVENT_NAMESPACE, f"{command_id}/{index}")
+    """The deterministic id of the ``index``-th event caused by ``command_id``.
+
+    A name-based SHA-1 UUID (version 5) whose name is the command id's 16 bytes and the
+    index as 4 bytes: ``uuid.uuid5`` would need a text name, and formatting the command id
+    as text took half the time of the whole derivation.
+    """
+    digest = hashlib.sha1(_EVENT_NAMESPACE + command_id.bytes + index.to_bytes(4, "big")).digest()
+    return uuid.UUID(bytes=digest[:16], version=5)
 
 
 def to_events(
@@ -41,22 +48,18 @@ def to_events(
         outcome_only = isinstance(payload, CommandRejected)
         if not outcome_only:
             version += 1
-        events.append(Envelope.model_construct(
-            id=event_id(command.id, index),
-            tenant_id=origin.tenant_id,
-            actor=origin.actor,
-            delegation=origin.delegation,
-            on_behalf_of=origin.on_behalf_of,
-            authority=authority or origin.authority,
-            type=type(payload).__name__,
-            schema_version=payload.schema_version,
-            aggregate_id=origin.aggregate_id,
-            expected_version=None,
-            version=None if outcome_only else version,
-            causation_id=origin.id,
-            correlation_id=origin.correlation_id,
-            occurred_at=now,
-            traceparent=origin.traceparent,
-            payload=payload,
-        ))
+        # The origin's envelope with what the decision sets: its other fields (tenant,
+        # actor, delegation, addressing, correlation) were validated when it was decoded,
+        # and ``model_copy`` carries them over at a third of ``model_construct``'s cost.
+        events.append(origin.model_copy(update={
+            "id": event_id(command.id, index),
+            "authority": authority or origin.authority,
+            "type": type(payload).__name__,
+            "schema_version": payload.schema_version,
+            "expected_version": None,
+            "version": None if outcome_only else version,
+            "causation_id": origin.id,
+            "occurred_at": now,
+            "payload": payload,
+        }))
     return events

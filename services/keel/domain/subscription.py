@@ -105,25 +105,27 @@ def decide(command: Envelope, state: SubscriptionState) -> list[Payload]:
 
 def evolve(state: SubscriptionState, event: Envelope) -> SubscriptionState:
     """The state after ``event``; outcome-only events (rejections) leave it unchanged."""
-    if event.version is None:
+    version = event.version
+    if version is None:
         return state
+    # One ``replace`` per event, the version included: it is the costly part of folding.
     match event.payload:
         case SubscriptionStarted() as started:
-            state = replace(state, status=Status.ACTIVE, customer_id=started.customer_id,
-                            plan=started.plan, currency=started.currency,
-                            paid_cents=started.monthly_price_cents)
+            return replace(state, version=version, status=Status.ACTIVE, customer_id=started.customer_id,
+                           plan=started.plan, currency=started.currency, paid_cents=started.monthly_price_cents)
         case SubscriptionCancelled():
-            state = replace(state, status=Status.CANCELLED)
+            return replace(state, version=version, status=Status.CANCELLED)
         case RefundIssued() as refund:
             refunds = dict(state.refunds)
             if event.causation_id is not None:
                 refunds[event.causation_id] = refund.amount_cents
-            state = replace(state, refunded_cents=state.refunded_cents + refund.amount_cents, refunds=refunds)
+            return replace(state, version=version, refunded_cents=state.refunded_cents + refund.amount_cents,
+                           refunds=refunds)
         case RefundReversed() as reversal:
-            state = replace(state, refunded_cents=state.refunded_cents - reversal.amount_cents,
-                            refunds={k: v for k, v in state.refunds.items() if k != reversal.reverses})
+            return replace(state, version=version, refunded_cents=state.refunded_cents - reversal.amount_cents,
+                           refunds={k: v for k, v in state.refunds.items() if k != reversal.reverses})
         case SubscriptionReactivated():
-            state = replace(state, status=Status.ACTIVE)
+            return replace(state, version=version, status=Status.ACTIVE)
         case EmailQueued():
-            state = replace(state, emails_queued=state.emails_queued + 1)
-    return replace(state, version=event.version)
+            return replace(state, version=version, emails_queued=state.emails_queued + 1)
+    return replace(state, version=version)

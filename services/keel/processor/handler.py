@@ -21,7 +21,6 @@ from keel.domain.envelope import Actor, Authority, Envelope
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.pipeline import Context, Decision, govern
 from keel.domain.governance.ratelimit import RateLimiter
-from keel.domain.messages import payload_class
 from keel.domain.outcomes import to_events
 from keel.domain.subscription import reject
 from keel.errors import KeelError, ValidationError
@@ -66,8 +65,12 @@ class Governance:
 
 
 def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], partition: int,
-           view: BatchView, codec: EnvelopeCodec, governance: Governance) -> Outcome:
-    """Decode, check and decide one commands-topic record against the batch's state."""
+           view: BatchView, codec: EnvelopeCodec, governance: Governance, now: datetime | None = None) -> Outcome:
+    """Decode, check and decide one commands-topic record against the batch's state.
+
+    ``now`` is the decision time (default: the clock); the processor reads it once per
+    batch, since a batch is decided and committed as one transaction.
+    """
     if value is None:
         return DeadLetter("empty_record", "the record has no value")
     try:
@@ -76,7 +79,7 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
         return _invalid_payload(value, key, exc, codec) or DeadLetter(exc.code, exc.message)
     except KeelError as exc:
         return DeadLetter(exc.code, exc.message)
-    if payload_class(command.type).kind != "command":
+    if command.payload.kind != "command":  # decoding gave the payload the class its type names
         return DeadLetter("not_a_command", f"{command.type} is an event, not a command")
     key_tenant, _, key_aggregate = (key or b"").decode(errors="replace").partition("/")
     if key_aggregate != command.aggregate_id:
@@ -86,7 +89,7 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
     if view.already_decided(partition, command.id):
         return Duplicate(command)
     principal = headers.get(PRINCIPAL_TENANT_HEADER)
-    context = Context(governance.controls.of(command.tenant_id), governance.limiter, datetime.now(UTC),
+    context = Context(governance.controls.of(command.tenant_id), governance.limiter, now or datetime.now(UTC),
                       principal_tenant=principal.decode() if principal is not None else None,
                       key_tenant=key_tenant)
     try:

@@ -9,12 +9,14 @@ worker instance plus the consumer group metadata sent with the offsets fence zom
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -26,6 +28,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from keel.bootstrap import edge_codec
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
@@ -60,7 +63,11 @@ class CommandProcessor:
     def __init__(self, settings: Settings, *, instance_id: str | None = None,
                  codec: EnvelopeCodec | None = None) -> None:
         self.settings = settings
-        self.codec = codec or EnvelopeCodec()
+        if codec is None:
+            codec, self._release_codec = edge_codec(settings)
+        else:
+            self._release_codec = lambda: None
+        self.codec = codec
         self.stats = ProcessorStats()
         self.commands_topic = topic_name(settings, Topic.COMMANDS)
         self.events_topic = topic_name(settings, Topic.EVENTS)
@@ -144,10 +151,11 @@ class CommandProcessor:
         view = BatchView(self.partitions)
         outcome_counts = ProcessorStats()
         thrown: list[tuple[str, bytes | None]] = []
+        now = datetime.now(UTC)  # one decision time per batch: it commits as one transaction
         self._producer.begin_transaction()
         try:
             for message in messages:
-                thrown += self._process(message, view, outcome_counts)
+                thrown += self._process(message, view, outcome_counts, now)
             self._producer.send_offsets_to_transaction(
                 transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
             transactions.commit(self._producer)
@@ -161,18 +169,19 @@ class CommandProcessor:
         self._add(outcome_counts, len(messages))
         return len(messages)
 
-    def _process(self, message: Message, view: BatchView,
-                 counts: ProcessorStats) -> list[tuple[str, bytes | None]]:
+    def _process(self, message: Message, view: BatchView, counts: ProcessorStats,
+                 now: datetime) -> list[tuple[str, bytes | None]]:
         """Produce one record's outcome into the open transaction; returns controls it threw."""
         partition = message.partition()
         headers = {k: v for k, v in message.headers() or [] if v is not None}
-        outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance)
+        outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance,
+                         now)
         match outcome:
             case Decided(command, decision):
                 events = decision.events
                 for event in events:
                     value = self.codec.encode(event)
-                    headers = [("keel-type", event.type.encode())]
+                    headers = _type_headers(event.type)
                     self._producer.produce(self.events_topic, value, message.key(),
                                            partition=partition, headers=headers)
                     # Keyed by tenant alone: the audit chainer sees a tenant's events in one
@@ -183,7 +192,8 @@ class CommandProcessor:
                     self._producer.produce(self.controls_topic, value, key.encode())
                 counts.events += len(events)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
-                log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
+                if log.isEnabledFor(logging.DEBUG):  # skip building the list when nobody logs it
+                    log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
                 return decision.controls
             case DeadLetter(code, reason):
                 headers = list(message.headers() or []) + [
@@ -246,6 +256,13 @@ class CommandProcessor:
         """Leave the group; an open transaction (if any) is aborted by the broker."""
         self._controls.close()
         self._consumer.close()
+        self._release_codec()
+
+
+@functools.cache
+def _type_headers(event_type: str) -> list[tuple[str, bytes]]:
+    """The headers of an event record (built once per type; the producer only reads them)."""
+    return [("keel-type", event_type.encode())]
 
 
 def new_instance_id() -> str:
