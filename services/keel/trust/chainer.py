@@ -21,6 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from keel.config import Settings
 from keel.contracts.catalog import load_catalog
 from keel.errors import InfraError
+from keel.kafka import transactions
 from keel.kafka.clients import consumer_config, transactional_producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.trust.checkpoints import CheckpointSigner
@@ -158,10 +159,11 @@ class Chainer:
             self._checkpoint(touched, due_by_time, now)
             if messages:
                 self._producer.send_offsets_to_transaction(
-                    _next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
-            self._commit()
+                    transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+            transactions.commit(self._producer)
         except KafkaException as exc:
-            self._abort(exc)
+            transactions.abort_and_rewind(self._producer, self._consumer, exc, "chainer")
+            self.stats.aborted_batches += 1
             return 0
         for (partition, tenant), head in touched.items():
             if partition in self.partitions:
@@ -199,27 +201,6 @@ class Chainer:
                                partition=partition)
         touched[slot] = TenantHead(head.seq, head.head, head.seq, now)
         self.stats.checkpoints += 1
-
-    def _commit(self) -> None:
-        while True:
-            try:
-                self._producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                if exc.args[0].retriable():
-                    continue
-                raise
-
-    def _abort(self, exc: KafkaException) -> None:
-        error: KafkaError = exc.args[0]
-        if error.fatal() or not error.txn_requires_abort():
-            raise InfraError(f"chainer transaction failed fatally: {error}", code="chainer_fenced") from exc
-        log.warning("aborting chainer batch: %s", error)
-        self._producer.abort_transaction(30)
-        self.stats.aborted_batches += 1
-        for tp in self._consumer.committed(self._consumer.assignment(), timeout=30):
-            tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self._consumer.seek(tp)
 
     # -- running ------------------------------------------------------------------------
 
@@ -266,14 +247,6 @@ class Chainer:
     def close(self) -> None:
         """Leave the group; an open transaction is aborted by the broker."""
         self._consumer.close()
-
-
-def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
-    last: dict[tuple[str, int], int] = {}
-    for m in messages:
-        key = (m.topic() or "", _partition(m))
-        last[key] = max(last.get(key, -1), _offset(m))
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
 def _partition(message: Message) -> int:
