@@ -71,6 +71,8 @@ def test_an_admin_approves_a_parked_refund_and_then_undoes_it(
                      ("ApprovalGranted", "jane.lead"), ("RefundIssued", "support-bot"),
                      ("RefundReversed", "jane.lead")]
     assert "sub-1" not in keel(settings, "approvals", "list", "--tenant", "acme").stdout
+    [reversal] = [e for e in events(settings) if e.type == "RefundReversed"]
+    assert reversal.correlation_id == big.correlation_id  # one trail: the refund and what undid it
 
 
 def test_dead_letters_are_listed_shown_and_redriven(settings: Settings, processor: CommandProcessor) -> None:

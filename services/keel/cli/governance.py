@@ -99,7 +99,9 @@ def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
     if compensation is None:
         raise KeelError(f"command {command_id} yielded {[e.type for e in events]}; none of them can be undone",
                         code="irreversible")
-    _send(settings, compensation, tenant, events[0].aggregate_id, _actor(acting), causation_id=command_id)
+    # Same correlation as what it undoes, so one trail shows the action and its undoing.
+    _send(settings, compensation, tenant, events[0].aggregate_id, _actor(acting), causation_id=command_id,
+          correlation_id=events[0].correlation_id)
 
 
 def approvals_list(tenant: Tenant) -> None:
@@ -200,9 +202,9 @@ def _actor(spec: str) -> Actor:
 
 
 def _send(settings: Settings, payload: Payload, tenant: str, aggregate: str, actor: Actor,
-          causation_id: uuid.UUID | None = None) -> None:
+          causation_id: uuid.UUID | None = None, correlation_id: uuid.UUID | None = None) -> None:
     command = new_command(payload, tenant_id=tenant, aggregate_id=aggregate, actor=actor,
-                          authority=Authority(), causation_id=causation_id)
+                          authority=Authority(), causation_id=causation_id, correlation_id=correlation_id)
     with CommandProducer(settings) as producer:
         producer.send(command)
     console.print(f"sent {command.type} {command.id} to {tenant}/{aggregate}; "

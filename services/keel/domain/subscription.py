@@ -52,6 +52,8 @@ class SubscriptionState:
 
 
 INITIAL = SubscriptionState()
+COMPENSATING_EVENTS = frozenset({"RefundReversed", "SubscriptionReactivated"})
+"""Events that undo an earlier one: a compensation, never an UPDATE."""
 
 
 def reject(command: Envelope, code: str, reason: str) -> CommandRejected:

@@ -1,9 +1,9 @@
 """A readable trail from the audit chain: who did what, in what order, under whose authority.
 
 Reads the attribution fields of the records themselves (not the events topic), so the
-trail is exactly what the verified chain says. Compensations are events whose type says
-they undo something (``*Compensated``, ``*Reverted``, ``*Cancelled``) or receipts such as
-``SubjectErased``; they are marked so a reader sees what undid what.
+trail is exactly what the verified chain says. Compensations (the domain's compensating
+events, which share the correlation id of what they undo) and erasure receipts are
+marked, so a reader sees what undid what.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from keel.domain.subscription import COMPENSATING_EVENTS
 from keel.trust.record import AuditRecord, parse_record
 
-_UNDO_SUFFIXES = ("Compensated", "Reverted", "Cancelled", "Erased")
+_UNDOING = COMPENSATING_EVENTS | {"SubjectErased"}
 
 
 def select_trail(records: Iterable[bytes], *, command: str | None = None,
@@ -54,7 +55,7 @@ def _line(record: AuditRecord) -> str:
     parts.append(f"[{authority or 'no authority recorded'}]")
     target = f" {e.aggregate_id}" + (f" v{e.version}" if e.version else "") if e.aggregate_id else ""
     parts.append(f"{e.type}{target}")
-    if e.type.endswith(_UNDO_SUFFIXES):
+    if e.type in _UNDOING:
         parts.append("<- undoes earlier actions")
     if e.causation_id:
         parts.append(f"(caused by {e.causation_id})")
