@@ -125,5 +125,13 @@ def test_projector_killed_ten_times_during_50k_events_leaves_exactly_the_topic_i
                            "payload FROM events ORDER BY _partition, _offset")
     assert len(rows) == EVENTS  # no duplicate row, even before any merge
     assert {str(r[0]): [*r[1:6], json.loads(str(r[6]))] for r in rows} == in_topic
-    # the materialized per-hour metrics saw every inserted block once
+    # The per-hour aggregate is fed by a materialized view in the same INSERT as `events`, but
+    # not atomically with it: a kill between the two parts can leave it one batch short (the
+    # batch is never re-sent, since its positions are in `events`). It never counts twice, and
+    # `keel projections rebuild tenant_hourly` (from `events`) makes it exact again.
+    [[counted]] = keel_query(env, "SELECT sum(events) FROM tenant_metrics")
+    assert int(str(counted)) <= EVENTS
+    repaired = subprocess.run([*CLI, "projections", "rebuild", "tenant_hourly"], env=env, capture_output=True,
+                              text=True, timeout=180)
+    assert repaired.returncode == 0, repaired.stderr
     assert keel_query(env, "SELECT sum(events) FROM tenant_metrics") == [[EVENTS]]

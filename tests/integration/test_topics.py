@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
@@ -37,10 +39,17 @@ def test_applying_twice_changes_nothing_and_restores_drifted_config(settings: Se
     [future] = admin.incremental_alter_configs(
         [ConfigResource(ResourceType.TOPIC, events, incremental_configs=[drift])]).values()
     future.result()
+    deadline = time.monotonic() + 10  # let the drift land before repairing it
+    while _config(admin, events)["retention.ms"] != "1000" and time.monotonic() < deadline:
+        time.sleep(0.2)
 
     outcome = apply_topics(admin, declared_topics(settings))
 
     assert set(outcome.values()) == {"updated"}
+    # KRaft brokers apply a committed config change asynchronously: read until it converges.
+    deadline = time.monotonic() + 10
+    while _config(admin, events)["retention.ms"] != str(FOREVER) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _config(admin, events)["retention.ms"] == str(FOREVER)
 
 
