@@ -8,6 +8,7 @@ from keel.domain.envelope import Actor, ActorKind, Envelope, Payload, new_comman
 from keel.domain.messages import IssueRefund, StartSubscription
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
+from keel.sdk.producer import CommandProducer
 
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 
@@ -30,3 +31,10 @@ def events(settings: Settings) -> list[Envelope]:
     """Every committed event, in per-partition log order."""
     codec = EnvelopeCodec()
     return [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
+
+
+def send(settings: Settings, *commands: Envelope) -> None:
+    """Send commands through the SDK and wait until Kafka acknowledged every one."""
+    with CommandProducer(settings) as producer:
+        for cmd in commands:
+            producer.send(cmd)

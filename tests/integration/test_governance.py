@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.envelope import Actor, ActorKind, Envelope
+from keel.domain.envelope import Actor, ActorKind
 from keel.domain.governance.policy import SYSTEM_ACTOR
 from keel.domain.principal import Principal
 from keel.errors import ValidationError
@@ -32,7 +32,7 @@ from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.processor.worker import CommandProcessor
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER, CommandProducer
-from tests.helpers import command, events, refund, start
+from tests.helpers import command, events, refund, send, start
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +57,6 @@ def worker(settings: Settings) -> Iterator[CommandProcessor]:
     processor = CommandProcessor(settings, instance_id="gov")
     yield processor
     processor.close()
-
-
-def send(settings: Settings, *commands: Envelope) -> None:
-    with CommandProducer(settings) as producer:
-        for cmd in commands:
-            producer.send(cmd)
 
 
 def produce_raw(settings: Settings, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> None:

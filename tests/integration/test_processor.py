@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -16,8 +15,7 @@ from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
 from keel.processor.worker import CommandProcessor
-from keel.sdk.producer import CommandProducer
-from tests.helpers import command, events, refund, start
+from tests.helpers import command, events, refund, send, start
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +25,6 @@ def processor(settings: Settings) -> Iterator[CommandProcessor]:
     worker = CommandProcessor(settings, instance_id="test")
     yield worker
     worker.close()
-
-
-def send(settings: Settings, *commands: Any) -> None:
-    with CommandProducer(settings) as producer:
-        for cmd in commands:
-            producer.send(cmd)
 
 
 def produce_raw(settings: Settings, value: bytes, key: bytes) -> None:
