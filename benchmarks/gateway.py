@@ -10,9 +10,14 @@ Stages, in one run:
 3. ``latency@R``: open loop at a fixed R requests/s; latency runs from each request's scheduled
    send time, so a stalled server cannot hide queueing (no coordinated omission).
 
-The load generator speaks HTTP/1.1 over asyncio streams by hand: Python HTTP clients spend
-more CPU per request than the server being measured, on the same two cores. Figures are
-printed, never judged. Run: ``.venv/bin/python benchmarks/gateway.py`` after ``keel up``.
+The closed loop runs ``wrk`` (C; ``apt-get install wrk``) when it is on the PATH, since the
+load generator shares the two cores with the server it measures. Without it, and for the
+open loop, a Python generator speaks HTTP/1.1 over asyncio streams by hand (Python HTTP
+clients spend more CPU per request than the server). Every request carries its own command
+id, as real clients do. Besides rates, each stage prints the gateway's own CPU time per
+accepted command (all its processes, from ``/proc``): a figure that load from other
+programs on the machine disturbs far less than the rate. Figures are printed, never judged.
+Run: ``.venv/bin/python benchmarks/gateway.py`` after ``keel up``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,6 +67,8 @@ class Figures:
     p50_ms: float | None = None
     p99_ms: float | None = None
     errors: int = 0
+    cpu_us: float | None = None  # the gateway's CPU time per accepted command
+    generator: str = ""
 
 
 def _free_port() -> int:
@@ -95,6 +104,64 @@ def kafka_raw(settings: Settings, count: int) -> Figures:
     elapsed = time.perf_counter() - started
     admin.delete_topics([topic])
     return Figures("kafka-raw", count / elapsed)
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("KEEL_BENCH_TOKEN")
+local sent = 0
+local run = string.format("%08x-%04x-4%03x", math.random(0, 0x7fffffff), math.random(0, 0xffff),
+                          math.random(0, 0xfff))
+request = function()
+  sent = sent + 1
+  return wrk.format(nil, nil, nil, string.format(
+    '{"id":"%s-8%03x-%012x","type":"IssueRefund","aggregate_id":"sub-%d",' ..
+    '"payload":{"amount_cents":1250,"currency":"EUR","reason":"late delivery"}}',
+    run, math.random(0, 0xfff), sent, sent % 500))
+end
+"""
+
+
+def closed_loop_wrk(port: int, token: str, connections: int, duration_s: float, folder: Path
+                    ) -> tuple[int, int, float]:
+    """The closed loop with ``wrk``; returns (accepted, errors, seconds)."""
+    script = folder / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration_s:.0f}s", "-s", str(script),
+                           f"http://127.0.0.1:{port}/v1/commands"], env={**os.environ, "KEEL_BENCH_TOKEN": token},
+                          capture_output=True, text=True, check=True)
+    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", done.stdout)
+    if total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{done.stdout}{done.stderr}")
+    seconds = float(total.group(2)) / (1000 if total.group(3) == "ms" else 1)
+    refused = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+    socket_errors = re.search(r"Socket errors: .*", done.stdout)
+    errors = (int(refused.group(1)) if refused else 0) + (
+        sum(int(n) for n in re.findall(r"\d+", socket_errors.group(0))) if socket_errors else 0)
+    return int(total.group(1)) - (int(refused.group(1)) if refused else 0), errors, seconds
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User plus system CPU seconds of ``root`` and all its descendants, from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, pending = 0.0, [root]
+    while pending:
+        pid = pending.pop()
+        total += times.get(pid, 0.0)
+        pending += children.get(pid, [])
+    return total
 
 
 class Connection:
@@ -199,14 +266,23 @@ def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, wo
                     raise RuntimeError(f"the gateway did not start (exit {server.poll()}):\n{log}") from None
                 time.sleep(0.2)
         asyncio.run(closed_loop(port, token, connections, 2.0))  # warm-up: imports, caches, connections
-        accepted, errors, elapsed = asyncio.run(closed_loop(port, token, connections, duration_s))
+        generator = "wrk" if shutil.which("wrk") else "python"
+        cpu_before = tree_cpu_seconds(server.pid)
+        if generator == "wrk":
+            accepted, errors, elapsed = closed_loop_wrk(port, token, connections, duration_s, data_dir)
+        else:
+            accepted, errors, elapsed = asyncio.run(closed_loop(port, token, connections, duration_s))
+        cpu_closed = tree_cpu_seconds(server.pid) - cpu_before
         latencies, late_errors = asyncio.run(open_loop(port, token, rate, duration_s))
+        cpu_open = tree_cpu_seconds(server.pid) - cpu_before - cpu_closed
     finally:
         server.terminate()
         server.wait(30)
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
-    return [Figures(f"gateway-{name}", accepted / elapsed, errors=errors),
-            Figures(f"gateway-{name} latency@{rate}/s", rate, p50, p99, late_errors)]
+    return [Figures(f"gateway-{name}", accepted / elapsed, errors=errors, cpu_us=cpu_closed / max(accepted, 1) * 1e6,
+                    generator=generator),
+            Figures(f"gateway-{name} latency@{rate}/s", rate, p50, p99, late_errors,
+                    cpu_us=cpu_open / max(len(latencies) - late_errors, 1) * 1e6, generator="python")]
 
 
 def main(duration: float = typer.Option(10.0, help="Seconds per measured stage."),
@@ -232,12 +308,14 @@ def main(duration: float = typer.Option(10.0, help="Seconds per measured stage."
             finally:
                 server.stop()
     baseline, load = figures[0].rate, os.getloadavg()
-    table = Table("stage", "per second", "vs raw Kafka", "p50 ms", "p99 ms", "errors",
+    table = Table("stage", "per second", "vs raw Kafka", "p50 ms", "p99 ms", "errors", "gateway CPU µs/cmd",
+                  "load generator",
                   title=f"gateway benchmark ({os.cpu_count()} cores, load {load[0]:.1f}, {workers} gateway workers)")
     for f in figures:
         table.add_row(f.stage, f"{f.rate:,.0f}", f"{f.rate / baseline:.3f}",
                       f"{f.p50_ms:.1f}" if f.p50_ms is not None else "",
-                      f"{f.p99_ms:.1f}" if f.p99_ms is not None else "", str(f.errors))
+                      f"{f.p99_ms:.1f}" if f.p99_ms is not None else "", str(f.errors),
+                      f"{f.cpu_us:.0f}" if f.cpu_us is not None else "", f.generator)
     console.print(table)
     print(json.dumps({"benchmark": "gateway", "workers": workers, "connections": connections, "load": load,
                       "figures": [f.__dict__ for f in figures]}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -74,3 +75,109 @@ def test_keys_are_created_listed_used_and_revoked_through_the_cli(tmp_path: Path
         server.terminate()
         server.wait(30)
     assert runner.invoke(app, ["keys", "revoke", key_id], env=env).exit_code != 0  # already revoked
+
+
+def _workers(parent: int) -> set[int]:
+    """The gateway's worker processes: children of ``parent`` started by multiprocessing's spawn."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent \
+                    and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _serving_pids(port: int) -> set[int]:
+    """Processes holding established connections on ``port`` (from /proc/net/tcp and fd links)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # local port, ESTABLISHED
+            inodes.add(f"socket:[{fields[9]}]")
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_workers_share_connections_and_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    env = {**os.environ, "KEEL_DATA_DIR": str(tmp_path), "KEEL_OUTBOX_DSN": f"sqlite:///{tmp_path / 'o.sqlite3'}"}
+    runner = CliRunner()
+    assert runner.invoke(app, ["tenants", "create", "acme", "--no-kafka"], env=env).exit_code == 0
+    made = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--actor", "agent:support-bot"], env=env)
+    token = re.search(r"keel_[0-9a-f]{16}_\S+", made.output).group(0)  # type: ignore[union-attr]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "keel.cli", "gateway", "--port", str(port), "--workers", "2"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def post_from(clients: list[httpx.Client]) -> None:
+        for client in clients:
+            command = {"id": str(uuid.uuid4()), "type": "CancelSubscription", "aggregate_id": "sub-1",
+                       "payload": {"reason": "asked"}}
+            answer = client.post(f"http://127.0.0.1:{port}/v1/commands", json=command, headers=headers)
+            assert answer.status_code == 202, answer.text
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(_workers(server.pid)) < 2 or not _listening(port):
+            assert time.monotonic() < deadline and server.poll() is None, "the gateway did not start"
+            time.sleep(0.2)
+        clients = [httpx.Client() for _ in range(24)]  # keep-alive connections, as a load balancer holds
+        post_from(clients)
+        workers = _workers(server.pid)
+        assert _serving_pids(port) & workers == workers, "one worker took every connection"
+        for client in clients:
+            client.close()
+
+        victim = next(iter(workers))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(_workers(server.pid) - {victim}) < 2:
+            assert time.monotonic() < deadline and server.poll() is None, "the dead worker was not replaced"
+            time.sleep(0.2)
+        fresh = [httpx.Client() for _ in range(8)]
+        deadline = time.monotonic() + 60
+        while True:  # the replacement needs a moment to bind; the survivor answers meanwhile
+            try:
+                post_from(fresh)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        for client in fresh:
+            client.close()
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0
+    assert not _workers(server.pid)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_taken_port_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "keel.cli", "gateway", "--port", str(port), "--workers", "2"],
+                              env={**os.environ, "KEEL_DATA_DIR": str(tmp_path),
+                                   "KEEL_OUTBOX_DSN": f"sqlite:///{tmp_path / 'o.sqlite3'}"},
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "port_unavailable" in done.stderr + done.stdout and str(port) in done.stderr + done.stdout

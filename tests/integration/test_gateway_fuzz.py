@@ -86,7 +86,7 @@ def post(tmp_path: Path) -> Iterator[Post]:
     app = create_app(Settings(data_dir=tmp_path), IngressSettings(outbox_dsn=dsn, gateway_max_body_bytes=4096))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     loop = asyncio.new_event_loop()
-    lifespan = app.router.lifespan_context(app)
+    lifespan = app.app.router.lifespan_context(app.app)
     loop.run_until_complete(lifespan.__aenter__())
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
     yield lambda raw: loop.run_until_complete(client.post("/v1/commands", content=raw, headers=headers))

@@ -60,13 +60,11 @@ def gateway(host: Annotated[str | None, typer.Option(help="Interface to bind.")]
             port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
             workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None) -> None:
     """Run the HTTP command gateway (OpenAPI docs at /docs)."""
-    import uvicorn
+    from keel.gateway.serve import serve
 
     ingress = IngressSettings()
     _stores()  # create the tables once, before workers race to
-    uvicorn.run("keel.gateway.app:app_from_env", factory=True, host=host or ingress.gateway_host,
-                port=port or ingress.gateway_port, workers=workers or ingress.gateway_workers,
-                log_level="warning", access_log=False)
+    serve(host or ingress.gateway_host, port or ingress.gateway_port, workers or ingress.gateway_workers)
 
 
 def relay(track: Annotated[bool, typer.Option(help="Also track command statuses from events and DLQ.")] = True,

@@ -7,14 +7,12 @@ database; the relay alone talks to Kafka. ``create_app`` builds everything at st
 
 from __future__ import annotations
 
-import asyncio
-import json
+import gc
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from anyio import sleep, to_thread
@@ -24,22 +22,20 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from keel.config import Settings
 from keel.bootstrap import edge_codec
-from keel.query.http import build_query_router
-from keel.trust.store import append_receipt
-from keel.contracts.codec import EnvelopeCodec
+from keel.config import Settings
 from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
-from keel.gateway.errors import RECORDED, BodyTooLarge, IdempotencyConflict, NotFound, http_status
-from keel.gateway.intake import admit
+from keel.gateway.errors import NotFound, http_status
 from keel.gateway.schemas import AcceptedResponse, ErrorResponse, command_definitions, command_request_schema
 from keel.gateway.settings import IngressSettings
+from keel.gateway.submit import Gateway, SubmitFastPath, log_unauthenticated, submit
 from keel.gateway.writer import BatchWriter
 from keel.logs import configure_logging
 from keel.outbox.db import open_database
 from keel.outbox.models import TERMINAL, CommandRecord
 from keel.outbox.store import OutboxStore
+from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
 
 log = logging.getLogger("keel.gateway")
@@ -50,30 +46,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (409, "idempotency_conflict"), (413, "payload_too_large"), (415, "unsupported_media_type"),
         (422, "unknown_type, unknown_schema, schema_violation, not_a_command"), (503, "outbox_unavailable"))
 }
-
-
-@dataclass
-class Gateway:
-    """What the routes share: stores, the batching writer, and a short-lived key cache."""
-
-    store: OutboxStore
-    keys: KeyStore
-    writer: BatchWriter
-    ingress: IngressSettings
-    settings: Settings
-    codec: EnvelopeCodec = field(default_factory=EnvelopeCodec)
-    verified: dict[str, tuple[Principal, float]] = field(default_factory=dict)
-
-    async def authenticate(self, token: str | None) -> Principal:
-        """The key's principal, from the cache while it is fresh."""
-        cached = self.verified.get(token or "")
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
-        principal = await to_thread.run_sync(self.keys.authenticate, token)
-        if len(self.verified) > 10_000:
-            self.verified.clear()
-        self.verified[token or ""] = (principal, time.monotonic() + self.ingress.gateway_key_cache_s)
-        return principal
 
 
 async def _gateway(request: Request) -> Gateway:
@@ -99,8 +71,8 @@ async def _record(command_id: uuid.UUID, caller: Caller, gw: Shared) -> CommandR
     return found
 
 
-def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
-    """The gateway application for these settings."""
+def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
+    """The gateway application for these settings: FastAPI behind the command fast path."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,6 +82,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
         codec, release_codec = edge_codec(settings)  # personal fields are sealed before the outbox
         app.state.gateway = Gateway(store, KeyStore(db), BatchWriter(store, ingress.gateway_batch_max), ingress,
                                     settings, codec)
+        gc.freeze()  # start-up objects live as long as the process: full collections skip them
         yield
         app.state.gateway.writer.close()
         release_codec()
@@ -123,9 +96,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:
-        if exc.code in {"missing_key", "invalid_key"}:  # no principal to attribute it to: log only
-            log.info("request refused", extra={"code": exc.code, "path": request.url.path,
-                                               "client": request.client.host if request.client else None})
+        log_unauthenticated(exc, request.url.path, request.client.host if request.client else None)
         return JSONResponse({"error": exc.as_dict()}, status_code=http_status(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -139,30 +110,12 @@ def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
               response_class=JSONResponse,
               openapi_extra={"security": [{"HTTPBearer": []}], "requestBody": {"required": True, "content": {
                   "application/json": {"schema": command_request_schema()}}}})
-    async def submit(request: Request) -> Response:
+    async def submit_route(request: Request) -> Response:
         """Accept a command durably; the same id and body again answer with the original result."""
-        # The hot path resolves no FastAPI dependencies (they cost more than the rest of it):
-        # the key is read here; the docs get the same bearer scheme through openapi_extra.
-        gw: Gateway = request.app.state.gateway
-        caller = await gw.authenticate(_bearer_token(request))
-        raw = b""
-        try:
-            raw = await _body(request, ingress.gateway_max_body_bytes)
-            envelope, row = admit(raw, caller, gw.codec)
-            result = await gw.writer.accept(row)
-            if result.conflict:
-                raise IdempotencyConflict(f"command id {row.command_id} was used before with another body",
-                                          field="id")
-        except KeelError as exc:
-            await _refused(gw, caller, exc, raw)
-            raise
-        log.debug("command accepted", extra={"tenant_id": caller.tenant_id, "actor": _actor(caller),
-                                            "command_id": str(envelope.id), "replayed": result.replayed,
-                                            "traceparent": envelope.traceparent})
-        accepted = AcceptedResponse(command_id=result.command_id, status=result.status, replayed=result.replayed,
-                                    status_url=f"/v1/commands/{result.command_id}")
-        # A ready Response skips FastAPI's re-validation of the model: the hot path's biggest cost.
-        return Response(accepted.model_dump_json(), status_code=202, media_type="application/json")
+        # SubmitFastPath answers this path before FastAPI sees it; the route gives it its
+        # OpenAPI entry, and serves it the same way if the FastAPI app is mounted bare.
+        body = await submit(request.app.state.gateway, dict(request.headers.raw), request.receive)
+        return Response(body, status_code=202, media_type="application/json")
 
     @app.get("/v1/commands/{command_id}", response_model=CommandRecord, responses=_ERRORS)
     async def status(found: Annotated[CommandRecord, Depends(_record)]) -> CommandRecord:
@@ -199,69 +152,10 @@ def create_app(settings: Settings, ingress: IngressSettings) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return app
+    return SubmitFastPath(app)
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> SubmitFastPath:
     """The gateway built from ``KEEL_*`` variables (uvicorn's factory for worker processes)."""
     configure_logging(json_lines=True)  # each worker process logs JSON lines, not only the parent
     return create_app(Settings(), IngressSettings())
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    kind = request.headers.get("content-type", "application/json")
-    if "json" not in kind:
-        raise KeelError(f"send application/json, not {kind[:100]}", code="unsupported_media_type",
-                        field="header.content-type")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the body has {declared} bytes; the limit is {limit}", field="")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the body exceeds the limit of {limit} bytes", field="")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _refused(gw: Gateway, caller: Principal, exc: KeelError, raw: bytes) -> None:
-    """Log every refusal; keep the ones that may attack tenant isolation."""
-    level = logging.WARNING if exc.code in RECORDED else logging.INFO
-    log.log(level, "command refused", extra={"tenant_id": caller.tenant_id, "actor": _actor(caller),
-                                          "code": exc.code, "field": exc.field, "reason": exc.message})
-    if exc.code in RECORDED:
-        claimed = _peek(raw, "tenant_id")
-        await to_thread.run_sync(lambda: gw.store.record_rejection(
-            tenant_id=caller.tenant_id, actor=_actor(caller), code=exc.code, field=exc.field,
-            message=exc.message, claimed_tenant=claimed, command_id=_peek(raw, "id")))
-        details = {"code": exc.code, "field": exc.field, "claimed_tenant": claimed, "command_id": _peek(raw, "id")}
-        # Into the tenant's audit chain too; in the background, so a Kafka outage never
-        # stalls the gateway (the row above is the durable record).
-        asyncio.get_running_loop().run_in_executor(None, _audit_violation, gw.settings, caller, details)
-
-
-def _audit_violation(settings: Settings, caller: Principal, details: dict[str, str | None]) -> None:
-    try:
-        append_receipt(settings, tenant=caller.tenant_id, type="IsolationViolation", actor=_actor(caller),
-                       details=details)
-    except Exception:  # noqa: BLE001 - logged; the outbox row keeps the violation
-        log.exception("could not append an isolation violation to the audit chain",
-                      extra={"tenant_id": caller.tenant_id})
-
-
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _peek(raw: bytes, name: str) -> str | None:
-    try:
-        value = json.loads(raw).get(name)
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return str(value)[:200] if value is not None else None
-
-
-def _actor(principal: Principal) -> str:
-    return f"{principal.actor.kind.value}:{principal.actor.id}"

@@ -40,6 +40,7 @@ class NotFound(KeelError):
 
 HTTP_STATUS: dict[str, int] = {
     "malformed_json": 400,
+    "client_disconnected": 400,
     "missing_key": 401,
     "invalid_key": 401,
     "wrong_tenant": 403,

@@ -7,6 +7,8 @@ threads), so a gateway's writer thread and its readers never step on each other.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -98,19 +100,37 @@ class SQLiteDatabase(Database):
     @contextmanager
     def _begin(self) -> Iterator[Cursor]:
         connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")  # take the write lock now, not mid-transaction
+        # Writers queue on a kernel file lock first: SQLite's own busy handler polls with
+        # sleeps of up to 100 ms, which two gateway worker processes turned into stalls.
+        fcntl.flock(self._lock_file(), fcntl.LOCK_EX)
         try:
-            yield Cursor(connection.cursor(), postgres=False)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+            connection.execute("BEGIN IMMEDIATE")  # take the write lock now, not mid-transaction
+            try:
+                yield Cursor(connection.cursor(), postgres=False)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        finally:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_UN)
+
+    def _lock_file(self) -> int:
+        """This thread's descriptor of ``<db>.lock`` (``flock`` excludes per open file, so per thread)."""
+        descriptor: int | None = getattr(self._local, "lock", None)
+        if descriptor is None:
+            descriptor = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._local.lock = descriptor
+        return descriptor
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.close()
             self._local.connection = None
+        descriptor = getattr(self._local, "lock", None)
+        if descriptor is not None:
+            os.close(descriptor)
+            self._local.lock = None
 
 
 class PostgresDatabase(Database):
