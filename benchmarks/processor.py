@@ -319,6 +319,11 @@ def paced_latency(admin: AdminClient, cleanup: Cleanup, rate: int, seconds: floa
     # A short fetch wait: the instrument must not add the default 500 ms long poll.
     consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}.latency", **{"fetch.wait.max.ms": 5}))
     consumer.assign([TopicPartition(events_topic, p, OFFSET_BEGINNING) for p in range(partitions)])  # no join
+    # Started (connection, metadata, idempotent producer id) while the worker starts: else
+    # the first half second of commands waits in the sender and the tail measures its start-up.
+    commands_topic = topic_name(settings, Topic.COMMANDS)
+    producer = Producer(producer_config(settings))
+    producer.list_topics(commands_topic, timeout=30)
     if not ready.wait(timeout=120):
         stop.set()
         raise RuntimeError("the latency worker did not start")
@@ -328,8 +333,7 @@ def paced_latency(admin: AdminClient, cleanup: Cleanup, rate: int, seconds: floa
     lag = [0.0]
 
     def send() -> None:
-        producer = Producer(producer_config(settings))
-        topic, interval = topic_name(settings, Topic.COMMANDS), LATENCY_BURST / rate
+        interval = LATENCY_BURST / rate
         begin = time.perf_counter()
         for tick in range(0, len(records), LATENCY_BURST):
             due = begin + tick // LATENCY_BURST * interval
@@ -339,7 +343,7 @@ def paced_latency(admin: AdminClient, cleanup: Cleanup, rate: int, seconds: floa
             lag[0] = max(lag[0], -pause)
             for command_id, value, key, headers in records[tick:tick + LATENCY_BURST]:
                 sent_at[command_id] = time.perf_counter()
-                producer.produce(topic, value, key, headers=headers)
+                producer.produce(commands_topic, value, key, headers=headers)
             producer.poll(0)
         producer.flush(30)
         sender_done.set()

@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 from keel.config import Settings
 from keel.domain.governance.controls import Controls
 from keel.errors import KeelError
-from keel.kafka.clients import loader_config
+from keel.kafka.clients import follower_config
 from keel.kafka.topics import Topic, topic_name
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class ControlsFollower:
     def __init__(self, settings: Settings, controls: Controls) -> None:
         self.controls = controls
         self._topic = topic_name(settings, Topic.CONTROLS)
-        self._consumer = Consumer(loader_config(settings, f"{settings.topic_prefix}.controls-follower"))
+        self._consumer = Consumer(follower_config(settings, f"{settings.topic_prefix}.controls-follower"))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="controls-follower", daemon=True)
 

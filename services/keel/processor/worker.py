@@ -1,6 +1,6 @@
 """The command processor: a consume-transform-produce loop on Kafka transactions.
 
-Each batch of commands is decided inside one Kafka transaction: the events, the dead
+Each batch of commands commits its outcome in one Kafka transaction: the events, the dead
 letters and the consumed offsets commit together, or not at all. A crash anywhere
 leaves the batch uncommitted, invisible to ``read_committed`` consumers, and it is
 decided again by whichever worker owns the partition next. One ``transactional.id`` per
@@ -10,6 +10,7 @@ worker instance plus the consumer group metadata sent with the offsets fence zom
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import threading
 import time
@@ -42,6 +43,12 @@ from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, h
 from keel.processor.state import BatchView, PartitionState
 
 log = logging.getLogger(__name__)
+
+_Headers = list[tuple[str, str | bytes | None]]
+# topic, value, key, partition, headers: the arguments of one ``produce`` call.
+_Record = tuple[str, bytes | None, bytes | None, int, _Headers | None]
+_ANY_PARTITION = -1  # librdkafka's "unassigned": the partitioner picks by key
+_PRODUCE_CHUNK = 500  # records decided before they go to the producer (tens of ms of deciding)
 
 
 @dataclass
@@ -107,6 +114,9 @@ class CommandProcessor:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.partitions.update(self._load_partitions([tp.partition for tp in partitions]))
+        # The state just loaded (and all else made at start-up) lives as long as the worker
+        # does: exempt it from the full collections that would otherwise rescan all of it.
+        gc.freeze()
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -138,26 +148,34 @@ class CommandProcessor:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def process_batch(self, timeout_s: float = 0.02) -> int:
+    def process_batch(self, timeout_s: float = 0.1) -> int:
         """Decide one batch in one transaction; returns how many records it consumed.
 
-        ``consume`` returns when the batch is full or ``timeout_s`` ends, so the timeout
-        bounds the latency a command waits under light load.
+        The batch is what arrived while the previous transaction committed (up to the batch
+        size): under light load a command waits for one commit, not for a batch to fill;
+        under heavy load batches grow and the cost of a transaction spreads over more
+        commands. ``timeout_s`` bounds the wait for a first record.
         """
-        messages = [m for m in self._consumer.consume(self.settings.processor_batch_size, timeout_s)
-                    if not self._is_benign(m)]
+        messages = [m for m in self._poll(timeout_s) if not self._is_benign(m)]
         if not messages:
             return 0
         view = BatchView(self.partitions)
         outcome_counts = ProcessorStats()
         thrown: list[tuple[str, bytes | None]] = []
+        records: list[_Record] = []
+        opened = False
         now = datetime.now(UTC)  # one decision time per batch: it commits as one transaction
-        self._producer.begin_transaction()
         try:
             for message in messages:
-                thrown += self._process(message, view, outcome_counts, now)
-            self._producer.send_offsets_to_transaction(
-                transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+                thrown += self._decide(message, view, outcome_counts, now, records)
+                if len(records) >= _PRODUCE_CHUNK:  # a large batch: send while deciding the rest
+                    if not opened:
+                        self._open(messages)
+                        opened = True
+                    self._produce(records)
+            if not opened:
+                self._open(messages)
+            self._produce(records)
             transactions.commit(self._producer)
         except KafkaException as exc:
             transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor")
@@ -169,9 +187,39 @@ class CommandProcessor:
         self._add(outcome_counts, len(messages))
         return len(messages)
 
-    def _process(self, message: Message, view: BatchView, counts: ProcessorStats,
-                 now: datetime) -> list[tuple[str, bytes | None]]:
-        """Produce one record's outcome into the open transaction; returns controls it threw."""
+    def _open(self, messages: list[Message]) -> None:
+        """Begin the batch's transaction and add the batch's offsets to it.
+
+        Called once (some of) the batch is decided, not at once after the previous commit,
+        and the offsets go first: a request that reaches the coordinator while it still
+        writes the previous transaction's markers is refused (CONCURRENT_TRANSACTIONS) and
+        retried after a backoff, ``retry.backoff.ms`` for AddOffsetsToTxn but a fixed 20 ms
+        for the AddPartitionsToTxn a first ``produce`` triggers. Once the offsets are in,
+        the transaction is under way and partitions register without a refusal.
+        """
+        self._producer.begin_transaction()
+        self._producer.send_offsets_to_transaction(
+            transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+
+    def _produce(self, records: list[_Record]) -> None:
+        """Hand the decided ``records`` to the open transaction."""
+        for topic, value, key, partition, headers in records:
+            self._producer.produce(topic, value, key, partition=partition, headers=headers)
+        records.clear()
+
+    def _poll(self, timeout_s: float) -> list[Message]:
+        """The records already fetched, or else the first to arrive within ``timeout_s`` and those behind it."""
+        size = self.settings.processor_batch_size
+        messages = self._consumer.consume(size, 0)
+        if not messages:
+            messages = self._consumer.consume(1, timeout_s)
+            if messages and size > 1:
+                messages += self._consumer.consume(size - 1, 0)
+        return messages
+
+    def _decide(self, message: Message, view: BatchView, counts: ProcessorStats, now: datetime,
+                records: list[_Record]) -> list[tuple[str, bytes | None]]:
+        """Decide one record and append its outcome's records; returns the controls it threw."""
         partition = message.partition()
         headers = {k: v for k, v in message.headers() or [] if v is not None}
         outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance,
@@ -181,29 +229,29 @@ class CommandProcessor:
                 events = decision.events
                 for event in events:
                     value = self.codec.encode(event)
-                    headers = _type_headers(event.type)
-                    self._producer.produce(self.events_topic, value, message.key(),
-                                           partition=partition, headers=headers)
+                    type_headers = _type_headers(event.type)
+                    records.append((self.events_topic, value, message.key(), partition, type_headers))
                     # Keyed by tenant alone: the audit chainer sees a tenant's events in one
                     # partition, in the order these transactions committed them.
-                    self._producer.produce(self.audit_intake_topic, value, event.tenant_id.encode(),
-                                           headers=headers)
-                for key, value in decision.controls:
-                    self._producer.produce(self.controls_topic, value, key.encode())
+                    records.append((self.audit_intake_topic, value, event.tenant_id.encode(), _ANY_PARTITION,
+                                    type_headers))
+                for control_key, control_value in decision.controls:
+                    records.append((self.controls_topic, control_value, control_key.encode(), _ANY_PARTITION, None))
                 counts.events += len(events)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
                 if log.isEnabledFor(logging.DEBUG):  # skip building the list when nobody logs it
                     log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
                 return decision.controls
             case DeadLetter(code, reason):
-                headers = list(message.headers() or []) + [
+                dead_headers: _Headers = [
+                    *(message.headers() or []),
                     ("keel-error-code", code.encode()),
                     ("keel-error-reason", reason.encode()),
                     ("keel-source-topic", (message.topic() or "").encode()),
                     ("keel-source-partition", str(partition).encode()),
                     ("keel-source-offset", str(message.offset()).encode()),
                 ]
-                self._producer.produce(self.dlq_topic, message.value(), message.key(), headers=headers)
+                records.append((self.dlq_topic, message.value(), message.key(), _ANY_PARTITION, dead_headers))
                 counts.dead_lettered += 1
                 log.warning("dead-lettered %s[%d]@%d: %s: %s", message.topic(), partition,
                             message.offset(), code, reason)
@@ -260,7 +308,7 @@ class CommandProcessor:
 
 
 @functools.cache
-def _type_headers(event_type: str) -> list[tuple[str, bytes]]:
+def _type_headers(event_type: str) -> _Headers:
     """The headers of an event record (built once per type; the producer only reads them)."""
     return [("keel-type", event_type.encode())]
 
