@@ -63,6 +63,7 @@ def new_app(settings: Settings, app_id: str, **overrides: Any) -> faust.App:
         "broker_session_timeout": SESSION_TIMEOUT_S,
         "consumer_auto_offset_reset": "earliest",
         "table_standby_replicas": 0,
+        "datadir": str(settings.data_dir / "watchers" / f"{app_id}-data"),  # faust's default is the cwd
         **overrides,
     }
     return faust.App(app_id, **options)
