@@ -36,6 +36,13 @@ from keel.errors import InfraError
 _STOP_TIMEOUT_S = 30.0
 PLATFORM_USER = "keel-platform"
 
+# The heap and collector settings of Kafka's own start script (kafka-run-class.sh), which
+# this module replaces: G1 aiming at 20 ms pauses, not its 200 ms default, since every
+# transaction commit waits on the broker.
+_JVM_PERFORMANCE = ["-Xms1g", "-Xmx1g", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+                    "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
+                    "-Djava.awt.headless=true"]
+
 
 @dataclass(frozen=True)
 class BrokerPaths:
@@ -141,7 +148,7 @@ def start_broker(settings: Settings, *, secure: bool = False) -> BrokerStatus:
     _render_config(settings, paths)
     jvm = [java, f"-Dkafka.logs.dir={paths.logs}",
            f"-Dlog4j2.configurationFile={settings.kafka_home / 'log4j2.yaml'}",
-           "-Xms256m", "-Xmx1g", "-cp", classpath]
+           *_JVM_PERFORMANCE, "-cp", classpath]
     if not formatted:
         _format_storage(jvm, paths)
 
