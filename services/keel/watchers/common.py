@@ -53,6 +53,8 @@ def new_app(settings: Settings, app_id: str, **overrides: Any) -> faust.App:
     if not has_lz4():  # Keel's producers compress with lz4; aiokafka needs cramjam for it
         raise ConfigError("aiokafka cannot read lz4 batches: install aiokafka[lz4] (cramjam)",
                           code="lz4_missing")
+    datadir = settings.data_dir / "watchers"  # faust's default is the working directory
+    datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     options: dict[str, Any] = {
         "broker": [f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
         "store": "memory://",
@@ -63,7 +65,7 @@ def new_app(settings: Settings, app_id: str, **overrides: Any) -> faust.App:
         "broker_session_timeout": SESSION_TIMEOUT_S,
         "consumer_auto_offset_reset": "earliest",
         "table_standby_replicas": 0,
-        "datadir": str(settings.data_dir / "watchers" / f"{app_id}-data"),  # faust's default is the cwd
+        "datadir": str(datadir / f"{app_id}-data"),
         **overrides,
     }
     return faust.App(app_id, **options)
