@@ -33,15 +33,16 @@ def transactional_producer_config(settings: Settings, transactional_id: str) -> 
 
     A transaction begun right after a commit can reach the coordinator while it still
     writes the previous one's markers (a few ms); it answers CONCURRENT_TRANSACTIONS and
-    the request is retried after ``retry.backoff.ms``: 5 ms, not the 100 ms default that
-    stalled back-to-back transactions (the backoff still grows if the refusals persist).
+    the request is retried after ``retry.backoff.ms``: 1 ms, not the 100 ms default that
+    stalled back-to-back transactions (the backoff still grows if the refusals persist;
+    p99 at 1,000 commands/s was 58–65 ms with 1 ms against 65–88 ms with 5 ms).
     No linger: the commit flushes the transaction anyway, and at 1,000 commands/s the 5 ms
     linger showed in the latency (p50 about 33 → 28 ms, p99 75–92 → 63–64 ms).
     """
     return producer_config(settings, **{"transactional.id": transactional_id,
                                         "transaction.timeout.ms": 60_000,
                                         "linger.ms": 0,
-                                        "retry.backoff.ms": 5})
+                                        "retry.backoff.ms": 1})
 
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
