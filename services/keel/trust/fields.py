@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -61,22 +61,21 @@ class FieldCipher:
 
     def seal(self, envelope: Envelope) -> Envelope:
         """``envelope`` with every plaintext personal field sealed under its subject's key."""
-        payload = envelope.payload.model_dump()
-        sealed = self.seal_payload(payload, tenant=envelope.tenant_id, subject=envelope.on_behalf_of,
-                                   envelope_id=str(envelope.id), message_type=envelope.type)
-        if sealed == payload:
-            return envelope
-        # model_copy skips validation: a ciphertext need not match the plaintext's format rule.
-        return envelope.model_copy(update={"payload": envelope.payload.model_copy(update=sealed)})
+        return self._rewrite(envelope, self.seal_payload)
 
     def open(self, envelope: Envelope) -> Envelope:
         """``envelope`` with personal fields decrypted, or ``ERASED`` where the key was erased."""
+        return self._rewrite(envelope, self.open_payload)
+
+    def _rewrite(self, envelope: Envelope, transform: Callable[..., dict[str, Any]]) -> Envelope:
+        """``envelope`` with its payload passed through ``transform``; the same object if nothing changed."""
         payload = envelope.payload.model_dump()
-        opened = self.open_payload(payload, tenant=envelope.tenant_id, subject=envelope.on_behalf_of,
-                                   envelope_id=str(envelope.id), message_type=envelope.type)
-        if opened == payload:
+        changed = transform(payload, tenant=envelope.tenant_id, subject=envelope.on_behalf_of,
+                            envelope_id=str(envelope.id), message_type=envelope.type)
+        if changed == payload:
             return envelope
-        return envelope.model_copy(update={"payload": envelope.payload.model_copy(update=opened)})
+        # model_copy skips validation: a ciphertext need not match the plaintext's format rule.
+        return envelope.model_copy(update={"payload": envelope.payload.model_copy(update=changed)})
 
     def seal_payload(self, payload: Mapping[str, Any], *, tenant: str, subject: str | None, envelope_id: str,
                      message_type: str) -> dict[str, Any]:
