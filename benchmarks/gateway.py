@@ -12,8 +12,8 @@ Stages, in one run:
 
 The closed loop runs ``wrk`` (C; ``apt-get install wrk``) when it is on the PATH, since the
 load generator shares the two cores with the server it measures. Without it, and for the
-open loop, a Python generator speaks HTTP/1.1 over asyncio streams by hand (Python HTTP
-clients spend more CPU per request than the server). Every request carries its own command
+open loop, a Python generator speaks HTTP/1.1 over asyncio streams by hand, on uvloop (Python
+HTTP clients spend more CPU per request than the server). Every request carries its own command
 id, as real clients do. Besides rates, each stage prints the gateway's own CPU time per
 accepted command (all its processes, from ``/proc``): a figure that load from other
 programs on the machine disturbs far less than the rate. Figures are printed, never judged.
@@ -23,6 +23,7 @@ Run: ``.venv/bin/python benchmarks/gateway.py`` after ``keel up``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import psycopg
 import typer
+import uvloop
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
@@ -210,7 +212,11 @@ async def closed_loop(port: int, token: str, connections: int, duration_s: float
 
 
 async def open_loop(port: int, token: str, rate: int, duration_s: float) -> tuple[list[float], int]:
-    """Send at a fixed rate; latencies (ms) from each request's scheduled time, and errors."""
+    """Send at a fixed rate; latencies (ms) from each request's scheduled time, and errors.
+
+    The generator's garbage collector is off while it sends: a full collection over the
+    in-flight requests is a pause that would show up as the gateway's latency.
+    """
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for connection in await connect(port, token, 64):
         idle.put_nowait(connection)
@@ -226,14 +232,19 @@ async def open_loop(port: int, token: str, rate: int, duration_s: float) -> tupl
         errors += status != 202
         idle.put_nowait(connection)
 
-    started, tasks = time.perf_counter(), []
-    for index, payload in enumerate(bodies):
-        scheduled = started + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(scheduled, payload)))
-    await asyncio.gather(*tasks)
+    gc.collect()
+    gc.disable()
+    try:
+        started, tasks = time.perf_counter(), []
+        for index, payload in enumerate(bodies):
+            scheduled = started + index / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled, payload)))
+        await asyncio.gather(*tasks)
+    finally:
+        gc.enable()
     while not idle.empty():
         idle.get_nowait().writer.close()
     return sorted(latencies), errors
@@ -265,15 +276,15 @@ def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, wo
                     log = (data_dir / f"gateway-{name}.log").read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"the gateway did not start (exit {server.poll()}):\n{log}") from None
                 time.sleep(0.2)
-        asyncio.run(closed_loop(port, token, connections, 2.0))  # warm-up: imports, caches, connections
+        uvloop.run(closed_loop(port, token, connections, 2.0))  # warm-up: imports, caches, connections
         generator = "wrk" if shutil.which("wrk") else "python"
         cpu_before = tree_cpu_seconds(server.pid)
         if generator == "wrk":
             accepted, errors, elapsed = closed_loop_wrk(port, token, connections, duration_s, data_dir)
         else:
-            accepted, errors, elapsed = asyncio.run(closed_loop(port, token, connections, duration_s))
+            accepted, errors, elapsed = uvloop.run(closed_loop(port, token, connections, duration_s))
         cpu_closed = tree_cpu_seconds(server.pid) - cpu_before
-        latencies, late_errors = asyncio.run(open_loop(port, token, rate, duration_s))
+        latencies, late_errors = uvloop.run(open_loop(port, token, rate, duration_s))
         cpu_open = tree_cpu_seconds(server.pid) - cpu_before - cpu_closed
     finally:
         server.terminate()
