@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.messages import EmailQueued, SendEmail
+from keel.domain.messages import EmailQueued, IssueRefund, RefundIssued, SendEmail
 from keel.domain.outcomes import to_events
+from keel.trust.codec import SealingCodec
 from keel.trust.errors import CorruptCiphertext, KeyUnwrapFailed, TrustError, UnknownKey, WrongTenantKey
 from keel.trust.fields import ERASED, FieldCipher, personal_fields
 from keel.trust.keystore import MasterKey
@@ -111,3 +112,24 @@ def test_a_key_store_opened_with_another_master_key_cannot_unwrap(tmp_path: Path
     with SqliteKeyStore(tmp_path / "k.db", MasterKey(os.urandom(32))) as store:
         with pytest.raises(KeyUnwrapFailed):
             store.lookup("acme", key_id)
+
+
+def test_messages_without_personal_fields_pass_the_sealing_codec_unchanged(keys: SqliteKeyStore) -> None:
+    sealing = SealingCodec(FieldCipher(keys))
+    cmd = command("acme", "sub-1", IssueRefund(amount_cents=5, currency="EUR", reason="late"), on_behalf_of="cust-7")
+    [event] = to_events(cmd, [RefundIssued(amount_cents=5, currency="EUR", reason="late")], version=0,
+                        now=cmd.occurred_at)
+    for message in (cmd, event):
+        assert FieldCipher(keys).seal(message) is message
+        assert sealing.encode(message) == CODEC.encode(message)
+        assert sealing.decode(CODEC.encode(message)) == message
+
+
+def test_the_sealing_codec_opens_a_command_and_reseals_its_event_under_the_event_id(keys: SqliteKeyStore) -> None:
+    sealing, event = SealingCodec(FieldCipher(keys)), email()
+    cmd = command("acme", "sub-1", SendEmail(to_address="ann@example.com", template="t", body="secret body"),
+                  on_behalf_of="cust-7")
+    assert sealing.decode(sealing.encode(cmd)) == cmd
+    wire = CODEC.decode(sealing.encode(event))
+    assert wire.payload.to_address.startswith("keel-enc:v1:")
+    assert sealing.decode(sealing.encode(event)) == event

@@ -8,7 +8,7 @@ with the current reader schema. Bytes that are not a Keel message raise typed
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, cast
 from fastavro import schemaless_reader, schemaless_writer
 
 from keel.contracts.catalog import Catalog, load_catalog
@@ -38,6 +38,10 @@ class EnvelopeCodec:
 
     def decode(self, data: bytes) -> Envelope:
         """The envelope in ``data``; raises ``DecodeError`` or ``ValidationError`` if it is not one."""
+        return parse_envelope(self.read(data))
+
+    def read(self, data: bytes) -> dict[str, Any]:
+        """The raw (unvalidated) record in ``data``, resolved to its type's current schema."""
         if len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object message (bad magic or too short)")
         writer = self.catalog.writer(bytes(data[2:HEADER_SIZE]))
@@ -45,11 +49,11 @@ class EnvelopeCodec:
         # Written with the current schema (the usual case): nothing to resolve.
         resolve = reader.parsed if reader is not writer else None
         try:
-            record = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, resolve)
+            record = cast(dict[str, Any], schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, resolve))
         except Exception as exc:  # fastavro raises many kinds on corrupt input
             raise DecodeError(f"corrupt {writer.message_type} body: {exc}") from exc
         record["schema_version"] = reader.payload_version
-        return parse_envelope(record)
+        return record
 
 
 def to_record(envelope: Envelope) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from keel.kafka.clients import consumer_config, loader_config, transactional_pro
 from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.ratelimit import RateLimiter
+from keel.domain.governance.pipeline import Decision
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
 from keel.processor.state import BatchView, PartitionState
@@ -79,8 +80,7 @@ class CommandProcessor:
         self.commands_topic = topic_name(settings, Topic.COMMANDS)
         self.events_topic = topic_name(settings, Topic.EVENTS)
         self.dlq_topic = topic_name(settings, Topic.DLQ)
-        self.audit_intake_topic = topic_name(settings, Topic.AUDIT_INTAKE)
-        self.controls_topic = topic_name(settings, Topic.CONTROLS)
+        self.outputs = Outputs.of(settings)
         self.governance = Governance(Controls(), RateLimiter())
         self.group_id = f"{settings.topic_prefix}.processor"
         instance = instance_id or settings.processor_instance
@@ -227,16 +227,7 @@ class CommandProcessor:
         match outcome:
             case Decided(command, decision):
                 events = decision.events
-                for event in events:
-                    value = self.codec.encode(event)
-                    type_headers = _type_headers(event.type)
-                    records.append((self.events_topic, value, message.key(), partition, type_headers))
-                    # Keyed by tenant alone: the audit chainer sees a tenant's events in one
-                    # partition, in the order these transactions committed them.
-                    records.append((self.audit_intake_topic, value, event.tenant_id.encode(), _ANY_PARTITION,
-                                    type_headers))
-                for control_key, control_value in decision.controls:
-                    records.append((self.controls_topic, control_value, control_key.encode(), _ANY_PARTITION, None))
+                decided_records(decision, self.codec, self.outputs, message.key(), partition, records)
                 counts.events += len(events)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
                 if log.isEnabledFor(logging.DEBUG):  # skip building the list when nobody logs it
@@ -305,6 +296,35 @@ class CommandProcessor:
         self._controls.close()
         self._consumer.close()
         self._release_codec()
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The topics a decision's records go to."""
+
+    events: str
+    audit_intake: str
+    controls: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Outputs:
+        """The topics under ``settings``' prefix."""
+        return cls(topic_name(settings, Topic.EVENTS), topic_name(settings, Topic.AUDIT_INTAKE),
+                   topic_name(settings, Topic.CONTROLS))
+
+
+def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, key: bytes | None, partition: int,
+                    records: list[_Record]) -> None:
+    """Append ``decision``'s produce records: each event to the events topic and the audit intake, then its controls."""
+    for event in decision.events:
+        value = codec.encode(event)
+        type_headers = _type_headers(event.type)
+        records.append((outputs.events, value, key, partition, type_headers))
+        # Keyed by tenant alone: the audit chainer sees a tenant's events in one
+        # partition, in the order these transactions committed them.
+        records.append((outputs.audit_intake, value, event.tenant_id.encode(), _ANY_PARTITION, type_headers))
+    for control_key, control_value in decision.controls:
+        records.append((outputs.controls, control_value, control_key.encode(), _ANY_PARTITION, None))
 
 
 @functools.cache

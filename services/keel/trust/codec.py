@@ -10,15 +10,9 @@ events are re-sealed under their event ids. Consumers that must never see plaint
 
 from __future__ import annotations
 
-import io
-from typing import Any, cast
-
-from fastavro import schemaless_reader
-
 from keel.contracts.catalog import Catalog
-from keel.contracts.codec import HEADER_SIZE, MAGIC, EnvelopeCodec, parse_envelope
+from keel.contracts.codec import EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Envelope
-from keel.errors import DecodeError
 from keel.trust.fields import FieldCipher
 
 
@@ -35,17 +29,9 @@ class SealingCodec(EnvelopeCodec):
 
     def decode(self, data: bytes) -> Envelope:
         """Decode the raw record, open its personal fields (or mark them erased), then validate."""
-        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
-            raise DecodeError("not an Avro single-object message (bad magic or too short)")
-        writer = self.catalog.writer(bytes(data[2:HEADER_SIZE]))
-        reader = self.catalog.latest(writer.message_type)
-        try:
-            record = cast(dict[str, Any], schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed,
-                                                           reader.parsed))
-        except Exception as exc:  # fastavro raises many kinds on corrupt input
-            raise DecodeError(f"corrupt {writer.message_type} body: {exc}") from exc
-        record["schema_version"] = reader.payload_version
-        record["payload"] = self.cipher.open_payload(
-            record["payload"], tenant=record["tenant_id"], subject=record.get("on_behalf_of"),
-            envelope_id=str(record["id"]), message_type=record["type"])
+        record = self.read(data)
+        if self.cipher.personal(record["type"]):  # most types have none: no copy of the payload
+            record["payload"] = self.cipher.open_payload(
+                record["payload"], tenant=record["tenant_id"], subject=record.get("on_behalf_of"),
+                envelope_id=str(record["id"]), message_type=record["type"])
         return parse_envelope(record)

@@ -69,7 +69,9 @@ class FieldCipher:
 
     def _rewrite(self, envelope: Envelope, transform: Callable[..., dict[str, Any]]) -> Envelope:
         """``envelope`` with its payload passed through ``transform``; the same object if nothing changed."""
-        payload = envelope.payload.model_dump()
+        if not self.personal(envelope.type):  # most types have no personal field: no copy, no dump
+            return envelope
+        payload = envelope.payload.__dict__  # read only: ``transform`` returns a copy
         changed = transform(payload, tenant=envelope.tenant_id, subject=envelope.on_behalf_of,
                             envelope_id=str(envelope.id), message_type=envelope.type)
         if changed == payload:

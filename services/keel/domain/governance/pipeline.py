@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
 
 from keel.domain.aggregate import AggregateState
 from keel.domain.envelope import ActorKind, Authority, Envelope, Payload
@@ -239,8 +241,17 @@ def _control(command: Envelope, state: AggregateState, ctx: Context) -> Decision
 
 
 def _authority(base: Authority, **decided: str | None) -> Authority:
-    """``base`` with what the processor decided (model_copy is slow on the hot path)."""
-    return Authority.model_construct(**{**base.__dict__, **decided})
+    """``base`` with what the processor decided.
+
+    Memoised (the models are frozen): the same few authorities recur command after command,
+    and building one cost more than the policy check that chose it.
+    """
+    return _authority_of(tuple({**base.__dict__, **decided}.items()))
+
+
+@lru_cache(maxsize=4096)
+def _authority_of(fields: tuple[tuple[str, Any], ...]) -> Authority:
+    return Authority.model_construct(**dict(fields))
 
 
 def _emit(command: Envelope, state: AggregateState, ctx: Context, payloads: list[Payload]) -> Decision:

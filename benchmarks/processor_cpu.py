@@ -1,0 +1,126 @@
+"""The command processor's CPU per command, without Kafka.
+
+``processor.py`` measures the whole worker against a broker, where other work on the
+machine moves the figures. This harness runs, on one core, exactly what a worker does per
+command: ``handle`` (decode, validate, govern, decide) and ``decided_records`` (seal and
+encode the events for the events topic and the audit intake), on the reference
+workload's refunds under the benchmark's tenant policies, with personal fields sealed
+against a throwaway key store. Changes to the hot path can so be compared on a noisy
+machine. Run: ``.venv/bin/python benchmarks/processor_cpu.py [--commands N] [--story] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import tempfile
+import time
+import zlib
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+from _common import STORY_LENGTH, reference_commands
+from processor import policy_commands
+from keel.config import Settings
+from keel.domain.envelope import Envelope
+from keel.domain.governance.controls import Controls
+from keel.domain.governance.ratelimit import RateLimiter
+from keel.domain.messages import CommandRejected
+from keel.processor.handler import Decided, Governance, handle
+from keel.processor.state import BatchView, PartitionState
+from keel.processor.worker import Outputs, decided_records
+from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
+from keel.trust.codec import SealingCodec
+from keel.trust.fields import FieldCipher
+from keel.trust.keystore import MasterKey
+from keel.trust.keystore_sqlite import SqliteKeyStore
+
+PARTITIONS = 6
+REFUND_STEPS = (1, 2)  # a story's refunds: one the domain accepts, one it rejects
+
+# value, key, headers, partition: one commands-topic record as the worker sees it.
+Record = tuple[bytes, bytes, dict[str, bytes], int]
+
+
+class Worker:
+    """A processor worker's deciding part: state, governance, codec; no consumer, no producer."""
+
+    def __init__(self, codec: SealingCodec, batch_size: int) -> None:
+        self.codec = codec
+        self.batch_size = batch_size
+        self.partitions = {p: PartitionState() for p in range(PARTITIONS)}
+        self.governance = Governance(Controls(), RateLimiter())
+        self.outputs = Outputs.of(Settings())
+        self.events: Counter[str] = Counter()
+
+    def record(self, command: Envelope) -> Record:
+        """``command`` encoded as the SDK producer sends it (sealed, with the principal header)."""
+        key = command.key.encode()
+        return (self.codec.encode(command), key, {PRINCIPAL_TENANT_HEADER: command.tenant_id.encode()},
+                zlib.crc32(key) % PARTITIONS)
+
+    def run(self, records: list[Record]) -> None:
+        """Decide ``records`` in batches, each committed to the state as the worker does after its transaction."""
+        for start in range(0, len(records), self.batch_size):
+            view = BatchView(self.partitions)
+            now = datetime.now(UTC)
+            produced: list = []
+            thrown: list[tuple[str, bytes | None]] = []
+            for value, key, headers, partition in records[start:start + self.batch_size]:
+                outcome = handle(value, key, headers, partition, view, self.codec, self.governance, now)
+                if not isinstance(outcome, Decided):
+                    raise SystemExit(f"expected a decision, got {outcome}")
+                decided_records(outcome.decision, self.codec, self.outputs, key, partition, produced)
+                thrown += outcome.decision.controls
+                self.events.update(_label(e) for e in outcome.decision.events)
+            view.commit()
+            for control_key, control_value in thrown:
+                self.governance.controls.apply(control_key, control_value)
+
+
+def _label(event: Envelope) -> str:
+    """The event's type, or the code of a rejection: what the run's summary counts."""
+    return event.payload.code if isinstance(event.payload, CommandRejected) else event.type
+
+
+def main() -> None:
+    """Set up policies and subscriptions, then time the refunds (or whole stories) and print µs/command."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--commands", type=int, default=20_000, help="timed commands (about)")
+    parser.add_argument("--batch-size", type=int, default=Settings().processor_batch_size)
+    parser.add_argument("--story", action="store_true", help="time whole stories (incl. sealed e-mails)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile top 25 of the timed part")
+    args = parser.parse_args()
+    steps = range(STORY_LENGTH) if args.story else REFUND_STEPS
+    aggregates = max(1, args.commands // len(steps))
+    commands = reference_commands(aggregates)
+    by_step = [commands[s * aggregates:(s + 1) * aggregates] for s in range(STORY_LENGTH)]
+    with tempfile.TemporaryDirectory() as folder, \
+            SqliteKeyStore(Path(folder) / "keys.db", MasterKey(os.urandom(32))) as keys:
+        worker = Worker(SealingCodec(FieldCipher(keys)), args.batch_size)
+        worker.run([worker.record(c) for c in policy_commands()])
+        if not args.story:
+            worker.run([worker.record(c) for c in by_step[0]])
+        timed = [worker.record(c) for s in steps for c in by_step[s]]
+        worker.events.clear()
+        gc.collect()
+        gc.freeze()  # as the worker does after loading its partitions
+        profile = cProfile.Profile() if args.profile else None
+        started = time.process_time()
+        if profile is not None:
+            profile.runcall(worker.run, timed)
+        else:
+            worker.run(timed)
+        cpu = time.process_time() - started
+    print(f"{len(timed):,} commands, {sum(worker.events.values()):,} events {dict(worker.events)}")
+    print(f"{cpu / len(timed) * 1e6:.1f} µs CPU per command{' (profiled)' if profile else ''}")
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
