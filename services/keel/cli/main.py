@@ -63,7 +63,10 @@ def down(wipe: bool = typer.Option(False, help="Also delete the broker's data (a
         reset_broker(settings)
         console.print("[yellow]down[/yellow]: broker stopped and its data deleted")
     else:
-        console.print(f"[yellow]down[/yellow]: {stop_broker(settings).detail}")
+        before = broker_status(settings)
+        after = stop_broker(settings)
+        stopped = f"stopped broker pid {before.pid}; " if before.pid is not None else ""
+        console.print(f"[yellow]down[/yellow]: {stopped}{after.detail}")
 
 
 @app.command()
