@@ -11,6 +11,9 @@ Stages, in one run:
 3. ``latency@R``: open loop at a fixed R requests/s; latency runs from each request's scheduled
    send time, so a stalled server cannot hide queueing (no coordinated omission).
 
+Each measured stage starts after ``os.sync()``: the writeback of what setup and the previous
+stage wrote would otherwise land in it (every acknowledgement waits for a disk sync).
+
 The closed loop runs ``wrk`` (C; ``apt-get install wrk``) when it is on the PATH, since the
 load generator shares the two cores with the server it measures. Without it, and for the
 open loop, a Python generator speaks HTTP/1.1 over asyncio streams by hand, on uvloop (Python
@@ -279,12 +282,14 @@ def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, wo
                 time.sleep(0.2)
         uvloop.run(closed_loop(port, token, connections, 2.0))  # warm-up: imports, caches, connections
         generator = "wrk" if shutil.which("wrk") else "python"
+        os.sync()
         cpu_before = tree_cpu_seconds(server.pid)
         if generator == "wrk":
             accepted, errors, elapsed = closed_loop_wrk(port, token, connections, duration_s, data_dir)
         else:
             accepted, errors, elapsed = uvloop.run(closed_loop(port, token, connections, duration_s))
         cpu_closed = tree_cpu_seconds(server.pid) - cpu_before
+        os.sync()
         latencies, late_errors = uvloop.run(open_loop(port, token, rate, duration_s))
         cpu_open = tree_cpu_seconds(server.pid) - cpu_before - cpu_closed
     finally:
