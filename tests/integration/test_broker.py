@@ -46,7 +46,9 @@ def test_a_private_broker_starts_reports_and_stops_by_pid_file(isolated: Setting
     assert (isolated.data_dir / "kafka" / "broker.pid").read_text() == str(started.pid)
     stopped = stop_broker(isolated)
     assert not stopped.running and not stopped.healthy
+    assert stopped.detail.startswith(f"stopped broker pid {started.pid}; ")
     assert not (isolated.data_dir / "kafka" / "broker.pid").exists()
+    assert stop_broker(isolated).detail == "no broker is running"
 
 
 def test_a_taken_port_is_reported_not_waited_on(isolated: Settings) -> None:

@@ -63,10 +63,7 @@ def down(wipe: bool = typer.Option(False, help="Also delete the broker's data (a
         reset_broker(settings)
         console.print("[yellow]down[/yellow]: broker stopped and its data deleted")
     else:
-        before = broker_status(settings)
-        after = stop_broker(settings)
-        stopped = f"stopped broker pid {before.pid}; " if before.pid is not None else ""
-        console.print(f"[yellow]down[/yellow]: {stopped}{after.detail}")
+        console.print(f"[yellow]down[/yellow]: {stop_broker(settings).detail}")
 
 
 @app.command()

@@ -24,7 +24,7 @@ import string
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,13 +181,18 @@ def start_broker(settings: Settings, *, secure: bool = False) -> BrokerStatus:
 
 
 def stop_broker(settings: Settings) -> BrokerStatus:
-    """Stop the broker named by the PID file (SIGTERM, then SIGKILL after a bound)."""
+    """Stop the broker named by the PID file (SIGTERM, then SIGKILL after a bound).
+
+    The status after; its detail names the process stopped, if there was one.
+    """
     paths = paths_for(settings)
     pid = _read_pid(paths.pid_file)
-    if pid is not None and _pid_alive(pid):
-        _terminate(pid)
+    stopped = pid if pid is not None and _pid_alive(pid) else None
+    if stopped is not None:
+        _terminate(stopped)
     paths.pid_file.unlink(missing_ok=True)
-    return broker_status(settings)
+    status = broker_status(settings)
+    return replace(status, detail=f"stopped broker pid {stopped}; {status.detail}") if stopped else status
 
 
 def reset_broker(settings: Settings) -> None:
