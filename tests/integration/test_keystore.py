@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from datetime import UTC, datetime
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,12 +65,14 @@ def test_concurrent_first_use_agrees_on_one_key(store: KeyStore, location: str) 
 
 
 def test_erasure_tombstones_the_key_and_names_who_and_when(store: KeyStore) -> None:
+    before = datetime.now(UTC)
     key = store.key_for("acme", "cust-1")
     other = store.key_for("acme", "cust-2")
     assert store.erase("acme", "cust-1", "human:dpo") == [key.key_id]
     assert store.lookup("acme", key.key_id) is None
     row = store.tombstone(key.key_id)
-    assert row is not None and row.wrapped is None and row.erased_by == "human:dpo" and row.erased_at
+    assert row is not None and row.wrapped is None and row.erased_by == "human:dpo"
+    assert row.erased_at is not None and before <= row.erased_at <= datetime.now(UTC)
     assert store.lookup("acme", other.key_id) == other
     assert store.erase("acme", "cust-1", "human:dpo") == []
 

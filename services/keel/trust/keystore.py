@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -170,6 +170,50 @@ class KeyStore(ABC):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class SqlKeyStore(KeyStore):
+    """The key table's queries, shared by the SQLite and PostgreSQL adapters.
+
+    Adapters open the connection and create the table, run ``?``-placeholder SQL
+    (``_rows``) and say how their engine stores a timestamp (``_stamp``).
+    """
+
+    @abstractmethod
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run one statement (its own transaction) and return the rows it yields."""
+
+    def _stamp(self, when: datetime) -> Any:
+        """``when`` as the engine stores it."""
+        return when
+
+    def _active(self, tenant: str, subject: str) -> KeyRow | None:
+        rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
+                          "WHERE tenant = ? AND subject = ? AND wrapped IS NOT NULL", (tenant, subject))
+        return None if not rows else KeyRow(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3]))
+
+    def _insert(self, row: KeyRow) -> KeyRow:
+        self._rows("INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT DO NOTHING", (row.key_id, row.tenant, row.subject, row.wrapped))
+        active = self._active(row.tenant, row.subject)
+        assert active is not None
+        return active
+
+    def _row(self, key_id: str) -> KeyRow | None:
+        rows = self._rows("SELECT key_id, tenant, subject, wrapped, erased_at, erased_by "
+                          "FROM keel_data_keys WHERE key_id = ?", (key_id,))
+        if not rows:
+            return None
+        key, tenant, subject, wrapped, erased_at, erased_by = rows[0]
+        if isinstance(erased_at, str):  # SQLite keeps timestamps as ISO text
+            erased_at = datetime.fromisoformat(erased_at)
+        return KeyRow(key, tenant, subject, None if wrapped is None else bytes(wrapped), erased_at, erased_by)
+
+    def _erase(self, tenant: str, subject: str, erased_by: str, when: datetime) -> list[str]:
+        rows = self._rows("UPDATE keel_data_keys SET wrapped = NULL, erased_at = ?, erased_by = ? "
+                          "WHERE tenant = ? AND subject = ? AND wrapped IS NOT NULL RETURNING key_id",
+                          (self._stamp(when), erased_by, tenant, subject))
+        return sorted(r[0] for r in rows)
 
 
 def open_keystore(settings: Settings, trust: TrustSettings) -> KeyStore:
