@@ -112,6 +112,30 @@ def test_statuses_only_move_forward_and_events_are_kept_once(store: OutboxStore)
     assert record.events[0].payload == {"plan": "pro"}
 
 
+def test_retention_prunes_old_published_commands_with_their_events_but_not_pending_approvals(
+        store: OutboxStore) -> None:
+    old_done, old_waiting, old_unsent, young = new(), new(), new(), new()
+    store.accept([old_done, old_waiting, old_unsent])
+    cutoff = time.time() + 0.001
+    time.sleep(0.01)
+    store.accept([young])
+    store.mark_published([old_done.command_id, old_waiting.command_id, young.command_id])
+    event = TrackedEvent(event_id=uuid.uuid4(), type="SubscriptionStarted",
+                         occurred_at="2026-01-01T00:00:00+00:00", payload={})
+    store.apply_outcomes([Outcome(command_id=old_done.command_id, status=CommandStatus.EXECUTED, event=event),
+                          Outcome(command_id=old_waiting.command_id, status=CommandStatus.PENDING_APPROVAL)])
+    assert store.prune(cutoff, limit=1) == 1
+    assert store.prune(cutoff) == 0
+    assert store.get("acme", old_done.command_id) is None
+    for kept in (old_waiting, old_unsent, young):
+        assert store.get("acme", kept.command_id) is not None
+    with store.db.transaction() as cursor:
+        assert cursor.query("SELECT count(*) FROM keel_command_events WHERE command_id = ?",
+                            (str(old_done.command_id),)) == [(0,)]
+    [again] = store.accept([old_done])  # a pruned id is forgotten: accepted as new
+    assert again.status is CommandStatus.ACCEPTED and not again.replayed
+
+
 def test_a_rejection_keeps_its_code_and_reason(store: OutboxStore) -> None:
     row = new()
     store.accept([row])

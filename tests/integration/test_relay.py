@@ -89,6 +89,19 @@ def test_rows_are_published_once_in_order_and_marked_after_delivery(
     assert record is not None and record.status is CommandStatus.PUBLISHED
 
 
+def test_the_lease_holder_prunes_published_rows_past_the_retention(
+        settings: Settings, sqlite_store: OutboxStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("keel.relay.relay.PRUNE_EVERY_S", 0.0)  # every round, not once a minute
+    ids = [accept(sqlite_store, "acme", f"sub-{i}") for i in range(3)]
+    relay = Relay(sqlite_store, settings, FAST.model_copy(update={"outbox_retention_s": 0.5}))
+    drain(relay, sqlite_store)  # one round: published, and too young to go
+    assert relay.stats.pruned == 0 and all(sqlite_store.get("acme", i) is not None for i in ids)
+    time.sleep(0.6)
+    relay.run_once()
+    relay.close()
+    assert relay.stats.pruned == 3 and all(sqlite_store.get("acme", i) is None for i in ids)
+
+
 def test_a_row_that_commits_after_later_rows_is_not_skipped_on_postgres(
         settings: Settings, pg_store: OutboxStore, postgres_dsn: str) -> None:
     relay = Relay(pg_store, settings, FAST)

@@ -30,6 +30,10 @@ class IngressSettings(BaseSettings):
     relay_poll_interval_s: float = Field(default=0.05, gt=0, description="Sleep when the outbox is empty.")
     relay_lease_ttl_s: float = Field(default=10.0, gt=0, description="A dead relay's lease expires after this.")
     relay_delivery_timeout_s: float = Field(default=30.0, gt=0, description="Bound on one Kafka delivery.")
+    outbox_retention_s: float = Field(
+        default=7 * 86_400, ge=0,
+        description="The relay deletes published commands accepted longer ago than this (0: keep all); "
+                    "their ids, and GET /v1/commands/{id}, are forgotten with them.")
 
     def dsn(self, settings: Settings) -> str:
         """The outbox DSN: the configured one or a SQLite file under ``data_dir``."""

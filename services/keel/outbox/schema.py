@@ -29,6 +29,8 @@ def ddl(db: Database) -> list[str]:
             updated_at DOUBLE PRECISION NOT NULL,
             published_at DOUBLE PRECISION)""",
         "CREATE INDEX IF NOT EXISTS keel_outbox_unsent ON keel_outbox (seq) WHERE published_at IS NULL",
+        # Retention prunes by age: a range over this index, never a scan of the whole table.
+        "CREATE INDEX IF NOT EXISTS keel_outbox_created ON keel_outbox (created_at)",
         """CREATE TABLE IF NOT EXISTS keel_command_events (
             event_id TEXT PRIMARY KEY,
             command_id TEXT NOT NULL,

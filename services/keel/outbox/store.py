@@ -82,6 +82,24 @@ class OutboxStore:
         names = ("at", "actor", "code", "field", "message", "claimed_tenant", "command_id")
         return [dict(zip(names, row, strict=True)) for row in rows]
 
+    def prune(self, accepted_before: float, limit: int = 5_000) -> int:
+        """Delete up to ``limit`` published commands accepted before ``accepted_before`` (epoch
+        seconds), oldest first, with their tracked events; returns how many went.
+
+        A command still waiting for its approval stays. A pruned id is forgotten here: sent
+        again it is a new command, which the processor acknowledges as a duplicate.
+        """
+        with self.db.transaction() as cursor:
+            ids = [row[0] for row in cursor.query(
+                "SELECT command_id FROM keel_outbox WHERE created_at < ? AND published_at IS NOT NULL "
+                "AND status <> ? ORDER BY created_at LIMIT ?",
+                (accepted_before, CommandStatus.PENDING_APPROVAL.value, limit))]
+            if not ids:
+                return 0
+            marks = ", ".join("?" * len(ids))
+            cursor.execute(f"DELETE FROM keel_command_events WHERE command_id IN ({marks})", ids)
+            return cursor.execute(f"DELETE FROM keel_outbox WHERE command_id IN ({marks})", ids)
+
     # -- the relay's queue ---------------------------------------------------------------
 
     def unsent(self, limit: int) -> list[PendingRow]:

@@ -10,6 +10,9 @@ holder publishes; standbys take over when it lapses (``kill -9`` included). A pa
 holder that wakes after a takeover may publish rows again; they are exact duplicates of
 commands the processor dedupes by id, and each aggregate's order is kept because a relay
 always publishes an aggregate's unpublished rows in ``seq`` order on one idempotent producer.
+
+The lease holder also applies the outbox's retention (``KEEL_OUTBOX_RETENTION_S``): once a
+minute it deletes published commands older than that, one batch per round while a backlog lasts.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +39,8 @@ from keel.outbox.store import OutboxStore
 log = logging.getLogger(__name__)
 
 LEASE = "relay"
+PRUNE_BATCH = 5_000  # rows per retention transaction: short, so the gateway's inserts never wait long
+PRUNE_EVERY_S = 60.0
 
 
 @dataclass
@@ -45,6 +51,7 @@ class RelayStats:
     published: int = 0
     failed: int = 0
     standby_rounds: int = 0
+    pruned: int = 0
     last_error: str | None = None
 
 
@@ -59,6 +66,7 @@ class Relay:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stats = RelayStats()
         self._epoch: int | None = None
+        self._next_prune = 0.0  # monotonic time of the next retention batch
         timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
         self._producer = Producer(producer_config(
             settings, **{"message.timeout.ms": timeout_ms}))
@@ -73,6 +81,7 @@ class Relay:
         if epoch != self._epoch:  # a takeover (or the first round): say so, for whoever runs the relays
             log.info("relay holds the outbox lease", extra={"holder": self.holder, "epoch": epoch})
             self._epoch = epoch
+        self._prune()
         rows = self.store.unsent(self.ingress.relay_batch_size)
         if not rows:
             return 0
@@ -80,6 +89,15 @@ class Relay:
         self.store.mark_published(delivered)
         self.stats.published += len(delivered)
         return len(delivered)
+
+    def _prune(self) -> None:
+        """One batch of what the retention lets go; a full batch means more, next round."""
+        retention = self.ingress.outbox_retention_s
+        if not retention or time.monotonic() < self._next_prune:
+            return
+        deleted = self.store.prune(time.time() - retention, PRUNE_BATCH)
+        self.stats.pruned += deleted
+        self._next_prune = time.monotonic() + (0.0 if deleted == PRUNE_BATCH else PRUNE_EVERY_S)
 
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set; then give the lease up for a standby."""
