@@ -87,7 +87,8 @@ class OutboxStore:
         seconds), oldest first, with their tracked events; returns how many went.
 
         A command still waiting for its approval stays. A pruned id is forgotten here: sent
-        again it is a new command, which the processor acknowledges as a duplicate.
+        again it is a new command, which the processor acknowledges as a duplicate if it
+        decided it before.
         """
         with self.db.transaction() as cursor:
             ids = [row[0] for row in cursor.query(
