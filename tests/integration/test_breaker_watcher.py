@@ -162,9 +162,12 @@ def test_breaker_trips_once_for_the_bad_agent_only_and_respects_open_and_reset(
     _produce(settings, [_breaker_event("acme", "flaky-bot", reset=False, version=1)], stamp)
     _wait_for(lambda: seen('"event": "breaker_tripped"') >= 1,
               "the watcher to see flaky-bot's open breaker", watcher)
+    # The decisions reach the watcher interleaved across the events partitions, and a window
+    # trips as soon as any prefix of at least 5 decisions is half rejected: the healthy agent
+    # has too few rejections for any order to do that (2 of 5 is 40 %).
     _produce(settings,
              _decisions("acme", "rogue-bot", accepted=2, rejected=6)       # 75 % rejected: trips
-             + _decisions("acme", "support-bot", accepted=9, rejected=3)   # 25 %: healthy
+             + _decisions("acme", "support-bot", accepted=10, rejected=2)  # 17 %: healthy
              + _decisions("acme", "flaky-bot", accepted=0, rejected=6)     # open already
              + _decisions("globex", "rogue-bot", accepted=0, rejected=4),  # too few decisions
              stamp)
@@ -172,8 +175,10 @@ def test_breaker_trips_once_for_the_bad_agent_only_and_respects_open_and_reset(
     _wait_for(lambda: len(_trips(settings)) >= 1, "a TripBreaker command", watcher)
     time.sleep(3.0)  # a second (wrong) trip would be sent by now
 
-    [(trip, key, partition)] = _trips(settings)
-    assert trip.id == rogue_id
+    trips = _trips(settings)
+    # At least once: a rebalance may re-send the trip, always under the same id.
+    assert {t.id for t, _, _ in trips} == {rogue_id}, [(t.id, t.payload) for t, _, _ in trips]
+    trip, key, partition = trips[0]
     assert isinstance(trip.payload, TripBreaker)
     assert (trip.tenant_id, trip.aggregate_id, trip.payload.agent_id) == ("acme", "controls", "rogue-bot")
     assert trip.actor == Actor(kind=ActorKind.SERVICE, id="keel-breaker-watcher")

@@ -10,8 +10,11 @@ No faust and no Kafka here, so the rules are unit-tested in isolation.
   trip it straight back, and a second trip in the same window gets a new command id.
 - A window trips once: when it holds at least ``min_decisions`` decisions, the rejected
   share is at least ``threshold``, the breaker is not already open, and no trip was sent
-  for this window and epoch. Windows that ended more than ``stale_after_s`` ago never trip
-  (a new consumer group replaying old history must not halt agents for the past).
+  for this window and epoch. This is checked at every decision as it arrives, so a burst
+  of rejections early in a window trips it even if the window's final share is lower (and
+  arrival order across the events partitions is not the order the commands were decided).
+  Windows that ended more than ``stale_after_s`` ago never trip (a new consumer group
+  replaying old history must not halt agents for the past).
 - Signals carry their source partition and offset; a window remembers the highest offset
   counted per source partition, so a redelivered signal (faust is at-least-once) is
   recognised and not counted twice.
