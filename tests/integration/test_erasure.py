@@ -66,7 +66,9 @@ def stores_containing(settings: Settings, client: Client, paths: list[Path], tex
             blob = (m.value() or b"") + (m.key() or b"") + b"".join(v for _, v in m.headers() or [])
             if needle in blob:
                 found.add(f"kafka:{spec.name}")
-    for (table,) in client.query("SHOW TABLES").result_rows:
+    # What is stored is in tables (views only compute from them; some take parameters)
+    for (table,) in client.query("SELECT name FROM system.tables WHERE database = currentDatabase() "
+                                 "AND engine != 'View'").result_rows:
         dump = client.raw_query(f"SELECT * FROM {quote_identifier(table)} FORMAT TSV")
         if needle in dump:
             found.add(f"clickhouse:{table}")

@@ -38,8 +38,12 @@ def test_rebuild_swaps_in_an_identical_table_and_keeps_the_old_for_rollback(
     assert scalar(migrated, "SELECT count() FROM events__previous") == drifted < len(events)
     assert [d.table for d in report.dependents] == ["tenant_hourly"]
     assert scalar(migrated, "SELECT sum(events) FROM tenant_metrics") == len(events)
-    assert rollback(migrated, "events").rows == drifted
+    rolled_back = rollback(migrated, "events")
+    assert rolled_back.rows == drifted
+    assert [d.table for d in rolled_back.dependents] == ["tenant_hourly"]
+    assert scalar(migrated, "SELECT sum(events) FROM tenant_metrics") == drifted  # counts what events holds
     assert rollback(migrated, "events").rows == len(events)  # a second rollback rolls forward
+    assert scalar(migrated, "SELECT sum(events) FROM tenant_metrics") == len(events)
 
 
 def test_interrupted_rebuild_resumes_from_the_shadow_without_duplicates(settings: Settings, migrated: Client) -> None:

@@ -148,6 +148,8 @@ def rollback_view(
     finally:
         client.close()
     _out.print(f"rolled back {report.table}: {report.rows} rows; the replaced table is kept as {report.kept_as}")
+    for done in report.dependents:
+        _out.print(f"recomputed {done.table} from it: {done.rows} rows")
 
 
 def _follow(settings: Settings, status: Status) -> dict[Topic, ProjectorStats]:

@@ -5,7 +5,9 @@ consumer-group rebalancing, no reliance on Kafka's committed offsets, which are 
 after each batch only so lag tools can see progress). Records are batched and inserted
 with a deterministic deduplication token (on chDB the engine itself decodes them, see
 ``keel.projector.native``); a crash anywhere leaves either the whole batch with its
-positions in ClickHouse or none of it, and the next start resumes from there. Bytes that
+positions in ClickHouse or none of it, and the next start resumes from there, after
+counting into the aggregates any batch their materialized views missed
+(``keel.projector.aggregates``). Bytes that
 do not decode are logged with the reason and counted, never fatal: the processor already
 dead-letters bad commands, so an undecodable event is a bug to surface.
 
@@ -32,8 +34,9 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.errors import ConfigError, InfraError, KeelError
 from keel.kafka.clients import consumer_config
 from keel.kafka.topics import Topic, topic_name
+from keel.projector.aggregates import repair_aggregates
 from keel.projector.native import NativeBatch, NativeInserter
-from keel.projector.rows import Position, event_row
+from keel.projector.rows import EVENTS_TABLE, Position, event_row
 from keel.projector.store import Batch, insert_batch, resume_offsets
 
 log = logging.getLogger(__name__)
@@ -93,7 +96,7 @@ class EventProjector:
 
     def catch_up(self, *, timeout_s: float = 300.0) -> int:
         """Project up to the end offsets seen at the start; returns the rows written."""
-        start = resume_offsets(self._client, self.topic, self.table)
+        start = self._resume()
         targets = self._behind(start)
         if not targets:
             return 0
@@ -133,7 +136,7 @@ class EventProjector:
         insert per ``linger_s``, never one insert per record. Inserting runs beside reading
         (``_InsertLane``), so a slow insert does not stall the consumer.
         """
-        start = resume_offsets(self._client, self.topic, self.table)
+        start = self._resume()
         self._assign({p: start.get(p, OFFSET_BEGINNING) for p in self._partitions()})
         lane = _InsertLane(self._insert, self._stored)
         batch = self._batch()
@@ -167,6 +170,12 @@ class EventProjector:
 
     def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+    def _resume(self) -> dict[int, int]:
+        """Where to resume per partition, once the aggregates fed by ``events`` are whole."""
+        if self.table == EVENTS_TABLE:  # not a rebuild's shadow: no view reads that
+            repair_aggregates(self._client, self.topic)
+        return resume_offsets(self._client, self.topic, self.table)
 
     def _partitions(self) -> list[int]:
         metadata = self._consumer.list_topics(self.topic, timeout=_METADATA_TIMEOUT_S).topics.get(self.topic)

@@ -81,8 +81,8 @@ class Batch:
         return f"{self.topic}/{spans}"
 
 
-def resume_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dict[int, int]:
-    """The next offset to read per partition: one past the highest offset already stored."""
+def stored_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dict[int, int]:
+    """The highest offset of ``topic`` that ``table`` holds, per partition."""
     try:
         result = client.query(
             f"SELECT _partition, max(_offset) FROM {table} "
@@ -90,9 +90,14 @@ def resume_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dic
             parameters={"topic": topic},
         )
     except ClickHouseError as exc:
-        raise InfraError(f"cannot read stored positions of {topic}: {exc}",
+        raise InfraError(f"cannot read stored positions of {topic} in {table}: {exc}",
                          code="projection_unavailable") from exc
-    return {int(partition): int(offset) + 1 for partition, offset in result.result_rows}
+    return {int(partition): int(offset) for partition, offset in result.result_rows}
+
+
+def resume_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dict[int, int]:
+    """The next offset to read per partition: one past the highest offset already stored."""
+    return {partition: offset + 1 for partition, offset in stored_offsets(client, topic, table).items()}
 
 
 def insert_batch(client: Client, batch: Batch, table: str = EVENTS_TABLE) -> None:

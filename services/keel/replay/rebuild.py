@@ -12,7 +12,8 @@ stopped. After the swap one more catch-up brings the new table to the topic's en
 rebuild where the projector runs (one chDB path, one process) or stop the projector first:
 rows a concurrent projector writes into the old table between the last catch-up and the
 swap are re-read by that final catch-up, and ReplacingMergeTree collapses any repeat.
-Aggregated tables are recomputed from ``events`` with their materialized view's own SELECT.
+Aggregated tables are recomputed from ``events`` with their materialized view's own SELECT,
+and again whenever ``events`` is rebuilt or rolled back (they counted the old table's inserts).
 """
 
 from __future__ import annotations
@@ -56,21 +57,15 @@ def rebuild(settings: Settings, client: Client, table: str, *, batch_size: int =
             on_batch: Callable[[ProjectorStats], None] | None = None) -> RebuildReport:
     """Rebuild ``table`` into its shadow, swap it in, keep the old one as ``<table>__previous``."""
     _check(table)
+    if table not in FROM_KAFKA:
+        return _recomputed(client, table)
     shadow = table + SHADOW
     _run(client, f"CREATE TABLE IF NOT EXISTS {_q(shadow)} AS {_q(table)}")
-    if table in FROM_KAFKA:
-        _replay_log(settings, client, table, shadow, batch_size, on_batch)
-    else:
-        _recompute(client, table, shadow)
-    _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(shadow)}")
-    _run(client, f"DROP TABLE IF EXISTS {_q(table + PREVIOUS)}")
-    _run(client, f"RENAME TABLE {_q(shadow)} TO {_q(table + PREVIOUS)}")
-    dependents: tuple[RebuildReport, ...] = ()
-    if table in FROM_KAFKA:
-        _replay_log(settings, client, table, table, batch_size, on_batch)  # arrived while swapping
-    if table == "events":  # aggregates saw the old table's inserts, not the replayed ones
-        dependents = tuple(rebuild(settings, client, derived) for derived in FROM_EVENTS)
-    return RebuildReport(table=table, rows=_count(client, table), kept_as=table + PREVIOUS, dependents=dependents)
+    _replay_log(settings, client, table, shadow, batch_size, on_batch)
+    _swap_in(client, table)
+    _replay_log(settings, client, table, table, batch_size, on_batch)  # arrived while swapping
+    return RebuildReport(table=table, rows=_count(client, table), kept_as=table + PREVIOUS,
+                         dependents=_dependents(client, table))
 
 
 def rollback(client: Client, table: str) -> RebuildReport:
@@ -81,7 +76,30 @@ def rollback(client: Client, table: str) -> RebuildReport:
         raise ProjectionError(f"{table} has no previous version to roll back to; rebuild it first",
                               code="nothing_to_roll_back")
     _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(previous)}")
-    return RebuildReport(table=table, rows=_count(client, table), kept_as=previous)
+    return RebuildReport(table=table, rows=_count(client, table), kept_as=previous,
+                         dependents=_dependents(client, table))
+
+
+def _dependents(client: Client, table: str) -> tuple[RebuildReport, ...]:
+    """Aggregates of ``events`` recomputed after it changed: they counted the old table's inserts."""
+    return tuple(_recomputed(client, derived) for derived in FROM_EVENTS) if table == "events" else ()
+
+
+def _recomputed(client: Client, table: str) -> RebuildReport:
+    """``table`` recomputed from ``events`` into its shadow and swapped in."""
+    shadow = table + SHADOW
+    _run(client, f"CREATE TABLE IF NOT EXISTS {_q(shadow)} AS {_q(table)}")
+    _recompute(client, table, shadow)
+    _swap_in(client, table)
+    return RebuildReport(table=table, rows=_count(client, table), kept_as=table + PREVIOUS)
+
+
+def _swap_in(client: Client, table: str) -> None:
+    """Exchange ``table`` with its filled shadow; the old table is kept as ``<table>__previous``."""
+    shadow = table + SHADOW
+    _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(shadow)}")
+    _run(client, f"DROP TABLE IF EXISTS {_q(table + PREVIOUS)}")
+    _run(client, f"RENAME TABLE {_q(shadow)} TO {_q(table + PREVIOUS)}")
 
 
 def _check(table: str) -> None:
