@@ -19,7 +19,7 @@ from rich.table import Table
 from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, new_command
+from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
 from keel.domain.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.kafka.broker import start_broker
 from keel.kafka.clients import admin_config
@@ -50,24 +50,28 @@ def story(tenant: str, subscription: str) -> list[Envelope]:
     agent = Actor(kind=ActorKind.AGENT, id="support-bot")
     lead = DelegationLink(actor=Actor(kind=ActorKind.HUMAN, id="jane.lead"),
                           reason="customer asked to cancel and be refunded")
-    by_agent = {"tenant_id": tenant, "aggregate_id": subscription, "actor": agent,
-                "on_behalf_of": customer, "delegation": (lead,),
-                "authority": Authority(role="support-agent")}
+    support_agent = Authority(role="support-agent")
     start = new_command(StartSubscription(customer_id=customer, plan="pro", monthly_price_cents=price,
                                           currency=currency),
                         tenant_id=tenant, aggregate_id=subscription, actor=billing,
                         on_behalf_of=customer, authority=Authority(role="billing-service"))
+
+    def by_agent(payload: Payload) -> Envelope:
+        """The agent's command, delegated by the lead, on the customer's behalf."""
+        return new_command(payload, tenant_id=tenant, aggregate_id=subscription, actor=agent,
+                           on_behalf_of=customer, delegation=(lead,),
+                           authority=support_agent, correlation_id=start.id)
+
     return [
         start,
-        new_command(CancelSubscription(reason="customer request"), correlation_id=start.id, **by_agent),
-        new_command(IssueRefund(amount_cents=price // 2, currency=currency, reason="unused half month",
-                                confidence=0.93), correlation_id=start.id, **by_agent),
-        new_command(IssueRefund(amount_cents=price * 2, currency=currency, reason="refund everything twice",
-                                confidence=0.95), correlation_id=start.id, **by_agent),
-        new_command(IssueRefund(amount_cents=price // 10, currency=currency, reason="goodwill",
-                                confidence=0.41), correlation_id=start.id, **by_agent),
-        new_command(SendEmail(to_address=f"{customer}@example.com", template="cancellation-confirmed"),
-                    correlation_id=start.id, **by_agent),
+        by_agent(CancelSubscription(reason="customer request")),
+        by_agent(IssueRefund(amount_cents=price // 2, currency=currency, reason="unused half month",
+                             confidence=0.93)),
+        by_agent(IssueRefund(amount_cents=price * 2, currency=currency, reason="refund everything twice",
+                             confidence=0.95)),
+        by_agent(IssueRefund(amount_cents=price // 10, currency=currency, reason="goodwill",
+                             confidence=0.41)),
+        by_agent(SendEmail(to_address=f"{customer}@example.com", template="cancellation-confirmed")),
     ]
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -62,7 +63,7 @@ def state_command(
         found = state_at(client, tenant, aggregate, parse_at(at), evolve=evolve, initial=INITIAL)
     finally:
         client.close()
-    state = _plain(asdict(found.state))
+    state = _plain_mapping(asdict(found.state))
     if as_json:
         sys.stdout.write(json.dumps({"state": state, "events": [e.model_dump(mode="json") for e in found.events]})
                          + "\n")
@@ -81,10 +82,15 @@ def state_command(
 def _plain(value: object) -> object:
     """JSON-able: mappings with text keys, sequences as lists, enums, dates and ids as text."""
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return _plain_mapping(value)
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(item) for item in value]
     return value if isinstance(value, (int, float, bool)) or value is None else str(value)
+
+
+def _plain_mapping(value: Mapping[Any, object]) -> dict[str, object]:
+    """A mapping made JSON-able, its keys as text."""
+    return {str(key): _plain(item) for key, item in value.items()}
 
 
 def replay_command(

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastavro import parse_schema
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -92,7 +92,7 @@ def load_catalog(root: Path = SCHEMA_ROOT) -> Catalog:
         for folder in sorted(p for p in (root / kind).iterdir() if p.is_dir()):
             for payload_version, payload in _versions(folder):
                 for envelope_version, envelope in envelopes:
-                    parsed = parse_schema(compose(envelope, payload), _force=True)
+                    parsed = cast(dict[str, Any], parse_schema(compose(envelope, payload), _force=True))
                     fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
                     schema = MessageSchema(folder.name, kind, envelope_version, payload_version,
                                            parsed, bytes.fromhex(fp))

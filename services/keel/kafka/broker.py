@@ -280,8 +280,7 @@ def _answers_metadata(bootstrap: str, *, timeout_s: float, auth: dict[str, Any])
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError:
         return False
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                         "logger": _SilentLogger(), **auth})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **auth}, logger=_SilentLogger())
     try:
         admin.list_topics(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - any failure means "not answering"

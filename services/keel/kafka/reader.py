@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -47,3 +48,8 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iter
                     raise KafkaException(error)
     finally:
         consumer.close()
+
+
+def record_headers(message: Message) -> list[tuple[str, bytes | None]]:
+    """A consumed record's headers: librdkafka returns (name, bytes or None) pairs, never a dict."""
+    return cast(list[tuple[str, bytes | None]], message.headers() or [])

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import (
-    AdminClient,
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
-    NewTopic,
     ResourceType,
 )
+from confluent_kafka.cimpl import NewTopic
 
 from keel.config import Settings
 from keel.errors import InfraError

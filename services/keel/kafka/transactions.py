@@ -45,8 +45,10 @@ def next_offsets(messages: list[Message]) -> list[TopicPartition]:
     """The offsets to commit with a batch: one past the last record of each partition."""
     last: dict[tuple[str, int], int] = {}
     for m in messages:
-        key = (m.topic() or "", m.partition())
-        last[key] = max(last.get(key, -1), m.offset())
+        partition, offset = m.partition(), m.offset()
+        assert partition is not None and offset is not None, "a consumed message always has a position"
+        key = (m.topic() or "", partition)
+        last[key] = max(last.get(key, -1), offset)
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
 

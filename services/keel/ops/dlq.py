@@ -7,15 +7,15 @@ acknowledges a command id it already decided without executing it again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from keel.config import Settings
 from keel.errors import KeelError
 from keel.kafka.clients import producer_config
-from keel.kafka.reader import read_to_end
+from keel.kafka.reader import read_to_end, record_headers
 from keel.kafka.topics import Topic, topic_name
 
 ERROR_HEADERS = ("keel-error-code", "keel-error-reason", "keel-source-topic", "keel-source-partition",
@@ -44,10 +44,12 @@ def dead_letters(settings: Settings, code: str | None = None) -> list[DeadLetter
     """Every dead letter, optionally only those with ``code``."""
     found = []
     for message in read_to_end(settings, topic_name(settings, Topic.DLQ)):
-        headers = tuple((k, v or b"") for k, v in message.headers() or [])
+        headers = tuple((k, v or b"") for k, v in record_headers(message))
         named = dict(headers)
+        partition, offset = message.partition(), message.offset()
+        assert partition is not None and offset is not None, "a consumed message always has a position"
         letter = DeadLetter(
-            partition=message.partition(), offset=message.offset(),
+            partition=partition, offset=offset,
             code=named.get("keel-error-code", b"").decode(), reason=named.get("keel-error-reason", b"").decode(),
             source=named.get("keel-source-topic", b"").decode(), key=message.key(), value=message.value(),
             headers=headers)
@@ -73,13 +75,21 @@ def redrive(settings: Settings, letters: Iterable[DeadLetter]) -> int:
         if not letter.source:
             failures.append(f"{letter.position}: no source topic recorded")
             continue
-        headers = [(k, v) for k, v in letter.headers if k not in ERROR_HEADERS]
+        headers: list[tuple[str, str | bytes | None]] = [(k, v) for k, v in letter.headers if k not in ERROR_HEADERS]
         headers.append(("keel-redriven-from", f"{topic_name(settings, Topic.DLQ)}:{letter.position}".encode()))
         producer.produce(letter.source, letter.value, letter.key, headers=headers,
-                         on_delivery=lambda err, _m, p=letter.position: failures.append(f"{p}: {err}") if err else None)
+                         on_delivery=_note_failure(failures, letter.position))
         sent += 1
     producer.flush(30)
     if failures:
         raise KeelError(f"{len(failures)} dead letter(s) were not redriven: {'; '.join(failures[:5])}",
                         code="redrive_failed")
     return sent
+
+
+def _note_failure(failures: list[str], position: str) -> Callable[[KafkaError | None, Message], None]:
+    """A delivery callback that adds a failed redrive of the letter at ``position`` to ``failures``."""
+    def on_delivery(err: KafkaError | None, _message: Message) -> None:
+        if err:
+            failures.append(f"{position}: {err}")
+    return on_delivery

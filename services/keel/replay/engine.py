@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -141,14 +142,23 @@ def _write(codec: EnvelopeCodec, message: Message, chosen: Filter, sink: Sink) -
     return 1
 
 
-def _load(path: Path | None, job: ReplayJob) -> dict[str, object] | None:
+class _Checkpoint(TypedDict):
+    """A replay's saved progress: its job, the next offset per partition, and the sink's state."""
+
+    job: str
+    next: dict[str, int]
+    kept: int
+    sink: dict[str, Any]
+
+
+def _load(path: Path | None, job: ReplayJob) -> _Checkpoint | None:
     if path is None or not path.exists():
         return None
-    state = json.loads(path.read_text())
+    state: _Checkpoint = json.loads(path.read_text())
     if state.get("job") != job.fingerprint:
         raise ReplayError(f"{path} is the checkpoint of another replay; remove it or pick another path",
                           code="checkpoint_mismatch")
-    return dict(state)
+    return state
 
 
 def _save(path: Path | None, job: ReplayJob, starts: dict[int, int], kept: int, sink_state: dict[str, object]) -> None:

@@ -101,7 +101,7 @@ class AvroFileSink:
         if self._pending:
             fresh = not self.path.exists() or self.path.stat().st_size == 0
             with self.path.open("wb" if fresh else "a+b") as out:
-                writer(out, RECORD_SCHEMA if fresh else None, self._pending, codec="deflate")
+                writer(out, RECORD_SCHEMA, self._pending, codec="deflate")  # appending reuses the file's schema
             self._pending = []
         return {"bytes": self.path.stat().st_size if self.path.exists() else 0}
 

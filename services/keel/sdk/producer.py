@@ -61,7 +61,7 @@ class CommandProducer:
             raise ValidationError(f"this producer acts for tenant {tenant!r}, the command claims "
                                   f"{command.tenant_id!r}", code="wrong_tenant", field="tenant_id")
         value = self._codec.encode(command)
-        headers = [(PRINCIPAL_TENANT_HEADER, tenant.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [(PRINCIPAL_TENANT_HEADER, tenant.encode())]
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
             if error is None:

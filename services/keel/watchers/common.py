@@ -31,7 +31,8 @@ from typing import Any
 import faust
 from aiokafka.codec import has_lz4  # type: ignore[import-untyped]
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from faust.types import Message, TopicT
 
 from keel.config import Settings
