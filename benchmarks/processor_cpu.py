@@ -52,7 +52,8 @@ class Worker:
     def __init__(self, codec: SealingCodec, batch_size: int) -> None:
         self.codec = codec
         self.batch_size = batch_size
-        self.partitions = {p: PartitionState() for p in range(PARTITIONS)}
+        window_s = Settings().processor_dedupe_window_s
+        self.partitions = {p: PartitionState.keeping_ids_for(window_s) for p in range(PARTITIONS)}
         self.governance = Governance(Controls(), RateLimiter())
         self.outputs = Outputs.of(Settings())
         self.events: Counter[str] = Counter()
@@ -77,7 +78,7 @@ class Worker:
                 decided_records(outcome.decision, self.codec, self.outputs, key, partition, produced)
                 thrown += outcome.decision.controls
                 self.events.update(_label(e) for e in outcome.decision.events)
-            view.commit()
+            view.commit(now.timestamp())
             for control_key, control_value in thrown:
                 self.governance.controls.apply(control_key, control_value)
 

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     processor_session_timeout_ms: int = Field(
         default=10_000, ge=6_000, description="How long the group waits for a silent worker."
     )
+    processor_dedupe_window_s: float = Field(
+        default=30 * 24 * 3600, ge=0,
+        description="How long a worker remembers a decided command id (about 100 bytes each), so a re-sent "
+        "command is acknowledged as a duplicate; keep it longer than KEEL_OUTBOX_RETENTION_S. Commands "
+        "created before the window are dead-lettered. 0 remembers every id (memory grows for ever).",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

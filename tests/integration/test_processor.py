@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import Producer
@@ -10,7 +11,7 @@ from confluent_kafka import Producer
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.messages import CancelSubscription, CommandRejected, SubscriptionStarted
-from keel.domain.outcomes import event_id
+from keel.domain.outcomes import event_id, to_events
 from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
@@ -157,3 +158,34 @@ def test_a_later_worker_catches_up_when_some_partitions_have_only_old_commands(s
 
     assert (stats.commands, stats.events) == (1, 1)
     assert len(events(settings)) == len(aggregates) + 1
+
+
+def test_a_worker_remembers_ids_for_the_dedupe_window_and_refuses_commands_older_than_it(
+        settings: Settings) -> None:
+    """An id whose events are older than the window is forgotten at load; a command created
+    before the window is dead-lettered, since it could be a repeat of a forgotten one."""
+    eight_days_ago = datetime.now(UTC) - timedelta(days=8)
+    old = command("acme", "sub-old", start(), occurred_at=eight_days_ago)
+    recent = command("acme", "sub-new", start())
+    producer = Producer(producer_config(settings))  # what a worker wrote 8 days ago, and just now
+    for cmd, decided_at in ((old, eight_days_ago), (recent, datetime.now(UTC))):
+        payload = SubscriptionStarted(customer_id="c", plan="pro", monthly_price_cents=5000, currency="EUR")
+        [event] = to_events(cmd, [payload], version=1, now=decided_at)
+        producer.produce(topic_name(settings, Topic.EVENTS), EnvelopeCodec().encode(event), event.key.encode())
+    assert producer.flush(10) == 0
+    stale = command("acme", "sub-late", start(), occurred_at=eight_days_ago)  # never decided
+
+    worker = CommandProcessor(settings.model_copy(update={"processor_dedupe_window_s": 7 * 24 * 3600.0}),
+                              instance_id="windowed")
+    try:
+        assert [len(state.decided) for state in worker.partitions.values()] == []  # loads on assignment
+        send(settings, old, recent, stale)
+        stats = worker.run_until_caught_up()
+        assert sum(len(state.decided) for state in worker.partitions.values()) == 1  # only the recent id
+    finally:
+        worker.close()
+
+    assert (stats.duplicates, stats.dead_lettered, stats.events) == (1, 2, 0)
+    dead = {EnvelopeCodec().decode(m.value() or b"").id: dict(m.headers() or [])["keel-error-code"]
+            for m in read_to_end(settings, topic_name(settings, Topic.DLQ))}
+    assert dead == {old.id: b"beyond_dedupe_window", stale.id: b"beyond_dedupe_window"}

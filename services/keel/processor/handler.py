@@ -13,6 +13,7 @@ import io
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from fastavro import schemaless_reader
 
@@ -88,8 +89,14 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
         return DeadLetter("key_mismatch", f"record key {key!r} is not the envelope's {command.key!r}")
     if view.already_decided(partition, command.id):
         return Duplicate(command)
+    now = now or datetime.now(UTC)
+    if not view.remembers_ids_from(partition, command.occurred_at.timestamp(), now.timestamp()):
+        return DeadLetter("beyond_dedupe_window",
+                          f"the command was created at {command.occurred_at.isoformat()}, before the window "
+                          "in which the processor remembers decided command ids (KEEL_PROCESSOR_DEDUPE_WINDOW_S): "
+                          "it cannot tell a repeat from a new command")
     principal = headers.get(PRINCIPAL_TENANT_HEADER)
-    context = Context(governance.controls.of(command.tenant_id), governance.limiter, now or datetime.now(UTC),
+    context = Context(governance.controls.of(command.tenant_id), governance.limiter, now,
                       principal_tenant=principal.decode() if principal is not None else None,
                       key_tenant=key_tenant)
     try:
@@ -106,7 +113,7 @@ def _invalid_payload(value: bytes, key: bytes | None, error: ValidationError,
     """A rejection event for a well-addressed command whose payload breaks its schema."""
     try:
         writer = codec.catalog.writer(bytes(value[2:HEADER_SIZE]))
-        record = schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), writer.parsed, writer.parsed)
+        record = cast(dict[str, Any], schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), writer.parsed, writer.parsed))
         shell = Envelope.model_construct(
             id=record["id"], tenant_id=record["tenant_id"], actor=Actor.model_validate(record["actor"]),
             delegation=(), on_behalf_of=record.get("on_behalf_of"), authority=Authority(),

@@ -35,6 +35,7 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
 from keel.kafka import transactions
 from keel.kafka.clients import consumer_config, loader_config, transactional_producer_config
+from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.ratelimit import RateLimiter
@@ -126,7 +127,8 @@ class CommandProcessor:
 
     def _load_partitions(self, partitions: list[int]) -> dict[int, PartitionState]:
         """Fold the committed events of ``partitions`` into fresh state, all in one pass."""
-        states = {p: PartitionState() for p in partitions}
+        window_s = self.settings.processor_dedupe_window_s
+        states = {p: PartitionState.keeping_ids_for(window_s) for p in partitions}
         if not partitions:
             return states
         loader = Consumer(loader_config(self.settings, f"{self.group_id}.loader"))
@@ -135,13 +137,17 @@ class CommandProcessor:
             pending = set(partitions)
             while pending:
                 for message in loader.consume(10_000, timeout=0.1):
-                    error = message.error()
+                    error, partition = message.error(), message.partition()
                     if error is None:
-                        states[message.partition()].apply([self.codec.decode(message.value() or b"")])
+                        assert partition is not None  # a record always has a position
+                        states[partition].apply([self.codec.decode(message.value() or b"")])
                     elif error.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(message.partition())
+                        pending.discard(partition)
                     else:
                         raise KafkaException(error)
+                now = time.time()
+                for state in states.values():  # ids past the window never pile up while loading
+                    state.decided.expire(now)
             return states
         finally:
             loader.close()
@@ -181,7 +187,7 @@ class CommandProcessor:
             transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor")
             self.stats.aborted_batches += 1
             return 0
-        view.commit()
+        view.commit(now.timestamp())
         for key, value in thrown:  # this worker's own switches hold from its next batch on
             self.governance.controls.apply(key, value)
         self._add(outcome_counts, len(messages))
@@ -221,7 +227,8 @@ class CommandProcessor:
                 records: list[_Record]) -> list[tuple[str, bytes | None]]:
         """Decide one record and append its outcome's records; returns the controls it threw."""
         partition = message.partition()
-        headers = {k: v for k, v in message.headers() or [] if v is not None}
+        assert partition is not None  # a record always has a position (process_batch took out the errors)
+        headers = {k: v for k, v in record_headers(message) if v is not None}
         outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance,
                          now)
         match outcome:
