@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -57,3 +58,14 @@ def test_bad_bodies_are_refused_with_a_code_and_field(body: bytes, code: str, fi
     with pytest.raises(KeelError) as caught:
         admit(body, BOT, CODEC)
     assert (caught.value.code, caught.value.field) == (code, field)
+
+
+def test_a_body_created_before_the_dedupe_window_is_refused() -> None:
+    month = 30 * 24 * 3600.0
+    old = (datetime.now(UTC) - timedelta(days=31)).isoformat()
+    recent = (datetime.now(UTC) - timedelta(days=29)).isoformat()
+    with pytest.raises(KeelError) as caught:
+        admit(raw(occurred_at=old), BOT, CODEC, max_age_s=month)
+    assert (caught.value.code, caught.value.field) == ("beyond_dedupe_window", "occurred_at")
+    assert admit(raw(occurred_at=recent), BOT, CODEC, max_age_s=month)[0].occurred_at.isoformat() == recent
+    assert admit(raw(occurred_at=old), BOT, CODEC)[0].occurred_at.isoformat() == old  # 0: no limit

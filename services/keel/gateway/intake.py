@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keel.contracts.codec import EnvelopeCodec, parse_envelope
@@ -22,8 +22,13 @@ from keel.outbox.enqueue import to_new_command
 from keel.outbox.models import NewCommand
 
 
-def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec) -> tuple[Envelope, NewCommand]:
-    """Validate a ``POST /v1/commands`` body for ``principal``; raises typed ``KeelError``s."""
+def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
+          max_age_s: float = 0.0) -> tuple[Envelope, NewCommand]:
+    """Validate a ``POST /v1/commands`` body for ``principal``; raises typed ``KeelError``s.
+
+    ``max_age_s`` (0: no limit) refuses a body whose own ``occurred_at`` is older: the
+    processor's dedupe window, past which it would dead-letter the command anyway.
+    """
     document = _json_object(raw)
     claimed = document.get("tenant_id")
     if claimed is not None and claimed != principal.tenant_id:
@@ -39,6 +44,11 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec) -> tuple[Envel
     filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC).isoformat(),
               **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
     envelope = parse_envelope(filled)
+    if max_age_s and envelope.occurred_at < datetime.now(UTC) - timedelta(seconds=max_age_s):
+        raise ValidationError(
+            f"occurred_at {envelope.occurred_at.isoformat()} is more than {max_age_s:g}s ago, before the "
+            "window in which the processor tells a repeated command id from a new one",
+            code="beyond_dedupe_window", field="occurred_at")
     if payload_class(envelope.type).kind != "command":
         raise ValidationError(f"{envelope.type} is an event; only commands are accepted",
                               code="not_a_command", field="type")

@@ -74,7 +74,7 @@ async def submit(gw: Gateway, headers: dict[bytes, bytes], receive: Receive) -> 
     raw = b""
     try:
         raw = await _body(headers, receive, gw.ingress.gateway_max_body_bytes)
-        envelope, row = admit(raw, caller, gw.codec)
+        envelope, row = admit(raw, caller, gw.codec, max_age_s=gw.settings.processor_dedupe_window_s)
         result = await gw.writer.accept(row)
         if result.conflict:
             raise IdempotencyConflict(f"command id {row.command_id} was used before with another body", field="id")
