@@ -20,7 +20,6 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from keel.errors import InfraError
-from keel.projector.rows import EVENTS_TABLE
 from keel.projector.store import stored_offsets
 
 log = logging.getLogger(__name__)
@@ -38,9 +37,11 @@ class Repair:
     through: int  # the last offset in events
 
 
-def repair_aggregates(client: Client, topic: str) -> list[Repair]:
-    """Count into every aggregate the events of ``topic`` it is missing; returns what was repaired."""
-    projected = stored_offsets(client, topic, EVENTS_TABLE)
+def repair_aggregates(client: Client, topic: str, projected: dict[int, int]) -> list[Repair]:
+    """Count into every aggregate the events of ``topic`` it lacks; returns what was repaired.
+
+    ``projected`` is the highest offset per partition in ``events`` (``stored_offsets``).
+    """
     repairs: list[Repair] = []
     for table in AGGREGATES:
         counted = stored_offsets(client, topic, table)

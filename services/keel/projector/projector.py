@@ -37,7 +37,7 @@ from keel.kafka.topics import Topic, topic_name
 from keel.projector.aggregates import repair_aggregates
 from keel.projector.native import NativeBatch, NativeInserter
 from keel.projector.rows import EVENTS_TABLE, Position, event_row
-from keel.projector.store import Batch, insert_batch, resume_offsets
+from keel.projector.store import Batch, insert_batch, stored_offsets
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,11 @@ class EventProjector:
         self.close()
 
     def _resume(self) -> dict[int, int]:
-        """Where to resume per partition, once the aggregates fed by ``events`` are whole."""
+        """The next offset to read per partition, once the aggregates fed by ``events`` are whole."""
+        stored = stored_offsets(self._client, self.topic, self.table)
         if self.table == EVENTS_TABLE:  # not a rebuild's shadow: no view reads that
-            repair_aggregates(self._client, self.topic)
-        return resume_offsets(self._client, self.topic, self.table)
+            repair_aggregates(self._client, self.topic, stored)
+        return {partition: offset + 1 for partition, offset in stored.items()}
 
     def _partitions(self) -> list[int]:
         metadata = self._consumer.list_topics(self.topic, timeout=_METADATA_TIMEOUT_S).topics.get(self.topic)

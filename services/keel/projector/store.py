@@ -95,11 +95,6 @@ def stored_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dic
     return {int(partition): int(offset) for partition, offset in result.result_rows}
 
 
-def resume_offsets(client: Client, topic: str, table: str = EVENTS_TABLE) -> dict[int, int]:
-    """The next offset to read per partition: one past the highest offset already stored."""
-    return {partition: offset + 1 for partition, offset in stored_offsets(client, topic, table).items()}
-
-
 def insert_batch(client: Client, batch: Batch, table: str = EVENTS_TABLE) -> None:
     """Insert ``batch`` once, retrying transport failures with the same deduplication token.
 
