@@ -49,3 +49,13 @@ def test_an_id_added_after_the_clock_stepped_back_expires_with_the_newest() -> N
     assert ids.expire(T0 + DAY + 300) == 0  # the earlier time alone would have expired it
     assert stepped_back in ids
     assert ids.expire(T0 + DAY + 900) == 2
+
+
+def test_an_id_decided_again_expires_a_window_after_its_first_decision() -> None:
+    ids = DecidedIds(window_s=DAY)
+    parked = uuid.uuid4()
+    ids.add(parked, T0)  # parked for approval
+    ids.add(parked, T0 + DAY / 2)  # approved: its later events name it again
+
+    assert ids.expire(T0 + DAY + 120) == 1
+    assert parked not in ids and len(ids) == 0

@@ -43,8 +43,14 @@ class DecidedIds:
         return len(self._ids)
 
     def add(self, command_id: uuid.UUID, decided_at: float) -> None:
-        """Remember ``command_id``, decided at ``decided_at`` (epoch seconds)."""
+        """Remember ``command_id``, decided at ``decided_at`` (epoch seconds).
+
+        A command's later events (after an approval) do not extend its window: an id
+        expires once, a window after its first decision.
+        """
         number = command_id.int
+        if number in self._ids:
+            return
         self._ids.add(number)
         if not self.window_s:
             return
