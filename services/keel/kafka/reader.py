@@ -3,6 +3,7 @@
 Used by the demo, the tests, and tools that need "everything committed so far". The end
 of each partition is librdkafka's partition-EOF signal, which for a ``read_committed``
 consumer is the last stable offset, so aborted or open transactions never leak in.
+``watermarks`` reads a partition's bounds, waiting out a leader that is not serving yet.
 """
 
 from __future__ import annotations
@@ -53,3 +54,23 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iter
 def record_headers(message: Message) -> list[tuple[str, bytes | None]]:
     """A consumed record's headers: librdkafka returns (name, bytes or None) pairs, never a dict."""
     return cast(list[tuple[str, bytes | None]], message.headers() or [])
+
+
+# What a broker answers for a partition whose leader is not serving yet: right after the
+# topic was created, or while leadership moves. Worth waiting for; anything else is not.
+_LEADER_NOT_READY = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                               KafkaError.UNKNOWN_TOPIC_OR_PART})
+
+
+def watermarks(consumer: Consumer, partition: TopicPartition, timeout_s: float) -> tuple[int, int]:
+    """The low and high watermark of ``partition`` from the broker, waiting up to ``timeout_s``
+    for a leader that is not serving it yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(partition, timeout=timeout_s, cached=False)
+            return low, high
+        except KafkaException as exc:
+            if exc.args[0].code() not in _LEADER_NOT_READY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -33,6 +33,7 @@ from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import ConfigError, InfraError, KeelError
 from keel.kafka.clients import consumer_config
+from keel.kafka.reader import watermarks
 from keel.kafka.topics import Topic, topic_name
 from keel.projector.aggregates import repair_aggregates
 from keel.projector.native import NativeBatch, NativeInserter
@@ -189,8 +190,7 @@ class EventProjector:
         """The end offset of each partition that has records past ``start`` (read_committed)."""
         targets: dict[int, int] = {}
         for partition in self._partitions():
-            low, high = self._consumer.get_watermark_offsets(
-                TopicPartition(self.topic, partition), timeout=_METADATA_TIMEOUT_S, cached=False)
+            low, high = watermarks(self._consumer, TopicPartition(self.topic, partition), _METADATA_TIMEOUT_S)
             if max(start.get(partition, low), low) < high:
                 targets[partition] = high
         return targets

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, TopicPartition
 
 from keel.domain.envelope import Envelope
+from keel.kafka.reader import watermarks
 from keel.replay.errors import ReplayError
 
 _TIMEOUT_S = 10.0
@@ -96,7 +97,7 @@ def resolve(consumer: Consumer, topic: str, start: Bound, end: Bound) -> dict[in
         raise ReplayError(f"topic {topic} does not exist", code="topic_missing")
     ranges: dict[int, tuple[int, int]] = {}
     for partition in sorted(metadata.partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT_S, cached=False)
+        low, high = watermarks(consumer, TopicPartition(topic, partition), _TIMEOUT_S)
         first = _offset(consumer, topic, partition, start, low, high)
         last = _offset(consumer, topic, partition, end, low, high)
         if first < last:

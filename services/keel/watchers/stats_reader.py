@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from keel.config import Settings
 from keel.errors import DecodeError, InfraError
 from keel.kafka.clients import consumer_config
+from keel.kafka.reader import watermarks
 from keel.watchers.stats import changelog_topic
 from keel.watchers.stats_tally import Counts, StatsRow, minutes_since, summarise
 
@@ -75,8 +76,7 @@ def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, i
             code="stats_unavailable")
     found = {}
     for partition in metadata.partitions:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=timeout_s)
+        low, high = watermarks(consumer, TopicPartition(topic, partition), timeout_s)
         if high > low:
             found[partition] = low
     return found
