@@ -164,6 +164,8 @@ def test_a_revoked_key_is_refused(gw: Harness) -> None:
      "schema_violation", "payload.amount_cents"),
     (json.dumps(body(id="not-a-uuid")).encode(), 422, "schema_violation", "id"),
     (json.dumps(body(type="RefundIssued")).encode(), 422, "not_a_command", "type"),
+    (json.dumps(body(occurred_at="2020-01-01T00:00:00+00:00")).encode(), 422, "beyond_dedupe_window",
+     "occurred_at"),
     (json.dumps(body(payload={"amount_cents": 1, "currency": "EUR", "reason": "x" * 5000})).encode(), 413,
      "payload_too_large", ""),
 ])

@@ -53,6 +53,7 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_schema": 422,
     "schema_violation": 422,
     "not_a_command": 422,
+    "beyond_dedupe_window": 422,
     "outbox_unavailable": 503,
 }
 
