@@ -18,6 +18,7 @@ lost or a cross-check failed. Run with ``.venv/bin/python benchmarks/processor.p
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -303,6 +304,8 @@ def _latency_worker(settings: Settings, ready: ProcessEvent, stop: ProcessEvent,
 def paced_latency(admin: AdminClient, cleanup: Cleanup, rate: int, seconds: float, partitions: int,
                   batch_size: int, status: Console) -> Latency:
     """Send ``rate`` commands/s for ``seconds`` to one running worker; time each to its first event."""
+    # The throughput stages leave megabytes of dirty pages: written back now, not during the stage.
+    os.sync()
     settings = fresh_prefix(partitions, batch_size, cleanup, admin)
     preload(settings, policy_commands())
     spawn = multiprocessing.get_context("spawn")
@@ -354,6 +357,10 @@ def paced_latency(admin: AdminClient, cleanup: Cleanup, rate: int, seconds: floa
 
     status.log(f"4/4 latency: {rate:,} commands/s for {seconds:.0f}s ({len(records):,} commands), one worker")
     sender = threading.Thread(target=send, daemon=True)
+    # The instrument's own pauses are not the processor's latency: no garbage collection
+    # in this process (tens of thousands of timestamps and records) while it measures.
+    gc.collect()
+    gc.disable()
     sender.start()
     drain_until = None
     try:
@@ -369,6 +376,7 @@ def paced_latency(admin: AdminClient, cleanup: Cleanup, rate: int, seconds: floa
                     if causation is not None:
                         seen_at.setdefault(causation, now)
     finally:
+        gc.enable()
         stop.set()
         consumer.close()
         worker.join(timeout=30)
