@@ -1,0 +1,15 @@
+"""The services type-check under ``mypy --strict`` (pyproject's ``[tool.mypy]``): a type error fails the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_services_type_check_strictly() -> None:
+    done = subprocess.run([sys.executable, "-m", "mypy", "services"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
