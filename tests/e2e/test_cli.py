@@ -67,3 +67,24 @@ def test_status_reports_the_running_broker(env: dict[str, str]) -> None:
     result = keel("status", env=env)
     assert result.returncode == 0
     assert "healthy" in result.stdout
+
+
+def test_rotate_master_rewraps_the_keys_of_the_previous_root(tmp_path: Path) -> None:
+    from keel.trust.keystore import MasterKey
+    from keel.trust.keystore_sqlite import SqliteKeyStore
+
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    old.write_bytes(os.urandom(32))
+    new.write_bytes(os.urandom(32))
+    with SqliteKeyStore(tmp_path / "keys.db", MasterKey.from_file(old)) as keys:
+        key = keys.key_for("acme", "cust-1")
+    env = {"KEEL_DATA_DIR": str(tmp_path), "KEEL_KEYSTORE_DSN": f"sqlite:///{tmp_path / 'keys.db'}",
+           "KEEL_MASTER_KEY_FILE": str(new)}
+
+    refused = keel("subjects", "rotate-master", env=env)
+    assert refused.returncode == 1 and "[previous_master_key_missing]" in refused.stderr, refused.stderr
+    done = keel("subjects", "rotate-master", env={**env, "KEEL_MASTER_KEY_PREVIOUS_FILE": str(old)})
+    assert done.returncode == 0, done.stderr
+    assert "re-wrapped 1 data key(s)" in done.stdout
+    with SqliteKeyStore(tmp_path / "keys.db", MasterKey.from_file(new)) as keys:
+        assert keys.lookup("acme", key.key_id) == key

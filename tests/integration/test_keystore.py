@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from keel.trust.errors import KeyUnwrapFailed, UnknownKey, WrongTenantKey
-from keel.trust.keystore import KeyStore, MasterKey
+from keel.trust.keystore import KeyStore, MasterKey, RotationReport
 from keel.trust.keystore_postgres import PostgresKeyStore
 from keel.trust.keystore_sqlite import SqliteKeyStore
 
@@ -28,10 +28,10 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_dsn"))
 
 
-def open_store(location: str, master: MasterKey = MASTER) -> KeyStore:
+def open_store(location: str, master: MasterKey = MASTER, previous: MasterKey | None = None) -> KeyStore:
     if location.startswith("postgresql://"):
-        return PostgresKeyStore(location, master)
-    return SqliteKeyStore(location, master)
+        return PostgresKeyStore(location, master, previous)
+    return SqliteKeyStore(location, master, previous)
 
 
 @pytest.fixture
@@ -94,3 +94,25 @@ def test_key_material_is_stored_wrapped_never_in_clear(store: KeyStore, location
     if not location.startswith("postgresql://"):
         store.close()
         assert key.key not in Path(location).read_bytes()
+
+
+def test_rotating_the_master_key_rewraps_old_keys_and_leaves_erasures_and_strangers(location: str) -> None:
+    new = MasterKey(os.urandom(32))
+    with open_store(location) as before:
+        kept, other, gone = (before.key_for("acme", "cust-1"), before.key_for("globex", "cust-2"),
+                             before.key_for("acme", "cust-3"))
+        before.erase("acme", "cust-3", "human:dpo")
+    with open_store(location, MasterKey(os.urandom(32))) as stranger:  # a root nobody configured
+        stray = stranger.key_for("acme", "cust-9")
+
+    with open_store(location, new, previous=MASTER) as during:
+        assert during.lookup("acme", kept.key_id) == kept  # the old root still unwraps
+        fresh = during.key_for("acme", "cust-4")  # wrapped by the new root
+        report = during.rotate(batch=2)
+
+    assert report == RotationReport(rewrapped=2, current=1, unreadable=(stray.key_id,))
+    with open_store(location, new) as after:
+        assert [after.lookup(k.tenant, k.key_id) for k in (kept, other, fresh)] == [kept, other, fresh]
+        assert after.lookup("acme", gone.key_id) is None
+    with open_store(location) as retired, pytest.raises(KeyUnwrapFailed):
+        retired.lookup("acme", kept.key_id)

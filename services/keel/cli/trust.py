@@ -1,4 +1,4 @@
-"""The trust commands: ``keel chain``, ``keel audit verify|show|export|keygen``, ``keel subjects erase``.
+"""The trust commands: ``keel chain``, ``keel audit verify|show|export|keygen``, ``keel subjects erase|rotate-master``.
 
 ``register`` adds them to the main typer app; a ``KeelError`` becomes one ``[code] message``
 line and exit 1 in ``keel.cli.main``. A failed verification prints the first bad sequence
@@ -25,7 +25,7 @@ _out = Console()
 def register(app: typer.Typer) -> None:
     """Add the trust commands to ``app``."""
     audit = typer.Typer(help="The tenant audit chain: verify, show, export, signing keys.", no_args_is_help=True)
-    subjects = typer.Typer(help="Data subjects: crypto-shredding.", no_args_is_help=True)
+    subjects = typer.Typer(help="Data subjects: crypto-shredding, master key rotation.", no_args_is_help=True)
     app.add_typer(audit, name="audit")
     app.add_typer(subjects, name="subjects")
     app.command("chain")(chain)
@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
     audit.command("export")(export)
     audit.command("keygen")(keygen)
     subjects.command("erase")(erase)
+    subjects.command("rotate-master")(rotate_master)
 
 
 def chain(
@@ -154,3 +155,24 @@ def erase(
         finally:
             client.close()
         _out.print("projected rows redacted")
+
+
+def rotate_master() -> None:
+    """Re-wrap every data key under KEEL_MASTER_KEY_FILE that KEEL_MASTER_KEY_PREVIOUS_FILE wrapped."""
+    from keel.errors import ConfigError
+    from keel.trust.errors import KeyUnwrapFailed
+    from keel.trust.keystore import open_keystore
+
+    settings = Settings()
+    trust = trust_settings(settings)
+    if trust.master_key_previous_file is None:
+        raise ConfigError("set KEEL_MASTER_KEY_PREVIOUS_FILE to the root being rotated away from "
+                          "(and KEEL_MASTER_KEY_FILE to the new one)", code="previous_master_key_missing")
+    with open_keystore(settings, trust) as keys:
+        report = keys.rotate()
+    _out.print(f"re-wrapped {report.rewrapped} data key(s) under the current master key; "
+               f"{report.current} already were")
+    if report.unreadable:
+        raise KeyUnwrapFailed(f"{len(report.unreadable)} data key(s) unwrap under neither master key, left as "
+                              f"they are: {', '.join(report.unreadable[:5])}")
+    _out.print("every data key is now under KEEL_MASTER_KEY_FILE: KEEL_MASTER_KEY_PREVIOUS_FILE can be retired")

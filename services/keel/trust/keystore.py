@@ -7,6 +7,11 @@ another tenant or subject does not unwrap. Each tenant's master key is derived w
 HKDF-SHA256 from the root master key in ``KEEL_MASTER_KEY_FILE``. Erasing a subject
 deletes the wrapped key and keeps a tombstone (key id, when, by whom), so ciphertexts
 under it read as erased rather than as unknown.
+
+Rotating the root: with the old root as ``KEEL_MASTER_KEY_PREVIOUS_FILE``, keys it wrapped
+still unwrap (AES-GCM's tag tells which root fits), new keys are wrapped by the new one,
+and ``rotate`` re-wraps the old ones in place, each with a compare-and-set so a
+concurrent erasure wins. The data keys, and so every ciphertext, stay as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -73,19 +79,28 @@ class MasterKey:
 
     @classmethod
     def from_settings(cls, settings: TrustSettings) -> MasterKey:
-        """Read ``KEEL_MASTER_KEY_FILE``: 32 raw bytes, or their base64 text."""
+        """Read ``KEEL_MASTER_KEY_FILE``."""
         if settings.master_key_file is None:
             raise ConfigError("set KEEL_MASTER_KEY_FILE to a file holding a 32-byte master key",
                               code="master_key_missing")
-        data = settings.master_key_file.read_bytes()
+        return cls.from_file(settings.master_key_file)
+
+    @classmethod
+    def previous_from_settings(cls, settings: TrustSettings) -> MasterKey | None:
+        """Read ``KEEL_MASTER_KEY_PREVIOUS_FILE`` (the root being rotated away from), if set."""
+        return None if settings.master_key_previous_file is None else cls.from_file(settings.master_key_previous_file)
+
+    @classmethod
+    def from_file(cls, path: Path) -> MasterKey:
+        """A root master key file: 32 raw bytes, or their base64 text."""
+        data = path.read_bytes()
         if len(data) != 32:
             try:
                 data = base64.b64decode(data.strip(), validate=True)
             except ValueError:
                 data = b""
         if len(data) != 32:
-            raise ConfigError(f"{settings.master_key_file} must hold 32 bytes (raw or base64)",
-                              code="master_key_invalid")
+            raise ConfigError(f"{path} must hold 32 bytes (raw or base64)", code="master_key_invalid")
         return cls(data)
 
 
@@ -95,11 +110,22 @@ def _tenant_master(root: bytes, tenant: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=b"keel.tenant-master.v1\x00" + tenant.encode()).derive(root)
 
 
+@dataclass(frozen=True)
+class RotationReport:
+    """What ``KeyStore.rotate`` did: keys re-wrapped, keys already under the current root,
+    and the ids of keys neither root unwraps (left as they are)."""
+
+    rewrapped: int
+    current: int
+    unreadable: tuple[str, ...]
+
+
 class KeyStore(ABC):
     """Data keys by subject; adapters store ``KeyRow``s, this class does the cryptography."""
 
-    def __init__(self, master: MasterKey) -> None:
+    def __init__(self, master: MasterKey, previous: MasterKey | None = None) -> None:
         self.master = master
+        self.previous = previous  # the root being rotated away from: still unwraps
 
     # -- what adapters implement ----------------------------------------------------------
 
@@ -118,6 +144,14 @@ class KeyStore(ABC):
         """Delete the subject's wrapped keys, keep tombstones; return the erased key ids."""
 
     @abstractmethod
+    def _wrapped_after(self, key_id: str, limit: int) -> list[KeyRow]:
+        """Up to ``limit`` unerased rows with a key id greater than ``key_id``, in key id order."""
+
+    @abstractmethod
+    def _rewrap(self, key_id: str, old: bytes, new: bytes) -> bool:
+        """Replace the wrapped key ``old`` of ``key_id`` by ``new``; False if it changed meanwhile."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     # -- the port -----------------------------------------------------------------------
@@ -126,11 +160,8 @@ class KeyStore(ABC):
         """The subject's active data key, created on first use."""
         row = self._active(tenant, subject)
         if row is None:
-            key_id = uuid.uuid4().hex
-            key = AESGCM.generate_key(bit_length=256)
-            nonce = os.urandom(12)
-            wrapped = nonce + self.master.for_tenant(tenant).encrypt(nonce, key, self._aad(tenant, subject, key_id))
-            row = self._insert(KeyRow(key_id, tenant, subject, wrapped))
+            key = DataKey(uuid.uuid4().hex, tenant, subject, AESGCM.generate_key(bit_length=256))
+            row = self._insert(KeyRow(key.key_id, tenant, subject, self._wrap(key)))
         return self._unwrap(row)
 
     def lookup(self, tenant: str, key_id: str) -> DataKey | None:
@@ -150,14 +181,47 @@ class KeyStore(ABC):
         """The stored row of ``key_id`` (for receipts and inspection)."""
         return self._row(key_id)
 
+    def rotate(self, batch: int = 500) -> RotationReport:
+        """Re-wrap under the current root every key the previous root wrapped."""
+        rewrapped = current = 0
+        unreadable: list[str] = []
+        after = ""
+        while rows := self._wrapped_after(after, batch):
+            for row in rows:
+                if self._unwrap_with(self.master, row) is not None:
+                    current += 1
+                    continue
+                key = None if self.previous is None else self._unwrap_with(self.previous, row)
+                if key is None:
+                    unreadable.append(row.key_id)
+                # a row erased since it was read keeps its tombstone: the compare-and-set fails
+                elif row.wrapped is not None and self._rewrap(row.key_id, row.wrapped, self._wrap(key)):
+                    rewrapped += 1
+            after = rows[-1].key_id
+        return RotationReport(rewrapped, current, tuple(unreadable))
+
+    def _wrap(self, key: DataKey) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self.master.for_tenant(key.tenant).encrypt(
+            nonce, key.key, self._aad(key.tenant, key.subject, key.key_id))
+
     def _unwrap(self, row: KeyRow) -> DataKey:
+        key = self._unwrap_with(self.master, row)
+        if key is None and self.previous is not None:
+            key = self._unwrap_with(self.previous, row)
+        if key is None:
+            raise KeyUnwrapFailed(f"data key {row.key_id!r} does not unwrap under the master key of "
+                                  f"{row.tenant!r}", field="key_id")
+        return key
+
+    def _unwrap_with(self, master: MasterKey, row: KeyRow) -> DataKey | None:
+        """The data key in ``row`` if ``master`` wrapped it, else ``None``."""
         assert row.wrapped is not None
         try:
-            key = self.master.for_tenant(row.tenant).decrypt(
+            key = master.for_tenant(row.tenant).decrypt(
                 row.wrapped[:12], row.wrapped[12:], self._aad(row.tenant, row.subject, row.key_id))
         except InvalidTag:
-            raise KeyUnwrapFailed(f"data key {row.key_id!r} does not unwrap under the master key of "
-                                  f"{row.tenant!r}", field="key_id") from None
+            return None
         return DataKey(row.key_id, row.tenant, row.subject, key)
 
     @staticmethod
@@ -209,6 +273,15 @@ class SqlKeyStore(KeyStore):
             erased_at = datetime.fromisoformat(erased_at)
         return KeyRow(key, tenant, subject, None if wrapped is None else bytes(wrapped), erased_at, erased_by)
 
+    def _wrapped_after(self, key_id: str, limit: int) -> list[KeyRow]:
+        rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
+                          "WHERE wrapped IS NOT NULL AND key_id > ? ORDER BY key_id LIMIT ?", (key_id, limit))
+        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
+
+    def _rewrap(self, key_id: str, old: bytes, new: bytes) -> bool:
+        return bool(self._rows("UPDATE keel_data_keys SET wrapped = ? WHERE key_id = ? AND wrapped = ? "
+                               "RETURNING key_id", (new, key_id, old)))
+
     def _erase(self, tenant: str, subject: str, erased_by: str, when: datetime) -> list[str]:
         rows = self._rows("UPDATE keel_data_keys SET wrapped = NULL, erased_at = ?, erased_by = ? "
                           "WHERE tenant = ? AND subject = ? AND wrapped IS NOT NULL RETURNING key_id",
@@ -218,15 +291,15 @@ class SqlKeyStore(KeyStore):
 
 def open_keystore(settings: Settings, trust: TrustSettings) -> KeyStore:
     """The key store named by ``KEEL_KEYSTORE_DSN`` (default: SQLite under ``data_dir``)."""
-    master = MasterKey.from_settings(trust)
+    master, previous = MasterKey.from_settings(trust), MasterKey.previous_from_settings(trust)
     dsn = trust.keystore_dsn or f"sqlite:///{(settings.data_dir / 'keys.db').resolve()}"
     if dsn.startswith("sqlite:///"):
         from keel.trust.keystore_sqlite import SqliteKeyStore
 
-        return SqliteKeyStore(dsn.removeprefix("sqlite:///"), master)
+        return SqliteKeyStore(dsn.removeprefix("sqlite:///"), master, previous)
     if dsn.startswith(("postgresql://", "postgres://")):
         from keel.trust.keystore_postgres import PostgresKeyStore
 
-        return PostgresKeyStore(dsn, master)
+        return PostgresKeyStore(dsn, master, previous)
     raise ConfigError(f"KEEL_KEYSTORE_DSN must be sqlite:///path or postgresql://..., not {dsn!r}",
                       code="keystore_dsn_invalid")

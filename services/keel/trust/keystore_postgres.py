@@ -26,8 +26,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS keel_data_keys_active
 class PostgresKeyStore(SqlKeyStore):
     """Data keys in PostgreSQL (autocommit: every statement is its own transaction)."""
 
-    def __init__(self, dsn: str, master: MasterKey) -> None:
-        super().__init__(master)
+    def __init__(self, dsn: str, master: MasterKey, previous: MasterKey | None = None) -> None:
+        super().__init__(master, previous)
         self._db = psycopg.connect(dsn, autocommit=True)
         self._db.execute(SCHEMA)
 

@@ -27,8 +27,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS keel_data_keys_active
 class SqliteKeyStore(SqlKeyStore):
     """Data keys in a SQLite file (WAL; erasure vacuums so no freed page keeps key bytes)."""
 
-    def __init__(self, path: str | Path, master: MasterKey) -> None:
-        super().__init__(master)
+    def __init__(self, path: str | Path, master: MasterKey, previous: MasterKey | None = None) -> None:
+        super().__init__(master, previous)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA secure_delete = ON")  # overwrite deleted key bytes on disk
         self._db.executescript(SCHEMA)

@@ -26,5 +26,8 @@ class TrustSettings(BaseSettings):
         default=10.0, gt=0, description="...or when its newest record is this old and unsigned.")
     master_key_file: Path | None = Field(
         default=None, description="File holding the 32-byte root master key (raw or base64) that wraps data keys.")
+    master_key_previous_file: Path | None = Field(
+        default=None, description="The root master key being rotated away from: keys it wrapped still unwrap "
+        "until `keel subjects rotate-master` re-wraps them under KEEL_MASTER_KEY_FILE.")
     keystore_dsn: str | None = Field(
         default=None, description="sqlite:///path (default under data_dir) or postgresql://... for data keys.")
