@@ -4,6 +4,7 @@ controls that reach every worker, compensation."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from typing import Any
 
@@ -181,3 +182,12 @@ def test_a_producer_acting_for_one_tenant_cannot_send_for_another(settings: Sett
     with pytest.raises(ValidationError) as caught:
         producer.send(command("acme", "sub-1", start()))
     assert caught.value.code == "wrong_tenant"
+
+
+def test_a_producer_refuses_a_command_created_before_the_dedupe_window(settings: Settings) -> None:
+    month_ago = datetime.now(UTC) - timedelta(seconds=settings.processor_dedupe_window_s + 60)
+    with CommandProducer(settings) as producer:
+        with pytest.raises(ValidationError) as caught:
+            producer.send(command("acme", "sub-1", start(), occurred_at=month_ago))
+        producer.send(command("acme", "sub-1", start(), occurred_at=month_ago + timedelta(seconds=120)))
+    assert (caught.value.code, caught.value.field) == ("beyond_dedupe_window", "occurred_at")

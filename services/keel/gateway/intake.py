@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from keel.contracts.codec import EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Envelope
+from keel.domain.idempotency import check_within_window
 from keel.domain.messages import payload_class
 from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
@@ -44,11 +45,7 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
     filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC).isoformat(),
               **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
     envelope = parse_envelope(filled)
-    if max_age_s and envelope.occurred_at < datetime.now(UTC) - timedelta(seconds=max_age_s):
-        raise ValidationError(
-            f"occurred_at {envelope.occurred_at.isoformat()} is more than {max_age_s:g}s ago, before the "
-            "window in which the processor tells a repeated command id from a new one",
-            code="beyond_dedupe_window", field="occurred_at")
+    check_within_window(envelope, max_age_s)
     if payload_class(envelope.type).kind != "command":
         raise ValidationError(f"{envelope.type} is an event; only commands are accepted",
                               code="not_a_command", field="type")

@@ -22,6 +22,7 @@ from keel.domain.envelope import Actor, Authority, Envelope
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.pipeline import Context, Decision, govern
 from keel.domain.governance.ratelimit import RateLimiter
+from keel.domain.idempotency import BEYOND_WINDOW, beyond_window_reason
 from keel.domain.outcomes import to_events
 from keel.domain.subscription import reject
 from keel.errors import KeelError, ValidationError
@@ -91,10 +92,7 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
         return Duplicate(command)
     now = now or datetime.now(UTC)
     if not view.remembers_ids_from(partition, command.occurred_at.timestamp(), now.timestamp()):
-        return DeadLetter("beyond_dedupe_window",
-                          f"the command was created at {command.occurred_at.isoformat()}, before the window "
-                          "in which the processor remembers decided command ids (KEEL_PROCESSOR_DEDUPE_WINDOW_S): "
-                          "it cannot tell a repeat from a new command")
+        return DeadLetter(BEYOND_WINDOW, beyond_window_reason(command, view.dedupe_window_s(partition)))
     principal = headers.get(PRINCIPAL_TENANT_HEADER)
     context = Context(governance.controls.of(command.tenant_id), governance.limiter, now,
                       principal_tenant=principal.decode() if principal is not None else None,

@@ -120,6 +120,10 @@ class BatchView:
         """Whether a command created at ``created_at`` is inside the partition's dedupe window."""
         return self.base[partition].decided.covers(created_at, now)
 
+    def dedupe_window_s(self, partition: int) -> float:
+        """How long the partition remembers decided command ids (0: for ever)."""
+        return self.base[partition].decided.window_s
+
     def record(self, partition: int, command_id: uuid.UUID, events: Iterable[Envelope]) -> None:
         """Stage the command's events."""
         for event in events:

@@ -22,6 +22,7 @@ from keel.bootstrap import edge_codec
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
+from keel.domain.idempotency import check_within_window
 from keel.domain.messages import payload_class
 from keel.domain.principal import Principal
 from keel.errors import DeliveryError, ValidationError
@@ -48,6 +49,7 @@ class CommandProducer:
             self._release_codec = lambda: None
         self._codec = codec
         self._principal = principal
+        self._window_s = settings.processor_dedupe_window_s
         self._topic = topic_name(settings, Topic.COMMANDS)
         self._producer = Producer(producer_config(settings))
         self._deliveries = _Deliveries()
@@ -60,6 +62,7 @@ class CommandProducer:
         if tenant != command.tenant_id:
             raise ValidationError(f"this producer acts for tenant {tenant!r}, the command claims "
                                   f"{command.tenant_id!r}", code="wrong_tenant", field="tenant_id")
+        check_within_window(command, self._window_s)
         value = self._codec.encode(command)
         headers: list[tuple[str, str | bytes | None]] = [(PRINCIPAL_TENANT_HEADER, tenant.encode())]
 
