@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from keel.errors import KeelError
-from keel.outbox.db import open_database
+from keel.outbox.db import SQLiteDatabase, open_database
 from keel.outbox.enqueue import enqueue
 from keel.outbox.models import CommandStatus, NewCommand, Outcome, TrackedEvent
 from keel.outbox.store import OutboxStore
@@ -210,3 +210,43 @@ def test_replicas_racing_on_one_id_write_it_once(dsn: str) -> None:
     check = OutboxStore(open_database(dsn))
     assert len(check.unsent(10)) == 1
     check.db.close()
+
+
+def test_sqlite_checkpoints_in_the_background_and_keeps_the_wal_small(tmp_path: Path) -> None:
+    """Commits do not checkpoint (SQLite's auto-checkpoint is off), yet the WAL restarts.
+
+    Without any checkpoint the WAL of these 600 commits would hold over a thousand pages.
+    """
+    db = SQLiteDatabase(tmp_path / "outbox.sqlite3", checkpoint_pages=50, checkpoint_interval_s=0.01)
+    store = OutboxStore(db)
+    store.migrate()
+    sizes = []
+    for _ in range(600):
+        store.accept([new(body="x" * 2000)])
+        sizes.append(Path(f"{db.path}-wal").stat().st_size)
+        time.sleep(0.001)  # a writer that pauses, as the gateway's does between batches
+    with db.transaction() as cursor:
+        assert cursor.query("PRAGMA wal_autocheckpoint") == [(0,)]
+    # Below the size at which commits would checkpoint themselves: the thread restarted it.
+    assert max(sizes) < 4 * 50 * 4096, f"the WAL grew to {max(sizes)} bytes"
+    deadline = time.monotonic() + 10
+    while db._checkpointer is not None and time.monotonic() < deadline:  # idle: the thread ends by itself
+        time.sleep(0.2)
+    assert db._checkpointer is None
+    assert len(store.unsent(1000)) == 600
+    db.close()
+
+
+def test_sqlite_writers_keep_the_wal_bounded_when_the_checkpointer_falls_behind(tmp_path: Path) -> None:
+    """A checkpointer that cannot keep up (here: one pass an hour) still leaves a bounded WAL."""
+    db = SQLiteDatabase(tmp_path / "outbox.sqlite3", checkpoint_pages=50, checkpoint_interval_s=3600)
+    store = OutboxStore(db)
+    store.migrate()
+    sizes = []
+    for _ in range(600):
+        store.accept([new(body="x" * 2000)])
+        sizes.append(Path(f"{db.path}-wal").stat().st_size)
+    limit = 4 * 50 * 4096
+    assert max(sizes) < limit + 20 * 4096, f"the WAL grew to {max(sizes)} bytes"
+    assert len(store.unsent(1000)) == 600
+    db.close()

@@ -8,9 +8,11 @@ threads), so a gateway's writer thread and its readers never step on each other.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +24,12 @@ import psycopg
 from keel.errors import ConfigError, InfraError
 
 Row = tuple[Any, ...]
+
+log = logging.getLogger("keel.outbox")
+_STARTING = threading.Lock()
+_IDLE_S = 5.0
+_BEHIND = 4  # WAL size, in checkpoint_pages, past which a commit checkpoints itself
+_PAGE = 4096  # SQLite's default page size, which the outbox keeps
 
 
 class Cursor:
@@ -76,34 +84,52 @@ class Database(ABC):
 
 
 class SQLiteDatabase(Database):
-    """A SQLite file in WAL mode with full fsync: an acknowledged write survives power loss."""
+    """A SQLite file in WAL mode with full fsync: an acknowledged write survives power loss.
+
+    Checkpoints run in a background thread, not inside commits. SQLite's automatic
+    checkpoint runs in the ``COMMIT`` that fills the WAL (1,000 pages), while the writer
+    still holds the write lock: every writer in every process waited for it to copy the
+    pages to the database file and fsync it, several times a second under load. The
+    background pass copies pages while writers go on; only the few pages written during
+    the pass are copied under the lock, so the next writer can restart the WAL from its
+    start and the file stays small. Should the thread fall far behind (writers keep the
+    lock), commits checkpoint again themselves, as SQLite would.
+    """
 
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     blob = "BLOB"
     is_postgres = False
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint_pages: int = 1000, checkpoint_interval_s: float = 0.1) -> None:
         super().__init__()
         self.path = path
+        self.checkpoint_pages = checkpoint_pages
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._checkpointer: threading.Thread | None = None
+        self._commits = threading.Event()
+        self._wal = f"{path}-wal"
+        self._wal_limit = _BEHIND * checkpoint_pages * _PAGE  # the file is cut back to this at each restart
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
-                                         check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
+            connection = self._connect()
             self._local.connection = connection
+        return connection
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+        connection.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
         return connection
 
     @contextmanager
     def _begin(self) -> Iterator[Cursor]:
         connection = self._connection()
-        # Writers queue on a kernel file lock first: SQLite's own busy handler polls with
-        # sleeps of up to 100 ms, which two gateway worker processes turned into stalls.
-        fcntl.flock(self._lock_file(), fcntl.LOCK_EX)
-        try:
+        with self._write_lock(self._lock_file()):
             connection.execute("BEGIN IMMEDIATE")  # take the write lock now, not mid-transaction
             try:
                 yield Cursor(connection.cursor(), postgres=False)
@@ -111,8 +137,62 @@ class SQLiteDatabase(Database):
                 connection.execute("ROLLBACK")
                 raise
             connection.execute("COMMIT")
+            if os.stat(self._wal).st_size > self._wal_limit:  # the checkpointer fell behind: help it
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._commits.set()
+        if self._checkpointer is None:
+            self._start_checkpointer()
+
+    @staticmethod
+    @contextmanager
+    def _write_lock(descriptor: int) -> Iterator[None]:
+        # Writers queue on a kernel file lock first: SQLite's own busy handler polls with
+        # sleeps of up to 100 ms, which two gateway worker processes turned into stalls.
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            yield
         finally:
-            fcntl.flock(self._lock_file(), fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def _start_checkpointer(self) -> None:
+        with _STARTING:
+            if self._checkpointer is None:
+                self._checkpointer = threading.Thread(target=self._checkpoint_forever, name="sqlite-checkpointer",
+                                                      daemon=True)
+                self._checkpointer.start()
+
+    def _checkpoint_forever(self) -> None:
+        """Checkpoint after commits; exit after ``_IDLE_S`` without any (the next commit restarts it)."""
+        connection, lock = self._connect(), os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                if not self._commits.wait(_IDLE_S):
+                    with _STARTING:
+                        if not self._commits.is_set():
+                            self._checkpointer = None
+                            return
+                self._commits.clear()
+                self.checkpoint(connection, lock)
+                time.sleep(self.checkpoint_interval_s)
+        except sqlite3.Error:
+            log.exception("the SQLite checkpointer failed; the next commit starts another",
+                          extra={"path": str(self.path)})
+            self._checkpointer = None
+        finally:
+            connection.close()
+            os.close(lock)
+
+    def checkpoint(self, connection: sqlite3.Connection, lock: int) -> tuple[int, int]:
+        """Copy WAL pages into the database file; returns (pages in the WAL, pages copied).
+
+        When the WAL holds ``checkpoint_pages`` or more, the pages written meanwhile are
+        copied under the write lock, so the WAL is whole in the file and restarts.
+        """
+        _, logged, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if logged >= self.checkpoint_pages:
+            with self._write_lock(lock):
+                _, logged, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(logged), int(copied)
 
     def _lock_file(self) -> int:
         """This thread's descriptor of ``<db>.lock`` (``flock`` excludes per open file, so per thread)."""
