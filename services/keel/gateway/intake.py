@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from keel.contracts.codec import EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Envelope
 from keel.domain.idempotency import check_within_window
@@ -35,14 +36,14 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
     if claimed is not None and claimed != principal.tenant_id:
         raise WrongTenant(f"the body claims tenant {str(claimed)[:130]!r}; this key acts for "
                           f"{principal.tenant_id!r}", field="tenant_id")
-    actor = principal.actor.model_dump(mode="json")
+    actor = {"kind": principal.actor.kind.value, "id": principal.actor.id}
     if document.get("actor") is not None and document["actor"] != actor:
         raise WrongActor(f"the body names another actor; this key acts as {actor['kind']}:{actor['id']}",
                          field="actor")
     request_hash = hashlib.sha256(
         json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     command_id = document.get("id") or str(uuid.uuid4())
-    filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC).isoformat(),
+    filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC),
               **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
     envelope = parse_envelope(filled)
     check_within_window(envelope, max_age_s)
@@ -60,14 +61,21 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(raw, parse_constant=_no_constants)
+        document = orjson.loads(raw)  # strict JSON in UTF-8, ten times faster than json
+    except orjson.JSONDecodeError:
+        document = _json_object_slowly(raw)  # json's view and its precise error messages
+    if not isinstance(document, dict):
+        raise ValidationError("a command must be a JSON object", field="")
+    return document
+
+
+def _json_object_slowly(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(
             exc, json.JSONDecodeError) else str(exc)[:200]
         raise ValidationError(f"the body is not JSON: {detail}", code="malformed_json", field="") from None
-    if not isinstance(document, dict):
-        raise ValidationError("a command must be a JSON object", field="")
-    return document
 
 
 def _no_constants(name: str) -> Any:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from anyio import to_thread
 from fastapi import FastAPI
 
@@ -24,7 +25,7 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.domain.principal import Principal
 from keel.errors import KeelError
 from keel.gateway.errors import RECORDED, BodyTooLarge, IdempotencyConflict, http_status
-from keel.gateway.intake import admit
+from keel.gateway.admission import Admission
 from keel.gateway.settings import IngressSettings
 from keel.gateway.writer import BatchWriter
 from keel.outbox.store import OutboxStore
@@ -51,6 +52,10 @@ class Gateway:
     settings: Settings
     codec: EnvelopeCodec = field(default_factory=EnvelopeCodec)
     verified: dict[str, tuple[Principal, float]] = field(default_factory=dict)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.codec, self.writer, self.settings.processor_dedupe_window_s)
 
     async def authenticate(self, token: str | None) -> Principal:
         """The key's principal, from the cache while it is fresh."""
@@ -74,10 +79,10 @@ async def submit(gw: Gateway, headers: dict[bytes, bytes], receive: Receive) -> 
     raw = b""
     try:
         raw = await _body(headers, receive, gw.ingress.gateway_max_body_bytes)
-        envelope, row = admit(raw, caller, gw.codec, max_age_s=gw.settings.processor_dedupe_window_s)
-        result = await gw.writer.accept(row)
+        envelope, written = await gw.admission.admit(raw, caller)
+        result = await written
         if result.conflict:
-            raise IdempotencyConflict(f"command id {row.command_id} was used before with another body", field="id")
+            raise IdempotencyConflict(f"command id {envelope.id} was used before with another body", field="id")
     except KeelError as exc:
         await _refused(gw, caller, exc, raw)
         raise
@@ -85,8 +90,8 @@ async def submit(gw: Gateway, headers: dict[bytes, bytes], receive: Receive) -> 
         log.debug("command accepted", extra={"tenant_id": caller.tenant_id, "actor": actor_name(caller),
                                             "command_id": str(envelope.id), "replayed": result.replayed,
                                             "traceparent": envelope.traceparent})
-    return json.dumps({"command_id": str(result.command_id), "status": result.status.value,
-                       "replayed": result.replayed, "status_url": f"{PATH}/{result.command_id}"}).encode()
+    return orjson.dumps({"command_id": result.command_id, "status": result.status, "replayed": result.replayed,
+                         "status_url": f"{PATH}/{result.command_id}"})
 
 
 def error_body(exc: KeelError) -> bytes:

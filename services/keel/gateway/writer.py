@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import deque
+from collections.abc import Sequence
 
 from keel.outbox.models import Accepted, NewCommand
 from keel.outbox.store import OutboxStore
@@ -23,16 +25,18 @@ class BatchWriter:
     def __init__(self, store: OutboxStore, max_batch: int) -> None:
         self.store = store
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
         self._thread.start()
 
-    async def accept(self, command: NewCommand) -> Accepted:
-        """Accept one command; returns once its transaction has committed."""
+    def write(self, commands: Sequence[NewCommand]) -> list[asyncio.Future[Accepted]]:
+        """Queue commands together (one wake-up of the thread); each future resolves at its commit."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Accepted] = loop.create_future()
-        self._queue.put((command, future, loop))
-        return await future
+        futures: list[asyncio.Future[Accepted]] = [loop.create_future() for _ in commands]
+        items = [(command, future, loop) for command, future in zip(commands, futures, strict=True)]
+        for start in range(0, len(items), self.max_batch):
+            self._queue.put(items[start:start + self.max_batch])
+        return futures
 
     def close(self) -> None:
         """Finish the queued batches and stop the thread."""
@@ -40,21 +44,22 @@ class BatchWriter:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        held: deque[list[_Item] | None] = deque()  # taken from the queue, for the next batch
         while True:
-            item = self._queue.get()
-            if item is None:
+            items = held.popleft() if held else self._queue.get()
+            if items is None:
                 self.store.db.close()  # this thread's connection
                 return
-            batch = [item]
+            batch = list(items)
             while len(batch) < self.max_batch:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._queue.put(None)  # stop after this batch
+                if more is None or len(batch) + len(more) > self.max_batch:
+                    held.append(more)  # stop, or start the next batch, after this one
                     break
-                batch.append(more)
+                batch += more
             try:
                 outcomes: list[Accepted | Exception] = list(self.store.accept([c for c, _, _ in batch]))
             except Exception as exc:  # noqa: BLE001 - every waiter learns why, none hangs

