@@ -12,7 +12,9 @@ Stages, in one run:
    send time, so a stalled server cannot hide queueing (no coordinated omission).
 
 Each measured stage starts after ``os.sync()``: the writeback of what setup and the previous
-stage wrote would otherwise land in it (every acknowledgement waits for a disk sync).
+stage wrote would otherwise land in it (every acknowledgement waits for a disk sync). During
+each latency stage ``disk_probe.py`` times small syncs on the same disk; its worst is printed
+beside the stage's p99, so a tail that is the disk's own stall shows as such.
 
 The closed loop runs ``wrk`` (C; ``apt-get install wrk``) when it is on the PATH, since the
 load generator shares the two cores with the server it measures. Without it, and for the
@@ -75,6 +77,7 @@ class Figures:
     errors: int = 0
     cpu_us: float | None = None  # the gateway's CPU time per accepted command
     generator: str = ""
+    disk_sync_max_ms: float | None = None  # the worst sync of a probe on the same disk, during the stage
 
 
 def _free_port() -> int:
@@ -93,7 +96,10 @@ def kafka_raw(settings: Settings, count: int) -> Figures:
     """Raw produce of ``count`` encoded commands to a throwaway topic."""
     codec, topic = EnvelopeCodec(), f"bench-gateway-{uuid.uuid4().hex[:8]}"
     admin = AdminClient(admin_config(settings))
-    admin.create_topics([NewTopic(topic, settings.topic_partitions, 1)])[topic].result()
+    # Deleted at once with the topic: the broker's default waits a minute, then frees the
+    # disk blocks in the middle of whatever runs next (a stall of every fsync meanwhile).
+    admin.create_topics([NewTopic(topic, settings.topic_partitions, 1,
+                                  config={"file.delete.delay.ms": "0"})])[topic].result()
     values = [codec.encode(new_command(IssueRefund(amount_cents=1250, currency="EUR", reason="late delivery"),
                                        tenant_id="acme", aggregate_id=f"sub-{i % 500}", actor=AGENT))
               for i in range(2000)]
@@ -290,7 +296,11 @@ def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, wo
             accepted, errors, elapsed = uvloop.run(closed_loop(port, token, connections, duration_s))
         cpu_closed = tree_cpu_seconds(server.pid) - cpu_before
         os.sync()
+        probe = subprocess.Popen([sys.executable, str(Path(__file__).with_name("disk_probe.py")),
+                                  str(data_dir / f"probe-{name}"), str(duration_s * 3)], stdout=subprocess.PIPE)
         latencies, late_errors = uvloop.run(open_loop(port, token, rate, duration_s))
+        probe.terminate()
+        disk = json.loads(probe.communicate(timeout=30)[0])
         cpu_open = tree_cpu_seconds(server.pid) - cpu_before - cpu_closed
     finally:
         server.terminate()
@@ -299,7 +309,8 @@ def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, wo
     return [Figures(f"gateway-{name}", accepted / elapsed, errors=errors, cpu_us=cpu_closed / max(accepted, 1) * 1e6,
                     generator=generator),
             Figures(f"gateway-{name} latency@{rate}/s", rate, p50, p99, late_errors,
-                    cpu_us=cpu_open / max(len(latencies) - late_errors, 1) * 1e6, generator="python")]
+                    cpu_us=cpu_open / max(len(latencies) - late_errors, 1) * 1e6, generator="python",
+                    disk_sync_max_ms=disk["max_ms"])]
 
 
 def main(duration: float = typer.Option(10.0, help="Seconds per measured stage."),
@@ -329,13 +340,14 @@ def main(duration: float = typer.Option(10.0, help="Seconds per measured stage."
     figures.insert(0, kafka_raw(settings, kafka_count))
     baseline, load = figures[0].rate, os.getloadavg()
     table = Table("stage", "per second", "vs raw Kafka", "p50 ms", "p99 ms", "errors", "gateway CPU µs/cmd",
-                  "load generator",
+                  "load generator", "disk sync max ms",
                   title=f"gateway benchmark ({os.cpu_count()} cores, load {load[0]:.1f}, {workers} gateway workers)")
     for f in figures:
         table.add_row(f.stage, f"{f.rate:,.0f}", f"{f.rate / baseline:.3f}",
                       f"{f.p50_ms:.1f}" if f.p50_ms is not None else "",
                       f"{f.p99_ms:.1f}" if f.p99_ms is not None else "", str(f.errors),
-                      f"{f.cpu_us:.0f}" if f.cpu_us is not None else "", f.generator)
+                      f"{f.cpu_us:.0f}" if f.cpu_us is not None else "", f.generator,
+                      f"{f.disk_sync_max_ms:.1f}" if f.disk_sync_max_ms is not None else "")
     console.print(table)
     print(json.dumps({"benchmark": "gateway", "workers": workers, "connections": connections, "load": load,
                       "figures": [f.__dict__ for f in figures]}))
