@@ -212,19 +212,26 @@ def test_replicas_racing_on_one_id_write_it_once(dsn: str) -> None:
     check.db.close()
 
 
+def wal_sizes(db: SQLiteDatabase, commits: int, pause_s: float = 0.0) -> list[int]:
+    """Commit ``commits`` commands of two pages each; the WAL file's size after each commit."""
+    store = OutboxStore(db)
+    store.migrate()
+    sizes = []
+    for _ in range(commits):
+        store.accept([new(body="x" * 2000)])
+        sizes.append(Path(f"{db.path}-wal").stat().st_size)
+        time.sleep(pause_s)
+    assert len(store.unsent(commits + 1)) == commits
+    return sizes
+
+
 def test_sqlite_checkpoints_in_the_background_and_keeps_the_wal_small(tmp_path: Path) -> None:
     """Commits do not checkpoint (SQLite's auto-checkpoint is off), yet the WAL restarts.
 
     Without any checkpoint the WAL of these 600 commits would hold over a thousand pages.
     """
     db = SQLiteDatabase(tmp_path / "outbox.sqlite3", checkpoint_pages=50, checkpoint_interval_s=0.01)
-    store = OutboxStore(db)
-    store.migrate()
-    sizes = []
-    for _ in range(600):
-        store.accept([new(body="x" * 2000)])
-        sizes.append(Path(f"{db.path}-wal").stat().st_size)
-        time.sleep(0.001)  # a writer that pauses, as the gateway's does between batches
+    sizes = wal_sizes(db, 600, pause_s=0.001)  # a writer that pauses, as the gateway's does between batches
     with db.transaction() as cursor:
         assert cursor.query("PRAGMA wal_autocheckpoint") == [(0,)]
     # Far below the size at which commits would checkpoint themselves: the thread restarted it.
@@ -233,20 +240,12 @@ def test_sqlite_checkpoints_in_the_background_and_keeps_the_wal_small(tmp_path: 
     while db._checkpointer is not None and time.monotonic() < deadline:  # idle: the thread ends by itself
         time.sleep(0.2)
     assert db._checkpointer is None
-    assert len(store.unsent(1000)) == 600
     db.close()
 
 
 def test_sqlite_writers_keep_the_wal_bounded_when_the_checkpointer_falls_behind(tmp_path: Path) -> None:
     """A checkpointer that cannot keep up (here: one pass an hour) still leaves a bounded WAL."""
     db = SQLiteDatabase(tmp_path / "outbox.sqlite3", checkpoint_pages=50, checkpoint_interval_s=3600)
-    store = OutboxStore(db)
-    store.migrate()
-    sizes = []
-    for _ in range(1200):
-        store.accept([new(body="x" * 2000)])
-        sizes.append(Path(f"{db.path}-wal").stat().st_size)
-    limit = 16 * 50 * 4096
-    assert max(sizes) < limit + 20 * 4096, f"the WAL grew to {max(sizes)} bytes"
-    assert len(store.unsent(2000)) == 1200
+    sizes = wal_sizes(db, 1200)
+    assert max(sizes) < 16 * 50 * 4096 + 20 * 4096, f"the WAL grew to {max(sizes)} bytes"
     db.close()

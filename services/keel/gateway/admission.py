@@ -19,7 +19,7 @@ from keel.gateway.intake import admit
 from keel.gateway.writer import BatchWriter
 from keel.outbox.models import Accepted
 
-Admitted = tuple[Envelope, "asyncio.Future[Accepted]"]
+Admitted = tuple[Envelope, asyncio.Future[Accepted]]
 
 
 class Admission:

@@ -15,7 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from keel.errors import ConfigError, InfraError
 Row = tuple[Any, ...]
 
 log = logging.getLogger("keel.outbox")
-_STARTING = threading.Lock()
 _IDLE_S = 5.0
 # WAL size, in checkpoint_pages, past which a commit checkpoints itself. Far above the
 # usual restart point: SQLite cuts the file back to it at a restart, and truncating frees
@@ -109,6 +108,7 @@ class SQLiteDatabase(Database):
         self.checkpoint_pages = checkpoint_pages
         self.checkpoint_interval_s = checkpoint_interval_s
         self._checkpointer: threading.Thread | None = None
+        self._starting = threading.Lock()
         self._commits = threading.Event()
         self._wal = f"{path}-wal"
         self._wal_limit = _BEHIND * checkpoint_pages * _PAGE  # the file is cut back to this at each restart
@@ -140,7 +140,7 @@ class SQLiteDatabase(Database):
                 connection.execute("ROLLBACK")
                 raise
             connection.execute("COMMIT")
-            if os.stat(self._wal).st_size > self._wal_limit:  # the checkpointer fell behind: help it
+            if self._wal_size() > self._wal_limit:  # the checkpointer fell behind: help it
                 connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self._commits.set()
         if self._checkpointer is None:
@@ -157,8 +157,14 @@ class SQLiteDatabase(Database):
         finally:
             fcntl.flock(descriptor, fcntl.LOCK_UN)
 
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(self._wal).st_size
+        except FileNotFoundError:  # not in WAL mode (a file system without shared memory)
+            return 0
+
     def _start_checkpointer(self) -> None:
-        with _STARTING:
+        with self._starting:
             if self._checkpointer is None:
                 self._checkpointer = threading.Thread(target=self._checkpoint_forever, name="sqlite-checkpointer",
                                                       daemon=True)
@@ -166,36 +172,29 @@ class SQLiteDatabase(Database):
 
     def _checkpoint_forever(self) -> None:
         """Checkpoint after commits; exit after ``_IDLE_S`` without any (the next commit restarts it)."""
-        connection, lock = self._connect(), os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            while True:
-                if not self._commits.wait(_IDLE_S):
-                    with _STARTING:
-                        if not self._commits.is_set():
-                            self._checkpointer = None
-                            return
-                self._commits.clear()
-                self.checkpoint(connection, lock)
-                time.sleep(self.checkpoint_interval_s)
-        except sqlite3.Error:
+            with closing(self._connect()) as connection, _opened(f"{self.path}.lock") as lock:
+                while True:
+                    if not self._commits.wait(_IDLE_S):
+                        with self._starting:
+                            if not self._commits.is_set():
+                                self._checkpointer = None
+                                return
+                    self._commits.clear()
+                    self._checkpoint(connection, lock)
+                    time.sleep(self.checkpoint_interval_s)
+        except (sqlite3.Error, OSError):
             log.exception("the SQLite checkpointer failed; the next commit starts another",
                           extra={"path": str(self.path)})
             self._checkpointer = None
-        finally:
-            connection.close()
-            os.close(lock)
 
-    def checkpoint(self, connection: sqlite3.Connection, lock: int) -> tuple[int, int]:
-        """Copy WAL pages into the database file; returns (pages in the WAL, pages copied).
-
-        When the WAL holds ``checkpoint_pages`` or more, the pages written meanwhile are
-        copied under the write lock, so the WAL is whole in the file and restarts.
-        """
-        _, logged, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if logged >= self.checkpoint_pages:
+    def _checkpoint(self, connection: sqlite3.Connection, lock: int) -> None:
+        """Copy WAL pages into the database file while writers go on; when the WAL holds
+        ``checkpoint_pages`` or more, copy what they wrote meanwhile under the write lock, so
+        the WAL is whole in the file and the next writer restarts it."""
+        if connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] >= self.checkpoint_pages:
             with self._write_lock(lock):
-                _, logged, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(logged), int(copied)
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _lock_file(self) -> int:
         """This thread's descriptor of ``<db>.lock`` (``flock`` excludes per open file, so per thread)."""
@@ -245,6 +244,15 @@ class PostgresDatabase(Database):
         if connection is not None:
             connection.close()
             self._local.connection = None
+
+
+@contextmanager
+def _opened(path: str) -> Iterator[int]:
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def open_database(dsn: str) -> Database:
