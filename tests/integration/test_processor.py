@@ -84,17 +84,21 @@ def test_a_record_without_a_key_is_dead_lettered(settings: Settings, processor: 
     assert events(settings) == []
 
 
-def test_a_command_routed_to_another_tenants_aggregate_is_rejected_with_an_event(
+def test_a_command_keyed_for_another_tenant_is_dead_lettered_and_no_event_lands_under_that_key(
         settings: Settings, processor: CommandProcessor) -> None:
     producer = Producer(producer_config(settings))
     producer.produce(topic_name(settings, Topic.COMMANDS), EnvelopeCodec().encode(command("acme", "sub-1", start())),
                      b"globex/sub-1")
     producer.flush(10)
+    send(settings, command("globex", "sub-1", start()))  # the victim's own aggregate of that id
 
-    assert processor.run_until_caught_up().rejected == 1
-    [rejection] = events(settings)
-    assert isinstance(rejection.payload, CommandRejected)
-    assert (rejection.tenant_id, rejection.payload.code) == ("acme", "cross_tenant_aggregate")
+    stats = processor.run_until_caught_up()
+    assert (stats.dead_lettered, stats.events) == (1, 1)
+    [dead] = list(read_to_end(settings, topic_name(settings, Topic.DLQ)))
+    assert dict(dead.headers() or [])["keel-error-code"] == b"key_mismatch"
+    written = list(read_to_end(settings, topic_name(settings, Topic.EVENTS)))
+    assert [(m.key(), EnvelopeCodec().decode(m.value() or b"").tenant_id) for m in written] == [
+        (b"globex/sub-1", "globex")]
 
 
 def test_an_event_sent_as_a_command_is_dead_lettered(settings: Settings, processor: CommandProcessor) -> None:

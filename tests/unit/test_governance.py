@@ -103,7 +103,6 @@ def test_an_allowed_command_records_role_rule_and_policy_version() -> None:
 
 @pytest.mark.parametrize(("command_kwargs", "context", "code"), [
     ({}, {"principal_tenant": "globex"}, "wrong_tenant"),
-    ({}, {"key_tenant": "globex"}, "cross_tenant_aggregate"),
     ({"actor": Actor(kind=ActorKind.AGENT, id="rogue-bot")}, {}, "no_role"),
 ])
 def test_isolation_and_rbac_refusals_are_typed_events(command_kwargs: dict, context: dict, code: str) -> None:  # type: ignore[type-arg]

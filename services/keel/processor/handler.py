@@ -83,10 +83,11 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
         return DeadLetter(exc.code, exc.message)
     if command.payload.kind != "command":  # decoding gave the payload the class its type names
         return DeadLetter("not_a_command", f"{command.type} is an event, not a command")
-    key_tenant, _, key_aggregate = (key or b"").decode(errors="replace").partition("/")
-    if key_aggregate != command.aggregate_id:
-        # The key decides the partition, and so which worker owns the aggregate: a record
-        # whose key names another aggregate would split the aggregate's state.
+    if key != command.key.encode():
+        # The key decides the partition, and so which worker owns the aggregate and under
+        # which key its events are written: a record keyed for another aggregate, or for
+        # the same aggregate id of another tenant, would split one aggregate's state or
+        # put one tenant's events under another tenant's key.
         return DeadLetter("key_mismatch", f"record key {key!r} is not the envelope's {command.key!r}")
     if view.already_decided(partition, command.id):
         return Duplicate(command)
@@ -95,8 +96,7 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
         return DeadLetter(BEYOND_WINDOW, beyond_window_reason(command, view.dedupe_window_s(partition)))
     principal = headers.get(PRINCIPAL_TENANT_HEADER)
     context = Context(governance.controls.of(command.tenant_id), governance.limiter, now,
-                      principal_tenant=principal.decode() if principal is not None else None,
-                      key_tenant=key_tenant)
+                      principal_tenant=principal.decode() if principal is not None else None)
     try:
         decision = govern(command, view.state(partition, command.key), context)
     except Exception as exc:  # noqa: BLE001 - a crashing handler must not stop the partition

@@ -74,8 +74,6 @@ class Context:
     now: datetime
     principal_tenant: str | None = None
     """Tenant of the authenticated producer (from the record header), if it said."""
-    key_tenant: str | None = None
-    """Tenant part of the Kafka key: the aggregate the record was routed to."""
 
 
 def govern(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
@@ -97,9 +95,6 @@ def _isolation(command: Envelope, ctx: Context) -> Refusal | None:
     if ctx.principal_tenant is not None and ctx.principal_tenant != command.tenant_id:
         return Refusal("wrong_tenant", f"the producer is authenticated for tenant {ctx.principal_tenant!r}, "
                                        f"the command claims {command.tenant_id!r}")
-    if ctx.key_tenant is not None and ctx.key_tenant != command.tenant_id:
-        return Refusal("cross_tenant_aggregate",
-                       f"the command of tenant {command.tenant_id!r} targets an aggregate of {ctx.key_tenant!r}")
     return None
 
 
