@@ -59,6 +59,18 @@ class Settings(BaseSettings):
     processor_session_timeout_ms: int = Field(
         default=10_000, ge=6_000, description="How long the group waits for a silent worker."
     )
+    kafka_transaction_timeout_ms: int = Field(
+        default=60_000, ge=1_000,
+        description="transaction.timeout.ms of the processor's and chainer's producers: how long the broker "
+        "keeps a transaction open before it aborts it. A broker outage longer than this fences the producer, "
+        "and the worker starts again under a new one.",
+    )
+    watchdog_stall_s: float = Field(
+        default=60.0, gt=0,
+        description="How long a transactional worker (processor, chainer) may stay in one step of a batch, "
+        "or see records waiting and consume none, before it counts as stalled: it logs why, and the process "
+        "ends so that its supervisor starts a fresh one.",
+    )
     processor_dedupe_window_s: float = Field(
         default=30 * 24 * 3600, ge=0,
         description="How long a worker remembers a decided command id (about 100 bytes each), so a re-sent "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 
 import typer
@@ -17,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.markup import escape
 
-from keel.cli import analytics, demo, governance, ingress, trust, watchers
+from keel.cli import analytics, demo, governance, ingress, trust, watchers, workers
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
@@ -25,7 +24,6 @@ from keel.errors import KeelError, ValidationError
 from keel.kafka.broker import broker_status, platform_auth, reset_broker, start_broker, stop_broker
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
-from keel.logs import configure_logging
 
 app = typer.Typer(help="Keel: governed, audited, replayable actions for AI agents.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -103,29 +101,6 @@ def _apply_topics(settings: Settings) -> None:
 
 
 @app.command()
-def process(
-    instance: str = typer.Option(None, help="Worker instance id (part of its transactional.id)."),
-    caught_up: bool = typer.Option(False, "--until-caught-up", help="Exit once the backlog is decided."),
-) -> None:
-    """Run a command processor worker (JSON logs on stderr)."""
-    from keel.processor.worker import CommandProcessor
-
-    configure_logging(json_lines=True)
-    processor = CommandProcessor(Settings(), instance_id=instance)
-    try:
-        if caught_up:
-            console.print(processor.run_until_caught_up(timeout_s=300))
-        else:
-            stop = threading.Event()
-            try:
-                processor.run(stop)
-            except KeyboardInterrupt:
-                stop.set()
-    finally:
-        processor.close()
-
-
-@app.command()
 def submit(
     path: str = typer.Argument(..., help="JSON file with one command envelope or a list of them; - for stdin."),
 ) -> None:
@@ -152,6 +127,7 @@ analytics.register(app)
 replay_cli.register(app)
 governance.register(app)
 watchers.register(app)
+workers.register(app)
 ingress.register(app)
 trust.register(app)
 

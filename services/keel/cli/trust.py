@@ -7,10 +7,8 @@ number and the kind of failure, and exits 2.
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -18,6 +16,9 @@ from rich.console import Console
 from keel.bootstrap import trust_settings
 from keel.config import Settings
 from keel.logs import configure_logging
+
+if TYPE_CHECKING:
+    from keel.supervision.progress import Progress
 
 _out = Console()
 
@@ -40,31 +41,36 @@ def register(app: typer.Typer) -> None:
 def chain(
     instance: str = typer.Option("0", help="Instance id (part of its transactional.id)."),
     caught_up: bool = typer.Option(False, "--until-caught-up", help="Exit once the intake backlog is chained."),
+    supervised: bool = typer.Option(
+        True, "--supervise/--no-supervise",
+        help="Run the chainer in a child process that is restarted whenever it ends or stalls (default); "
+             "--no-supervise runs it in this process (liveness: `keel health chainer --instance ID`)."),
 ) -> None:
     """Run the audit chainer: intake -> per-tenant hash chain + signed checkpoints (JSON logs)."""
+    from keel.cli.workers import Role, child_argv
+    from keel.supervision.supervisor import run_watched, supervise
     from keel.trust.chainer import Chainer
     from keel.trust.checkpoints import CheckpointSigner
 
     configure_logging(json_lines=True)
-    trust = trust_settings(Settings())
-    chainer = Chainer(Settings(), CheckpointSigner.from_settings(trust), instance_id=instance,
-                      checkpoint_every=trust.audit_checkpoint_every,
-                      checkpoint_interval_s=trust.audit_checkpoint_interval_s)
-    stop = threading.Event()
+    settings = Settings()
+    if supervised and not caught_up:
+        supervise(child_argv("chain", instance), settings, Role.CHAINER, instance)
+        return
+    trust = trust_settings(settings)
 
-    def on_term(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+    def build(progress: Progress | None = None) -> Chainer:
+        return Chainer(settings, CheckpointSigner.from_settings(trust), instance_id=instance,
+                       checkpoint_every=trust.audit_checkpoint_every,
+                       checkpoint_interval_s=trust.audit_checkpoint_interval_s, progress=progress)
 
-    signal.signal(signal.SIGTERM, on_term)
+    if not caught_up:
+        run_watched(settings, Role.CHAINER, instance, build)
+        return
+    chainer = build()
     try:
-        if caught_up:
-            stats = chainer.run_until_caught_up(timeout_s=300)
-            _out.print(f"chained {stats.records} records, {stats.checkpoints} checkpoints")
-        else:
-            try:
-                chainer.run(stop)
-            except KeyboardInterrupt:
-                stop.set()
+        stats = chainer.run_until_caught_up(timeout_s=300)
+        _out.print(f"chained {stats.records} records, {stats.checkpoints} checkpoints")
     finally:
         chainer.close()
 

@@ -2,43 +2,64 @@
 
 Used by the command processor and the audit chainer: commit with retries, abort and
 rewind to the committed offsets (so the batch is processed again), the offsets to send
-with a batch, and "has this consumer caught up with the topic as it was".
+with a batch, and "has this consumer caught up with the topic as it was". Each
+transactional call names its step in the worker's ``Progress`` first, so its watchdog
+can tell which call hangs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from keel.errors import InfraError
+from keel.supervision.progress import IDLE, Progress
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 30.0
+"""Bound of each transactional call (librdkafka may overrun it: librdkafka#5456, #5511)."""
 
 
-def commit(producer: Producer) -> None:
-    """Commit the open transaction, retrying what librdkafka calls retriable."""
+def commit(producer: Producer, progress: Progress) -> None:
+    """Commit the open transaction, retrying what librdkafka calls retriable for up to ``TIMEOUT_S``.
+
+    Past that the error is raised: the caller aborts, or builds a fresh worker, rather
+    than retrying for as long as the broker stays away.
+    """
+    progress.enter("commit_transaction")
+    deadline = time.monotonic() + TIMEOUT_S
     while True:
         try:
             producer.commit_transaction(TIMEOUT_S)
             return
         except KafkaException as exc:
-            if exc.args[0].retriable():
-                continue
-            raise
+            if not exc.args[0].retriable() or time.monotonic() >= deadline:
+                raise
 
 
-def abort_and_rewind(producer: Producer, consumer: Consumer, exc: KafkaException, role: str) -> None:
-    """Abort the open transaction and seek back, or raise if this producer is fenced for good."""
+def abort_and_rewind(producer: Producer, consumer: Consumer, exc: KafkaException, role: str,
+                     progress: Progress) -> None:
+    """Abort the open transaction and seek back, or raise when only a new producer can go on.
+
+    A fatal error (the producer was fenced, as after a broker outage longer than the
+    transaction timeout) or one that no abort clears raises ``InfraError``; so does a
+    failed abort, as a ``KafkaException``. Either way the worker is rebuilt
+    (``keel.supervision.resilient``).
+    """
     error: KafkaError = exc.args[0]
     if error.fatal() or not error.txn_requires_abort():
-        raise InfraError(f"{role} transaction failed fatally: {error}", code=f"{role}_fenced") from exc
+        raise InfraError(f"{role} transaction failed and cannot be aborted: {error}",
+                         code=f"{role}_transaction_failed") from exc
     log.warning("aborting %s batch: %s", role, error)
+    progress.enter("abort_transaction")
     producer.abort_transaction(TIMEOUT_S)
+    progress.enter("rewinding")
     for tp in consumer.committed(consumer.assignment(), timeout=TIMEOUT_S):
         tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
         consumer.seek(tp)
+    progress.enter(IDLE)
 
 
 def next_offsets(messages: list[Message]) -> list[TopicPartition]:
@@ -69,3 +90,4 @@ def caught_up(consumer: Consumer, targets: dict[int, int]) -> bool:
     for tp in consumer.position(assignment):
         done[tp.partition] = max(done.get(tp.partition, -1), tp.offset)
     return all(high == 0 or done.get(p, -1) >= high for p, high in targets.items())
+

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from keel.config import Settings
 from keel.domain.governance.controls import Controls
-from keel.errors import KeelError
+from keel.errors import InfraError, KeelError
 from keel.kafka.clients import follower_config
 from keel.kafka.topics import Topic, topic_name
 
@@ -32,12 +33,20 @@ class ControlsFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="controls-follower", daemon=True)
 
-    def start(self) -> None:
-        """Read the topic to its end, then follow it in the background."""
-        partitions = self._consumer.list_topics(self._topic, timeout=30).topics[self._topic].partitions
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Read the topic to its end, then follow it in the background.
+
+        Raises ``InfraError`` when the end is not reached within ``timeout_s`` (a broker
+        that went away): no command may be decided under switches only half read.
+        """
+        partitions = self._consumer.list_topics(self._topic, timeout=timeout_s).topics[self._topic].partitions
         self._consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
         pending = set(partitions)
+        deadline = time.monotonic() + timeout_s
         while pending:
+            if time.monotonic() > deadline:
+                raise InfraError(f"the controls topic {self._topic} was not read to its end within "
+                                 f"{timeout_s:.0f}s (partitions {sorted(pending)} pending)", code="controls_unread")
             for message in self._consumer.consume(1000, timeout=0.2):
                 error = message.error()
                 if error is not None and error.code() == KafkaError._PARTITION_EOF:

@@ -28,13 +28,15 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from keel.bootstrap import edge_codec
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
 from keel.kafka import transactions
-from keel.kafka.clients import consumer_config, loader_config, transactional_producer_config
+from keel.kafka.clients import admin_config, consumer_config, loader_config, transactional_producer_config
+from keel.kafka.idle import IdleCheck
 from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
@@ -43,6 +45,7 @@ from keel.domain.governance.pipeline import Decision
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
 from keel.processor.state import BatchView, PartitionState
+from keel.supervision.progress import IDLE, Progress
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +73,9 @@ class CommandProcessor:
     """One worker of the processor consumer group."""
 
     def __init__(self, settings: Settings, *, instance_id: str | None = None,
-                 codec: EnvelopeCodec | None = None) -> None:
+                 codec: EnvelopeCodec | None = None, progress: Progress | None = None) -> None:
         self.settings = settings
+        self.progress = progress or Progress()
         if codec is None:
             codec, self._release_codec = edge_codec(settings)
         else:
@@ -92,10 +96,16 @@ class CommandProcessor:
         self._consumer = Consumer(consumer_config(settings, self.group_id, **membership))
         self._producer = Producer(transactional_producer_config(
             settings, f"{settings.topic_prefix}.processor.{instance}"))
-        self._check_partitioning()
         self._controls = ControlsFollower(settings, self.governance.controls)
-        self._controls.start()
-        self._producer.init_transactions(30)
+        self._idle = IdleCheck(self._consumer, AdminClient(admin_config(settings)), self.group_id)
+        try:
+            self._check_partitioning()
+            self._controls.start()
+            self.progress.enter("init_transactions")
+            self._producer.init_transactions(transactions.TIMEOUT_S)
+        except BaseException:  # a broker away at start: leave nothing running behind
+            self.close()
+            raise
         self._consumer.subscribe([self.commands_topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
 
@@ -114,7 +124,10 @@ class CommandProcessor:
             )
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.progress.enter("loading partitions")
         self.partitions.update(self._load_partitions([tp.partition for tp in partitions]))
+        self.progress.partitions = len(self.partitions)
+        self.progress.enter(IDLE)
         # The state just loaded (and all else made at start-up) lives as long as the worker
         # does: exempt it from the full collections that would otherwise rescan all of it.
         gc.freeze()
@@ -123,6 +136,7 @@ class CommandProcessor:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
+        self.progress.partitions = len(self.partitions)
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
 
     def _load_partitions(self, partitions: list[int]) -> dict[int, PartitionState]:
@@ -136,6 +150,7 @@ class CommandProcessor:
             loader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
             pending = set(partitions)
             while pending:
+                self.progress.enter("loading partitions")  # a step per chunk: a stalled load is seen
                 for message in loader.consume(10_000, timeout=0.1):
                     error, partition = message.error(), message.partition()
                     if error is None:
@@ -164,7 +179,9 @@ class CommandProcessor:
         """
         messages = [m for m in self._poll(timeout_s) if not self._is_benign(m)]
         if not messages:
+            self._idle.check(self.progress)
             return 0
+        self.progress.enter("deciding")
         view = BatchView(self.partitions)
         outcome_counts = ProcessorStats()
         thrown: list[tuple[str, bytes | None]] = []
@@ -182,11 +199,12 @@ class CommandProcessor:
             if not opened:
                 self._open(messages)
             self._produce(records)
-            transactions.commit(self._producer)
+            transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
-            transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor")
+            transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor", self.progress)
             self.stats.aborted_batches += 1
             return 0
+        self.progress.committed()
         view.commit(now.timestamp())
         for key, value in thrown:  # this worker's own switches hold from its next batch on
             self.governance.controls.apply(key, value)
@@ -204,8 +222,10 @@ class CommandProcessor:
         the transaction is under way and partitions register without a refusal.
         """
         self._producer.begin_transaction()
+        self.progress.enter("send_offsets_to_transaction")
         self._producer.send_offsets_to_transaction(
-            transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
+            transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), transactions.TIMEOUT_S)
+        self.progress.enter("deciding")
 
     def _produce(self, records: list[_Record]) -> None:
         """Hand the decided ``records`` to the open transaction."""
@@ -300,9 +320,11 @@ class CommandProcessor:
 
     def close(self) -> None:
         """Leave the group; an open transaction (if any) is aborted by the broker."""
-        self._controls.close()
-        self._consumer.close()
-        self._release_codec()
+        try:
+            self._controls.close()
+            self._consumer.close()
+        finally:
+            self._release_codec()
 
 
 @dataclass(frozen=True)

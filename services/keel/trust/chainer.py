@@ -17,13 +17,16 @@ import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
 from keel.contracts.catalog import load_catalog
 from keel.errors import InfraError
 from keel.kafka import transactions
-from keel.kafka.clients import consumer_config, transactional_producer_config
+from keel.kafka.clients import admin_config, consumer_config, transactional_producer_config
+from keel.kafka.idle import IdleCheck
 from keel.kafka.topics import Topic, topic_name
+from keel.supervision.progress import IDLE, Progress
 from keel.trust.checkpoints import CheckpointSigner
 from keel.trust.entries import entry_from_intake
 from keel.trust.record import GENESIS, peek, seal_record
@@ -57,8 +60,9 @@ class Chainer:
 
     def __init__(self, settings: Settings, signer: CheckpointSigner, *, instance_id: str = "0",
                  checkpoint_every: int = 1000, checkpoint_interval_s: float = 10.0,
-                 batch_size: int = 5000) -> None:
+                 batch_size: int = 5000, progress: Progress | None = None) -> None:
         self.settings, self.signer = settings, signer
+        self.progress = progress or Progress()
         self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
         self.batch_size = batch_size
         self.catalog = load_catalog()
@@ -76,8 +80,15 @@ class Chainer:
         self._ends: dict[int, int] = {}  # partition -> offset where the consumer last hit its end
         self._producer = Producer(transactional_producer_config(
             settings, f"{settings.topic_prefix}.chainer.{instance_id}"))
-        self._check_partitioning()
-        self._producer.init_transactions(60)  # fences a previous incarnation, resolves its transaction
+        # Its input is written in the processor's transactions: an open one holds records back.
+        self._idle = IdleCheck(self._consumer, AdminClient(admin_config(settings)), self.group_id, records=False)
+        try:
+            self._check_partitioning()
+            self.progress.enter("init_transactions")
+            self._producer.init_transactions(60)  # fences a previous incarnation, resolves its transaction
+        except BaseException:  # a broker away at start: leave no client behind
+            self._consumer.close()
+            raise
         self._consumer.subscribe([self.intake_topic], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_revoke)
 
@@ -93,13 +104,17 @@ class Chainer:
                              "run `keel topics apply`", code="topic_partitions_mismatch")
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.progress.enter("loading partitions")
         self.partitions.update(self._fold([tp.partition for tp in partitions]))
+        self.progress.partitions = len(self.partitions)
+        self.progress.enter(IDLE)
         log.info("chainer assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
             self._ends.pop(tp.partition, None)
+        self.progress.partitions = len(self.partitions)
 
     def _fold(self, partitions: list[int], timeout_s: float = 120.0) -> dict[int, dict[str, TenantHead]]:
         """Every tenant's head in the committed audit ``partitions``, once no transaction is open on them."""
@@ -113,6 +128,7 @@ class Chainer:
             loader.assign([TopicPartition(self.audit_topic, p, OFFSET_BEGINNING) for p in partitions])
             pending, eof_at = set(partitions), {p: -1 for p in partitions}
             while pending:
+                self.progress.enter("loading partitions")  # a step per chunk; the deadline bounds the whole
                 for message in loader.consume(10_000, timeout=0.2):
                     error = message.error()
                     if error is None:
@@ -150,21 +166,26 @@ class Chainer:
         due_by_time = [(p, t) for p, heads in self.partitions.items() for t, h in heads.items()
                        if h.seq > h.signed_seq and now - h.unsigned_since >= self.checkpoint_interval_s]
         if not messages and not due_by_time:
+            self._idle.check(self.progress)
             return 0
         touched: dict[tuple[int, str], TenantHead] = {}
+        self.progress.enter("chaining")
         self._producer.begin_transaction()
         try:
             for message in messages:
                 self._append(message, touched, now)
             self._checkpoint(touched, due_by_time, now)
             if messages:
+                self.progress.enter("send_offsets_to_transaction")
                 self._producer.send_offsets_to_transaction(
-                    transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), 30)
-            transactions.commit(self._producer)
+                    transactions.next_offsets(messages), self._consumer.consumer_group_metadata(),
+                    transactions.TIMEOUT_S)
+            transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
-            transactions.abort_and_rewind(self._producer, self._consumer, exc, "chainer")
+            transactions.abort_and_rewind(self._producer, self._consumer, exc, "chainer", self.progress)
             self.stats.aborted_batches += 1
             return 0
+        self.progress.committed()
         for (partition, tenant), head in touched.items():
             if partition in self.partitions:
                 self.partitions[partition][tenant] = head
