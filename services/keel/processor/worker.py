@@ -99,7 +99,9 @@ class CommandProcessor:
         self._controls = ControlsFollower(settings, self.governance.controls)
         self._idle = IdleCheck(self._consumer, AdminClient(admin_config(settings)), self.group_id)
         try:
+            self.progress.enter("checking topics")
             self._check_partitioning()
+            self.progress.enter("reading controls")
             self._controls.start()
             self.progress.enter("init_transactions")
             self._producer.init_transactions(transactions.TIMEOUT_S)

@@ -83,6 +83,7 @@ class Chainer:
         # Its input is written in the processor's transactions: an open one holds records back.
         self._idle = IdleCheck(self._consumer, AdminClient(admin_config(settings)), self.group_id, records=False)
         try:
+            self.progress.enter("checking topics")
             self._check_partitioning()
             self.progress.enter("init_transactions")
             self._producer.init_transactions(60)  # fences a previous incarnation, resolves its transaction
