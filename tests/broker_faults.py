@@ -1,7 +1,7 @@
 """The platform under load while its only broker is SIGKILLed and restarted.
 
-A gateway, a relay and two supervised processor workers run as real processes on a
-private broker. Agents' commands go in over HTTP at a steady rate throughout; a
+A gateway, a relay, two supervised processor workers and a supervised chainer run as
+real processes on a private broker. Agents' commands go in over HTTP at a steady rate throughout; a
 collector follows the events topic. Each cycle kills the broker, keeps it down for a
 while, starts it again and times how long the processors take to decide a command sent
 right after. Used by ``tests/integration/test_broker_restarts.py`` (bounded, in CI) and
@@ -28,7 +28,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
-from keel.bootstrap import ensure_local_keys
+from keel.bootstrap import ensure_local_keys, trust_settings
 from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
@@ -37,6 +37,9 @@ from keel.kafka.broker import paths_for, start_broker, stop_broker
 from keel.kafka.clients import admin_config, consumer_config
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
 from keel.supervision.progress import Heartbeat, heartbeat_path, liveness
+from keel.trust.checkpoints import TrustedKeys
+from keel.trust.store import read_audit
+from keel.trust.verify import VerifyReport, verify_chain
 from tests.processes import KeelProcess
 
 AGGREGATES = 40
@@ -158,6 +161,7 @@ class Platform:
     gateway: KeelProcess
     relay: KeelProcess
     workers: list[KeelProcess]
+    chainer: KeelProcess
     load: Load
     collector: Collector
     resumes_s: list[float] = field(default_factory=list)
@@ -207,6 +211,18 @@ class Platform:
             health[name] = (liveness(beat, time.time(), 10.0), beat.partitions if beat else 0)
         return health
 
+    def chained(self, tenant: str, bound_s: float) -> VerifyReport:
+        """The tenant's audit chain, verified, once it holds one record per event seen (or after ``bound_s``)."""
+        events = sum(len(decided) for decided in self.collector.events.values())
+        trusted = TrustedKeys.from_settings(trust_settings(self.settings))
+        deadline = time.monotonic() + bound_s
+        while True:
+            audit = read_audit(self.settings, tenant)
+            report = verify_chain(tenant, audit.records, audit.checkpoints, trusted)
+            if report.records >= events or time.monotonic() > deadline:
+                return report
+            time.sleep(1.0)
+
     def settled_health(self, bound_s: float) -> dict[str, tuple[str | None, int]]:
         """The workers' health once every one is live and holds partitions, or as it is after ``bound_s``."""
         deadline = time.monotonic() + bound_s
@@ -238,15 +254,16 @@ def running_platform(base: Settings, folder: Path, *, rate_per_s: float, partiti
     relay = KeelProcess(["relay"], settings, folder / "relay.log", **env)
     workers = [KeelProcess(["process", "--instance", name], settings, folder / f"processor-{name}.log", **env)
                for name in WORKERS]
+    chainer = KeelProcess(["chain", "--instance", "c1"], settings, folder / "chainer.log", **env)
     collector = Collector(settings)
     load = Load(f"http://127.0.0.1:{port}", token, rate_per_s)
-    processes = [gateway, relay, *workers]
+    processes = [gateway, relay, *workers, chainer]
     try:
         for process in processes:
             process.start()
         _wait_for_gateway(load, gateway)
         collector.start()
-        yield Platform(settings, folder, gateway, relay, workers, load, collector)
+        yield Platform(settings, folder, gateway, relay, workers, chainer, load, collector)
     finally:
         load.stop()
         for process in processes:

@@ -2,7 +2,8 @@
 
 The single broker is SIGKILLed and restarted three times while agents keep sending
 commands through the gateway; once it stays down longer than the transaction timeout,
-which fences the processors' producers. The bound on resuming is the watchdog's stall
+which fences the processors' producers. The chainer runs too: its tenant's chain must
+verify and hold each event exactly once. The bound on resuming is the watchdog's stall
 bound (20 s here) plus a worker's restart and the group's rebalance; the test allows
 90 s and prints what it measured. ``benchmarks/broker_restarts.py`` runs longer.
 """
@@ -49,6 +50,9 @@ def test_broker_restarts_under_load_leave_every_command_decided_once_and_every_w
             assert versions == list(range(1, len(versions) + 1)), f"{key} lost its order: {versions}"
         for name, (problem, partitions) in health.items():
             assert problem is None and partitions > 0, f"worker {name} is not deciding ({problem}):\n{logs}"
-        for worker in platform.workers:
+        for worker in [*platform.workers, platform.chainer]:
             worker.assert_alive()
             assert "Traceback" not in worker.output(), worker.output()[-4000:]
+        chain = platform.chained("acme", RESUME_BOUND_S)
+        assert chain.ok, chain.summary()
+        assert chain.records == sum(len(decided) for decided in events.values()), chain.summary()

@@ -109,6 +109,7 @@ class FakeWorker:
 
 def test_a_failing_start_or_a_fenced_worker_is_rebuilt_until_one_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resilient, "FIRST_WAIT_S", 0.0)
+    monkeypatch.setattr(resilient, "broker_answers", lambda _bootstrap: False)
     stop = threading.Event()
     fenced = InfraError("fenced", code="processor_transaction_failed")
     plan: list[Exception | FakeWorker] = [
@@ -125,7 +126,7 @@ def test_a_failing_start_or_a_fenced_worker_is_rebuilt_until_one_runs(monkeypatc
         built.append(step)
         return step
 
-    run_resilient(build, stop, role="processor", progress=Progress())
+    run_resilient(build, stop, role="processor", progress=Progress(), bootstrap="127.0.0.1:1")
     assert plan == [] and [w.closed for w in built] == [True, True]
 
 
@@ -136,4 +137,19 @@ def test_an_unexpected_error_is_not_swallowed() -> None:
         return FakeWorker(ValueError("a bug"), stop)
 
     with pytest.raises(ValueError, match="a bug"):
-        run_resilient(build, stop, role="processor", progress=Progress())
+        run_resilient(build, stop, role="processor", progress=Progress(), bootstrap="127.0.0.1:1")
+
+
+def test_a_wait_begun_while_the_broker_was_away_ends_when_it_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([False, False, True])
+    monkeypatch.setattr(resilient, "broker_answers", lambda _bootstrap: next(answers))
+    started = time.monotonic()
+    resilient.wait_to_retry(threading.Event(), 30.0, "b:1")
+    assert 1.5 < time.monotonic() - started < 5.0
+
+
+def test_a_wait_begun_while_the_broker_answered_lasts_its_whole_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resilient, "broker_answers", lambda _bootstrap: True)
+    started = time.monotonic()
+    resilient.wait_to_retry(threading.Event(), 2.0, "b:1")
+    assert time.monotonic() - started >= 2.0

@@ -5,12 +5,15 @@ after an outage longer than ``transaction.timeout.ms``), or any Kafka error that
 the loop ends this worker, not the process: it is closed and a fresh one is built, with
 a new producer that takes over the ``transactional.id`` (aborting whatever the old one
 left open) and a consumer that rejoins the group and reloads its partitions. Waits
-between tries grow from one second to half a minute, and each try is logged.
+between tries grow from one second to half a minute, and each try is logged; a wait
+that began with the broker unreachable ends as soon as it answers again, so a long
+outage does not add a long wait after it.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +40,7 @@ class TransactionalWorker(Protocol):
 
 
 def run_resilient(build: Callable[[Progress], TransactionalWorker], stop: threading.Event, *, role: str,
-                  progress: Progress) -> None:
+                  progress: Progress, bootstrap: str) -> None:
     """Run the worker ``build`` makes until ``stop`` is set, building a fresh one after each failure."""
     wait = FIRST_WAIT_S
     while not stop.is_set():
@@ -46,7 +49,7 @@ def run_resilient(build: Callable[[Progress], TransactionalWorker], stop: thread
             worker = build(progress)
         except (KafkaException, KeelError) as exc:
             log.error("%s cannot start: %s; trying again in %.0fs", role, describe(exc), wait)
-            wait = _back_off(stop, progress, wait)
+            wait = _back_off(stop, progress, wait, bootstrap)
             continue
         started = time.monotonic()
         try:
@@ -55,15 +58,15 @@ def run_resilient(build: Callable[[Progress], TransactionalWorker], stop: thread
             if time.monotonic() - started >= HEALTHY_RUN_S:
                 wait = FIRST_WAIT_S
             log.warning("%s stopped: %s; starting again under a new producer in %.0fs", role, describe(exc), wait)
-            wait = _back_off(stop, progress, wait, close=worker.close)
+            wait = _back_off(stop, progress, wait, bootstrap, close=worker.close)
             continue
         progress.enter("closing")
         worker.close()
 
 
-def _back_off(stop: threading.Event, progress: Progress, wait: float,
+def _back_off(stop: threading.Event, progress: Progress, wait: float, bootstrap: str,
               close: Callable[[], None] | None = None) -> float:
-    """Close what failed (a watched step), wait ``wait`` seconds unless stopped; the next wait."""
+    """Close what failed (a watched step), wait before the next try unless stopped; the next wait."""
     if close is not None:
         progress.enter("closing")
         try:
@@ -71,8 +74,29 @@ def _back_off(stop: threading.Event, progress: Progress, wait: float,
         except (KafkaException, KeelError) as exc:
             log.warning("closing the failed worker: %s", describe(exc))
     progress.enter(BACKOFF)
-    stop.wait(wait)
+    wait_to_retry(stop, wait, bootstrap)
     return min(wait * 2, LONGEST_WAIT_S)
+
+
+def wait_to_retry(stop: threading.Event, wait_s: float, bootstrap: str) -> None:
+    """Wait ``wait_s``, or less once a broker that did not answer at first answers (checked every second)."""
+    was_away = not broker_answers(bootstrap)
+    deadline = time.monotonic() + wait_s
+    while not stop.wait(min(1.0, wait_s)) and time.monotonic() < deadline:
+        if was_away and broker_answers(bootstrap):
+            return
+
+
+def broker_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    """Whether any of the ``host:port`` bootstrap servers accepts a TCP connection."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def describe(exc: BaseException) -> str:

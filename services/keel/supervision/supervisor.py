@@ -21,7 +21,14 @@ from types import FrameType
 
 from keel.config import Settings
 from keel.supervision.progress import Heartbeat, Progress, heartbeat_path
-from keel.supervision.resilient import FIRST_WAIT_S, HEALTHY_RUN_S, LONGEST_WAIT_S, TransactionalWorker, run_resilient
+from keel.supervision.resilient import (
+    FIRST_WAIT_S,
+    HEALTHY_RUN_S,
+    LONGEST_WAIT_S,
+    TransactionalWorker,
+    run_resilient,
+    wait_to_retry,
+)
 from keel.supervision.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,7 @@ def run_watched(settings: Settings, role: str, instance: str,
                         bound_s=settings.watchdog_stall_s)
     watchdog.start()
     try:
-        run_resilient(build, stop, role=role, progress=progress)
+        run_resilient(build, stop, role=role, progress=progress, bootstrap=settings.bootstrap_servers)
     finally:
         watchdog.stop()
 
@@ -78,7 +85,7 @@ def supervise(argv: list[str], settings: Settings, role: str, instance: str) -> 
             wait = FIRST_WAIT_S
         log.warning("%s %s (pid %d) ended with exit code %d; starting it again in %.0fs",
                     role, instance, child.pid, code, wait)
-        stop.wait(wait)
+        wait_to_retry(stop, wait, settings.bootstrap_servers)
         wait = min(wait * 2, LONGEST_WAIT_S)
 
 
