@@ -10,13 +10,24 @@ bound (20 s here) plus a worker's restart and the group's rebalance; the test al
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
-from tests.broker_faults import TRANSACTION_TIMEOUT_MS, running_platform
+from keel.kafka.broker import start_broker, stop_broker
+from keel.kafka.clients import admin_config
+from keel.kafka.topics import apply_topics, declared_topics
+from keel.processor.worker import CommandProcessor
+from keel.supervision.progress import Progress
+from keel.supervision.resilient import run_resilient
+from tests.broker_faults import TRANSACTION_TIMEOUT_MS, free_port, running_platform
+from tests.helpers import command, events, send, start
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +67,33 @@ def test_broker_restarts_under_load_leave_every_command_decided_once_and_every_w
         chain = platform.chained("acme", RESUME_BOUND_S)
         assert chain.ok, chain.summary()
         assert chain.records == sum(len(decided) for decided in events.values()), chain.summary()
+
+
+def test_a_processor_started_before_its_broker_says_so_and_decides_once_the_broker_is_up(
+        broker_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = broker_settings.model_copy(update={
+        "data_dir": tmp_path, "kafka_port": free_port(), "kafka_controller_port": free_port(),
+        "kafka_bootstrap": None, "topic_partitions": 2})
+    progress, stop = Progress(), threading.Event()
+    worker = threading.Thread(target=run_resilient, kwargs={
+        "build": lambda p: CommandProcessor(settings, instance_id="early", progress=p), "stop": stop,
+        "role": "processor", "progress": progress, "bootstrap": settings.bootstrap_servers})
+    with caplog.at_level(logging.ERROR, logger="keel.supervision.resilient"):
+        worker.start()
+        try:
+            deadline = time.monotonic() + 30
+            while "no broker answers" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.1)
+            start_broker(settings)
+            apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
+            send(settings, command("acme", "sub-1", start()))
+            deadline = time.monotonic() + 90
+            while progress.last_commit is None:
+                assert time.monotonic() < deadline and worker.is_alive(), f"never decided: {progress.step}"
+                time.sleep(0.2)
+            assert [e.type for e in events(settings)] == ["SubscriptionStarted"]
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+            stop_broker(settings)

@@ -74,7 +74,7 @@ class Worker(KeelProcess):
     """A `keel process` worker with a fixed instance id (a static group member)."""
 
     def __init__(self, settings: Settings, instance: str, logs: Path) -> None:
-        super().__init__(["process", "--instance", instance], settings, logs / f"{instance}.log",
+        super().__init__(["process", "--no-supervise", "--instance", instance], settings, logs / f"{instance}.log",
                          KEEL_PROCESSOR_STATIC_MEMBERSHIP="true", KEEL_PROCESSOR_BATCH_SIZE="500")
 
     def assignments(self) -> int:

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from keel.config import Settings
+from keel.supervision.progress import Heartbeat, heartbeat_path
+from tests.processes import KeelProcess
+
 pytestmark = pytest.mark.integration
 
 # A child that records its start, writes one heartbeat, then freezes (never writes again).
@@ -62,3 +66,25 @@ def test_a_frozen_child_is_killed_and_replaced_and_sigterm_stops_parent_and_chil
 
 def _pids(starts: Path) -> list[int]:
     return [int(line) for line in starts.read_text().split()] if starts.exists() else []
+
+
+def test_a_worker_whose_supervisor_was_sigkilled_stops_instead_of_running_on_unseen(
+        settings: Settings, tmp_path: Path) -> None:
+    worker = KeelProcess(["process", "--instance", "orphan"], settings, tmp_path / "orphan.log",
+                         KEEL_DATA_DIR=str(tmp_path))
+    worker.start()
+    try:
+        path, deadline = heartbeat_path(settings.model_copy(update={"data_dir": tmp_path}), "processor", "orphan"), \
+            time.monotonic() + 60
+        while (beat := Heartbeat.read(path)) is None or beat.partitions == 0:
+            worker.assert_alive()
+            assert time.monotonic() < deadline, worker.output()
+            time.sleep(0.2)
+        worker.kill()  # the supervisor only: its child is left behind
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{beat.pid}").exists() and "Z" not in Path(f"/proc/{beat.pid}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, f"the orphaned worker {beat.pid} runs on:\n{worker.output()}"
+            time.sleep(0.2)
+        assert "is gone; stopping" in worker.output()
+    finally:
+        worker.kill()

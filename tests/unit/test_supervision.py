@@ -109,7 +109,8 @@ class FakeWorker:
 
 def test_a_failing_start_or_a_fenced_worker_is_rebuilt_until_one_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resilient, "FIRST_WAIT_S", 0.0)
-    monkeypatch.setattr(resilient, "broker_answers", lambda _bootstrap: False)
+    answers = iter([False] + [True] * 10)  # away at first: no worker is built until it answers
+    monkeypatch.setattr(resilient, "broker_answers", lambda _bootstrap: next(answers))
     stop = threading.Event()
     fenced = InfraError("fenced", code="processor_transaction_failed")
     plan: list[Exception | FakeWorker] = [
@@ -130,7 +131,8 @@ def test_a_failing_start_or_a_fenced_worker_is_rebuilt_until_one_runs(monkeypatc
     assert plan == [] and [w.closed for w in built] == [True, True]
 
 
-def test_an_unexpected_error_is_not_swallowed() -> None:
+def test_an_unexpected_error_is_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resilient, "broker_answers", lambda _bootstrap: True)
     stop = threading.Event()
 
     def build(_progress: Progress) -> FakeWorker:

@@ -44,6 +44,10 @@ def run_resilient(build: Callable[[Progress], TransactionalWorker], stop: thread
     """Run the worker ``build`` makes until ``stop`` is set, building a fresh one after each failure."""
     wait = FIRST_WAIT_S
     while not stop.is_set():
+        if not broker_answers(bootstrap):  # say so at once, not after every client's own timeout
+            log.error("%s cannot start: no broker answers at %s; trying again in %.0fs", role, bootstrap, wait)
+            wait = _back_off(stop, progress, wait, bootstrap)
+            continue
         progress.enter("starting")
         try:
             worker = build(progress)

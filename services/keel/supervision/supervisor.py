@@ -2,8 +2,10 @@
 
 ``keel process`` and ``keel chain`` run as two processes. The parent (``supervise``)
 starts the worker as a child, restarts it whenever it ends unasked (a stalled worker
-ends itself with ``STALLED_EXIT``) or its heartbeat goes stale (a process too frozen for
-its own watchdog), and passes SIGTERM and SIGINT on. The child (``run_watched``) runs the
+ends itself with ``STALLED_EXIT``; librdkafka 2.16 was also seen to abort on an internal
+assertion, ``rd_kafka_enq_once_del_source_return: eonce->refcnt > 0``, after broker
+restarts) or its heartbeat goes stale (a process too frozen for its own watchdog), and
+passes SIGTERM and SIGINT on. The child (``run_watched``) runs the
 worker under a watchdog and rebuilds it after the errors that return. Under systemd or
 Kubernetes, run the child alone (``--no-supervise``), let the platform restart it, and
 use ``keel health ROLE --instance ID`` as the liveness check.
@@ -12,6 +14,7 @@ use ``keel health ROLE --instance ID`` as the liveness check.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -34,6 +37,8 @@ from keel.supervision.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 30.0
+SUPERVISOR_PID = "KEEL_SUPERVISOR_PID"
+"""Set by the supervisor in its child's environment: the child stops when that process is gone."""
 
 
 def stop_on_signals() -> threading.Event:
@@ -53,8 +58,10 @@ def run_watched(settings: Settings, role: str, instance: str,
     """Run the worker ``build`` makes under a watchdog until SIGTERM or SIGINT."""
     stop = stop_on_signals()
     progress = Progress()
+    supervisor = os.environ.get(SUPERVISOR_PID)
     watchdog = Watchdog(progress, heartbeat_path(settings, role, instance), role=role, instance=instance,
-                        bound_s=settings.watchdog_stall_s)
+                        bound_s=settings.watchdog_stall_s, parent_pid=int(supervisor) if supervisor else None,
+                        on_orphaned=stop.set)
     watchdog.start()
     try:
         run_resilient(build, stop, role=role, progress=progress, bootstrap=settings.bootstrap_servers)
@@ -69,7 +76,7 @@ def supervise(argv: list[str], settings: Settings, role: str, instance: str) -> 
     wait = FIRST_WAIT_S
     while not stop.is_set():
         started = time.monotonic()
-        child = subprocess.Popen(argv)
+        child = subprocess.Popen(argv, env={**os.environ, SUPERVISOR_PID: str(os.getpid())})
         log.info("%s %s started as pid %d", role, instance, child.pid)
         while child.poll() is None and not stop.wait(1.0):
             frozen = _frozen(Heartbeat.read(path), child.pid, started, settings.watchdog_stall_s)

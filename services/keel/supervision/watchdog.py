@@ -7,6 +7,9 @@ stops polling, so the group drops the worker after ``max.poll.interval.ms`` whil
 process looks alive. The watchdog logs why and ends the process with ``STALLED_EXIT``;
 its supervisor starts a fresh one. The killed worker's open transaction is aborted when
 the next producer with its ``transactional.id`` starts, so nothing is lost or repeated.
+
+A supervised worker also watches its supervisor: when that process is gone (SIGKILLed,
+say), the worker stops as on SIGTERM rather than run on unseen beside the next one.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ class Watchdog:
     """Writes the heartbeat of ``progress`` and calls ``on_stall`` once a step outlasts ``bound_s``."""
 
     def __init__(self, progress: Progress, path: Path, *, role: str, instance: str, bound_s: float,
-                 on_stall: Callable[[], None] = exit_stalled, interval_s: float = INTERVAL_S) -> None:
+                 on_stall: Callable[[], None] = exit_stalled, interval_s: float = INTERVAL_S,
+                 parent_pid: int | None = None, on_orphaned: Callable[[], None] = lambda: None) -> None:
         self.progress, self.path, self.role, self.instance = progress, path, role, instance
         self.bound_s, self.on_stall, self.interval_s = bound_s, on_stall, interval_s
+        self.parent_pid, self.on_orphaned = parent_pid, on_orphaned
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"{role}-watchdog", daemon=True)
 
@@ -62,6 +67,11 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.check()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("the supervisor of %s %s (pid %d) is gone; stopping", self.role, self.instance,
+                            self.parent_pid)
+                self.parent_pid = None
+                self.on_orphaned()
 
     def stop(self) -> None:
         """Stop watching and remove the heartbeat file (a stopped worker is not live)."""
