@@ -231,7 +231,8 @@ def _format_storage(jvm: list[str], paths: BrokerPaths) -> None:
         scram = ["--add-scram",
                  f"SCRAM-SHA-512=[name={secret['admin_user']},password={secret['admin_password']}]"]
     result = subprocess.run(
-        [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(paths.config), *scram],
+        # One argument, not two: an id that starts with "-" (urlsafe base64 has it) would read as an option.
+        [*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(paths.config), *scram],
         capture_output=True, text=True, timeout=120, check=False,
     )
     if result.returncode != 0:
