@@ -3,8 +3,10 @@
 Personal-data encryption is on whenever a master key is available: the file named by
 ``KEEL_MASTER_KEY_FILE``, or ``<data_dir>/master.key``, which ``keel up`` creates for
 local use (production mounts its own). Then the SDK and the processor seal and open
-personal fields through a ``SealingCodec``; everything else keeps ciphertext. The audit
-signing key defaults the same way, to ``<data_dir>/audit-keys/k1.pem``.
+personal fields through a ``SealingCodec``; everything else keeps ciphertext, except that
+what projects or replays records writes values under erased keys as ``⟨erased⟩``, asking
+the same key store. The audit signing key defaults the same way, to
+``<data_dir>/audit-keys/k1.pem``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
+from keel.trust.erased import Erasures
 from keel.trust.settings import TrustSettings
 
 LOCAL_SIGNING_KEY_ID = "k1"
@@ -68,3 +71,17 @@ def edge_codec(settings: Settings) -> tuple[EnvelopeCodec, Callable[[], None]]:
 
     keys = open_keystore(settings, trust)
     return SealingCodec(FieldCipher(keys)), keys.close
+
+
+def known_erasures(settings: Settings) -> tuple[Erasures, Callable[[], None]]:
+    """The erasures projectors and replays apply (the key store's tombstones), and how to release them.
+
+    Without a master key there is no key store to ask, as for ``edge_codec``: values are written as they are.
+    """
+    trust = trust_settings(settings)
+    if trust.master_key_file is None:
+        return Erasures(None), lambda: None
+    from keel.trust.keystore import open_keystore
+
+    keys = open_keystore(settings, trust)
+    return Erasures(keys), keys.close

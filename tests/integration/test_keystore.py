@@ -77,6 +77,16 @@ def test_erasure_tombstones_the_key_and_names_who_and_when(store: KeyStore) -> N
     assert store.erase("acme", "cust-1", "human:dpo") == []
 
 
+def test_erased_names_the_tombstoned_keys_among_any_ids_without_a_master_key_that_fits(location: str) -> None:
+    with open_store(location) as store:
+        gone, kept = store.key_for("acme", "cust-1"), store.key_for("globex", "cust-2")
+        store.erase("acme", "cust-1", "human:dpo")
+        strangers = [f"{i:032x}" for i in range(1200)]  # more ids than one statement binds
+    with open_store(location, MasterKey(os.urandom(32))) as stranger:
+        assert stranger.erased([kept.key_id, gone.key_id, *strangers]) == {gone.key_id}
+        assert stranger.erased([]) == frozenset()
+
+
 def test_unknown_key_wrong_tenant_and_wrong_master_are_typed_errors(store: KeyStore, location: str) -> None:
     key = store.key_for("acme", "cust-1")
     with pytest.raises(UnknownKey):

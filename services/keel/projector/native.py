@@ -12,6 +12,7 @@ Records whose writer schema is not the newest of their type are decoded and re-e
 with the newest one first, so Avro schema resolution applies exactly as in ``EnvelopeCodec``.
 Only chDB reads the files the process writes; a server keeps the Python path. If the
 engine refuses a batch (a corrupt body), the caller falls back to the Python path.
+Values sealed under erased keys are replaced in the payload JSON by the same statement.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import struct
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from keel.contracts.catalog import MessageSchema
 from keel.contracts.codec import HEADER_SIZE, MAGIC, EnvelopeCodec
 from keel.errors import DecodeError
 from keel.projector.rows import EVENT_COLUMNS
+from keel.trust.erased import Erased
 
 _SYNC = b"keel-native-sync"  # 16 bytes, the container's block separator
 _POSITION = struct.Struct(">IQ")
@@ -69,6 +72,10 @@ class NativeBatch:
         bodies.append(_PACK(partition, offset) + body)
         self.count += 1
 
+    def records(self) -> Iterator[bytes]:
+        """Every body held, behind its position (what to look for sealed values in)."""
+        return (body for bodies in self.bodies.values() for body in bodies)
+
 
 class NativeInserter:
     """Builds container files for a batch and inserts them in one statement."""
@@ -93,8 +100,9 @@ class NativeInserter:
             fingerprint = value[2:HEADER_SIZE]
         batch.add(fingerprint, partition, offset, value[HEADER_SIZE:])
 
-    def insert(self, client: Client, table: str, topic: str, batch: NativeBatch, token: str) -> None:
-        """Insert ``batch`` into ``table`` in one statement carrying ``token``."""
+    def insert(self, client: Client, table: str, topic: str, batch: NativeBatch, token: str, erased: Erased) -> None:
+        """Insert ``batch`` into ``table`` in one statement carrying ``token``, ``erased`` keys' values redacted."""
+        columns = {**_COLUMNS, "payload": erased.sql(_COLUMNS["payload"])}
         files = []
         try:
             selects = []
@@ -104,11 +112,11 @@ class NativeInserter:
                                  + _long(sum(map(len, bodies))) + b"".join(bodies) + _SYNC)
                 files.append(path)
                 schema = self._codec.catalog.writer(fingerprint)
-                mapped = ", ".join(f"{expr} AS {name}" for name, expr in _COLUMNS.items()).format(
+                mapped = ", ".join(f"{expr} AS {name}" for name, expr in columns.items()).format(
                     schema_version=schema.payload_version, topic=_quote(topic))
                 selects.append(f"SELECT {mapped} FROM file({_quote(str(path))}, 'Avro')")
-            columns = ", ".join(EVENT_COLUMNS)
-            client.command(f"INSERT INTO {quote_identifier(table)} ({columns}) " + " UNION ALL ".join(selects),
+            names = ", ".join(EVENT_COLUMNS)
+            client.command(f"INSERT INTO {quote_identifier(table)} ({names}) " + " UNION ALL ".join(selects),
                            settings={**_JSON_SETTINGS, "insert_deduplication_token": token,
                                      "deduplicate_blocks_in_dependent_materialized_views": 1,
                                      "max_insert_threads": 1})

@@ -7,7 +7,9 @@ with a deterministic deduplication token (on chDB the engine itself decodes them
 ``keel.projector.native``); a crash anywhere leaves either the whole batch with its
 positions in ClickHouse or none of it, and the next start resumes from there, after
 counting into the aggregates any batch their materialized views missed
-(``keel.projector.aggregates``). Bytes that
+(``keel.projector.aggregates``). Personal fields stay ciphertext, except values sealed under
+a key the key store says is erased, written as ``⟨erased⟩`` (``keel.trust.erased``): a
+rebuild, or a projector behind an erasure, does not bring them back. Bytes that
 do not decode are logged with the reason and counted, never fatal: the processor already
 dead-letters bad commands, so an undecodable event is a bug to surface.
 
@@ -29,6 +31,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
+from keel.bootstrap import known_erasures
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import ConfigError, InfraError, KeelError
@@ -39,6 +42,7 @@ from keel.projector.aggregates import repair_aggregates
 from keel.projector.native import NativeBatch, NativeInserter
 from keel.projector.rows import EVENTS_TABLE, Position, event_row
 from keel.projector.store import Batch, insert_batch, stored_offsets
+from keel.trust.erased import Erasures
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class EventProjector:
         source: Topic = Topic.EVENTS,
         table: str | None = None,
         native: bool | None = None,
+        erasures: Erasures | None = None,
     ) -> None:
         if source not in PROJECTED_TOPICS:
             raise ConfigError(f"the {source.value} topic has no projection table", code="unknown_view")
@@ -89,6 +94,10 @@ class EventProjector:
         self._stats_lock = threading.Lock()
         self._consumer = Consumer(consumer_config(
             settings, f"{settings.topic_prefix}.projector.{source.value}", **{"enable.partition.eof": True}))
+        self._release_erasures: Callable[[], None] = lambda: None
+        if erasures is None:  # the configured key store's tombstones, opened last: close() releases them
+            erasures, self._release_erasures = known_erasures(settings)
+        self._erasures = erasures
 
     @property
     def stats(self) -> ProjectorStats:
@@ -161,10 +170,11 @@ class EventProjector:
             self._consumer.unassign()
 
     def close(self) -> None:
-        """Release the Kafka consumer; the ClickHouse client belongs to the caller."""
+        """Release the Kafka consumer and the key store; the ClickHouse client belongs to the caller."""
         self._consumer.close()
         if self._native is not None:
             self._native.close()
+        self._release_erasures()
 
     def __enter__(self) -> EventProjector:
         return self
@@ -237,12 +247,17 @@ class EventProjector:
         return Batch(self.topic, native=NativeBatch() if self._native is not None else None)
 
     def _insert(self, batch: Batch) -> int:
-        """The native path when available; the Python path when the engine refuses the batch."""
+        """The native path when available; the Python path when the engine refuses the batch.
+
+        Either way values sealed under keys erased by now are written as ``⟨erased⟩``.
+        """
         if batch.native is None or self._native is None:
+            batch.redact(self._erasures.among(batch.payloads()))
             insert_batch(self._client, batch, self.table)
             return len(batch)
+        erased = self._erasures.among(batch.native.records())
         try:
-            self._native.insert(self._client, self.table, self.topic, batch.native, batch.token)
+            self._native.insert(self._client, self.table, self.topic, batch.native, batch.token, erased)
             return len(batch)
         except ClickHouseError as exc:
             log.warning("native insert of %s refused (%s); decoding it in Python", batch.token, exc,
@@ -255,6 +270,7 @@ class EventProjector:
             except KeelError as exc:
                 self._undecodable(position, exc)
         rows.same_records_as(batch)
+        rows.redact(erased)
         insert_batch(self._client, rows, self.table)
         return len(rows)
 

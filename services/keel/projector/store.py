@@ -12,6 +12,7 @@ that still arrives twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,9 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalErr
 from keel.errors import InfraError
 from keel.projector.native import NativeBatch
 from keel.projector.rows import EVENT_COLUMNS, EVENTS_TABLE, Position
+from keel.trust.erased import Erased
 
+_PAYLOAD = EVENT_COLUMNS.index("payload")
 _INSERT_ATTEMPTS = 3
 _RETRY_PAUSE_S = 0.5
 
@@ -64,6 +67,16 @@ class Batch:
             self._spans[partition] = [offset, offset]
         else:
             span[1] = offset
+
+    def payloads(self) -> Iterator[str]:
+        """The payload JSON of every row."""
+        return (row[_PAYLOAD] for row in self.rows)
+
+    def redact(self, erased: Erased) -> None:
+        """Write the values sealed under ``erased`` keys as ``⟨erased⟩`` in every row's payload."""
+        if erased.key_ids:
+            for row in self.rows:
+                row[_PAYLOAD] = erased.text(row[_PAYLOAD])
 
     def same_records_as(self, other: Batch) -> None:
         """Take ``other``'s spans: these rows are the records it read, so the token is the same."""

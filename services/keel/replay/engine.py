@@ -6,7 +6,9 @@ flushes and a checkpoint file records, next to the sink's state, the next offset
 partition; a replay started again with the same job and checkpoint continues from there.
 A checkpoint written for another job (other topic, range, filter or target) is refused.
 Republishing into one of Keel's live topics needs ``allow_live``; the CLI asks for it
-explicitly and for a confirmation.
+explicitly and for a confirmation. Values sealed under a key erased by now reach every sink
+as ``⟨erased⟩`` (``keel.trust.erased``): the record is re-encoded for sinks that copy its
+bytes; any other record keeps its exact bytes and its ciphertext.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TypedDict
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
+from keel.bootstrap import known_erasures
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError, KeelError
@@ -31,6 +34,7 @@ from keel.kafka.topics import declared_topics
 from keel.replay.errors import ReplayError
 from keel.replay.range import Bound, Filter, resolve
 from keel.replay.sinks import Sink
+from keel.trust.erased import Erased, Erasures
 
 _POLL_S = 0.2
 _STALL_S = 30.0
@@ -77,12 +81,18 @@ def guard_target_topic(settings: Settings, topic: str, *, allow_live: bool) -> N
 
 def replay(settings: Settings, job: ReplayJob, sink: Sink, *, checkpoint: Path | None = None,
            checkpoint_every: int = 50_000, on_progress: Callable[[ReplayProgress], None] | None = None,
-           codec: EnvelopeCodec | None = None) -> ReplayProgress:
-    """Replay ``job`` into ``sink``; resumes from ``checkpoint`` when it holds this job's state."""
+           codec: EnvelopeCodec | None = None, erasures: Erasures | None = None) -> ReplayProgress:
+    """Replay ``job`` into ``sink``; resumes from ``checkpoint`` when it holds this job's state.
+
+    ``erasures`` defaults to the configured key store's tombstones.
+    """
     codec = codec or EnvelopeCodec()
     consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}.replay.{uuid.uuid4().hex}",
                                         **{"enable.partition.eof": True}))
+    release: Callable[[], None] = lambda: None
     try:
+        if erasures is None:
+            erasures, release = known_erasures(settings)
         ranges = resolve(consumer, job.topic, job.start, job.end)
         total = sum(last - first for first, last in ranges.values())
         starts = {p: first for p, (first, _) in ranges.items()}
@@ -102,6 +112,7 @@ def replay(settings: Settings, job: ReplayJob, sink: Sink, *, checkpoint: Path |
             if not messages and time.monotonic() - seen > _STALL_S:
                 raise InfraError(f"replay of {job.topic} stalled; partitions still open: {sorted(pending)}",
                                  code="replay_stalled")
+            erased = erasures.among(m.value() or b"" for m in messages if m.error() is None)
             for message in messages:
                 seen = time.monotonic()
                 partition, offset, error = message.partition(), message.offset(), message.error()
@@ -116,7 +127,7 @@ def replay(settings: Settings, job: ReplayJob, sink: Sink, *, checkpoint: Path |
                     if offset >= pending[partition]:
                         continue  # past the end bound (the end is exclusive)
                     if job.filter.key_may_match(message.key()):
-                        kept += _write(codec, message, job.filter, sink)
+                        kept += _write(codec, message, job.filter, sink, erased)
                 if error is not None or starts[partition] >= pending[partition]:
                     starts[partition] = max(starts[partition], pending[partition])
                     del pending[partition]
@@ -129,16 +140,20 @@ def replay(settings: Settings, job: ReplayJob, sink: Sink, *, checkpoint: Path |
         return ReplayProgress(read=total, kept=kept, total=total)
     finally:
         consumer.close()
+        release()
 
 
-def _write(codec: EnvelopeCodec, message: Message, chosen: Filter, sink: Sink) -> int:
+def _write(codec: EnvelopeCodec, message: Message, chosen: Filter, sink: Sink, erased: Erased) -> int:
     try:
         event = codec.decode(message.value() or b"")
     except KeelError:
         return 0  # the projector logs undecodable records; a replay skips them
     if not chosen.matches(event):
         return 0
-    sink.write(message, event)
+    redacted = erased.envelope(event)
+    if redacted is not event:
+        message.set_value(codec.encode(redacted))  # sinks that copy the record's bytes copy these
+    sink.write(message, redacted)
     return 1
 
 

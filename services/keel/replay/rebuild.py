@@ -8,7 +8,8 @@ that reads the table by name (tenant-scoped views, the materialized view feeding
 
 The log tables (``events``, ``commands``) are replayed from Kafka with the projector itself:
 the shadow stores the positions of its rows, so an interrupted rebuild resumes where it
-stopped. After the swap one more catch-up brings the new table to the topic's end. Run the
+stopped, and every erasure recorded so far applies (values under erased keys read
+``⟨erased⟩``). After the swap one more catch-up brings the new table to the topic's end. Run the
 rebuild where the projector runs (one chDB path, one process) or stop the projector first:
 rows a concurrent projector writes into the old table between the last catch-up and the
 swap are re-read by that final catch-up, and ReplacingMergeTree collapses any repeat.

@@ -45,7 +45,7 @@ class Sink(Protocol):
     """A replay target."""
 
     def write(self, message: Message, event: Envelope) -> None:
-        """Take one record that passed the filters."""
+        """Take one record that passed the filters (re-encoded if it held values under erased keys)."""
 
     def flush(self) -> dict[str, Any]:
         """Make everything written so far durable; returns the state to resume from."""
@@ -116,7 +116,7 @@ class AvroFileSink:
 
 
 class TopicSink:
-    """Produces the original bytes and key to ``topic`` with an idempotent producer."""
+    """Produces the record's bytes and key to ``topic`` with an idempotent producer."""
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self.topic = topic

@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keel.config import Settings
-from keel.trust.fields import ERASED, PREFIX
+from keel.trust.erased import SEALED_VALUE
+from keel.trust.fields import ERASED
 from keel.trust.keystore import KeyStore
 from keel.trust.store import append_receipt
 
@@ -52,7 +53,8 @@ def redaction_sql(table: str = "events") -> str:
 
     Parameters ``{tenant:String}`` and ``{subject:String}``; run it with the projector's client
     after ``erase_subject`` so existing rows say ``⟨erased⟩`` rather than hold dead ciphertext.
+    Rows projected or replayed later read the same by themselves (``keel.trust.erased``).
     """
-    return (f"ALTER TABLE {table} UPDATE payload = replaceRegexpAll(payload, '{PREFIX}[A-Za-z0-9]+:[A-Za-z0-9_=-]+', "
+    return (f"ALTER TABLE {table} UPDATE payload = replaceRegexpAll(payload, '{SEALED_VALUE}', "
             f"'{ERASED}') WHERE tenant_id = {{tenant:String}} AND on_behalf_of = {{subject:String}} "
             "SETTINGS mutations_sync = 1")

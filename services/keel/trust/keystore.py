@@ -6,7 +6,8 @@ data key)`` with the tenant, subject and key id as associated data, so a row cop
 another tenant or subject does not unwrap. Each tenant's master key is derived with
 HKDF-SHA256 from the root master key in ``KEEL_MASTER_KEY_FILE``. Erasing a subject
 deletes the wrapped key and keeps a tombstone (key id, when, by whom), so ciphertexts
-under it read as erased rather than as unknown.
+under it read as erased rather than as unknown, and whatever projects or replays them again
+learns which keys are erased without unwrapping any (``erased``).
 
 Rotating the root: with the old root as ``KEEL_MASTER_KEY_PREVIOUS_FILE``, keys it wrapped
 still unwrap (AES-GCM's tag tells which root fits), new keys are wrapped by the new one,
@@ -21,6 +22,7 @@ import os
 import struct
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -39,6 +41,7 @@ from keel.trust.errors import KeyUnwrapFailed, UnknownKey, WrongTenantKey
 from keel.trust.settings import TrustSettings
 
 _LEN = struct.Struct(">I")
+_IDS_PER_QUERY = 500  # bound parameters per statement, well inside SQLite's and PostgreSQL's limits
 
 
 def _lp(*parts: str) -> bytes:
@@ -144,6 +147,10 @@ class KeyStore(ABC):
         """Delete the subject's wrapped keys, keep tombstones; return the erased key ids."""
 
     @abstractmethod
+    def _erased_among(self, key_ids: list[str]) -> list[str]:
+        """The ids among ``key_ids`` (at most ``_IDS_PER_QUERY``) whose keys were erased."""
+
+    @abstractmethod
     def _wrapped_after(self, key_id: str, limit: int) -> list[KeyRow]:
         """Up to ``limit`` unerased rows with a key id greater than ``key_id``, in key id order."""
 
@@ -176,6 +183,12 @@ class KeyStore(ABC):
     def erase(self, tenant: str, subject: str, erased_by: str) -> list[str]:
         """Crypto-shred every key of ``subject``; returns the erased key ids."""
         return self._erase(tenant, subject, erased_by, datetime.now(UTC))
+
+    def erased(self, key_ids: Collection[str]) -> frozenset[str]:
+        """Which of ``key_ids`` were erased, from their tombstones: no key is unwrapped."""
+        ids = sorted(set(key_ids))
+        return frozenset(key_id for start in range(0, len(ids), _IDS_PER_QUERY)
+                         for key_id in self._erased_among(ids[start:start + _IDS_PER_QUERY]))
 
     def tombstone(self, key_id: str) -> KeyRow | None:
         """The stored row of ``key_id`` (for receipts and inspection)."""
@@ -272,6 +285,11 @@ class SqlKeyStore(KeyStore):
         if isinstance(erased_at, str):  # SQLite keeps timestamps as ISO text
             erased_at = datetime.fromisoformat(erased_at)
         return KeyRow(key, tenant, subject, None if wrapped is None else bytes(wrapped), erased_at, erased_by)
+
+    def _erased_among(self, key_ids: list[str]) -> list[str]:
+        marks = ", ".join("?" * len(key_ids))
+        return [row[0] for row in self._rows(
+            f"SELECT key_id FROM keel_data_keys WHERE wrapped IS NULL AND key_id IN ({marks})", tuple(key_ids))]
 
     def _wrapped_after(self, key_id: str, limit: int) -> list[KeyRow]:
         rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
