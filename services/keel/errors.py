@@ -34,6 +34,12 @@ class ConfigError(KeelError):
     code = "config_error"
 
 
+class FileError(KeelError):
+    """A file a person named cannot be used: missing, a directory, unreadable or unwritable, not text."""
+
+    code = "file_error"
+
+
 class InfraError(KeelError):
     """A local service (broker, database) is missing, will not start, or does not answer."""
 

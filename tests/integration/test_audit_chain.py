@@ -174,7 +174,9 @@ def test_keel_audit_verify_and_show_on_kafka(world: World) -> None:
     env = trust_env(world.settings, world.trust)
     ok = subprocess.run([*CLI, "audit", "verify", "--tenant", "globex"], env=env, capture_output=True,
                         text=True, timeout=60)
-    assert ok.returncode == 0 and "OK tenant=globex records=20" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("OK (unanchored) tenant=globex records=20 ")  # Kafka's checkpoints can be cut too
+    assert "a truncated tail cannot be detected without --from-checkpoint" in ok.stdout
     shown = subprocess.run([*CLI, "audit", "show", "--tenant", "globex", "--subject", "cust-2"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
@@ -187,3 +189,36 @@ def test_keel_audit_verify_and_show_on_kafka(world: World) -> None:
     by_command = subprocess.run([*CLI, "audit", "show", "--tenant", "globex", "--command", cause],
                                 env=env, capture_output=True, text=True, timeout=60)
     assert by_command.stdout.strip().splitlines() == [lines[1]] and "RefundIssued" in lines[1]
+
+
+def keel(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_keel_audit_verify_says_plain_ok_only_when_a_checkpoint_kept_outside_covers_the_head(
+        world: World, tmp_path: Path) -> None:
+    env, export = trust_env(world.settings, world.trust), tmp_path / "globex.jsonl"
+    assert keel(env, "audit", "export", "--tenant", "globex", "--out", str(export)).returncode == 0
+    anchored = keel(env, "audit", "verify", "--tenant", "globex", "--from-checkpoint", str(export))
+    assert anchored.returncode == 0, anchored.stdout + anchored.stderr
+    assert anchored.stdout.startswith("OK tenant=globex records=20 ") and " anchored=20 " in anchored.stdout
+
+    stripped = tmp_path / "stripped.jsonl"  # an export whose checkpoints were removed
+    stripped.write_text("".join(line + "\n" for line in export.read_text().splitlines() if '"record"' in line))
+    alone = keel(env, "audit", "verify", "--tenant", "globex", "--records", str(stripped))
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert alone.stdout.startswith("OK (unanchored) tenant=globex records=20 checkpoints=0 anchored=0 ")
+    assert "no signed checkpoint at all" in alone.stdout and "a truncated tail" in alone.stdout
+
+
+def test_keel_audit_verify_of_an_unknown_tenant_says_nothing_was_verified_and_exits_3(world: World) -> None:
+    result = keel(trust_env(world.settings, world.trust), "audit", "verify", "--tenant", "nobody")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith("NOTHING tenant=nobody: no audit records")
+
+
+def test_keel_audit_export_into_a_directory_is_a_typed_error(world: World, tmp_path: Path) -> None:
+    result = keel(trust_env(world.settings, world.trust), "audit", "export", "--tenant", "globex", "--out",
+                  str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"error [file_unwritable] {tmp_path}: Is a directory"

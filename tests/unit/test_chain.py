@@ -160,3 +160,41 @@ def test_checkpoint_json_round_trips_and_rejects_junk(records: list[bytes]) -> N
     assert Checkpoint.from_json(cp.to_json()) == cp
     with pytest.raises(AuditFormatError):
         Checkpoint.from_json('{"v": 1, "tenant": "acme"}')
+
+
+def test_an_empty_chain_verifies_nothing_and_is_not_ok() -> None:
+    report = verify_chain("ghost", [], [], TRUSTED)
+    assert not report.ok and report.failure is None
+    assert report.summary().startswith("NOTHING tenant=ghost: no audit records")
+
+
+def test_checkpoints_that_came_with_the_records_leave_a_truncated_tail_undetectable(records: list[bytes]) -> None:
+    cut = records[:6]  # the tail cut together with its checkpoint: it verifies exactly like the whole chain
+    for report in (verify_chain("acme", records, [checkpoint(records)], TRUSTED),
+                   verify_chain("acme", cut, [checkpoint(cut)], TRUSTED)):
+        assert report.ok
+        summary = report.summary()
+        assert summary.startswith(f"OK (unanchored) tenant=acme records={report.records} checkpoints=1 anchored=0 ")
+        assert summary.endswith("a truncated tail cannot be detected without --from-checkpoint")
+
+
+def test_a_chain_without_any_checkpoint_says_nothing_signs_it(records: list[bytes]) -> None:
+    summary = verify_chain("acme", records, [], TRUSTED).summary()
+    assert summary.startswith("OK (unanchored) tenant=acme records=8 checkpoints=0 anchored=0 ")
+    assert "no signed checkpoint at all" in summary and "a truncated tail" in summary
+
+
+def test_only_an_anchor_covering_the_head_gives_a_plain_ok(records: list[bytes]) -> None:
+    head = parse_record(records[-1]).hash.hex()
+    report = verify_chain("acme", records, [checkpoint(records)], TRUSTED, anchors=[checkpoint(records)])
+    assert report.summary() == f"OK tenant=acme records=8 checkpoints=1 anchored=8 head={head}"
+    older = verify_chain("acme", records, [checkpoint(records)], TRUSTED, anchors=[checkpoint(records[:4])])
+    assert older.ok and older.summary().startswith("OK (unanchored) tenant=acme records=8 checkpoints=2 anchored=4 ")
+    assert "no trusted checkpoint covers records 5-8" in older.summary()
+
+
+def test_an_anchor_reveals_a_tail_cut_together_with_its_checkpoints(records: list[bytes]) -> None:
+    cut = records[:6]
+    report = verify_chain("acme", cut, [checkpoint(cut)], TRUSTED, anchors=[checkpoint(records)])
+    assert report.failure is not None and (report.failure.seq, report.failure.kind) == (7, FailureKind.TRUNCATED)
+    assert report.summary().startswith("FAIL tenant=acme seq=7 kind=truncated: ")

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from keel.cli.files import read_text
 from keel.config import Settings
 from keel.domain.envelope import Actor, Authority, Payload, new_command
 from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
@@ -141,12 +142,14 @@ def breaker_reset(tenant: Tenant, agent: Annotated[str, typer.Option()], reason:
 
 def policy_apply(path: Path, tenant: Tenant, acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
     """Validate a policy file (JSON or TOML) and publish it as the tenant's policy."""
-    text = path.read_text()
+    text = read_text(path)
     try:
         document = json.dumps(tomllib.loads(text)) if path.suffix == ".toml" else text
+        policy = parse_policy(document)
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError(f"{path} is not TOML: {exc}", code="malformed_policy") from exc
-    policy = parse_policy(document)
+    except ValidationError as exc:
+        raise ValidationError(f"{path}: {exc.message}", code=exc.code, field=exc.field) from exc
     _send(Settings(), SetPolicy(document=document), tenant, CONTROLS_AGGREGATE, _actor(acting))
     console.print(f"policy version {policy.version} sent for {tenant}")
 

@@ -19,6 +19,7 @@ from rich.markup import escape
 from keel.cli import analytics, demo, governance, ingress, trust, watchers, workers
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
+from keel.cli.files import read_text
 from keel.config import Settings
 from keel.errors import KeelError, ValidationError
 from keel.kafka.broker import broker_status, platform_auth, reset_broker, start_broker, stop_broker
@@ -108,11 +109,12 @@ def submit(
     from keel.contracts.codec import parse_envelope
     from keel.sdk.producer import CommandProducer
 
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    text = sys.stdin.read() if path == "-" else read_text(Path(path))
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValidationError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        source = "stdin" if path == "-" else path
+        raise ValidationError(f"{source} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                               code="malformed_json") from exc
     commands = [parse_envelope(item) for item in (document if isinstance(document, list) else [document])]
     with CommandProducer(Settings()) as producer:

@@ -1,8 +1,21 @@
 """The trust commands: ``keel chain``, ``keel audit verify|show|export|keygen``, ``keel subjects erase|rotate-master``.
 
 ``register`` adds them to the main typer app; a ``KeelError`` becomes one ``[code] message``
-line and exit 1 in ``keel.cli.main``. A failed verification prints the first bad sequence
-number and the kind of failure, and exits 2.
+line and exit 1 in ``keel.cli.main``, as does a file that cannot be read or written
+(``file_not_found``, ``file_unreadable``, ``file_unwritable``) or an export line that is not
+one (``audit_format``, naming ``file:line``).
+
+``keel audit verify`` prints one line whose first word is the verdict, and exits with its code:
+
+* exit 0, ``OK tenant=T records=N checkpoints=C anchored=N head=H``: intact, and a checkpoint
+  from ``--from-checkpoint`` covers the head;
+* exit 0, ``OK (unanchored) tenant=T ... anchored=A head=H: <why>``: intact, but no checkpoint
+  kept outside covers the head. The checkpoints read from Kafka (or from the ``--records``
+  export) can be truncated along with the records, so a truncated tail cannot be detected;
+  with no checkpoint at all the line says so, as nothing then signs any head;
+* exit 2, ``FAIL tenant=T seq=N kind=K: <detail>``: the first bad sequence number and why;
+* exit 3, ``NOTHING tenant=T: ...``: no audit records (an unknown tenant, none chained yet,
+  or an empty export), so nothing was verified.
 """
 
 from __future__ import annotations
@@ -14,11 +27,13 @@ import typer
 from rich.console import Console
 
 from keel.bootstrap import trust_settings
+from keel.cli.files import user_file
 from keel.config import Settings
 from keel.logs import configure_logging
 
 if TYPE_CHECKING:
     from keel.supervision.progress import Progress
+    from keel.trust.store import TenantAudit
 
 _out = Console()
 
@@ -78,20 +93,34 @@ def chain(
 def verify(
     tenant: str = typer.Option(..., help="Tenant whose chain to verify."),
     from_checkpoint: list[Path] = typer.Option(  # noqa: B008
-        [], "--from-checkpoint", help="Trusted checkpoints kept outside the system (export or checkpoint file)."),
+        [], "--from-checkpoint", help="Trusted checkpoints kept outside the system (export or checkpoint file); "
+                                      "only one covering the head reveals a truncated tail."),
     records: Path | None = typer.Option(None, help="Verify an exported file instead of Kafka."),
 ) -> None:
-    """Recompute the tenant's chain and check every checkpoint: OK, or the first bad seq and why."""
+    """Recompute the tenant's chain and check every checkpoint: OK, or the first bad seq and why.
+
+    Exit 0: OK, intact. "OK (unanchored)": no --from-checkpoint covers the head, so a truncated tail is undetectable.
+    Exit 2: FAIL, the first bad seq and its kind.
+    Exit 3: NOTHING, no audit records (an unknown tenant, none chained yet, or an empty export).
+    """
     from keel.trust.checkpoints import TrustedKeys
-    from keel.trust.store import read_audit, read_export
+    from keel.trust.store import read_audit
     from keel.trust.verify import verify_chain
 
-    audit = read_export(records, tenant) if records else read_audit(Settings(), tenant)
-    anchors = [cp for path in from_checkpoint for cp in read_export(path, tenant).checkpoints]
-    report = verify_chain(tenant, audit.records, [*audit.checkpoints, *anchors],
-                          TrustedKeys.from_settings(trust_settings(Settings())))
+    anchors = [cp for path in from_checkpoint for cp in _read_export(path, tenant).checkpoints]
+    audit = _read_export(records, tenant) if records else read_audit(Settings(), tenant)
+    report = verify_chain(tenant, audit.records, audit.checkpoints,
+                          TrustedKeys.from_settings(trust_settings(Settings())), anchors=anchors)
     _out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if report.ok else 2)
+    raise typer.Exit(0 if report.ok else 2 if report.failure else 3)
+
+
+def _read_export(path: Path, tenant: str) -> TenantAudit:
+    """An export file named on the command line; its I/O failures name it."""
+    from keel.trust.store import read_export
+
+    with user_file(path):
+        return read_export(path, tenant)
 
 
 def show(
@@ -117,7 +146,9 @@ def export(
     """Export the tenant's chain and checkpoints to a file that can live outside the system."""
     from keel.trust.store import export_audit, read_audit
 
-    lines = export_audit(read_audit(Settings(), tenant), out)
+    audit = read_audit(Settings(), tenant)
+    with user_file(out, writing=True):
+        lines = export_audit(audit, out)
     _out.print(f"wrote {lines} lines to {out}")
 
 
@@ -128,7 +159,8 @@ def keygen(
     """Create an Ed25519 checkpoint signing key pair."""
     from keel.trust.checkpoints import generate_signing_key
 
-    private, public = generate_signing_key(folder, key_id)
+    with user_file(folder, writing=True):
+        private, public = generate_signing_key(folder, key_id)
     _out.print(f"private key {private} (KEEL_AUDIT_SIGNING_KEY_FILE), public key {public} "
                "(copy into KEEL_AUDIT_TRUSTED_KEYS_DIR)")
 

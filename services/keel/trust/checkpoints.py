@@ -53,6 +53,8 @@ class Checkpoint:
         """Parse a checkpoint; raises ``AuditFormatError`` when it is not one."""
         try:
             doc = json.loads(text)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
             if doc.get("v") != 1:
                 raise ValueError(f"unsupported checkpoint version {doc.get('v')!r}")
             return cls(str(doc["tenant"]), int(doc["seq"]), bytes.fromhex(doc["hash"]), str(doc["key_id"]),

@@ -55,18 +55,25 @@ def export_audit(audit: TenantAudit, path: Path) -> int:
 
 
 def read_export(path: Path, tenant: str) -> TenantAudit:
-    """The records and checkpoints of an export file (or a file of checkpoints only)."""
+    """The records and checkpoints of an export file (or a file of checkpoints only).
+
+    A line that is not a record or a checkpoint is an ``AuditFormatError`` naming ``path:line``.
+    """
     records: list[bytes] = []
     checkpoints: list[Checkpoint] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             doc = json.loads(line)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
             if "record" in doc:
                 records.append(base64.b64decode(doc["record"], validate=True))
             else:
                 checkpoints.append(Checkpoint.from_json(json.dumps(doc.get("checkpoint", doc))))
+        except AuditFormatError as exc:
+            raise AuditFormatError(f"{path}:{number}: {exc.message}") from exc
         except (ValueError, TypeError) as exc:
             raise AuditFormatError(f"{path}:{number}: not an audit export line: {exc}") from exc
     return TenantAudit(tenant, records, checkpoints)

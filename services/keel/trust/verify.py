@@ -3,6 +3,17 @@
 Every checkpoint must verify under a trusted key; then each record's recomputed hash,
 tenant, sequence and link are checked in order, and each checkpointed head must match.
 The first failure is reported with its sequence number and kind; nothing is skipped.
+
+Checkpoints that come with the records (the Kafka checkpoint topic, the export being
+verified) can be cut along with them; only *anchors*, checkpoints kept elsewhere, reveal a
+tail truncated together with its checkpoints. So the verdict, the first word of
+``VerifyReport.summary``, is one of:
+
+* ``OK``: intact, and an anchor covers the head (``anchored`` equals ``records``);
+* ``OK (unanchored)``: intact, but no anchor covers the head, so a truncated tail cannot be
+  detected (and with no checkpoint at all, neither can a chain rewritten from genesis);
+* ``FAIL``: the first bad sequence number and the kind of failure;
+* ``NOTHING``: the tenant has no records and no checkpoint claims one, so nothing was verified.
 """
 
 from __future__ import annotations
@@ -48,41 +59,66 @@ class VerifyReport:
 
     tenant: str
     records: int
-    checkpoints: int
+    checkpoints: int  # distinct authentic signed heads of the tenant
     head: bytes
     failure: Failure | None = None
+    anchored: int = 0  # the latest seq an anchor (a checkpoint kept elsewhere) vouches for; 0: none
 
     @property
     def ok(self) -> bool:
-        return self.failure is None
+        """Intact and not empty: an empty chain proves nothing."""
+        return self.failure is None and self.records > 0
 
     def summary(self) -> str:
-        """One line a person reads."""
-        if self.failure is None:
-            return (f"OK tenant={self.tenant} records={self.records} checkpoints={self.checkpoints} "
-                    f"head={self.head.hex()}")
-        f = self.failure
-        return f"FAIL tenant={self.tenant} seq={f.seq} kind={f.kind.value}: {f.detail}"
+        """One line a person reads; its first word (OK, FAIL, NOTHING) is the verdict a script reads."""
+        if self.failure is not None:
+            f = self.failure
+            return f"FAIL tenant={self.tenant} seq={f.seq} kind={f.kind.value}: {f.detail}"
+        if self.records == 0:
+            return (f"NOTHING tenant={self.tenant}: no audit records (an unknown tenant, none chained yet, "
+                    "or an empty export), so nothing was verified")
+        facts = (f"tenant={self.tenant} records={self.records} checkpoints={self.checkpoints} "
+                 f"anchored={self.anchored} head={self.head.hex()}")
+        if self.anchored == self.records:
+            return f"OK {facts}"
+        return f"OK (unanchored) {facts}: {self._unanchored_because()}"
+
+    def _unanchored_because(self) -> str:
+        if self.checkpoints == 0:
+            return ("no signed checkpoint at all: only the links between records were checked, so neither a "
+                    "truncated tail nor a chain rewritten from genesis can be detected without --from-checkpoint")
+        if self.anchored == 0:
+            return ("its checkpoints came with the records and can be cut with them, so a truncated tail "
+                    "cannot be detected without --from-checkpoint")
+        return (f"no trusted checkpoint covers records {self.anchored + 1}-{self.records}, so their truncation "
+                "cannot be detected without a newer --from-checkpoint")
 
 
 def verify_chain(tenant: str, records: Iterable[bytes], checkpoints: Iterable[Checkpoint],
-                 trusted: TrustedKeys) -> VerifyReport:
-    """Verify ``records`` (in log order) of ``tenant`` against authentic ``checkpoints``."""
-    anchors: dict[int, bytes] = {}
-    count = 0
-    for cp in checkpoints:
+                 trusted: TrustedKeys, anchors: Iterable[Checkpoint] = ()) -> VerifyReport:
+    """Verify ``records`` (in log order) of ``tenant`` against authentic ``checkpoints`` and ``anchors``.
+
+    ``checkpoints`` come with the records; ``anchors`` were kept elsewhere, so they also vouch that
+    the chain reaches their seq (``VerifyReport.anchored``).
+    """
+    heads: dict[int, bytes] = {}
+    anchored = 0
+    sources = [*((cp, False) for cp in checkpoints), *((cp, True) for cp in anchors)]
+    for cp, kept_elsewhere in sources:
         if cp.tenant != tenant:
             continue
-        count += 1
         try:
             trusted.check(cp)
         except UnknownSigningKey as exc:
-            return _fail(tenant, 0, count, GENESIS, cp.seq, FailureKind.UNKNOWN_SIGNING_KEY, exc.message)
+            return _fail(tenant, 0, len(heads), GENESIS, cp.seq, FailureKind.UNKNOWN_SIGNING_KEY, exc.message)
         except BadSignature as exc:
-            return _fail(tenant, 0, count, GENESIS, cp.seq, FailureKind.FORGED_CHECKPOINT, exc.message)
-        if anchors.setdefault(cp.seq, cp.head) != cp.head:
-            return _fail(tenant, 0, count, GENESIS, cp.seq, FailureKind.CONFLICTING_CHECKPOINTS,
+            return _fail(tenant, 0, len(heads), GENESIS, cp.seq, FailureKind.FORGED_CHECKPOINT, exc.message)
+        if heads.setdefault(cp.seq, cp.head) != cp.head:
+            return _fail(tenant, 0, len(heads), GENESIS, cp.seq, FailureKind.CONFLICTING_CHECKPOINTS,
                          f"two authentic checkpoints disagree on the hash of record {cp.seq}")
+        if kept_elsewhere:
+            anchored = max(anchored, cp.seq)
+    count = len(heads)  # distinct signed heads: one checkpoint read from two sources counts once
     rest = records if isinstance(records, list) else list(records)
     tenant_field, copy, pack, head = _tenant_field(tenant), _HASHER.copy, _SEQ.pack, GENESIS
     # The hot loop (>= 500k records/s is the target): one hash and four slice compares per record;
@@ -95,15 +131,15 @@ def verify_chain(tenant: str, records: Iterable[bytes], checkpoints: Iterable[Ch
                 or raw[12:44] != head or not raw.startswith(tenant_field, 44)):
             return _diagnose(tenant, rest, index, head, count)
         head = stored
-        if index + 1 in anchors and anchors[index + 1] != head:
-            anchor = anchors[index + 1]
+        if index + 1 in heads and heads[index + 1] != head:
+            anchor = heads[index + 1]
             return _fail(tenant, index + 1, count, head, index + 1, FailureKind.CHECKPOINT_MISMATCH,
                          f"record {index + 1} hash {head.hex()[:16]}… differs from the signed {anchor.hex()[:16]}…")
-    latest = max(anchors, default=0)
+    latest = max(heads, default=0)
     if latest > len(rest):
         return _fail(tenant, len(rest), count, head, len(rest) + 1, FailureKind.TRUNCATED,
                      f"chain ends at {len(rest)}, a trusted checkpoint covers {latest}")
-    return VerifyReport(tenant, len(rest), count, head)
+    return VerifyReport(tenant, len(rest), count, head, anchored=anchored)
 
 
 def _tenant_field(tenant: str) -> bytes:

@@ -134,7 +134,8 @@ def parse_policy(document: str) -> Policy:
     try:
         return Policy.model_validate(json.loads(document))
     except json.JSONDecodeError as exc:
-        raise ValidationError(f"policy is not JSON: {exc.msg}", code="malformed_policy") from exc
+        raise ValidationError(f"policy is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                              code="malformed_policy") from exc
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         path = ".".join(str(p) for p in first["loc"])
