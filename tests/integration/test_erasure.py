@@ -15,7 +15,9 @@ from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from confluent_kafka.admin import AdminClient, NewTopic
 from fastavro import reader
+from typer.testing import CliRunner
 
+from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.messages import EmailQueued, SendEmail
@@ -267,3 +269,32 @@ def test_a_replay_after_an_erasure_writes_the_subject_erased_to_files_topics_and
     admin.delete_topics([staging])
     for target, values in written.items():
         assert values == {"cust-gone": [ERASED, ERASED], "cust-kept": kept["cust-kept"]}, target
+
+
+def test_keel_subjects_erase_redacts_both_log_tables_and_the_copies_a_rebuild_kept(
+        settings: Settings, trust_settings: TrustSettings, configured_keys: KeyStore, client: Client) -> None:
+    codec = SealingCodec(FieldCipher(configured_keys))
+    with CommandProducer(settings, codec=codec) as producer:
+        for cmd in [*emails("acme", "cust-gone", GONE), *emails("acme", "cust-kept", KEPT)]:
+            producer.send(cmd)
+    processor = CommandProcessor(settings, instance_id="erasure", codec=codec)
+    try:
+        processor.run_until_caught_up()
+    finally:
+        processor.close()
+    for source in PROJECTED_TOPICS:
+        with EventProjector(settings, client, source=source) as projector:
+            projector.catch_up()
+    for table in ("events", "commands"):
+        rebuild(settings, client, table)  # the old tables stay as <table>__previous, for a rollback
+    tables = ("events", "commands", "events__previous", "commands__previous")
+    assert all(sealed_rows(client, table, "cust-gone") > 0 for table in tables)
+
+    erased = CliRunner().invoke(app, ["subjects", "erase", "--tenant", "acme", "--subject", "cust-gone",
+                                      "--actor", "human:dpo-alice"], env=trust_env(settings, trust_settings))
+
+    assert erased.exit_code == 0, erased.output
+    assert "redacted in events, commands, events__previous, commands__previous" in " ".join(erased.output.split())
+    for table in tables:
+        assert sealed_rows(client, table, "cust-gone") == 0, table
+        assert sealed_rows(client, table, "cust-kept") > 0, table

@@ -181,18 +181,23 @@ def erase(
     with open_keystore(settings, trust_settings(settings)) as keys:
         receipt = erase_subject(settings, keys, tenant=tenant, subject=subject, actor=actor, reason=reason)
     _out.print(f"erased subject {subject} of {tenant}: {len(receipt.key_ids)} key(s) deleted, "
-               f"receipt {receipt.receipt_id}")
+               f"receipt {receipt.receipt_id}", soft_wrap=True)
     if redact:
         from keel.projector.clickhouse import connect
         from keel.projector.migrations import apply_migrations
+        from keel.replay.rebuild import PREVIOUS, table_exists
 
         client = connect(settings)
         try:
             apply_migrations(client)
-            client.command(redaction_sql(), parameters={"tenant": tenant, "subject": subject})
+            # Both log tables hold personal fields, and a rollback would bring back what a rebuild kept aside.
+            tables = [t for t in ("events", "commands", f"events{PREVIOUS}", f"commands{PREVIOUS}")
+                      if table_exists(client, t)]
+            for table in tables:
+                client.command(redaction_sql(table), parameters={"tenant": tenant, "subject": subject})
         finally:
             client.close()
-        _out.print("projected rows redacted")
+        _out.print(f"projected rows redacted in {', '.join(tables)}", soft_wrap=True)
 
 
 def rotate_master() -> None:

@@ -73,7 +73,7 @@ def rollback(client: Client, table: str) -> RebuildReport:
     """Swap ``table`` with the one the last rebuild replaced; a second rollback undoes the first."""
     _check(table)
     previous = table + PREVIOUS
-    if not _exists(client, previous):
+    if not table_exists(client, previous):
         raise ProjectionError(f"{table} has no previous version to roll back to; rebuild it first",
                               code="nothing_to_roll_back")
     _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(previous)}")
@@ -133,7 +133,8 @@ def _recompute(client: Client, table: str, shadow: str) -> None:
     _run(client, f"INSERT INTO {_q(shadow)} {found[0][0]}")
 
 
-def _exists(client: Client, table: str) -> bool:
+def table_exists(client: Client, table: str) -> bool:
+    """Whether ``table`` is in the client's current database."""
     return bool(client.query("SELECT count() FROM system.tables WHERE database = currentDatabase() "
                              "AND name = {t:String}", parameters={"t": table}).result_rows[0][0])
 
