@@ -216,3 +216,18 @@ def test_cli_replays_a_tenant_to_a_jsonl_file(settings: Settings, tmp_path: Path
     assert f"replayed {len(events)} of" in done.stdout
     assert sorted(jsonl_ids(tmp_path / "acme.jsonl")) == by_partition(events)
     assert not list((tmp_path / "replays").glob("*.json"))  # a finished replay leaves no checkpoint
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", None])
+def test_an_unreadable_checkpoint_is_a_typed_error_naming_it(settings: Settings, tmp_path: Path,
+                                                             content: str | None) -> None:
+    produce(settings, subscription_story("acme", "sub-1"))
+    checkpoint = tmp_path / "checkpoint.json"
+    if content is None:
+        checkpoint.mkdir()  # a folder where the file belongs
+    else:
+        checkpoint.write_text(content)
+    with pytest.raises(ReplayError) as caught:
+        replay(settings, job(settings), JsonLinesSink(tmp_path / "out.jsonl"), checkpoint=checkpoint)
+    assert caught.value.code == ("checkpoint_mismatch" if content == "[1, 2]" else "checkpoint_unreadable")
+    assert str(checkpoint) in caught.value.message

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -169,11 +169,14 @@ class _Checkpoint(TypedDict):
 def _load(path: Path | None, job: ReplayJob) -> _Checkpoint | None:
     if path is None or not path.exists():
         return None
-    state: _Checkpoint = json.loads(path.read_text())
-    if state.get("job") != job.fingerprint:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReplayError(f"{path} is not a readable replay checkpoint: {exc}", code="checkpoint_unreadable") from exc
+    if not isinstance(state, dict) or state.get("job") != job.fingerprint:
         raise ReplayError(f"{path} is the checkpoint of another replay; remove it or pick another path",
                           code="checkpoint_mismatch")
-    return state
+    return cast(_Checkpoint, state)
 
 
 def _save(path: Path | None, job: ReplayJob, starts: dict[int, int], kept: int, sink_state: dict[str, object]) -> None:
