@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.markup import escape
 
-from keel.cli import analytics, demo, governance, ingress, trust, watchers, workers
+from keel.cli import analytics, demo, dev, governance, ingress, trust, watchers, workers
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
@@ -56,8 +56,12 @@ def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker.
 
 @app.command()
 def down(wipe: bool = typer.Option(False, help="Also delete the broker's data (all topics).")) -> None:
-    """Stop the local Kafka broker started by `keel up`."""
+    """Stop `keel dev`'s services, if it runs, and the local Kafka broker started by `keel up` or `keel dev`."""
+    from keel.supervision.platform import stop_platform
+
     settings = Settings()
+    for stopped in stop_platform(settings):
+        console.print(f"[yellow]down[/yellow]: stopped {stopped}")
     if wipe:
         reset_broker(settings)
         console.print("[yellow]down[/yellow]: broker stopped and its data deleted")
@@ -67,11 +71,15 @@ def down(wipe: bool = typer.Option(False, help="Also delete the broker's data (a
 
 @app.command()
 def status() -> None:
-    """Report whether the local broker runs and answers; exits 1 when it does not."""
-    state = broker_status(Settings())
+    """Report the local broker and, under `keel dev`, each service's health; exits 1 when any is not healthy."""
+    settings = Settings()
+    state = broker_status(settings)
     colour = "green" if state.healthy else "red"
-    console.print(f"[{colour}]{'healthy' if state.healthy else 'down'}[/{colour}]: {state.detail}")
-    raise typer.Exit(0 if state.healthy else 1)
+    console.print(f"[{colour}]{'healthy' if state.healthy else 'down'}[/{colour}]: broker: {state.detail}")
+    services = dev.services_status(settings)
+    if services is None:
+        console.print("services: keel dev does not run (each runs on its own; `keel health ROLE` checks a worker)")
+    raise typer.Exit(0 if state.healthy and services is not False else 1)
 
 
 @app.command("config")
@@ -130,6 +138,7 @@ replay_cli.register(app)
 governance.register(app)
 watchers.register(app)
 workers.register(app)
+dev.register(app)
 ingress.register(app)
 trust.register(app)
 

@@ -79,9 +79,9 @@ def supervise(argv: list[str], settings: Settings, role: str, instance: str) -> 
         child = subprocess.Popen(argv, env={**os.environ, SUPERVISOR_PID: str(os.getpid())})
         log.info("%s %s started as pid %d", role, instance, child.pid)
         while child.poll() is None and not stop.wait(1.0):
-            frozen = _frozen(Heartbeat.read(path), child.pid, started, settings.watchdog_stall_s)
-            if frozen is not None:
-                log.error("%s %s (pid %d) is frozen: %s; killing it", role, instance, child.pid, frozen)
+            why = frozen(Heartbeat.read(path), child.pid, time.monotonic() - started, settings.watchdog_stall_s)
+            if why is not None:
+                log.error("%s %s (pid %d) is frozen: %s; killing it", role, instance, child.pid, why)
                 child.kill()
                 child.wait()
         if stop.is_set():
@@ -96,11 +96,10 @@ def supervise(argv: list[str], settings: Settings, role: str, instance: str) -> 
         wait = min(wait * 2, LONGEST_WAIT_S)
 
 
-def _frozen(beat: Heartbeat | None, pid: int, started: float, bound_s: float) -> str | None:
-    """Why the child ``pid`` counts as frozen, judged by its heartbeat, or ``None``."""
+def frozen(beat: Heartbeat | None, pid: int, running_s: float, bound_s: float) -> str | None:
+    """Why the child ``pid``, started ``running_s`` ago, counts as frozen by its heartbeat, or ``None``."""
     if beat is None or beat.pid != pid:
-        age = time.monotonic() - started
-        return f"no heartbeat {age:.0f}s after its start" if age > bound_s else None
+        return f"no heartbeat {running_s:.0f}s after its start" if running_s > bound_s else None
     age = time.time() - beat.written_at
     return f"its heartbeat is {age:.0f}s old" if age > bound_s else None
 

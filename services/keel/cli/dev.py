@@ -1,0 +1,119 @@
+"""``keel dev``: the broker and every service in one command, supervised, with a live status table.
+
+``keel status`` reports the services ``keel dev`` runs, and ``keel down`` stops them with
+the broker (``keel.supervision.platform``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import typer
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from keel.bootstrap import ensure_local_keys
+from keel.config import Settings
+from keel.errors import InfraError
+from keel.gateway.settings import IngressSettings
+from keel.kafka.broker import broker_status, platform_auth, start_broker, stop_broker
+from keel.kafka.clients import admin_config
+from keel.kafka.topics import apply_topics, declared_topics
+from keel.outbox.db import open_database
+from keel.outbox.store import OutboxStore
+from keel.logs import JsonFormatter
+from keel.supervision.platform import (
+    SERVICES,
+    PlatformState,
+    PlatformSupervisor,
+    alive,
+    health,
+    log_path,
+    state_path,
+)
+from keel.supervision.supervisor import stop_on_signals
+
+_out = Console()
+
+
+def dev() -> None:
+    """Start the broker and every Keel service, restart any that ends, and show their status (Ctrl-C stops all)."""
+    settings = Settings()
+    running = PlatformState.read(state_path(settings))
+    if running is not None and alive(running.supervisor_pid):
+        raise InfraError(f"keel dev already runs as pid {running.supervisor_pid}; `keel down` stops it",
+                         code="platform_running")
+    ours = not broker_status(settings).healthy  # a broker `keel up` started stays up after keel dev
+    with _out.status("starting the Kafka broker…"):
+        _out.print(f"broker: {start_broker(settings).detail}", soft_wrap=True)
+    apply_topics(AdminClient({**admin_config(settings), **platform_auth(settings)}), declared_topics(settings))
+    ensure_local_keys(settings)
+    outbox = open_database(IngressSettings().dsn(settings))
+    try:
+        OutboxStore(outbox).migrate()  # once, before the gateway and the relay race to
+    finally:
+        outbox.close()
+    logs = log_path(settings, "gateway").parent
+    logs.mkdir(parents=True, exist_ok=True)
+    _log_to(logs / "dev.log")
+    ingress = IngressSettings()
+    _out.print(f"services log to {logs}/ (restarts: dev.log); the gateway serves "
+               f"http://{ingress.gateway_host}:{ingress.gateway_port} (docs at /docs); "
+               "Ctrl-C or `keel down` stops everything", soft_wrap=True)
+    stop = stop_on_signals()
+    with Live(status_table(settings, None), console=_out, auto_refresh=False) as live:
+        supervisor = PlatformSupervisor(
+            settings, on_change=lambda state: live.update(status_table(settings, state), refresh=True))
+        supervisor.run(stop)
+    _out.print("[yellow]stopped[/yellow] every service")
+    if ours:
+        _out.print(f"[yellow]broker[/yellow]: {stop_broker(settings).detail}", soft_wrap=True)
+
+
+def _log_to(path: Path) -> None:
+    """The supervisor's own log lines (starts, restarts) go to a file: the terminal shows the table."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def status_table(settings: Settings, state: PlatformState | None) -> Table:
+    """Each service: pid, state, restarts, health and log."""
+    table = Table(title=f"keel dev: topics {settings.topic_prefix}.*, data {settings.data_dir}")
+    for column in ("service", "pid", "state", "up", "restarts", "health"):
+        table.add_column(column, overflow="fold")
+    for service in SERVICES:
+        current = state.services.get(service.name) if state is not None else None
+        if current is None:
+            table.add_row(service.name, "", "starting", "", "0", "")
+            continue
+        problem = health(settings, service, current)
+        up = f"{time.time() - current.started_at:.0f}s" if current.pid else ""
+        table.add_row(service.name, str(current.pid or ""), current.state, up, str(current.restarts),
+                      "[green]healthy[/green]" if problem is None else f"[red]{problem}[/red]")
+    table.caption = f"logs: {log_path(settings, 'dev').parent}/<service>.log"
+    return table
+
+
+def services_status(settings: Settings) -> bool | None:
+    """Print the services ``keel dev`` runs; whether all are healthy (``None``: keel dev does not run)."""
+    state = PlatformState.read(state_path(settings))
+    if state is None or not alive(state.supervisor_pid):
+        return None
+    _out.print(status_table(settings, state))
+    uptime = {s.name: time.time() - s.started_at for s in state.services.values() if s.pid}
+    _out.print(f"supervised by keel dev (pid {state.supervisor_pid}); longest uptime "
+               f"{max(uptime.values(), default=0):.0f}s")
+    return all(health(settings, service, state.services[service.name]) is None for service in SERVICES
+               if service.name in state.services)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``keel dev`` to ``app``."""
+    app.command("dev")(dev)
