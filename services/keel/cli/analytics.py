@@ -16,12 +16,16 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.status import Status
 
+from keel.cli import output as out
+from keel.cli.tenancy import require_known
 from keel.config import Settings
-from keel.errors import QueryError
+from keel.errors import InfraError, QueryError
 from keel.kafka.topics import Topic
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import MigrationReport, apply_migrations
@@ -91,18 +95,50 @@ def query(
     output: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.TABLE,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most rows to return.")] = 1000,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds the query may run.")] = 30.0,
+    as_json: out.AsJson = False,
 ) -> None:
     """Run a read-only query over one tenant's projections (or, for ops, every tenant's)."""
     if (tenant is None) == (not all_tenants):
         raise QueryError("pass exactly one of --tenant T (analysts) or --all-tenants (ops)",
                          code="scope_required")
-    result = execute(Settings(), sql, tenant=tenant, limit=limit, timeout_s=timeout)
+    if as_json:
+        output = OutputFormat.JSON
+    settings = Settings()
+    projected = True
+    if tenant is not None:
+        projected = _projected(settings, tenant)
+        require_known(settings, tenant, seen=projected)
+    result = execute(settings, sql, tenant=tenant, limit=limit, timeout_s=timeout)
+    idle = None if projected else f"tenant {tenant} has no projected data yet (`keel project` loads it)"
     if output is OutputFormat.TABLE:
-        _out.print(to_table(result))
+        if idle:
+            out.say(idle)
+        else:
+            out.console().print(out.fold(to_table(result)))
         return
     sys.stdout.write(to_json(result) + "\n" if output is OutputFormat.JSON else to_csv(result))
+    if idle:
+        out.note(idle)
     if result.truncated:
         _err.print(f"first {limit} rows shown; raise --limit for more", style="yellow", soft_wrap=True)
+
+
+def _projected(settings: Settings, tenant: str) -> bool:
+    """Whether the raw projections (events, commands) hold any row of ``tenant``."""
+    client = connect(settings)
+    try:
+        present = {str(name) for (name,) in client.query(
+            "SELECT name FROM system.tables WHERE database = {db:String} AND name IN ('events', 'commands')",
+            parameters={"db": settings.clickhouse_database}).result_rows}
+        database = quote_identifier(settings.clickhouse_database)
+        return any(client.query(f"SELECT 1 FROM {database}.{quote_identifier(table)} "
+                                "WHERE tenant_id = {tenant:String} LIMIT 1", parameters={"tenant": tenant}).result_rows
+                   for table in sorted(present))
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot read the projections of {settings.clickhouse_database}: {exc}",
+                         code="projection_unavailable") from exc
+    finally:
+        client.close()
 
 
 def migrate() -> None:

@@ -16,9 +16,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from keel.cli import output
 from keel.cli.files import read_text
+from keel.cli.output import AsJson
+from keel.cli.tenancy import require_known
 from keel.config import Settings
 from keel.domain.envelope import Actor, Authority, Payload, new_command
 from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
@@ -37,7 +39,7 @@ from keel.domain.messages import (
 from keel.domain.events import RefundIssued
 from keel.errors import KeelError, ValidationError
 from keel.ops import dlq as dead_letters
-from keel.ops.lookup import events_of_command, parked_aggregate, pending_approvals
+from keel.ops.lookup import events_of_command, parked_aggregate, pending_approvals, tenant_events
 from keel.sdk.producer import CommandProducer
 
 console = Console()
@@ -105,17 +107,27 @@ def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
           correlation_id=events[0].correlation_id)
 
 
-def approvals_list(tenant: Tenant) -> None:
+_APPROVAL_COLUMNS = (("command_id", "command id"), ("aggregate", "aggregate"), ("type", "type"),
+                     ("actor", "actor"), ("on_behalf_of", "on behalf of"), ("kind", "kind"), ("rule", "rule"),
+                     ("expires", "expires"))
+
+
+def approvals_list(tenant: Tenant, as_json: AsJson = False) -> None:
     """Show the commands of a tenant that wait for approval or confirmation."""
-    table = Table(title=f"pending approvals of {tenant}")
-    for column in ("command id", "aggregate", "type", "actor", "on behalf of", "kind", "rule", "expires"):
-        table.add_column(column)
-    for aggregate, state in pending_approvals(Settings(), tenant).items():
-        for command_id, parked in state.pending.items():
-            table.add_row(str(command_id), aggregate, parked.command.type,
-                          f"{parked.command.actor.kind}:{parked.command.actor.id}", parked.command.on_behalf_of or "",
-                          parked.kind.value, parked.policy_rule, parked.expires_at.isoformat(timespec="seconds"))
-    console.print(table)
+    settings = Settings()
+    records = [{"command_id": str(command_id), "aggregate": aggregate, "type": parked.command.type,
+                "actor": f"{parked.command.actor.kind}:{parked.command.actor.id}",
+                "on_behalf_of": parked.command.on_behalf_of, "kind": parked.kind.value, "rule": parked.policy_rule,
+                "expires": parked.expires_at.isoformat(timespec="seconds")}
+               for aggregate, state in pending_approvals(settings, tenant).items()
+               for command_id, parked in state.pending.items()]
+    empty = None
+    if not records:  # only now read the events again: is the tenant idle, or unknown?
+        seen = bool(tenant_events(settings, tenant))
+        require_known(settings, tenant, seen=seen)
+        empty = f"tenant {tenant} has no pending approvals" if seen else f"tenant {tenant} has no events yet"
+    output.emit(records, as_json=as_json, empty=empty,
+                shown=output.table(_APPROVAL_COLUMNS, records, title=f"pending approvals of {tenant}"))
 
 
 def kill_switch_engage(tenant: Tenant, reason: Annotated[str, typer.Option()],
@@ -154,15 +166,15 @@ def policy_apply(path: Path, tenant: Tenant, acting: As = f"{SYSTEM_ACTOR.kind}:
     console.print(f"policy version {policy.version} sent for {tenant}")
 
 
-def dlq_list(code: Annotated[str | None, typer.Option(help="Only this error code.")] = None) -> None:
+def dlq_list(code: Annotated[str | None, typer.Option(help="Only this error code.")] = None,
+             as_json: AsJson = False) -> None:
     """List dead letters with their reasons."""
-    table = Table(title="dead letters")
-    for column in ("position", "code", "reason", "source", "key"):
-        table.add_column(column, overflow="fold")
-    for letter in dead_letters.dead_letters(Settings(), code):
-        table.add_row(letter.position, letter.code, letter.reason, letter.source,
-                      (letter.key or b"").decode(errors="replace"))
-    console.print(table)
+    records = [{"position": letter.position, "code": letter.code, "reason": letter.reason, "source": letter.source,
+                "key": (letter.key or b"").decode(errors="replace")}
+               for letter in dead_letters.dead_letters(Settings(), code)]
+    columns = tuple((name, name) for name in ("position", "code", "reason", "source", "key"))
+    output.emit(records, as_json=as_json, shown=output.table(columns, records, title="dead letters"),
+                empty="no dead letters" + (f" with code {code}" if code else ""))
 
 
 def dlq_show(position: Annotated[str, typer.Argument(help="partition:offset")]) -> None:

@@ -16,8 +16,10 @@ from typing import Annotated, Any
 import typer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
-from rich.table import Table
 
+from keel.cli import output
+from keel.cli.output import AsJson
+from keel.cli.tenancy import require_known
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind
 from keel.errors import ConfigError
@@ -121,21 +123,34 @@ def tenants_create(
     _out.print(f"password (shown once): {password}", highlight=False, soft_wrap=True)
 
 
-def tenants_list() -> None:
+def tenants_list(as_json: AsJson = False) -> None:
     """List the registered tenants."""
     _, key_store = _stores()
-    for tenant in key_store.tenants():
-        _out.print(tenant)
+    tenants = key_store.tenants()
+    if as_json:
+        output.write_json([{"tenant": tenant} for tenant in tenants])
+        return
+    for tenant in tenants:
+        output.say(tenant)
+    if not tenants:
+        output.say("no tenants registered yet (`keel tenants create`)")
 
 
-def tenants_rejections(tenant: Annotated[str, typer.Argument(help="Tenant id.")]) -> None:
+_REJECTION_COLUMNS = (("at", "at"), ("actor", "actor"), ("code", "code"), ("field", "field"),
+                      ("claimed_tenant", "claimed tenant"), ("command_id", "command"), ("message", "message"))
+
+
+def tenants_rejections(tenant: Annotated[str, typer.Argument(help="Tenant id.")], as_json: AsJson = False) -> None:
     """Show the gateway's recorded refusals of a tenant's keys (wrong tenant, wrong actor, replays)."""
     store, _ = _stores()
-    for row in store.rejections(tenant):
-        at = datetime.fromtimestamp(float(str(row["at"])), UTC).isoformat(timespec="seconds")
-        _out.print(f"{at} {row['actor']} [{row['code']}] field={row['field'] or '-'} claimed_tenant="
-                   f"{row['claimed_tenant'] or '-'} command={row['command_id'] or '-'}: {row['message']}",
-                   highlight=False, soft_wrap=True, markup=False)
+    records = [{"at": datetime.fromtimestamp(float(str(row["at"])), UTC).isoformat(timespec="seconds"),
+                "actor": row["actor"], "code": row["code"], "field": row["field"] or None,
+                "claimed_tenant": row["claimed_tenant"] or None, "command_id": row["command_id"] or None,
+                "message": row["message"]} for row in store.rejections(tenant)]
+    if not records:
+        require_known(Settings(), tenant, seen=False)
+    output.emit(records, as_json=as_json, empty=f"tenant {tenant} has no rejections",
+                shown=output.table(_REJECTION_COLUMNS, records, title=f"rejections of {tenant}"))
 
 
 def keys_create(
@@ -154,14 +169,20 @@ def keys_create(
     _out.print(f"token (shown once): {token}", highlight=False, soft_wrap=True)
 
 
-def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None) -> None:
+_KEY_COLUMNS = (("key_id", "key"), ("tenant", "tenant"), ("actor", "actor"), ("roles", "roles"),
+                ("revoked", "revoked"))
+
+
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None,
+              as_json: AsJson = False) -> None:
     """List API keys (never their secrets)."""
     _, key_store = _stores()
-    table = Table("key", "tenant", "actor", "roles", "revoked")
-    for key in key_store.keys(tenant):
-        table.add_row(key.key_id, key.tenant_id, f"{key.actor.kind.value}:{key.actor.id}",
-                      ",".join(sorted(key.roles)), "yes" if key.revoked_at else "")
-    _out.print(table)
+    records = [{"key_id": key.key_id, "tenant": key.tenant_id, "actor": f"{key.actor.kind.value}:{key.actor.id}",
+                "roles": sorted(key.roles), "revoked": key.revoked_at is not None} for key in key_store.keys(tenant)]
+    if tenant is not None and not records:
+        require_known(Settings(), tenant, seen=False)  # keys need a registered tenant: none is a trace
+    output.emit(records, as_json=as_json, shown=output.table(_KEY_COLUMNS, records),
+                empty=f"tenant {tenant} has no keys yet" if tenant else "no keys yet (`keel keys create`)")
 
 
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (not the token).")]) -> None:

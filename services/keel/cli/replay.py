@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from keel.cli import output
 from keel.config import Settings
 from keel.domain.subscription import INITIAL, evolve
 from keel.kafka.topics import Topic, topic_name
@@ -72,11 +73,11 @@ def state_command(
     for event in found.events:
         history.add_row(str(event.version or "-"), event.type, event.occurred_at.isoformat(),
                         f"{event.actor.kind.value}:{event.actor.id}", json.dumps(event.payload.model_dump(mode="json")))
-    _out.print(history)
+    output.console().print(output.fold(history))
     facts = Table("field", "value", title="state")
     for key, value in state.items():
         facts.add_row(key, str(value))
-    _out.print(facts)
+    output.console().print(output.fold(facts))
 
 
 def _plain(value: object) -> object:

@@ -6,14 +6,17 @@ broker and topic prefix. ``keel.cli.main`` prints Keel errors as one red line an
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from keel.cli import output
+from keel.cli.output import AsJson
+from keel.cli.tenancy import require_known
 from keel.config import Settings
-from keel.watchers.stats_tally import StatsRow
+from keel.watchers.stats_tally import StatsRow, minutes_since, summarise
 
 if TYPE_CHECKING:
     import faust
@@ -83,17 +86,23 @@ def _run(settings: Settings, app: faust.App, loglevel: str, faust_loglevel: str)
 def stats(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
     minutes: Annotated[int, typer.Option(min=1, help="How many recent minutes to show.")] = 15,
+    as_json: AsJson = False,
 ) -> None:
     """Show commands, accepted and rejected decisions per tenant and minute."""
-    from keel.watchers.stats_reader import read_rows
+    from keel.watchers.stats_reader import read_windows
 
-    rows = read_rows(Settings(), tenant=tenant, minutes=minutes)
-    console = Console()
-    if not rows:
-        console.print(f"no stats in the last {minutes} minute(s)"
-                      + (f" for tenant {tenant}" if tenant else ""))
-        return
-    console.print(render(rows))
+    settings = Settings()
+    windows = read_windows(settings)
+    rows = summarise(windows, tenant=tenant, since=minutes_since(minutes, datetime.now(UTC)))
+    empty = f"no stats in the last {minutes} minute(s)"
+    if tenant is not None and not rows:
+        seen = bool(summarise(windows, tenant=tenant))  # older windows are still a trace of it
+        require_known(settings, tenant, seen=seen)
+        empty = f"{empty} for tenant {tenant}" if seen else f"tenant {tenant} has no stats yet"
+    records = [{"minute": row.minute.isoformat(), "tenant": row.tenant, "commands": row.counts.commands,
+                "accepted": row.counts.accepted, "rejected": row.counts.rejected,
+                "undecodable": row.counts.undecodable} for row in rows]
+    output.emit(records, as_json=as_json, shown=render(rows), empty=empty)
 
 
 def render(rows: list[StatsRow]) -> Table:
@@ -105,4 +114,4 @@ def render(rows: list[StatsRow]) -> Table:
         counts = row.counts
         table.add_row(row.minute.strftime("%Y-%m-%d %H:%M"), row.tenant, str(counts.commands),
                       str(counts.accepted), str(counts.rejected), str(counts.undecodable))
-    return table
+    return output.fold(table)
