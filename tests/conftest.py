@@ -24,7 +24,8 @@ from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 
 
-pytest_plugins = ["tests.plugins.postgres", "tests.plugins.analytics", "tests.plugins.trust"]
+pytest_plugins = ["tests.plugins.user_data", "tests.plugins.postgres", "tests.plugins.analytics",
+                  "tests.plugins.trust"]
 
 INFRA = os.environ.get("KEEL_TEST_INFRA", "local")
 
@@ -37,10 +38,18 @@ def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
         return
     if INFRA != "local":
         raise pytest.UsageError(f"KEEL_TEST_INFRA must be local or testcontainers, not {INFRA!r}")
-    settings = Settings()
-    start_broker(settings)  # a no-op when `keel up` already started it
-    ensure_local_keys(settings)  # personal fields are sealed, as after `keel up`
-    yield settings.model_copy(update={"clickhouse_dsn": f"chdb://{tmp_path_factory.mktemp('chdb')}"})
+    from tests.plugins import user_data  # registered above (pytest_plugins): imported once pytest rewrote it
+
+    start_broker(user_data.USER)  # the user's broker: a no-op when `keel up` already started it
+    user_data.broker_started()
+    # Everything else of the session's own: a data dir (keys, outbox, heartbeats...) and chDB.
+    # Topic prefixes are per test (``settings``); the default one is never used.
+    data_dir = tmp_path_factory.mktemp("data")
+    settings = user_data.USER.model_copy(update={
+        "data_dir": data_dir, "topic_prefix": f"test-session-{uuid.uuid4().hex[:10]}",
+        "clickhouse_dsn": f"chdb://{tmp_path_factory.mktemp('chdb')}"})
+    ensure_local_keys(settings)  # personal fields are sealed, as after `keel up`, with the session's keys
+    yield settings
 
 
 def _containers() -> Iterator[Settings]:

@@ -15,10 +15,12 @@ from keel.kafka.clients import admin_config
 
 
 def keel_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that points a `keel` process at ``settings``' broker and topics."""
+    """The environment that points a `keel` process at ``settings``' broker, topics and data dir
+    (never the user's default ``.keel``: keys, outbox, heartbeats and chDB stay the test's)."""
     return {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
             "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
-            "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers, **extra}
+            "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
+            "KEEL_DATA_DIR": str(settings.data_dir), **extra}
 
 
 class KeelProcess:

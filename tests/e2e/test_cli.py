@@ -23,8 +23,8 @@ def keel(*args: str, env: dict[str, str], stdin: str | None = None) -> subproces
 
 @pytest.fixture
 def env(broker_settings: Settings, tmp_path: Path) -> dict[str, str]:
-    """A private topic prefix and chDB path, on the session's broker."""
-    return {"KEEL_TOPIC_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}",
+    """A private topic prefix, data dir (keys, outbox) and chDB path, on the session's broker."""
+    return {"KEEL_TOPIC_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}", "KEEL_DATA_DIR": str(tmp_path / "data"),
             "KEEL_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}",
             "KEEL_KAFKA_BOOTSTRAP": broker_settings.bootstrap_servers,
             "COLUMNS": "200"}

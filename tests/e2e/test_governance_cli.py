@@ -39,7 +39,8 @@ def processor(settings: Settings) -> Iterator[CommandProcessor]:
 
 def keel(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix, "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
-           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions), "COLUMNS": "250"}
+           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions), "KEEL_DATA_DIR": str(settings.data_dir),
+           "COLUMNS": "250"}
     result = subprocess.run([sys.executable, "-m", "keel.cli", *args], env=env, text=True, capture_output=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr

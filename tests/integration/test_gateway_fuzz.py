@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,7 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from keel.config import Settings
@@ -20,6 +22,8 @@ from keel.domain.envelope import Actor, ActorKind
 from keel.gateway.app import create_app
 from keel.gateway.errors import HTTP_STATUS
 from keel.gateway.settings import IngressSettings
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, topic_name
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.security.keys import KeyStore
@@ -75,15 +79,20 @@ Post = Callable[[bytes], httpx.Response]
 
 
 @pytest.fixture
-def post(tmp_path: Path) -> Iterator[Post]:
-    """POST a body to the gateway app in-process (ASGI, one event loop: no server, no thread hops)."""
+def post(settings: Settings, tmp_path: Path) -> Iterator[Post]:
+    """POST a body to the gateway app in-process (ASGI, one event loop: no server, no thread hops).
+
+    On this test's own topics and data dir: the isolation violations it provokes are appended to
+    ``<prefix>.audit-intake`` of its own prefix, never to a user's default ``keel.*`` topics.
+    """
     dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
     db = open_database(dsn)
     OutboxStore(db).migrate()
     keys = KeyStore(db)
     keys.create_tenant("acme")
     _, token = keys.create_key("acme", Actor(kind=ActorKind.AGENT, id="support-bot"))
-    app = create_app(Settings(data_dir=tmp_path), IngressSettings(outbox_dsn=dsn, gateway_max_body_bytes=4096))
+    app = create_app(settings.model_copy(update={"data_dir": tmp_path}),
+                     IngressSettings(outbox_dsn=dsn, gateway_max_body_bytes=4096))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     loop = asyncio.new_event_loop()
     lifespan = app.app.router.lifespan_context(app.app)
@@ -92,6 +101,7 @@ def post(tmp_path: Path) -> Iterator[Post]:
     yield lambda raw: loop.run_until_complete(client.post("/v1/commands", content=raw, headers=headers))
     loop.run_until_complete(client.aclose())
     loop.run_until_complete(lifespan.__aexit__(None, None, None))
+    loop.run_until_complete(loop.shutdown_default_executor())  # the audit appends still under way
     loop.close()
     db.close()
 
@@ -99,7 +109,8 @@ def post(tmp_path: Path) -> Iterator[Post]:
 def test_no_body_makes_the_gateway_fail(post: Post) -> None:
     seen: Counter[int] = Counter()
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(max_examples=EXAMPLES, deadline=None, database=None,
+                         suppress_health_check=list(HealthCheck))
     @given(raw=bodies)
     def check(raw: bytes) -> None:
         response = post(raw)
@@ -112,3 +123,16 @@ def test_no_body_makes_the_gateway_fail(post: Post) -> None:
     check()
     assert sum(seen.values()) >= EXAMPLES, seen
     assert seen[202] and seen[400] and seen[403] and seen[422], seen  # every door was exercised
+
+
+def test_the_isolation_violations_go_to_the_tests_own_audit_intake(post: Post, settings: Settings) -> None:
+    """A claimed foreign tenant is recorded in the audit intake of this test's prefix (not ``keel.*``)."""
+    body = {"id": str(uuid.uuid4()), "type": "IssueRefund", "aggregate_id": "sub-1", "tenant_id": "globex",
+            "payload": PAYLOADS["IssueRefund"]}
+    assert post(json.dumps(body).encode()).status_code == 403
+    intake, deadline = topic_name(settings, Topic.AUDIT_INTAKE), time.monotonic() + 30
+    while not (found := [m for m in read_to_end(settings, intake) if b"IsolationViolation" in (m.value() or b"")]):
+        assert time.monotonic() < deadline, f"no isolation violation in {intake}"
+        time.sleep(0.2)
+    assert intake.startswith(f"{settings.topic_prefix}.") and settings.topic_prefix != "keel"
+    assert len(found) == 1

@@ -285,7 +285,7 @@ def test_projector_killed_mid_stream_resumes_without_gaps_or_duplicates(
     settings: Settings, tmp_path: Path
 ) -> None:
     # Own processes and their own chDB path: a chDB path belongs to one process at a time.
-    env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
+    env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix, "KEEL_DATA_DIR": str(settings.data_dir),
            "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
            "KEEL_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}", "KEEL_CLICKHOUSE_DATABASE": "keel"}
     events = [e for i in range(150) for e in subscription_story(f"tenant-{i % 3}", f"sub-{i}", emails=20)]

@@ -89,7 +89,7 @@ def keel_query(env: dict[str, str], sql: str) -> list[list[object]]:
 def test_projector_killed_ten_times_during_50k_events_leaves_exactly_the_topic_in_clickhouse(
     settings: Settings, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
+    env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix, "KEEL_DATA_DIR": str(settings.data_dir),
            "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
            "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
            "KEEL_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}", "KEEL_CLICKHOUSE_DATABASE": "oracle"}

@@ -192,7 +192,7 @@ def test_republishing_into_a_live_topic_needs_the_flag_and_a_confirmation(settin
 
     produce(settings, subscription_story("acme", "sub-1"))
     env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix, "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
-           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions)}
+           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions), "KEEL_DATA_DIR": str(settings.data_dir)}
     without_flag = subprocess.run([*CLI, "replay", "--to-topic", live], env=env, capture_output=True, text=True,
                                   timeout=60)
     wrong_name = subprocess.run([*CLI, "replay", "--to-topic", live, "--allow-live"], env=env,

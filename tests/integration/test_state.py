@@ -73,7 +73,8 @@ def test_unknown_aggregates_and_versions_are_refused(projected: Client, tenant: 
 def test_cli_prints_state_and_history_as_json(settings: Settings, tmp_path: Path) -> None:
     produce(settings, subscription_story("acme", "sub-1"))
     env = {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix, "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
-           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions), "KEEL_CLICKHOUSE_DSN": f"chdb://{tmp_path}/ch"}
+           "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions), "KEEL_CLICKHOUSE_DSN": f"chdb://{tmp_path}/ch",
+           "KEEL_DATA_DIR": str(settings.data_dir)}
     cli = [sys.executable, "-m", "keel.cli"]
     subprocess.run([*cli, "project"], env=env, check=True, capture_output=True, timeout=120)
 

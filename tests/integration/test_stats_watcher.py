@@ -173,7 +173,8 @@ def test_kill_9_neither_loses_nor_double_counts(settings: Settings, watcher: Wat
 def _assert_cli_shows(settings: Settings, tenant: str, expected: tuple[int, int, int, int]) -> None:
     """``keel stats --tenant`` prints rows that add up to ``expected``."""
     result = CliRunner().invoke(app, ["stats", "--tenant", tenant, "--minutes", "10"],
-                                env={"KEEL_TOPIC_PREFIX": settings.topic_prefix, "COLUMNS": "120"})
+                                env={"KEEL_TOPIC_PREFIX": settings.topic_prefix, "KEEL_DATA_DIR": str(settings.data_dir),
+                                     "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers, "COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     cells = [[cell.strip() for cell in line.split("│")[1:-1]]
              for line in result.output.splitlines() if f"│ {tenant} " in line]

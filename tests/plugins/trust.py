@@ -80,6 +80,7 @@ def trust_env(settings: Settings, trust: TrustSettings) -> dict[str, str]:
     return {**os.environ, "KEEL_TOPIC_PREFIX": settings.topic_prefix,
             "KEEL_TOPIC_PARTITIONS": str(settings.topic_partitions),
             "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
+            "KEEL_DATA_DIR": str(settings.data_dir),
             "KEEL_CLICKHOUSE_DSN": settings.analytics_dsn,
             "KEEL_CLICKHOUSE_DATABASE": settings.clickhouse_database,
             "KEEL_AUDIT_SIGNING_KEY_FILE": str(trust.audit_signing_key_file),
