@@ -16,7 +16,7 @@ from keel.config import Settings
 from keel.domain.subscription import INITIAL, Status, evolve
 from keel.projector.projector import EventProjector
 from keel.replay.errors import ReplayError
-from keel.replay.state import parse_at, state_at
+from keel.replay.state import parse_at, state_at, unprojected_events
 from tests.integration.test_projector import produce, subscription_story
 
 pytestmark = pytest.mark.integration
@@ -85,3 +85,24 @@ def test_cli_prints_state_and_history_as_json(settings: Settings, tmp_path: Path
     answer = json.loads(done.stdout)
     assert answer["state"]["status"] == "active" and answer["state"]["refunded_cents"] == 1000
     assert [e["type"] for e in answer["events"]] == ["SubscriptionStarted", "RefundIssued"]
+
+
+def test_state_reads_the_events_the_projection_does_not_hold_yet_from_kafka_and_says_so(
+        settings: Settings, migrated: Client) -> None:
+    story = subscription_story("acme", "sub-1")
+    produce(settings, story[:2])
+    with EventProjector(settings, migrated) as projector:
+        projector.catch_up()
+    produce(settings, story[2:])  # committed, not projected: the projector is behind
+
+    tail = unprojected_events(settings, migrated, "acme", "sub-1")
+    latest = max(e.version or 0 for e in story)
+    found = state_at(migrated, "acme", "sub-1", latest, evolve=evolve, initial=INITIAL, tail=tail)
+
+    assert found.state.version == latest and found.state.status is Status.CANCELLED
+    assert found.unprojected == len(story) - 2
+    cut = next(i for i, e in enumerate(story) if e.version == latest) + 1
+    assert [e.id for e in found.events] == [e.id for e in story[:cut]]
+    with pytest.raises(ReplayError) as stale:  # without Kafka's tail, the newest version is not there
+        state_at(migrated, "acme", "sub-1", latest, evolve=evolve, initial=INITIAL)
+    assert stale.value.code == "version_not_found"

@@ -32,7 +32,7 @@ from keel.replay.engine import ReplayJob, ReplayProgress, guard_target_topic, li
 from keel.replay.errors import ReplayError
 from keel.replay.range import Bound, Filter
 from keel.replay.sinks import AvroFileSink, JsonLinesSink, Sink, TableSink, TopicSink
-from keel.replay.state import parse_at, state_at
+from keel.replay.state import parse_at, state_at, unprojected_events
 
 _out = Console()
 _err = Console(stderr=True)
@@ -57,17 +57,22 @@ def state_command(
     at: Annotated[str, typer.Option(help="A version (e.g. 3) or an ISO-8601 time.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Print an aggregate's state as it was at a version or a time, and the events that led there."""
+    """Print an aggregate's state as it was at a version or a time, and the events that led there.
+
+    Events the projection does not hold yet are read from Kafka, and the output says how many.
+    """
     settings = Settings()
     client = connect(settings)
     try:
-        found = state_at(client, tenant, aggregate, parse_at(at), evolve=evolve, initial=INITIAL)
+        when = parse_at(at)
+        tail = unprojected_events(settings, client, tenant, aggregate)
+        found = state_at(client, tenant, aggregate, when, evolve=evolve, initial=INITIAL, tail=tail)
     finally:
         client.close()
     state = _plain_mapping(asdict(found.state))
     if as_json:
-        sys.stdout.write(json.dumps({"state": state, "events": [e.model_dump(mode="json") for e in found.events]})
-                         + "\n")
+        sys.stdout.write(json.dumps({"state": state, "events": [e.model_dump(mode="json") for e in found.events],
+                                     "unprojected_events": found.unprojected}) + "\n")
         return
     history = Table("version", "type", "occurred_at", "actor", "payload", title=f"{tenant}/{aggregate} up to {at}")
     for event in found.events:
@@ -78,6 +83,9 @@ def state_command(
     for key, value in state.items():
         facts.add_row(key, str(value))
     output.console().print(output.fold(facts))
+    if found.unprojected:
+        output.console().print(f"{found.unprojected} of {tenant}/{aggregate}'s events are not projected yet; "
+                               "they were read from Kafka", highlight=False)
 
 
 def _plain(value: object) -> object:

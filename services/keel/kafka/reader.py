@@ -20,15 +20,17 @@ from keel.errors import InfraError
 from keel.kafka.clients import loader_config
 
 
-def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> Iterator[Message]:
-    """Every committed record of ``topic``, partition by partition in offset order."""
+def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0,
+                starts: dict[int, int] | None = None) -> Iterator[Message]:
+    """Every committed record of ``topic`` (from ``starts``' offset where it names a partition),
+    partition by partition in offset order."""
     consumer = Consumer(loader_config(settings, f"{settings.topic_prefix}.reader.{uuid.uuid4().hex}"))
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
         if metadata.error is not None:
             raise KafkaException(metadata.error)
         pending = set(metadata.partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+        consumer.assign([TopicPartition(topic, p, (starts or {}).get(p, OFFSET_BEGINNING)) for p in pending])
         deadline = time.monotonic() + timeout_s
         while pending:
             # consume() waits until the batch is full or the timeout ends: keep it short.

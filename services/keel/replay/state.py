@@ -2,13 +2,16 @@
 
 The events come from the ``events`` projection (one aggregate lives on one partition, so its
 Kafka offsets are its order) and are folded with the domain's own ``evolve``, the function
-the processor folds with, so this state is the one the processor decided against.
+the processor folds with, so this state is the one the processor decided against. The
+projection may lag behind Kafka, so the aggregate's committed events past what it holds
+are read from the events topic itself (``unprojected_events``) and folded after them: the
+answer is never silently stale, and says how many events came from Kafka.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -16,9 +19,13 @@ from typing import Any, Generic, TypeVar
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from keel.contracts.codec import parse_envelope
+from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Envelope
 from keel.errors import InfraError
+from keel.kafka.reader import read_to_end
+from keel.kafka.topics import Topic, topic_name
+from keel.projector.store import stored_offsets
 from keel.replay.errors import ReplayError
 
 S = TypeVar("S")
@@ -36,6 +43,8 @@ class PointInTime(Generic[S]):
 
     state: S
     events: tuple[Envelope, ...]
+    unprojected: int = 0
+    """How many of the aggregate's events came from Kafka because the projection did not hold them yet."""
 
 
 def parse_at(text: str) -> int | datetime:
@@ -50,11 +59,18 @@ def parse_at(text: str) -> int | datetime:
 
 
 def state_at(client: Client, tenant: str, aggregate: str, at: int | datetime, *,
-             evolve: Callable[[S, Envelope], S], initial: S) -> PointInTime[S]:
-    """Fold ``tenant``/``aggregate``'s events up to version ``at`` (inclusive) or time ``at``."""
+             evolve: Callable[[S, Envelope], S], initial: S, tail: Sequence[Envelope] = ()) -> PointInTime[S]:
+    """Fold ``tenant``/``aggregate``'s events up to version ``at`` (inclusive) or time ``at``.
+
+    ``tail``: the aggregate's events read from Kafka past the projection (``unprojected_events``).
+    """
     history = _history(client, tenant, aggregate)
+    projected = {event.id for event in history}
+    unprojected = [event for event in tail if event.id not in projected]
+    history += unprojected
     if not history:
-        raise ReplayError(f"no events of {tenant}/{aggregate} are projected", code="unknown_aggregate")
+        raise ReplayError(f"{tenant}/{aggregate} has no events, in the projection or in Kafka",
+                          code="unknown_aggregate")
     if isinstance(at, int):
         versions = [e.version for e in history if e.version is not None]
         if at not in versions and at != 0:
@@ -67,7 +83,16 @@ def state_at(client: Client, tenant: str, aggregate: str, at: int | datetime, *,
     state = initial
     for event in chosen:
         state = evolve(state, event)
-    return PointInTime(state=state, events=tuple(chosen))
+    return PointInTime(state=state, events=tuple(chosen), unprojected=len(unprojected))
+
+
+def unprojected_events(settings: Settings, client: Client, tenant: str, aggregate: str) -> list[Envelope]:
+    """The aggregate's committed events that the ``events`` projection does not hold yet, read from Kafka."""
+    topic = topic_name(settings, Topic.EVENTS)
+    starts = {partition: offset + 1 for partition, offset in stored_offsets(client, topic).items()}
+    key, codec = f"{tenant}/{aggregate}".encode(), EnvelopeCodec()
+    return [codec.decode(message.value() or b"") for message in read_to_end(settings, topic, starts=starts)
+            if message.key() == key]
 
 
 def _history(client: Client, tenant: str, aggregate: str) -> list[Envelope]:
