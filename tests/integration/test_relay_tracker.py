@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,10 +12,13 @@ import pytest
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Actor, ActorKind, Envelope
+from keel.domain.governance.policy import SYSTEM_ACTOR
+from keel.domain.messages import ApproveCommand, RejectCommand, ReverseRefund, SetPolicy
 from keel.gateway.settings import IngressSettings
 from keel.outbox.db import open_database
 from keel.outbox.enqueue import to_new_command
-from keel.outbox.models import CommandStatus
+from keel.outbox.models import CommandRecord, CommandStatus
 from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor, new_instance_id
 from keel.relay.relay import Relay
@@ -68,3 +72,78 @@ def test_statuses_follow_execution_rejection_and_dead_letters(settings: Settings
     assert rejected.reason_code and rejected.reason and rejected.events[0].type == "CommandRejected"
     assert dead is not None and dead.status is CommandStatus.DEAD_LETTERED and dead.reason_code == "key_mismatch"
     assert store.get("acme", uuid.uuid4()) is None
+
+
+ADMIN = Actor(kind=ActorKind.HUMAN, id="jane.lead")
+POLICY = {
+    "version": "tracker-1",
+    "roles": {"support-agent": ["*"], "admin": ["*"]},
+    "grants": {"agent:support-bot": ["support-agent"], "human:jane.lead": ["admin"]},
+    "rules": [{"name": "big-refunds-need-admin",
+               "match": {"command_types": ["IssueRefund"], "payload": {"amount_cents": {"gt": 100000}}},
+               "decision": "approve"}],
+}
+FINAL = {CommandStatus.EXECUTED, CommandStatus.REJECTED, CommandStatus.DEAD_LETTERED}
+
+
+def run_through(store: OutboxStore, relay: Relay, processor: CommandProcessor, *commands: Envelope) -> None:
+    """Accept ``commands`` in the outbox, relay them and let the processor decide them."""
+    store.accept([to_new_command(c, CODEC.encode(c)) for c in commands])
+    assert relay.run_once() == len(commands)
+    processor.run_until_caught_up(timeout_s=120)
+
+
+def track_until_final(settings: Settings, store: OutboxStore, *commands: Envelope) -> list[CommandRecord]:
+    tracker = StatusTracker(store, settings)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            tracker.run_once(timeout_s=0.5)
+            records = [store.get(c.tenant_id, c.id) for c in commands]
+            if all(r is not None and r.status in FINAL for r in records) or time.monotonic() > deadline:
+                return [r for r in records if r is not None]
+    finally:
+        tracker.close()
+
+
+def test_approvals_and_compensations_reach_a_final_status_naming_their_subject(
+        settings: Settings, store: OutboxStore) -> None:
+    relay, processor = Relay(store, settings, INGRESS), CommandProcessor(settings, instance_id=new_instance_id())
+    try:
+        # A policy holds from the batch after the one that published it.
+        run_through(store, relay, processor,
+                    command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
+        big, refused = command("acme", "sub-1", refund(150_000)), command("acme", "sub-1", refund(120_000))
+        run_through(store, relay, processor, command("acme", "sub-1", start(500_000)), big, refused)
+        own = command("acme", "sub-1", ApproveCommand(command_id=big.id))  # the agent approving itself
+        approve = command("acme", "sub-1", ApproveCommand(command_id=big.id, comment="ok"), actor=ADMIN)
+        reject = command("acme", "sub-1", RejectCommand(command_id=refused.id, reason="too much"), actor=ADMIN)
+        stray = command("acme", "sub-1", ApproveCommand(command_id=uuid.uuid4()), actor=ADMIN)
+        run_through(store, relay, processor, own, approve, reject, stray)
+        undo = command("acme", "sub-1", ReverseRefund(refund_command_id=big.id, reason="disputed"), actor=ADMIN,
+                       causation_id=big.id)
+        run_through(store, relay, processor, undo)
+    finally:
+        processor.close()
+        relay.close()
+
+    records = track_until_final(settings, store, big, refused, own, approve, reject, stray, undo)
+    assert " ".join(f"{r.command_type}:{r.status}" for r in records) == (
+        "IssueRefund:executed IssueRefund:rejected ApproveCommand:rejected ApproveCommand:executed "
+        "RejectCommand:executed ApproveCommand:rejected ReverseRefund:executed")
+    parked, rejected, own_record, approved, rejecting, stray_record, undone = records
+    # The parked commands keep their whole trail, as before.
+    assert sorted(e.type for e in parked.events) == ["ApprovalGranted", "ApprovalRequested", "RefundIssued"]
+    assert [e.type for e in rejected.events] == ["ApprovalRequested", "ApprovalRejected"]
+    assert (rejected.reason_code, rejected.reason) == ("approval_rejected", "too much")
+    # The approving and rejecting commands end executed, and say what they acted on.
+    assert approved.reason == f"command {big.id} approved by human:jane.lead"
+    assert rejecting.reason == f"command {refused.id} rejected by human:jane.lead: too much"
+    assert (approved.reason_code, approved.events, rejecting.reason_code, rejecting.events) == (None, (), None, ())
+    # A refused approval is a rejection of the approving command.
+    assert own_record.reason_code == "self_approval" and own_record.events[0].type == "CommandRejected"
+    assert stray_record.reason_code == "not_pending"
+    # The compensation ends executed and names the command it undid.
+    assert [e.type for e in undone.events] == ["RefundReversed"]
+    assert undone.events[0].payload["reverses"] == str(big.id)
+    assert undone.reason == f"command {big.id} undone: disputed"

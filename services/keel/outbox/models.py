@@ -85,6 +85,10 @@ class Outcome(Model):
     reason_code: str | None = None
     reason: str | None = None
     event: TrackedEvent | None = None
+    subject_command_id: uuid.UUID | None = Field(
+        default=None, description="The other command this one acted on: the parked command an approval "
+                                  "approved, rejected or expired, or the command a compensation undid. "
+                                  "The status record says it in ``reason``.")
 
 
 class CommandRecord(Model):

@@ -1,17 +1,33 @@
 """How events and dead letters map to command statuses (pure; the tracker applies them).
 
-Every event names its command by ``causation_id``; approval events name it by
-``payload.command_id``. Types not listed here are the command's effects: ``executed``.
+Every event names its command by ``causation_id``. Types not listed here are the
+command's effects: ``executed``. Two kinds of event also act on *another* command, their
+subject, and give it an outcome too:
+
+* approval events name the parked command by ``payload.command_id``; it gets the event
+  and the status below. The command that caused the event (the ``ApproveCommand``,
+  ``RejectCommand`` or ``ExpireApproval``) ends ``executed``, its ``reason`` saying what it
+  did to which command. (``ApprovalRequested`` is caused by the parked command itself.)
+  A refused approval (``not_pending``, ``self_approval``...) is a ``CommandRejected`` of
+  the approving command, like any other refusal.
+* a compensation (``RefundReversed``) is its command's effect as usual, and its
+  ``reason`` names the command it undid (also in the event's ``payload.reverses``).
+
+``Outcome.subject_command_id`` carries the subject, typed; the status record keeps it in
+``reason``.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from keel.domain.envelope import Envelope
 from keel.outbox.models import CommandStatus, Outcome, TrackedEvent
 
-# event type -> (status, reason code); a None status records the event and changes nothing.
+# event type -> (status of the command it names, reason code); a None status records the
+# event and changes nothing.
 EVENT_STATUS: dict[str, tuple[CommandStatus | None, str | None]] = {
     "CommandRejected": (CommandStatus.REJECTED, None),
     "ApprovalRequested": (CommandStatus.PENDING_APPROVAL, None),
@@ -20,23 +36,51 @@ EVENT_STATUS: dict[str, tuple[CommandStatus | None, str | None]] = {
     "ApprovalExpired": (CommandStatus.REJECTED, "approval_expired"),
 }
 
+# approval event type -> the summary of what its causing command did to the parked one.
+APPROVAL_SUMMARY: dict[str, Callable[[uuid.UUID, dict[str, Any]], str]] = {
+    "ApprovalGranted": lambda subject, p: f"command {subject} approved by {p.get('approver')}",
+    "ApprovalRejected": lambda subject, p: f"command {subject} rejected by {p.get('approver')}: {p.get('reason')}",
+    "ApprovalExpired": lambda subject, _: f"command {subject}'s approval expired; it will not run",
+}
 
-def event_outcome(event: Envelope) -> Outcome | None:
-    """What ``event`` says about its command; None when it names no command."""
-    named = getattr(event.payload, "command_id", None)
-    command_id = uuid.UUID(str(named)) if named is not None else event.causation_id
-    if command_id is None:
-        return None
-    status, code = EVENT_STATUS.get(event.type, (CommandStatus.EXECUTED, None))
+# compensation event type -> the payload field naming the command it undid.
+COMPENSATION_SUBJECT: dict[str, str] = {"RefundReversed": "reverses"}
+
+
+def event_outcomes(event: Envelope) -> list[Outcome]:
+    """What ``event`` says about the commands it names; empty when it names none."""
     payload = event.payload.model_dump(mode="json")
-    reason = payload.get("reason") if status is CommandStatus.REJECTED else None
-    return Outcome(
-        command_id=command_id, status=status,
-        reason_code=payload.get("code", code) if status is CommandStatus.REJECTED else None,
-        reason=str(reason) if reason is not None else None,
-        event=TrackedEvent(event_id=event.id, type=event.type,
-                           occurred_at=event.occurred_at.isoformat(), payload=payload),
-    )
+    tracked = TrackedEvent(event_id=event.id, type=event.type, occurred_at=event.occurred_at.isoformat(),
+                           payload=payload)
+    named = getattr(event.payload, "command_id", None)
+    if named is not None:  # an approval event: the parked command first, with the event
+        subject = uuid.UUID(str(named))
+        outcomes = [_named_outcome(subject, event.type, payload, tracked)]
+        summary = APPROVAL_SUMMARY.get(event.type)
+        if event.causation_id is not None and event.causation_id != subject and summary is not None:
+            outcomes.append(Outcome(command_id=event.causation_id, status=CommandStatus.EXECUTED,
+                                    reason=summary(subject, payload), subject_command_id=subject))
+        return outcomes
+    if event.causation_id is None:
+        return []
+    field = COMPENSATION_SUBJECT.get(event.type)
+    if field is not None and payload.get(field) is not None:
+        undone = uuid.UUID(str(payload[field]))
+        reason = payload.get("reason")
+        return [Outcome(command_id=event.causation_id, status=CommandStatus.EXECUTED, event=tracked,
+                        reason=f"command {undone} undone" + (f": {reason}" if reason else ""),
+                        subject_command_id=undone)]
+    return [_named_outcome(event.causation_id, event.type, payload, tracked)]
+
+
+def _named_outcome(command_id: uuid.UUID, event_type: str, payload: dict[str, Any],
+                   tracked: TrackedEvent) -> Outcome:
+    status, code = EVENT_STATUS.get(event_type, (CommandStatus.EXECUTED, None))
+    if status is not CommandStatus.REJECTED:
+        return Outcome(command_id=command_id, status=status, event=tracked)
+    reason = payload.get("reason")
+    return Outcome(command_id=command_id, status=status, reason_code=payload.get("code", code),
+                   reason=str(reason) if reason is not None else None, event=tracked)
 
 
 def dead_letter_outcome(command: Envelope, code: str, reason: str) -> Outcome:

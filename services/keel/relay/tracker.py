@@ -2,7 +2,9 @@
 
 It reads ``read_committed`` in its own consumer group and commits offsets only after the
 outbox transaction, so a crash replays records; applying one twice changes nothing
-(events are kept by id, statuses only move forward).
+(events are kept by id, statuses only move forward). One event may end two commands: an
+approval event ends the parked command and the one that approved, rejected or expired it
+(see ``keel.relay.status``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from keel.kafka.clients import consumer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.outbox.models import Outcome
 from keel.outbox.store import OutboxStore
-from keel.relay.status import dead_letter_outcome, event_outcome
+from keel.relay.status import dead_letter_outcome, event_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class StatusTracker:
     def run_once(self, timeout_s: float = 0.5) -> int:
         """Apply one batch of records; returns how many statuses changed."""
         messages = self._consumer.consume(1000, timeout=timeout_s)
-        outcomes = [o for o in (self._outcome(m) for m in messages if m.error() is None) if o is not None]
+        outcomes = [o for m in messages if m.error() is None for o in self._outcomes(m)]
         changed = self.store.apply_outcomes(outcomes) if outcomes else 0
         positions: dict[tuple[str, int], int] = {}
         for message in messages:
@@ -64,19 +66,19 @@ class StatusTracker:
                 log.warning("status tracking failed: %s", exc)
                 stop.wait(1.0)
 
-    def _outcome(self, message: Message) -> Outcome | None:
+    def _outcomes(self, message: Message) -> list[Outcome]:
         try:
             envelope = self.codec.decode(message.value() or b"")
         except KeelError as exc:  # not ours to fail on: unknown schemas, foreign bytes
             log.info("tracker skipped a record of %s: %s", message.topic(), exc)
-            return None
+            return []
         if message.topic() == self.dlq_topic:
             raw = message.headers() or []
             headers = {name: _text(value) for name, value in (raw.items() if isinstance(raw, dict) else raw)}
             code = headers.get("keel-error-code") or "dead_lettered"
             reason = headers.get("keel-error-reason") or ""
-            return dead_letter_outcome(envelope, code, reason)
-        return event_outcome(envelope)
+            return [dead_letter_outcome(envelope, code, reason)]
+        return event_outcomes(envelope)
 
     def close(self) -> None:
         """Leave the group."""
