@@ -34,10 +34,12 @@ def isolated(broker_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
 
 
 def test_a_second_up_while_healthy_is_a_no_op(broker_settings: Settings) -> None:
-    before = broker_status(broker_settings)
-    after = start_broker(broker_settings)
+    from tests.plugins.user_data import USER  # the broker of the session lives in the user's data dir
+
+    before = broker_status(USER)
+    after = start_broker(USER)
     assert before.healthy and after.healthy
-    assert after.pid == before.pid
+    assert after.pid == before.pid and after.pid is not None
 
 
 def test_a_private_broker_starts_reports_and_stops_by_pid_file(isolated: Settings) -> None:
