@@ -172,10 +172,8 @@ def configured_keys(settings: Settings, trust_settings: TrustSettings,
         yield keys
 
 
-def project_then_erase(settings: Settings, keys: KeyStore, client: Client) -> dict[str, list[str]]:
-    """Both subjects' emails sealed, decided and projected (events and commands); then cust-gone erased
-    as ``keel subjects erase`` does it (keys, receipt, live rows redacted). Returns cust-kept's sealed
-    values of the events topic, as Kafka holds them."""
+def decide_and_project(settings: Settings, keys: KeyStore, client: Client) -> None:
+    """Both subjects' emails sealed, decided and projected (events and commands)."""
     codec = SealingCodec(FieldCipher(keys))
     with CommandProducer(settings, codec=codec) as producer:
         for cmd in [*emails("acme", "cust-gone", GONE), *emails("acme", "cust-kept", KEPT)]:
@@ -188,6 +186,12 @@ def project_then_erase(settings: Settings, keys: KeyStore, client: Client) -> di
     for source in PROJECTED_TOPICS:
         with EventProjector(settings, client, source=source) as projector:
             projector.catch_up()
+
+
+def project_then_erase(settings: Settings, keys: KeyStore, client: Client) -> dict[str, list[str]]:
+    """``decide_and_project``, then cust-gone erased as ``keel subjects erase`` does it (keys, receipt,
+    live rows redacted). Returns cust-kept's sealed values of the events topic, as Kafka holds them."""
+    decide_and_project(settings, keys, client)
     erase_subject(settings, keys, tenant="acme", subject="cust-gone", actor="human:dpo-alice", reason="test")
     client.command(redaction_sql(), parameters={"tenant": "acme", "subject": "cust-gone"})
     plain = EnvelopeCodec()
@@ -273,18 +277,7 @@ def test_a_replay_after_an_erasure_writes_the_subject_erased_to_files_topics_and
 
 def test_keel_subjects_erase_redacts_both_log_tables_and_the_copies_a_rebuild_kept(
         settings: Settings, trust_settings: TrustSettings, configured_keys: KeyStore, client: Client) -> None:
-    codec = SealingCodec(FieldCipher(configured_keys))
-    with CommandProducer(settings, codec=codec) as producer:
-        for cmd in [*emails("acme", "cust-gone", GONE), *emails("acme", "cust-kept", KEPT)]:
-            producer.send(cmd)
-    processor = CommandProcessor(settings, instance_id="erasure", codec=codec)
-    try:
-        processor.run_until_caught_up()
-    finally:
-        processor.close()
-    for source in PROJECTED_TOPICS:
-        with EventProjector(settings, client, source=source) as projector:
-            projector.catch_up()
+    decide_and_project(settings, configured_keys, client)
     for table in ("events", "commands"):
         rebuild(settings, client, table)  # the old tables stay as <table>__previous, for a rollback
     tables = ("events", "commands", "events__previous", "commands__previous")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from keel.config import Settings
-from keel.supervision.progress import Heartbeat, heartbeat_path, liveness
+from keel.supervision.progress import Heartbeat, heartbeat_path, liveness, replace_json
 from keel.supervision.resilient import FIRST_WAIT_S, HEALTHY_RUN_S, LONGEST_WAIT_S
 from keel.supervision.supervisor import SUPERVISOR_PID, frozen
 
@@ -77,10 +77,7 @@ class PlatformState:
 
     def write(self, path: Path) -> None:
         """Replace the state file in one rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(asdict(self)))
-        os.replace(temporary, path)
+        replace_json(path, asdict(self))
 
     @classmethod
     def read(cls, path: Path) -> PlatformState | None:

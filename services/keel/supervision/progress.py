@@ -88,11 +88,8 @@ class Heartbeat:
                    partitions=progress.partitions, stalled=progress.stalled(bound_s, now), written_at=time.time())
 
     def write(self, path: Path) -> None:
-        """Replace ``path`` with this heartbeat in one rename: readers never see half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{self.pid}")
-        temporary.write_text(json.dumps(asdict(self)))
-        os.replace(temporary, path)
+        """Replace ``path`` with this heartbeat."""
+        replace_json(path, asdict(self))
 
     @classmethod
     def read(cls, path: Path) -> Heartbeat | None:
@@ -101,6 +98,14 @@ class Heartbeat:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+
+def replace_json(path: Path, document: object) -> None:
+    """Replace ``path`` with ``document`` as JSON in one rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(document))
+    os.replace(temporary, path)
 
 
 def heartbeat_path(settings: Settings, role: str, instance: str) -> Path:
