@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
 from keel.config import Settings
@@ -116,17 +117,33 @@ def test_command_for_other_tenant_is_rejected_and_audited(gw: Harness) -> None:
     assert gw.store.unsent(10) == []
 
 
-def test_an_isolation_violation_reaches_the_tenants_audit_chain(gw: Harness, settings: Settings) -> None:
-    gw.client.post("/v1/commands", json=body(tenant_id="globex"), headers=gw.acme)
+def test_an_isolation_violation_reaches_the_offenders_and_the_targets_audit_chains(
+        gw: Harness, settings: Settings) -> None:
+    gw.client.post("/v1/commands", json=body(tenant_id="globex"), headers=gw.acme)  # a registered target
+    gw.client.post("/v1/commands", json=body(tenant_id="initech"), headers=gw.acme)  # a made-up one
     deadline = time.monotonic() + 20
     while True:
         intake = [(m.key(), m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.AUDIT_INTAKE))]
-        if intake or time.monotonic() > deadline:
+        if len(intake) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    [(key, value)] = intake
-    assert key == b"acme"
-    assert b"IsolationViolation" in value and b"globex" in value
+    assert sorted(key for key, _ in intake) == [b"acme", b"acme", b"globex"]  # no chain for initech
+    assert all(b"IsolationViolation" in value for _, value in intake)
+    [(_, targeted)] = [(k, v) for k, v in intake if k == b"globex"]
+    assert b'"offender_tenant":"acme"' in targeted.replace(b" ", b"")
+
+
+def test_a_query_reaching_outside_the_tenants_projections_is_a_security_event_in_its_chain(
+        gw: Harness, settings: Settings, migrated: Client) -> None:  # the projections exist: the guard decides
+    _, token = gw.keys.create_key("acme", Actor(kind=ActorKind.HUMAN, id="ann"), frozenset({"analyst"}))
+    answer = gw.client.get("/v1/query", params={"sql": "SELECT * FROM system.tables"}, headers=bearer(token))
+    assert answer.status_code == 400 and error_of(answer)["code"] == "table_not_allowed"
+    deadline = time.monotonic() + 20
+    while not (intake := list(read_to_end(settings, topic_name(settings, Topic.AUDIT_INTAKE)))):
+        assert time.monotonic() < deadline, "no security event reached the audit intake"
+        time.sleep(0.5)
+    [record] = intake
+    assert record.key() == b"acme" and b"ReadRefused" in (record.value() or b"")
 
 
 def test_the_tenant_and_actor_come_from_the_key(gw: Harness) -> None:

@@ -85,3 +85,17 @@ def test_limit_beyond_the_maximum_is_a_validation_error(http: TestClient) -> Non
                       headers={"X-Test-Principal": "acme-analyst"})
 
     assert answer.status_code == 422
+
+
+def test_a_refused_read_outside_the_projections_is_heard_and_an_engine_error_is_not(
+        seeded: Settings) -> None:  # noqa: F811
+    heard: list[tuple[str, str, str]] = []
+    app = FastAPI()
+    app.include_router(build_query_router(
+        principal_from_header, settings=seeded, gate=QueryGate(2),
+        on_read_refused=lambda caller, error, sql: heard.append((caller.tenant_id, error.code, sql))))
+    with TestClient(app) as client:
+        for sql in ("SELECT * FROM system.tables", "SELECT nonsense FROM events"):
+            assert client.get("/v1/query", params={"sql": sql},
+                              headers={"X-Test-Principal": "acme-analyst"}).status_code == 400
+    assert heard == [("acme", "table_not_allowed", "SELECT * FROM system.tables")]

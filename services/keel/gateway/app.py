@@ -29,7 +29,7 @@ from keel.errors import KeelError, ValidationError
 from keel.gateway.errors import NotFound, http_status
 from keel.gateway.schemas import AcceptedResponse, ErrorResponse, command_definitions, command_request_schema
 from keel.gateway.settings import IngressSettings
-from keel.gateway.submit import Gateway, SubmitFastPath, log_unauthenticated, submit
+from keel.gateway.submit import Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
 from keel.gateway.writer import BatchWriter
 from keel.logs import configure_logging
 from keel.outbox.db import open_database
@@ -92,7 +92,8 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
                               "query your tenant's projections (role analyst).")
     # Analysts' read-only queries. On embedded chDB the process that owns the data path
     # answers them; with a ClickHouse server any gateway replica can.
-    app.include_router(build_query_router(_principal, settings=settings))
+    app.include_router(build_query_router(_principal, settings=settings, on_read_refused=lambda caller, exc, sql: (
+        app.state.gateway.security.read_refused(caller.tenant_id, actor_name(caller), exc, sql))))
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:

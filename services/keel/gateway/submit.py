@@ -29,8 +29,8 @@ from keel.gateway.admission import Admission
 from keel.gateway.settings import IngressSettings
 from keel.gateway.writer import BatchWriter
 from keel.outbox.store import OutboxStore
+from keel.gateway.security_log import SecurityLog
 from keel.security.keys import KeyStore
-from keel.trust.store import append_receipt
 
 log = logging.getLogger("keel.gateway")
 
@@ -53,9 +53,11 @@ class Gateway:
     codec: EnvelopeCodec = field(default_factory=EnvelopeCodec)
     verified: dict[str, tuple[Principal, float]] = field(default_factory=dict)
     admission: Admission = field(init=False)
+    security: SecurityLog = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.codec, self.writer, self.settings.processor_dedupe_window_s)
+        self.security = SecurityLog(self.settings, self.keys)
 
     async def authenticate(self, token: str | None) -> Principal:
         """The key's principal, from the cache while it is fresh."""
@@ -170,18 +172,10 @@ async def _refused(gw: Gateway, caller: Principal, exc: KeelError, raw: bytes) -
             tenant_id=caller.tenant_id, actor=actor_name(caller), code=exc.code, field=exc.field,
             message=exc.message, claimed_tenant=claimed, command_id=_peek(raw, "id")))
         details = {"code": exc.code, "field": exc.field, "claimed_tenant": claimed, "command_id": _peek(raw, "id")}
-        # Into the tenant's audit chain too; in the background, so a Kafka outage never
-        # stalls the gateway (the row above is the durable record).
-        asyncio.get_running_loop().run_in_executor(None, _audit_violation, gw.settings, caller, details)
-
-
-def _audit_violation(settings: Settings, caller: Principal, details: dict[str, str | None]) -> None:
-    try:
-        append_receipt(settings, tenant=caller.tenant_id, type="IsolationViolation", actor=actor_name(caller),
-                       details=details)
-    except Exception:  # noqa: BLE001 - logged; the outbox row keeps the violation
-        log.exception("could not append an isolation violation to the audit chain",
-                      extra={"tenant_id": caller.tenant_id})
+        # Into the caller's audit chain, and the claimed tenant's; in the background, so a
+        # Kafka outage never stalls the gateway (the row above is the durable record).
+        asyncio.get_running_loop().run_in_executor(None, gw.security.isolation_violation, caller.tenant_id,
+                                                   actor_name(caller), details)
 
 
 def _peek(raw: bytes, name: str) -> str | None:

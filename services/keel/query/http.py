@@ -27,6 +27,8 @@ MAX_LIMIT = 100_000
 MAX_TIMEOUT_S = 60.0
 
 _STATUS = {"forbidden": 403, "too_many_queries": 429, "timeout": 504}
+READ_REFUSALS = frozenset({"table_not_allowed", "function_not_allowed", "not_read_only"})
+"""Refusals of a query that reaches outside the caller's projections: recorded as security events."""
 
 
 class QueryFormat(StrEnum):
@@ -37,9 +39,14 @@ class QueryFormat(StrEnum):
 
 
 def build_query_router(
-    principal_dependency: Callable[..., Any], *, settings: Settings, gate: QueryGate | None = None
+    principal_dependency: Callable[..., Any], *, settings: Settings, gate: QueryGate | None = None,
+    on_read_refused: Callable[[Principal, KeelError, str], None] = lambda _caller, _error, _sql: None,
 ) -> APIRouter:
-    """A router serving ``GET /v1/query`` for principals the dependency authenticates."""
+    """A router serving ``GET /v1/query`` for principals the dependency authenticates.
+
+    ``on_read_refused`` hears of every query refused for reaching outside the caller's
+    projections (``READ_REFUSALS``), in a worker thread.
+    """
     router = APIRouter()
     slots = gate or QueryGate()
 
@@ -58,6 +65,8 @@ def build_query_router(
             result = await run_in_threadpool(execute, settings, sql, tenant=caller.tenant_id, limit=limit,
                                              timeout_s=timeout, gate=slots)
         except KeelError as exc:
+            if exc.code in READ_REFUSALS:
+                await run_in_threadpool(on_read_refused, caller, exc, sql)
             return _refused(exc)
         if format is QueryFormat.CSV:
             return Response(to_csv(result), media_type="text/csv; charset=utf-8")
