@@ -40,6 +40,9 @@ def test_the_demo_shows_both_tenants_events_and_their_clickhouse_rows(env: dict[
     assert "ClickHouse: tenant acme" in out and "ClickHouse: tenant globex" in out
     assert out.count("6 rows") == 2
     assert "projector: 12 new rows" in out
+    assert "keel-enc:v1:" not in out and "⟨sealed⟩" in out  # the customer's address travels sealed
+    assert "waits for" in out and '"tenant_id"' not in out  # the parked command summarised, not its JSON
+    assert keel("tenants", "list", env=env).stdout.split() == ["acme", "globex"]
 
 
 def test_a_command_that_breaks_its_schema_is_refused_naming_the_field(env: dict[str, str]) -> None:

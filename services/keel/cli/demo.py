@@ -20,11 +20,15 @@ from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
-from keel.domain.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
+from keel.domain.messages import ApprovalRequested, CancelSubscription, IssueRefund, SendEmail, StartSubscription
+from keel.domain.personal import is_sealed
+from keel.gateway.settings import IngressSettings
 from keel.kafka.broker import start_broker
 from keel.kafka.clients import admin_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
+from keel.outbox.db import open_database
+from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import apply_migrations
@@ -32,6 +36,7 @@ from keel.projector.projector import EventProjector
 from keel.query.render import to_table
 from keel.query.run import run_query
 from keel.sdk.producer import CommandProducer
+from keel.security.keys import KeyStore
 
 TENANT_QUERY = """
 SELECT version, type, actor_kind || ':' || actor_id AS actor, on_behalf_of,
@@ -83,6 +88,7 @@ def demo() -> None:
         console.print(f"[green]broker[/green]: {start_broker(settings).detail}")
     apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
     ensure_local_keys(settings)  # the customer's e-mail address travels sealed
+    _register(settings)
 
     run = uuid.uuid4().hex[:6]
     subscriptions = {tenant: f"sub-{run}" for tenant in TENANTS}
@@ -127,6 +133,28 @@ def _project_and_query(settings: Settings, console: Console, aggregate: str) -> 
         client.close()
 
 
+def _register(settings: Settings) -> None:
+    """Register the story's tenants, so `keel tenants list` and the `--tenant` checks know them."""
+    db = open_database(IngressSettings().dsn(settings))
+    try:
+        OutboxStore(db).migrate()
+        keys = KeyStore(db)
+        for tenant in TENANTS:
+            keys.create_tenant(tenant)
+    finally:
+        db.close()
+
+
+def _detail(event: Envelope) -> str:
+    """One readable line for an event's payload: sealed fields labelled, a parked command summarised."""
+    if isinstance(event.payload, ApprovalRequested):
+        parked = event.payload
+        return (f"{parked.command_type} {parked.command_id} waits for {parked.approval_kind.value} "
+                f"(rule {parked.policy_rule}) until {parked.expires_at:%Y-%m-%d %H:%M} UTC")
+    return ", ".join(f"{k}={'⟨sealed⟩' if is_sealed(v) else v}"
+                     for k, v in event.payload.model_dump().items() if v is not None)
+
+
 def _events_table(settings: Settings, aggregates: set[str]) -> Table:
     codec = EnvelopeCodec()
     table = Table(title="events of this run (read_committed from Kafka)")
@@ -135,7 +163,6 @@ def _events_table(settings: Settings, aggregates: set[str]) -> Table:
     events = [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
     # Sorting is stable: each aggregate's events keep their log (offset) order.
     for event in sorted((e for e in events if e.aggregate_id in aggregates), key=lambda e: e.tenant_id):
-        detail = ", ".join(f"{k}={v}" for k, v in event.payload.model_dump().items() if v is not None)
         table.add_row(event.tenant_id, event.aggregate_id, str(event.version or "-"), event.type,
-                      f"{event.actor.kind}:{event.actor.id}", event.on_behalf_of or "", detail)
+                      f"{event.actor.kind}:{event.actor.id}", event.on_behalf_of or "", _detail(event))
     return table
