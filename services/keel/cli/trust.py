@@ -125,10 +125,16 @@ def _read_export(path: Path, tenant: str) -> TenantAudit:
 
 def show(
     tenant: str = typer.Option(..., help="Tenant."),
-    command: str | None = typer.Option(None, help="A command id: its causal trail."),
-    subject: str | None = typer.Option(None, help="A data subject (on-behalf-of): everything done for them."),
+    command: str | None = typer.Option(None, help="A command id: its whole story (decision, approvals, "
+                                                     "execution, and the compensation that undid it)."),
+    subject: str | None = typer.Option(None, help="A data subject (on-behalf-of): everything done for them, "
+                                                     "with the approvals and compensations of those commands."),
 ) -> None:
-    """Print a readable trail: who did what, in what order, under whose authority, and what undid it."""
+    """Print a readable trail: when, what, who, under what authority, who approved it, and what undid it.
+
+    The trail follows every record caused by or correlated with a command on it, or naming one in its
+    payload (an approval's command id, a compensation's ``reverses``), so one trail tells the whole story.
+    """
     from keel.trust.show import render_trail, select_trail
     from keel.trust.store import read_audit
 
