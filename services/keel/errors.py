@@ -80,3 +80,27 @@ class QueryError(KeelError):
     """An analyst query was refused or failed."""
 
     code = "query_error"
+
+
+class AuthenticationFailed(KeelError):
+    """The Kafka broker refused the configured principal's credentials (SASL)."""
+
+    code = "kafka_authentication_failed"
+
+    def __init__(self, message: str, *, principal: str, mechanism: str | None = None) -> None:
+        super().__init__(message)
+        self.principal = principal
+        self.mechanism = mechanism
+
+
+class AuthorizationDenied(KeelError):
+    """The Kafka broker's ACLs deny the principal an operation on a resource (topic, group …)."""
+
+    code = "kafka_authorization_denied"
+
+    def __init__(self, message: str, *, principal: str, resource: str | None = None,
+                 operation: str | None = None) -> None:
+        super().__init__(message)
+        self.principal = principal
+        self.resource = resource
+        self.operation = operation

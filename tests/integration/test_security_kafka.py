@@ -6,8 +6,13 @@ tenant's topics, groups or transactional ids, and never the platform topics.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,14 +28,17 @@ from typer.testing import CliRunner
 from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
+from keel.errors import AuthorizationDenied
 from keel.gateway.settings import IngressSettings
 from keel.kafka.broker import platform_auth, start_broker, stop_broker
 from keel.kafka.clients import admin_config
+from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
 from keel.outbox.db import open_database
 from keel.outbox.enqueue import to_new_command
 from keel.outbox.store import OutboxStore
 from keel.relay.relay import Relay
+from keel.sdk.producer import CommandProducer
 from keel.security.acl import create_tenant_principal, tenant_prefix, tenant_username
 from tests.helpers import command, start
 
@@ -192,3 +200,69 @@ def test_keel_tenants_create_makes_a_working_principal_on_a_secure_broker(secure
     assert produce(secure, auth, topic) is None
     error = produce(secure, auth, secure.inbox["a"])
     assert error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+def as_tenant(secure: Secure, tenant: str, password: str | None = None) -> Settings:
+    """The secure broker's settings, authenticating as ``tenant``'s principal (or with ``password``)."""
+    auth = secure.tenants[tenant]
+    return secure.settings.model_copy(update={
+        "kafka_sasl_username": auth["sasl.username"],
+        "kafka_sasl_password": SecretStr(password if password is not None else auth["sasl.password"])})
+
+
+def test_a_denied_topic_reads_as_a_denial_from_the_sdk_producer(secure: Secure) -> None:
+    producer = CommandProducer(as_tenant(secure, "a"), codec=EnvelopeCodec())
+    producer.send(command("a", "sub-1", start()))
+    with pytest.raises(AuthorizationDenied) as caught:
+        producer.flush(15)
+    producer.close()
+    commands = topic_name(secure.settings, Topic.COMMANDS)
+    assert caught.value.code == "kafka_authorization_denied"
+    assert (caught.value.principal, caught.value.resource, caught.value.operation) == (
+        "User:tenant-a", f"topic:{commands}", "WRITE")
+    assert str(caught.value).startswith(
+        f"[kafka_authorization_denied] the broker's ACLs deny User:tenant-a WRITE on topic {commands} ")
+
+
+def test_a_topic_the_principal_may_not_describe_reads_as_a_denial_not_as_missing(secure: Secure) -> None:
+    with pytest.raises(AuthorizationDenied) as caught:
+        list(read_to_end(as_tenant(secure, "a"), secure.inbox["b"], timeout_s=15))
+    assert caught.value.code == "kafka_authorization_denied"
+    assert (caught.value.principal, caught.value.resource, caught.value.operation) == (
+        "User:tenant-a", f"topic:{secure.inbox['b']}", "DESCRIBE")
+
+
+def keel_cli(secure: Secure, tmp_path: Path, args: list[str], password: str,
+             stdin: str = "") -> tuple[subprocess.CompletedProcess[str], float]:
+    """``python -m keel.cli ARGS`` as tenant a's principal with ``password``, from a fresh data dir."""
+    env = {**os.environ, "KEEL_DATA_DIR": str(tmp_path / "data"), "KEEL_TOPIC_PREFIX": secure.settings.topic_prefix,
+           "KEEL_KAFKA_BOOTSTRAP": secure.settings.bootstrap_servers,
+           "KEEL_KAFKA_SASL_USERNAME": tenant_username("a"), "KEEL_KAFKA_SASL_PASSWORD": password}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "keel.cli", *args], env=env, input=stdin, text=True,
+                            capture_output=True, timeout=120, check=False)
+    return result, time.monotonic() - began
+
+
+@pytest.mark.parametrize("args", [["submit", "-"], ["topics", "apply"]], ids=["submit", "topics-apply"])
+def test_a_wrong_password_is_one_clear_line_within_seconds(secure: Secure, tmp_path: Path, args: list[str]) -> None:
+    password = f"not-the-password-{uuid.uuid4().hex[:8]}"
+    body = json.dumps(command("a", "sub-1", start()).model_dump(mode="json"))
+    result, took = keel_cli(secure, tmp_path, args, password, stdin=body)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0] == (f"error [kafka_authentication_failed] {secure.settings.bootstrap_servers} refused the "
+                        "credentials of User:tenant-a (SASL SCRAM-SHA-512); check KEEL_KAFKA_SASL_USERNAME "
+                        "and KEEL_KAFKA_SASL_PASSWORD")
+    assert password not in result.stderr + result.stdout
+    assert took < 10, f"{took:.1f}s"
+
+
+def test_a_denied_topic_is_one_clear_line_from_topics_apply(secure: Secure, tmp_path: Path) -> None:
+    result, _ = keel_cli(secure, tmp_path, ["topics", "apply"], secure.tenants["a"]["sasl.password"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error [kafka_authorization_denied] the broker's ACLs deny User:tenant-a CREATE on "
+                               f"topic {secure.settings.topic_prefix}."), lines[0]

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import typer
-from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.markup import escape
 
@@ -24,7 +23,7 @@ from keel.config import Settings
 from keel.errors import KeelError, ValidationError
 from keel.kafka.broker import broker_status, platform_auth, reset_broker, start_broker, stop_broker
 from keel.kafka.clients import admin_config
-from keel.kafka.topics import apply_topics, declared_topics
+from keel.kafka.topics import apply_topics, declared_topics, topics_admin
 
 app = typer.Typer(help="Keel: governed, audited, replayable actions for AI agents.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -103,8 +102,8 @@ def topics_apply() -> None:
 
 
 def _apply_topics(settings: Settings) -> None:
-    admin = AdminClient({**admin_config(settings), **platform_auth(settings)})
-    outcome = apply_topics(admin, declared_topics(settings))
+    admin, watch = topics_admin({**admin_config(settings), **platform_auth(settings)})
+    outcome = apply_topics(admin, declared_topics(settings), watch=watch)
     for name, action in outcome.items():
         console.print(f"  topic {name}: {action}")
 

@@ -4,6 +4,8 @@ Used by the demo, the tests, and tools that need "everything committed so far". 
 of each partition is librdkafka's partition-EOF signal, which for a ``read_committed``
 consumer is the last stable offset, so aborted or open transactions never leak in.
 ``watermarks`` reads a partition's bounds, waiting out a leader that is not serving yet.
+On a secure broker a denied ACL raises ``AuthorizationDenied`` and a refused login
+``AuthenticationFailed`` (at once, not after ``timeout_s``); other errors are librdkafka's.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from keel.config import Settings
 from keel.errors import InfraError
 from keel.kafka.clients import loader_config
+from keel.kafka.errors import KafkaWatch
 
 
 def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0,
                 starts: dict[int, int] | None = None) -> Iterator[Message]:
     """Every committed record of ``topic`` (from ``starts``' offset where it names a partition),
     partition by partition in offset order."""
-    consumer = Consumer(loader_config(settings, f"{settings.topic_prefix}.reader.{uuid.uuid4().hex}"))
+    group = f"{settings.topic_prefix}.reader.{uuid.uuid4().hex}"
+    config = loader_config(settings, group)
+    watch = KafkaWatch(config)
+    consumer = Consumer(watch.config(config))
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        metadata = watch.metadata(consumer, topic, timeout_s).topics[topic]
+        denied = watch.denied_topic(metadata, topic)
+        if denied is not None:
+            raise denied
         if metadata.error is not None:
             raise KafkaException(metadata.error)
         pending = set(metadata.partitions)
@@ -35,6 +44,7 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0,
         while pending:
             # consume() waits until the batch is full or the timeout ends: keep it short.
             batch = consumer.consume(10_000, timeout=0.2)
+            watch.check()
             if not batch:
                 if time.monotonic() > deadline:
                     raise InfraError(f"no end of {topic} partitions {sorted(pending)} within "
@@ -48,6 +58,11 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0,
                 elif error.code() == KafkaError._PARTITION_EOF:
                     pending.discard(message.partition())
                 else:
+                    denied_read = watch.translate(
+                        error, resource=group if error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED else topic,
+                        operation="READ")
+                    if denied_read is not None:
+                        raise denied_read
                     raise KafkaException(error)
     finally:
         consumer.close()

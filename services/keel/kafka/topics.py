@@ -23,6 +23,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from keel.config import Settings
 from keel.errors import InfraError
+from keel.kafka.errors import KafkaWatch
 
 _DAY_MS = 24 * 3600 * 1000
 FOREVER = -1
@@ -95,9 +96,23 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> dict[str, str]:
-    """Create missing topics and set declared configs on existing ones; returns what was done."""
-    existing = admin.list_topics(timeout=timeout_s).topics
+def topics_admin(config: dict[str, object]) -> tuple[AdminClient, KafkaWatch]:
+    """An admin client for ``apply_topics`` whose refused login or denied ACL reads as such."""
+    watch = KafkaWatch(config)
+    return AdminClient(watch.config(config)), watch
+
+
+def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0,
+                 watch: KafkaWatch | None = None) -> dict[str, str]:
+    """Create missing topics and set declared configs on existing ones; returns what was done.
+
+    With the ``watch`` of ``topics_admin`` a refused login raises ``AuthenticationFailed`` at
+    once; a denied ACL raises ``AuthorizationDenied`` either way (naming the principal when
+    the watch knows it). A topic the principal may not describe is absent from its metadata,
+    so it is "missing" here and its creation is what the broker denies.
+    """
+    watch = watch or KafkaWatch({})
+    existing = watch.metadata(admin, None, timeout_s).topics
     outcome: dict[str, str] = {}
     missing = [s for s in specs if s.name not in existing]
     if missing:
@@ -110,11 +125,14 @@ def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 
                 future.result()
                 outcome[name] = "created"
             except KafkaException as exc:
+                denied = watch.translate(exc, resource=name, operation="CREATE")
+                if denied is not None:
+                    raise denied from exc
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent apply won
                     raise InfraError(f"could not create topic {name}: {exc}", code="topic_create_failed") from exc
                 outcome[name] = "exists"
     if missing:
-        _await_metadata(admin, {s.name for s in missing}, timeout_s)
+        _await_metadata(admin, {s.name for s in missing}, timeout_s, watch)
     for s in specs:
         if s.name not in existing:
             continue
@@ -130,16 +148,22 @@ def apply_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 
             for key, value in s.config.items()
         ])
         for future in admin.incremental_alter_configs([resource]).values():
-            future.result()
+            try:
+                future.result()
+            except KafkaException as exc:
+                denied = watch.translate(exc, resource=s.name, operation="ALTER_CONFIGS")
+                if denied is not None:
+                    raise denied from exc
+                raise
         outcome[s.name] = "updated"
     return outcome
 
 
-def _await_metadata(admin: AdminClient, names: set[str], timeout_s: float) -> None:
+def _await_metadata(admin: AdminClient, names: set[str], timeout_s: float, watch: KafkaWatch) -> None:
     """Wait until new topics show in metadata, so the next client finds them at once."""
     deadline = time.monotonic() + timeout_s
     while True:
-        topics = admin.list_topics(timeout=timeout_s).topics
+        topics = watch.metadata(admin, None, timeout_s).topics
         if all(name in topics and topics[name].error is None and topics[name].partitions for name in names):
             return
         if time.monotonic() > deadline:

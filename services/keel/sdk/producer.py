@@ -2,7 +2,9 @@
 
 An idempotent ``acks=all`` producer (no loss, no duplicates, no reordering on retry).
 Delivery reports are collected and surfaced: ``flush`` raises ``DeliveryError`` naming
-every command Kafka did not acknowledge, so a caller never believes a lost send.
+every command Kafka did not acknowledge, so a caller never believes a lost send. On a
+secure broker a denied ACL raises ``AuthorizationDenied`` and a refused login
+``AuthenticationFailed`` (as soon as librdkafka reports it, not after the flush timeout).
 
 Every record carries the producing principal's tenant in the ``keel-principal-tenant``
 header; the processor rejects a command whose envelope claims another tenant. A producer
@@ -11,6 +13,7 @@ built with a ``Principal`` refuses such a command before it leaves the process.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -25,8 +28,9 @@ from keel.domain.envelope import Envelope
 from keel.domain.idempotency import check_within_window
 from keel.domain.messages import payload_class
 from keel.domain.principal import Principal
-from keel.errors import DeliveryError, ValidationError
+from keel.errors import AuthorizationDenied, DeliveryError, ValidationError
 from keel.kafka.clients import producer_config
+from keel.kafka.errors import KafkaWatch, is_authorization_error
 from keel.kafka.topics import Topic, topic_name
 
 PRINCIPAL_TENANT_HEADER = "keel-principal-tenant"
@@ -36,6 +40,7 @@ PRINCIPAL_TENANT_HEADER = "keel-principal-tenant"
 class _Deliveries:
     acknowledged: int = 0
     failed: dict[uuid.UUID, str] = field(default_factory=dict)
+    denied: KafkaError | None = None  # the first ACL denial among the failures
 
 
 class CommandProducer:
@@ -51,7 +56,9 @@ class CommandProducer:
         self._principal = principal
         self._window_s = settings.processor_dedupe_window_s
         self._topic = topic_name(settings, Topic.COMMANDS)
-        self._producer = Producer(producer_config(settings))
+        config = producer_config(settings)
+        self._watch = KafkaWatch(config)
+        self._producer = Producer(self._watch.config(config))
         self._deliveries = _Deliveries()
 
     def send(self, command: Envelope) -> None:
@@ -71,6 +78,8 @@ class CommandProducer:
                 self._deliveries.acknowledged += 1
             else:
                 self._deliveries.failed[command.id] = error.str()
+                if self._deliveries.denied is None and is_authorization_error(error):
+                    self._deliveries.denied = error
 
         while True:
             try:
@@ -79,12 +88,25 @@ class CommandProducer:
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.1)
+                self._watch.check()
         self._producer.poll(0)
+        self._watch.check()
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for every queued command's delivery; returns how many were acknowledged."""
-        remaining = self._producer.flush(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:  # in slices, so a refused login ends the wait at once
+            remaining = self._producer.flush(max(0.0, min(0.2, deadline - time.monotonic())))
+            self._watch.check()
+            if not remaining or time.monotonic() >= deadline:
+                break
         deliveries, self._deliveries = self._deliveries, _Deliveries()
+        if deliveries.denied is not None:
+            denied = self._watch.translate(deliveries.denied, resource=self._topic, operation="WRITE")
+            assert isinstance(denied, AuthorizationDenied)
+            raise AuthorizationDenied(
+                f"{denied.message}; {len(deliveries.failed)} command(s) were not delivered",
+                principal=denied.principal, resource=denied.resource, operation=denied.operation)
         if remaining:
             raise DeliveryError(f"{remaining} command(s) still unacknowledged after {timeout_s:.0f}s")
         if deliveries.failed:
