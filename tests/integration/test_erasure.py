@@ -98,15 +98,7 @@ def test_erased_subject_leaves_no_plaintext_anywhere_and_every_chain_still_verif
         tmp_path: Path) -> None:
     caplog.set_level(logging.DEBUG)
     keys = open_keystore(settings, trust_settings)
-    codec = SealingCodec(FieldCipher(keys))
-    with CommandProducer(settings, codec=codec) as producer:
-        for cmd in [*emails("acme", "cust-gone", GONE), *emails("acme", "cust-kept", KEPT)]:
-            producer.send(cmd)
-    processor = CommandProcessor(settings, instance_id="erasure", codec=codec)
-    try:
-        processor.run_until_caught_up()
-    finally:
-        processor.close()
+    codec = decide(settings, keys)
     events = [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
     mails = {e.on_behalf_of: e.payload for e in events if isinstance(e.payload, EmailQueued)}
     assert mails["cust-gone"].to_address == f"{GONE}@example.com"  # sealed on the wire, opens with the key
@@ -172,8 +164,8 @@ def configured_keys(settings: Settings, trust_settings: TrustSettings,
         yield keys
 
 
-def decide_and_project(settings: Settings, keys: KeyStore, client: Client) -> None:
-    """Both subjects' emails sealed, decided and projected (events and commands)."""
+def decide(settings: Settings, keys: KeyStore) -> SealingCodec:
+    """Both subjects' emails sealed and decided; returns the codec that opens them."""
     codec = SealingCodec(FieldCipher(keys))
     with CommandProducer(settings, codec=codec) as producer:
         for cmd in [*emails("acme", "cust-gone", GONE), *emails("acme", "cust-kept", KEPT)]:
@@ -183,6 +175,12 @@ def decide_and_project(settings: Settings, keys: KeyStore, client: Client) -> No
         processor.run_until_caught_up()
     finally:
         processor.close()
+    return codec
+
+
+def decide_and_project(settings: Settings, keys: KeyStore, client: Client) -> None:
+    """``decide``, then both log topics projected (events and commands)."""
+    decide(settings, keys)
     for source in PROJECTED_TOPICS:
         with EventProjector(settings, client, source=source) as projector:
             projector.catch_up()
