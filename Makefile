@@ -11,10 +11,12 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed infra/kafka/libs/.fetched
 
-$(VENV)/.installed: pyproject.toml
+EXAMPLES := examples/support_desk examples/deploys
+
+$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES))
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test]' $(addprefix -e ,$(EXAMPLES))
 	touch $@
 
 infra/kafka/libs/.fetched: infra/kafka/pom.xml

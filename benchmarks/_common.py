@@ -29,7 +29,7 @@ from rich.table import Table
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
-from keel.domain.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
+from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.kafka.broker import broker_status, paths_for
 from keel.kafka.reader import read_to_end
 

@@ -54,7 +54,7 @@ from rich.table import Table
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind
-from keel.domain.messages import IssueRefund
+from support_desk.messages import IssueRefund
 from keel.domain.envelope import new_command
 from keel.kafka.clients import admin_config, producer_config
 from keel.outbox.db import open_database

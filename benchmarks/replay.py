@@ -38,9 +38,10 @@ from _common import environment, status_console, unique_prefix
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, DelegationLink, new_command
-from keel.domain.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
+from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import INITIAL, decide, evolve
+from keel.domain.aggregate import EMPTY as INITIAL, evolve_aggregate as evolve
+from keel.domain.deciding import decide
 from keel.kafka.clients import admin_config, consumer_config, producer_config
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
 from keel.projector.clickhouse import connect

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, Envelope, new_command
-from keel.domain.messages import EmailQueued, IssueRefund, RefundIssued, SendEmail
+from support_desk.messages import EmailQueued, IssueRefund, RefundIssued, SendEmail
 from keel.domain.outcomes import to_events
 from keel.trust.checkpoints import CheckpointSigner, TrustedKeys
 from keel.trust.codec import SealingCodec

@@ -5,7 +5,7 @@ from __future__ import annotations
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Envelope, Payload, new_command
-from keel.domain.messages import IssueRefund, StartSubscription
+from support_desk.messages import IssueRefund, StartSubscription
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
 from keel.sdk.producer import CommandProducer

@@ -20,15 +20,8 @@ from confluent_kafka import Producer
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
-from keel.domain.messages import (
-    ApprovalExpired,
-    ApprovalGranted,
-    ApprovalKind,
-    ApprovalRequested,
-    ApproveCommand,
-    ExpireApproval,
-    IssueRefund,
-)
+from keel.domain.messages import ApprovalExpired, ApprovalGranted, ApprovalKind, ApprovalRequested, ApproveCommand, ExpireApproval
+from support_desk.messages import IssueRefund
 from keel.domain.outcomes import to_events
 from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end

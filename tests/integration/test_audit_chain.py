@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink
-from keel.domain.messages import CancelSubscription
+from support_desk.messages import CancelSubscription
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import Topic, topic_name
 from keel.processor.worker import CommandProcessor

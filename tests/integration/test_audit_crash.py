@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.messages import RefundIssued
+from support_desk.messages import RefundIssued
 from keel.domain.outcomes import to_events
 from keel.kafka.clients import consumer_config
 from keel.kafka.topics import Topic, topic_name

@@ -18,7 +18,8 @@ from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Authority, Envelope
 from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
 from keel.domain.governance.policy import SYSTEM_ACTOR
-from keel.domain.messages import ApproveCommand, ReverseRefund, SetPolicy
+from keel.domain.messages import ApproveCommand, SetPolicy
+from support_desk.messages import ReverseRefund
 from keel.processor.worker import CommandProcessor
 from keel.trust.chainer import Chainer
 from keel.trust.settings import TrustSettings

@@ -22,16 +22,8 @@ from confluent_kafka import Producer
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
-from keel.domain.messages import (
-    BreakerReset,
-    BreakerTripped,
-    CommandRejected,
-    EmailQueued,
-    ResetBreaker,
-    StartSubscription,
-    SubscriptionStarted,
-    TripBreaker,
-)
+from keel.domain.messages import BreakerReset, BreakerTripped, CommandRejected, ResetBreaker, TripBreaker
+from support_desk.messages import EmailQueued, StartSubscription, SubscriptionStarted
 from keel.domain.outcomes import to_events
 from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end

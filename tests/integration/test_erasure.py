@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.messages import EmailQueued, SendEmail
+from support_desk.messages import EmailQueued, SendEmail
 from keel.kafka.clients import admin_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, declared_topics, topic_name

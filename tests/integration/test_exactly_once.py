@@ -27,7 +27,7 @@ from keel.domain.envelope import Envelope
 from keel.domain.governance.controls import TenantControls
 from keel.domain.governance.pipeline import Context, govern
 from keel.domain.governance.ratelimit import RateLimiter
-from keel.domain.messages import SendEmail
+from support_desk.messages import SendEmail
 from keel.sdk.producer import CommandProducer
 from tests.helpers import command, events, refund, start
 from tests.processes import KeelProcess

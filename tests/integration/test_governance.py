@@ -17,18 +17,8 @@ from keel.domain.envelope import Actor, ActorKind
 from keel.domain.governance.policy import SYSTEM_ACTOR
 from keel.domain.principal import Principal
 from keel.errors import ValidationError
-from keel.domain.messages import (
-    ApproveCommand,
-    CancelSubscription,
-    CommandRejected,
-    IssueRefund,
-    ReactivateSubscription,
-    ReverseRefund,
-    SendEmail,
-    SetKillSwitch,
-    SetPolicy,
-    SwitchScope,
-)
+from keel.domain.messages import ApproveCommand, CommandRejected, SetKillSwitch, SetPolicy, SwitchScope
+from support_desk.messages import CancelSubscription, IssueRefund, ReactivateSubscription, ReverseRefund, SendEmail
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.processor.worker import CommandProcessor

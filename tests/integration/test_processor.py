@@ -10,7 +10,8 @@ from confluent_kafka import Producer
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.messages import CancelSubscription, CommandRejected, SubscriptionStarted
+from keel.domain.messages import CommandRejected
+from support_desk.messages import CancelSubscription, SubscriptionStarted
 from keel.domain.outcomes import event_id, to_events
 from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end

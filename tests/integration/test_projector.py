@@ -23,9 +23,10 @@ from confluent_kafka import Message, Producer
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, new_command
-from keel.domain.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
+from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import INITIAL, decide, evolve
+from keel.domain.aggregate import EMPTY as INITIAL, evolve_aggregate as evolve
+from keel.domain.deciding import decide
 from keel.kafka.clients import producer_config, transactional_producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.projector.clickhouse import connect

@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from keel.config import Settings
 from keel.contracts.codec import HEADER_SIZE, EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, new_command
-from keel.domain.messages import IssueRefund
+from support_desk.messages import IssueRefund
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.projector.projector import EventProjector

@@ -16,7 +16,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from keel.domain.envelope import Actor, ActorKind, new_command
-from keel.domain.messages import CancelSubscription, IssueRefund
+from support_desk.messages import CancelSubscription, IssueRefund
 from keel.projector.rows import EVENT_COLUMNS, Position, event_row
 from keel.projector.store import Batch, insert_batch
 

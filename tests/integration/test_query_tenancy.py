@@ -16,9 +16,10 @@ from clickhouse_connect.driver.client import Client
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
-from keel.domain.messages import IssueRefund, SendEmail, StartSubscription
+from support_desk.messages import IssueRefund, SendEmail, StartSubscription
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import INITIAL, decide, evolve
+from keel.domain.aggregate import EMPTY as INITIAL, evolve_aggregate as evolve
+from keel.domain.deciding import decide
 from keel.errors import QueryError
 from keel.projector.rows import Position, event_row
 from keel.projector.store import Batch, insert_batch

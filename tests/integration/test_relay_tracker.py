@@ -14,7 +14,8 @@ from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Envelope
 from keel.domain.governance.policy import SYSTEM_ACTOR
-from keel.domain.messages import ApproveCommand, RejectCommand, ReverseRefund, SetPolicy
+from keel.domain.messages import ApproveCommand, RejectCommand, SetPolicy
+from support_desk.messages import ReverseRefund
 from keel.gateway.settings import IngressSettings
 from keel.outbox.db import open_database
 from keel.outbox.enqueue import to_new_command

@@ -21,9 +21,10 @@ from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, new_command
-from keel.domain.messages import CancelSubscription, EmailQueued, StartSubscription
+from support_desk.messages import CancelSubscription, EmailQueued, StartSubscription
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import INITIAL, decide
+from keel.domain.aggregate import EMPTY as INITIAL
+from keel.domain.deciding import decide
 from keel.errors import InfraError
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from keel.config import Settings
-from keel.domain.messages import CancelSubscription, SendEmail
+from support_desk.messages import CancelSubscription, SendEmail
 from keel.processor.worker import CommandProcessor
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import apply_migrations

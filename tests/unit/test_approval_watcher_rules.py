@@ -8,16 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
-from keel.domain.messages import (
-    ApprovalExpired,
-    ApprovalGranted,
-    ApprovalKind,
-    ApprovalRejected,
-    ApprovalRequested,
-    ExpireApproval,
-    IssueRefund,
-    RefundIssued,
-)
+from keel.domain.messages import ApprovalExpired, ApprovalGranted, ApprovalKind, ApprovalRejected, ApprovalRequested, ExpireApproval
+from support_desk.messages import IssueRefund, RefundIssued
 from keel.domain.outcomes import to_events
 from keel.watchers.approvals_rules import (
     ApprovalSettings,

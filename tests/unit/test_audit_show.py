@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, Envelope
-from keel.domain.events import ApprovalGranted, ApprovalKind, ApprovalRequested, RefundIssued, RefundReversed
-from keel.domain.messages import ApproveCommand, ReverseRefund
+from keel.domain.events import ApprovalGranted, ApprovalKind, ApprovalRequested
+from support_desk.messages import RefundIssued, RefundReversed
+from keel.domain.messages import ApproveCommand
+from support_desk.messages import ReverseRefund
 from keel.domain.outcomes import to_events
 from keel.trust.entries import encode_receipt, entry_from_intake
 from keel.trust.record import GENESIS, AuditEntry, AuditRecord, parse_record, record_hash, seal_record

@@ -8,15 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
-from keel.domain.messages import (
-    BreakerReset,
-    BreakerTripped,
-    CommandRejected,
-    EmailQueued,
-    StartSubscription,
-    SubscriptionStarted,
-    TripBreaker,
-)
+from keel.domain.messages import BreakerReset, BreakerTripped, CommandRejected, TripBreaker
+from support_desk.messages import EmailQueued, StartSubscription, SubscriptionStarted
 from keel.domain.outcomes import to_events
 from keel.watchers.breaker_rules import (
     BreakerSettings,

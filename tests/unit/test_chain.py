@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Authority
-from keel.domain.messages import EmailQueued, RefundIssued
+from support_desk.messages import EmailQueued, RefundIssued
 from keel.domain.outcomes import to_events
 from keel.trust.checkpoints import Checkpoint, CheckpointSigner, TrustedKeys
 from keel.trust.entries import encode_receipt, entry_from_intake

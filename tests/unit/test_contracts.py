@@ -19,7 +19,11 @@ from pydantic import BaseModel
 from keel.contracts.catalog import SCHEMA_ROOT, load_catalog
 from keel.contracts.codec import MAGIC, EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Actor, ActorKind, DelegationLink, Envelope, new_command
-from keel.domain.messages import PAYLOADS, SendEmail, StartSubscription
+from keel.domain.messages import known_payloads
+from keel.domains.registry import current
+
+PAYLOADS = known_payloads()
+from support_desk.messages import SendEmail, StartSubscription
 from keel.errors import DecodeError, UnknownMessageType, UnknownSchema, ValidationError
 
 AVRO_PRIMITIVES: dict[str, set[Any]] = {
@@ -64,7 +68,8 @@ def _model_fields(model: type[BaseModel]) -> dict[str, tuple[Any, bool]]:
 @pytest.mark.parametrize("message_type", sorted(PAYLOADS))
 def test_each_payload_model_matches_its_newest_avro_schema(message_type: str) -> None:
     model = PAYLOADS[message_type]
-    folder = SCHEMA_ROOT / f"{model.kind}s" / message_type
+    owner = current().domain_of.get(message_type)
+    folder = (owner.schemas if owner else SCHEMA_ROOT) / f"{model.kind}s" / message_type
     newest = sorted(folder.glob("v*.avsc"), key=lambda p: int(p.stem[1:]))[-1]
     avro = _avro_fields(json.loads(newest.read_text()))
     pydantic_fields = _model_fields(model)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.messages import EmailQueued, IssueRefund, RefundIssued, SendEmail
+from support_desk.messages import EmailQueued, IssueRefund, RefundIssued, SendEmail
 from keel.domain.outcomes import to_events
 from keel.trust.codec import SealingCodec
 from keel.trust.errors import CorruptCiphertext, KeyUnwrapFailed, TrustError, UnknownKey, WrongTenantKey

@@ -11,7 +11,7 @@ import pytest
 
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
-from keel.domain.messages import EmailQueued, SendEmail
+from support_desk.messages import EmailQueued, SendEmail
 from keel.domain.outcomes import to_events
 from keel.trust.erased import Erased, Erasures
 from keel.trust.fields import ERASED, PREFIX, FieldCipher

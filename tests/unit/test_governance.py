@@ -15,19 +15,8 @@ from keel.domain.governance.controls import Controls, TenantControls
 from keel.domain.governance.pipeline import Context, govern
 from keel.domain.governance.policy import SYSTEM_ACTOR, parse_policy
 from keel.domain.governance.ratelimit import RateLimiter
-from keel.domain.messages import (
-    ApproveCommand,
-    CancelSubscription,
-    CommandRejected,
-    ExpireApproval,
-    IssueRefund,
-    RejectCommand,
-    SetKillSwitch,
-    SetPolicy,
-    StartSubscription,
-    SwitchScope,
-    TripBreaker,
-)
+from keel.domain.messages import ApproveCommand, CommandRejected, ExpireApproval, RejectCommand, SetKillSwitch, SetPolicy, SwitchScope, TripBreaker
+from support_desk.messages import CancelSubscription, IssueRefund, StartSubscription
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
@@ -108,7 +97,7 @@ def test_an_allowed_command_records_role_rule_and_policy_version() -> None:
 def test_isolation_and_rbac_refusals_are_typed_events(command_kwargs: dict, context: dict, code: str) -> None:  # type: ignore[type-arg]
     world = opened()
     assert rejection_code(world.send(cmd(refund(1000), **command_kwargs), **context)) == code
-    assert world.state.subscription.refunded_cents == 0
+    assert world.state.domain.refunded_cents == 0
 
 
 def test_a_policy_deny_rule_refuses_and_names_itself() -> None:
@@ -149,7 +138,7 @@ def test_a_big_refund_waits_for_an_admin_and_executes_exactly_once() -> None:
     big = cmd(refund(200_000))
     [parked] = world.send(big)
     assert parked.type == "ApprovalRequested" and parked.version == 2
-    assert world.state.subscription.refunded_cents == 0
+    assert world.state.domain.refunded_cents == 0
     assert rejection_code(world.send(cmd(ApproveCommand(command_id=big.id), actor=AGENT))) == "self_approval"
     assert rejection_code(world.send(cmd(ApproveCommand(command_id=big.id),
                                          actor=Actor(kind=ActorKind.HUMAN, id="intern")))) == "not_an_approver"
@@ -160,9 +149,9 @@ def test_a_big_refund_waits_for_an_admin_and_executes_exactly_once() -> None:
     assert granted.type == "ApprovalGranted" and granted.actor == ADMIN
     assert refunded.type == "RefundIssued" and refunded.actor == AGENT and refunded.causation_id == big.id
     assert refunded.authority.approval_id == str(approval.id)
-    assert world.state.subscription.refunded_cents == 200_000
+    assert world.state.domain.refunded_cents == 200_000
     assert rejection_code(world.send(cmd(ApproveCommand(command_id=big.id), actor=ADMIN))) == "not_pending"
-    assert world.state.subscription.refunded_cents == 200_000
+    assert world.state.domain.refunded_cents == 200_000
 
 
 def test_an_unsure_agent_needs_the_customers_confirmation() -> None:
@@ -183,7 +172,7 @@ def test_resume_reauthorizes_against_current_roles_and_switches() -> None:
     [rejected] = world.send(cmd(ApproveCommand(command_id=big.id), actor=ADMIN))
     assert rejected.type == "ApprovalRejected"
     assert "kill_switch" in rejected.payload.reason  # type: ignore[attr-defined]
-    assert world.state.pending == {} and world.state.subscription.refunded_cents == 0
+    assert world.state.pending == {} and world.state.domain.refunded_cents == 0
 
     demoted = {**POLICY, "version": "v8", "grants": {"human:jane.lead": ["admin"]}}
     world = opened()
@@ -204,7 +193,7 @@ def test_rejected_and_expired_approvals_never_execute() -> None:
     world.now += timedelta(hours=2)
     assert world.send(cmd(ExpireApproval(command_id=second.id), actor=watcher))[0].type == "ApprovalExpired"
     assert rejection_code(world.send(cmd(ApproveCommand(command_id=second.id), actor=ADMIN))) == "not_pending"
-    assert world.state.subscription.refunded_cents == 0 and world.state.pending == {}
+    assert world.state.domain.refunded_cents == 0 and world.state.pending == {}
 
 
 def test_controls_commands_go_to_the_controls_aggregate_and_emit_records() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.governance.pipeline import Decision
-from keel.domain.messages import RefundIssued
+from support_desk.messages import RefundIssued
 from keel.domain.outcomes import to_events
 from keel.processor.worker import Outputs, decided_records
 from tests.helpers import command, refund

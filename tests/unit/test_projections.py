@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope
-from keel.domain.messages import RefundIssued
+from support_desk.messages import RefundIssued
 from keel.errors import ConfigError
 from keel.projector.migrations import PROJECTIONS_DIR, discover
 from keel.projector.rows import EVENT_COLUMNS, Position, event_row

@@ -9,26 +9,13 @@ from functools import reduce
 
 from keel.domain.aggregate import EMPTY, AggregateState, evolve_aggregate
 from keel.domain.envelope import Actor, ActorKind, Envelope, Payload
-from keel.domain.events import (
-    ApprovalExpired,
-    ApprovalGranted,
-    ApprovalKind,
-    ApprovalRejected,
-    ApprovalRequested,
-)
+from keel.domain.events import ApprovalExpired, ApprovalGranted, ApprovalKind, ApprovalRejected, ApprovalRequested
 from keel.domain.governance.controls import TenantControls
 from keel.domain.governance.pipeline import Context, govern
 from keel.domain.governance.policy import parse_policy
 from keel.domain.governance.ratelimit import RateLimiter
-from keel.domain.messages import (
-    ApproveCommand,
-    CommandRejected,
-    Event,
-    ExpireApproval,
-    RejectCommand,
-    ReverseRefund,
-    SubscriptionStarted,
-)
+from keel.domain.messages import ApproveCommand, CommandRejected, Event, ExpireApproval, RejectCommand
+from support_desk.messages import ReverseRefund, SubscriptionStarted
 from keel.outbox.models import CommandStatus, Outcome
 from keel.relay.status import dead_letter_outcome, event_outcomes
 from tests.helpers import AGENT, command, refund, start

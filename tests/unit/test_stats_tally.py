@@ -9,9 +9,10 @@ import pytest
 
 from keel.cli.watchers import render
 from keel.domain.envelope import Actor, ActorKind, Envelope, new_command
-from keel.domain.messages import CancelSubscription, EmailQueued, StartSubscription
+from support_desk.messages import CancelSubscription, EmailQueued, StartSubscription
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import INITIAL, decide
+from keel.domain.aggregate import EMPTY as INITIAL
+from keel.domain.deciding import decide
 from keel.errors import DecodeError
 from keel.watchers.stats_reader import Windows, fold_record
 from keel.watchers.stats_tally import (

@@ -27,16 +27,13 @@ from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
 from keel.domain.governance.policy import SYSTEM_ACTOR, parse_policy
 from keel.domain.messages import (
     ApproveCommand,
-    ReactivateSubscription,
     RejectCommand,
     ResetBreaker,
-    ReverseRefund,
     SetKillSwitch,
     SetPolicy,
-    SubscriptionCancelled,
     SwitchScope,
 )
-from keel.domain.events import RefundIssued
+from keel.domains.registry import current
 from keel.errors import KeelError, ValidationError
 from keel.ops import dlq as dead_letters
 from keel.ops.lookup import events_of_command, parked_aggregate, pending_approvals, tenant_events
@@ -90,18 +87,15 @@ def reject(command_id: uuid.UUID, tenant: Tenant, acting: As,
 
 def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
          reason: Annotated[str, typer.Option(help="Why it is undone.")]) -> None:
-    """Issue the compensating command of an executed command (e.g. RefundIssued → ReverseRefund)."""
+    """Issue the compensating command of an executed command, as its domain declares it (``Undo``)."""
     settings = Settings()
     events = events_of_command(settings, tenant, command_id)
-    compensation: Payload | None = None
-    for event in events:
-        if isinstance(event.payload, RefundIssued):
-            compensation = ReverseRefund(refund_command_id=command_id, reason=reason)
-        elif isinstance(event.payload, SubscriptionCancelled):
-            compensation = ReactivateSubscription(reason=reason)
-    if compensation is None:
+    undoable = [(event, found) for event in events if (found := current().undo_of.get(event.type)) is not None]
+    if not undoable:
         raise KeelError(f"command {command_id} yielded {[e.type for e in events]}; none of them can be undone",
                         code="irreversible")
+    event, declared = undoable[-1]
+    compensation: Payload = declared.command(event, reason)
     # Same correlation as what it undoes, so one trail shows the action and its undoing.
     _send(settings, compensation, tenant, events[0].aggregate_id, _actor(acting), causation_id=command_id,
           correlation_id=events[0].correlation_id)

@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keel.cli import analytics, demo, dev, governance, ingress, trust, watchers, workers
+from keel.domains.registry import current
+from keel.cli import analytics, dev, domains, governance, ingress, trust, watchers, workers
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
@@ -30,6 +31,15 @@ app = typer.Typer(help="Keel: governed, audited, replayable actions for AI agent
 topics_app = typer.Typer(help="Kafka topics declared in code.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 console = Console()
+_WITHOUT_DOMAINS = frozenset({"up", "down", "health"})
+"""Commands that manage infrastructure and run even while a domain is broken."""
+
+
+@app.callback()
+def _load_domains(ctx: typer.Context) -> None:
+    """Load every registered domain before any command runs: all of them, or none and an error."""
+    if ctx.invoked_subcommand not in _WITHOUT_DOMAINS:
+        current()
 
 
 @app.command()
@@ -131,7 +141,7 @@ def submit(
         console.print(f"sent {command.type} {command.id} ({command.tenant_id}/{command.aggregate_id})")
 
 
-app.command("demo")(demo.demo)
+domains.register(app)
 analytics.register(app)
 replay_cli.register(app)
 governance.register(app)

@@ -12,22 +12,23 @@ import json
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from keel.cli import output
 from keel.config import Settings
-from keel.domain.subscription import INITIAL, evolve
+from keel.domain.aggregate import EMPTY, AggregateState, evolve_aggregate
 from keel.kafka.topics import Topic, topic_name
 from keel.projector.clickhouse import connect
-from keel.query.scope import EXPOSED
+from keel.query.scope import exposed
 from keel.replay.engine import ReplayJob, ReplayProgress, guard_target_topic, live_topics, replay
 from keel.replay.errors import ReplayError
 from keel.replay.range import Bound, Filter
@@ -66,10 +67,10 @@ def state_command(
     try:
         when = parse_at(at)
         tail = unprojected_events(settings, client, tenant, aggregate)
-        found = state_at(client, tenant, aggregate, when, evolve=evolve, initial=INITIAL, tail=tail)
+        found = state_at(client, tenant, aggregate, when, evolve=evolve_aggregate, initial=EMPTY, tail=tail)
     finally:
         client.close()
-    state = _plain_mapping(asdict(found.state))
+    state = _plain_mapping(_shown_state(found.state))
     if as_json:
         sys.stdout.write(json.dumps({"state": state, "events": [e.model_dump(mode="json") for e in found.events],
                                      "unprojected_events": found.unprojected}) + "\n")
@@ -86,6 +87,20 @@ def state_command(
     if found.unprojected:
         output.console().print(f"{found.unprojected} of {tenant}/{aggregate}'s events are not projected yet; "
                                "they were read from Kafka", highlight=False)
+
+
+def _shown_state(state: AggregateState) -> dict[str, object]:
+    """The aggregate's version and type, its domain's fields, and the commands parked on it."""
+    domain = state.domain
+    fields: dict[str, object]
+    if is_dataclass(domain) and not isinstance(domain, type):
+        fields = asdict(domain)
+    elif isinstance(domain, BaseModel):
+        fields = domain.model_dump()
+    else:
+        fields = {} if domain is None else {"state": domain}
+    return {"version": state.version, "aggregate_type": state.aggregate, **fields,
+            "pending_approvals": sorted(str(command_id) for command_id in state.pending)}
 
 
 def _plain(value: object) -> object:
@@ -140,7 +155,7 @@ def replay_command(
         sink = TopicSink(settings, to_topic)
     else:
         assert client is not None and to_table is not None
-        if to_table in EXPOSED or to_table.startswith("_") or "__" in to_table:
+        if to_table in exposed() or to_table.startswith("_") or "__" in to_table:
             raise ReplayError(f"{to_table} is a live projection; replay into a new table", code="live_target")
         sink = TableSink(client, to_table, topic)
     try:

@@ -1,7 +1,8 @@
 """The schema catalog: every Avro schema version ever released, composed and fingerprinted.
 
 ``schemas/envelope/v<E>.avsc`` is the envelope; ``schemas/{commands,events}/<Type>/v<P>.avsc``
-are payloads. A message schema is the envelope with its ``payload`` field typed by one
+are Keel's own payloads, and each registered domain's ``schemas/`` folder holds its own in
+the same layout. A message schema is the envelope with its ``payload`` field typed by one
 payload record. Every (envelope, payload) version pair is a possible *writer* schema,
 found by its CRC-64-AVRO fingerprint; the newest pair is the *reader* schema, so old
 messages stay readable through Avro schema resolution.
@@ -82,14 +83,27 @@ def compose(envelope: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]
     return message
 
 
+def domain_schema_roots() -> tuple[Path, ...]:
+    """The schema folders of every registered domain."""
+    from keel.domains.registry import current
+
+    return tuple(domain.schemas for domain in current().domains)
+
+
+def load_catalog(root: Path = SCHEMA_ROOT, domains: tuple[Path, ...] | None = None) -> Catalog:
+    """Keel's schemas under ``root`` and those of ``domains`` (default: the registered ones)."""
+    return _load(root, domain_schema_roots() if domains is None else domains)
+
+
 @cache
-def load_catalog(root: Path = SCHEMA_ROOT) -> Catalog:
-    """Read and compose every schema under ``root`` (cached: schemas are code)."""
+def _load(root: Path, domains: tuple[Path, ...]) -> Catalog:
+    """Read and compose every schema (cached: schemas are code)."""
     envelopes = _versions(root / "envelope")
     by_fingerprint: dict[bytes, MessageSchema] = {}
     by_type: dict[str, list[MessageSchema]] = {}
     for kind in PAYLOAD_KINDS:
-        for folder in sorted(p for p in (root / kind).iterdir() if p.is_dir()):
+        folders = [p for base in (root, *domains) if (base / kind).is_dir() for p in (base / kind).iterdir()]
+        for folder in sorted((p for p in folders if p.is_dir()), key=lambda p: p.name):
             for payload_version, payload in _versions(folder):
                 for envelope_version, envelope in envelopes:
                     parsed = cast(dict[str, Any], parse_schema(compose(envelope, payload), _force=True))

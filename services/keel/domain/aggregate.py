@@ -1,4 +1,9 @@
-"""An aggregate's full state: the domain state plus the commands parked on it."""
+"""An aggregate's full state: its version, its domain state and the commands parked on it.
+
+The domain state belongs to whichever registered aggregate type the key's first domain event
+came from (``None`` before it); Keel owns the version and the parked commands, so a team's
+``evolve`` only ever sees its own events.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,32 @@ from dataclasses import dataclass, field
 
 from keel.domain.envelope import Envelope
 from keel.domain.governance.approvals import Parked, fold_pending
-from keel.domain.subscription import INITIAL, SubscriptionState, evolve
+from keel.domains.registry import current
 
 
 @dataclass(frozen=True)
 class AggregateState:
     """What one ``tenant/aggregate`` looks like after its events."""
 
-    subscription: SubscriptionState = INITIAL
+    version: int = 0
+    aggregate: str | None = None
+    """The registered aggregate type holding ``domain``; ``None`` until its first event."""
+    domain: object = None
     pending: dict[uuid.UUID, Parked] = field(default_factory=dict)
-
-    @property
-    def version(self) -> int:
-        return self.subscription.version
 
 
 EMPTY = AggregateState()
 
 
 def evolve_aggregate(state: AggregateState, event: Envelope) -> AggregateState:
-    """The state after ``event``: the same ``evolve`` everywhere (processor, replay, state)."""
-    return AggregateState(evolve(state.subscription, event), fold_pending(state.pending, event))
+    """The state after ``event``: the same fold everywhere (processor, replay, state)."""
+    pending = fold_pending(state.pending, event)
+    version = event.version
+    if version is None:
+        return state if pending is state.pending else AggregateState(
+            state.version, state.aggregate, state.domain, pending)
+    owner = current().aggregate_of.get(event.type)
+    if owner is None:  # Keel's own events (approvals) move the version, not the domain state
+        return AggregateState(version, state.aggregate, state.domain, pending)
+    base = state.domain if state.aggregate == owner.name else owner.initial
+    return AggregateState(version, owner.name, owner.evolve(base, event), pending)

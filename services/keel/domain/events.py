@@ -1,4 +1,5 @@
-"""Events: what was decided. Each class matches ``schemas/events/<Name>/v<N>.avsc``."""
+"""Keel's own events: refusals, approvals and guardrails. Each class matches
+``schemas/events/<Name>/v<N>.avsc``; a team's events live in its domain package."""
 
 from __future__ import annotations
 
@@ -7,40 +8,6 @@ from datetime import datetime
 from enum import StrEnum
 
 from keel.domain.payloads import Event
-
-
-class SubscriptionStarted(Event):
-    customer_id: str
-    plan: str
-    monthly_price_cents: int
-    currency: str
-
-
-class SubscriptionCancelled(Event):
-    reason: str
-
-
-class SubscriptionReactivated(Event):
-    reason: str
-
-
-class RefundIssued(Event):
-    amount_cents: int
-    currency: str
-    reason: str
-
-
-class RefundReversed(Event):
-    amount_cents: int
-    currency: str
-    reason: str
-    reverses: uuid.UUID
-
-
-class EmailQueued(Event):
-    to_address: str
-    template: str
-    body: str | None = None
 
 
 class CommandRejected(Event):

@@ -30,7 +30,7 @@ class ErrorDetail(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     code: str = Field(description="Machine-readable, e.g. wrong_tenant, schema_violation.")
-    field: str | None = Field(description="Path of the offending field, e.g. payload.amount_cents.")
+    field: str | None = Field(description="Path of the offending field, e.g. payload.ttl.")
     message: str
 
 

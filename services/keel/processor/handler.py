@@ -24,7 +24,7 @@ from keel.domain.governance.pipeline import Context, Decision, govern
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.idempotency import BEYOND_WINDOW, beyond_window_reason
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import reject
+from keel.domain.deciding import reject
 from keel.errors import KeelError, ValidationError
 from keel.processor.state import BatchView
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER

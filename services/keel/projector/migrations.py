@@ -1,5 +1,9 @@
 """Applies ``projections/<view>/<NNN>_<name>.sql`` to ClickHouse in order, once each.
 
+Keel's own views come first; then each registered domain's ``projections/`` folder, in the
+same layout, numbered in its own sequence and recorded in its own table
+(``_keel_migrations__<domain>``), so a team never has to pick numbers around Keel's.
+
 Numbers are one sequence across all views (``events/001``, ``tenant_daily/002``, ...), so
 a view that reads another view's table simply takes a higher number and the order is
 total. Applied files are recorded by number, with a checksum, in ``_keel_migrations``; editing
@@ -13,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from keel.config import PROJECT_ROOT
+from keel.domains.model import Domain
+from keel.domains.registry import current
 from keel.errors import ConfigError, InfraError
 
 PROJECTIONS_DIR = PROJECT_ROOT / "projections"
@@ -80,12 +87,24 @@ def discover(root: Path = PROJECTIONS_DIR) -> list[Migration]:
     return [found[number] for number in sorted(found)]
 
 
-def apply_migrations(client: Client, root: Path = PROJECTIONS_DIR) -> MigrationReport:
-    """Apply every migration not yet recorded in the client's database, in order."""
-    migrations = discover(root)
+def apply_migrations(client: Client, root: Path = PROJECTIONS_DIR,
+                     domains: Sequence[Domain] | None = None) -> MigrationReport:
+    """Apply every migration not yet recorded in the client's database, in order: Keel's
+    under ``root``, then each of ``domains``' (default: every registered domain)."""
+    report = _apply_set(client, discover(root), MIGRATIONS_TABLE, label="")
+    for domain in current().domains if domains is None else domains:
+        if domain.projections.is_dir():
+            more = _apply_set(client, discover(domain.projections), f"{MIGRATIONS_TABLE}__{domain.name}",
+                              label=f"{domain.name}:")
+            report = MigrationReport(report.applied + more.applied, report.already_applied + more.already_applied)
+    return report
+
+
+def _apply_set(client: Client, found: list[Migration], table: str, *, label: str) -> MigrationReport:
+    migrations = [Migration(m.number, label + m.name, m.sql) for m in found]
     try:
-        client.command(_CREATE_TABLE)
-        rows = client.query(f"SELECT number, checksum FROM {MIGRATIONS_TABLE}").result_rows
+        client.command(_CREATE_TABLE.replace(MIGRATIONS_TABLE, table))
+        rows = client.query(f"SELECT number, checksum FROM {table}").result_rows
         recorded = {int(number): str(checksum) for number, checksum in rows}
     except ClickHouseError as exc:
         raise InfraError(f"cannot read the migrations table: {exc}", code="migration_failed") from exc
@@ -99,12 +118,12 @@ def apply_migrations(client: Client, root: Path = PROJECTIONS_DIR) -> MigrationR
                     "instead", code="migration_changed")
             already.append(migration.name)
             continue
-        _apply(client, migration)
+        _apply(client, migration, table)
         applied.append(migration.name)
     return MigrationReport(applied=tuple(applied), already_applied=tuple(already))
 
 
-def _apply(client: Client, migration: Migration) -> None:
+def _apply(client: Client, migration: Migration, table: str) -> None:
     try:
         client.query("SELECT formatQuery({sql:String})", parameters={"sql": migration.sql})
     except ClickHouseError as exc:
@@ -112,7 +131,7 @@ def _apply(client: Client, migration: Migration) -> None:
                           code="bad_migration") from exc
     try:
         client.command(migration.sql)
-        client.insert(MIGRATIONS_TABLE, [[migration.number, migration.name, migration.checksum]],
+        client.insert(table, [[migration.number, migration.name, migration.checksum]],
                       column_names=["number", "name", "checksum"])
     except ClickHouseError as exc:
         raise InfraError(f"applying {migration.name} failed: {exc}", code="migration_failed") from exc

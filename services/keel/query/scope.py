@@ -21,12 +21,18 @@ from clickhouse_connect.driver.binding import format_query_value, quote_identifi
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from keel.domains.registry import current
 from keel.errors import InfraError, QueryError
 
-EXPOSED: tuple[str, ...] = (
+CORE_VIEWS: tuple[str, ...] = (
     "events", "commands", "command_lifecycle", "approvals", "agent_activity", "tenant_metrics",
-    "refund_totals",
 )
+
+
+def exposed() -> tuple[str, ...]:
+    """What analysts may read: Keel's views and every registered domain's (``Domain.views``)."""
+    return CORE_VIEWS + tuple(view for domain in current().domains for view in domain.views)
+
 # Log tables may hold a row twice until a merge; analysts see each once.
 _FINAL = frozenset({"events", "commands"})
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -48,13 +54,13 @@ class Scope:
 
 def scoped_database(base: str, tenant: str) -> str:
     """The name of ``tenant``'s scoped database; it changes when the exposed set changes."""
-    digest = hashlib.sha256("\0".join((tenant, *EXPOSED)).encode()).hexdigest()[:20]
+    digest = hashlib.sha256("\0".join((tenant, *exposed())).encode()).hexdigest()[:20]
     return f"{base}__t_{digest}"
 
 
 def all_tenants_scope(base: str) -> Scope:
     """The base database itself, every tenant's rows: for ops only, chosen explicitly."""
-    return Scope(database=base, tables=frozenset(EXPOSED), tenant=None)
+    return Scope(database=base, tables=frozenset(exposed()), tenant=None)
 
 
 def tenant_scope(admin: Client, base: str, tenant: str) -> Scope:
@@ -63,7 +69,7 @@ def tenant_scope(admin: Client, base: str, tenant: str) -> Scope:
         raise QueryError(f"{tenant!r} is not a valid tenant id", code="invalid_tenant")
     database = scoped_database(base, tenant)
     present = _tables(admin, base)
-    tables = frozenset(name for name in EXPOSED if name in present)
+    tables = frozenset(name for name in exposed() if name in present)
     try:
         admin.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
         for name in sorted(tables):

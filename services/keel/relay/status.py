@@ -10,8 +10,9 @@ subject, and give it an outcome too:
   did to which command. (``ApprovalRequested`` is caused by the parked command itself.)
   A refused approval (``not_pending``, ``self_approval``...) is a ``CommandRejected`` of
   the approving command, like any other refusal.
-* a compensation (``RefundReversed``) is its command's effect as usual, and its
-  ``reason`` names the command it undid (also in the event's ``payload.reverses``).
+* a compensation (the ``by`` event of a domain's ``Undo``) is its command's effect as usual,
+  and its ``reason`` names the command it undid, when the domain says which field holds it
+  (``Undo.names_undone``).
 
 ``Outcome.subject_command_id`` carries the subject, typed; the status record keeps it in
 ``reason``.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keel.domain.envelope import Envelope
+from keel.domains.registry import current
 from keel.outbox.models import CommandStatus, Outcome, TrackedEvent
 
 # event type -> (status of the command it names, reason code); a None status records the
@@ -43,8 +45,6 @@ APPROVAL_SUMMARY: dict[str, Callable[[uuid.UUID, dict[str, Any]], str]] = {
     "ApprovalExpired": lambda subject, _: f"command {subject}'s approval expired; it will not run",
 }
 
-# compensation event type -> the payload field naming the command it undid.
-COMPENSATION_SUBJECT: dict[str, str] = {"RefundReversed": "reverses"}
 
 
 def event_outcomes(event: Envelope) -> list[Outcome]:
@@ -63,7 +63,7 @@ def event_outcomes(event: Envelope) -> list[Outcome]:
         return outcomes
     if event.causation_id is None:
         return []
-    field = COMPENSATION_SUBJECT.get(event.type)
+    field = current().undone_field.get(event.type)
     if field is not None and payload.get(field) is not None:
         undone = uuid.UUID(str(payload[field]))
         reason = payload.get("reason")

@@ -27,6 +27,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from keel.config import Settings
+from keel.domains.registry import current
 from keel.errors import InfraError
 from keel.kafka.topics import Topic
 from keel.projector.projector import EventProjector, ProjectorStats
@@ -36,7 +37,8 @@ SHADOW = "__shadow"
 PREVIOUS = "__previous"
 FROM_KAFKA: dict[str, Topic] = {"events": Topic.EVENTS, "commands": Topic.COMMANDS}
 FROM_EVENTS: dict[str, str] = {"tenant_hourly": "tenant_hourly_mv"}  # table -> the view that feeds it
-COMPUTED = frozenset({"command_lifecycle", "approvals", "agent_activity", "tenant_metrics", "refund_totals"})
+COMPUTED = frozenset({"command_lifecycle", "approvals", "agent_activity", "tenant_metrics"})
+"""Keel's views computed at query time; every domain view (``Domain.views``) is one too."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def _swap_in(client: Client, table: str) -> None:
 
 
 def _check(table: str) -> None:
-    if table in COMPUTED:
+    if table in COMPUTED or any(table in domain.views for domain in current().domains):
         raise ProjectionError(f"{table} is a view computed at query time from the log tables; it is always "
                               "current and has nothing to rebuild", code="view_not_materialized")
     if table not in FROM_KAFKA and table not in FROM_EVENTS:

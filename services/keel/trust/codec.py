@@ -2,7 +2,7 @@
 
 A drop-in ``EnvelopeCodec`` for the edges (SDK, gateway, processor). ``decode`` opens the
 raw Avro record *before* validation, so a command whose personal field has a format rule
-(``SendEmail.to_address``) validates its plaintext, which then lives only in memory;
+(an e-mail address, say) validates its plaintext, which then lives only in memory;
 ``encode`` seals with the envelope's own id as associated data, so the processor's
 events are re-sealed under their event ids. Consumers that must never see plaintext
 (the projector, the chainer) keep the plain codec and store ciphertext.

@@ -39,12 +39,11 @@ from fastavro import schemaless_reader
 from keel.contracts.catalog import load_catalog
 from keel.contracts.codec import HEADER_SIZE, MAGIC
 from keel.domain.personal import ERASED, is_sealed
-from keel.domain.subscription import COMPENSATING_EVENTS
+from keel.domains.registry import current
 from keel.errors import KeelError
 from keel.trust.entries import RECEIPT_MAGIC
 from keel.trust.record import AuditEntry, AuditRecord, parse_record
 
-_UNDOING = COMPENSATING_EVENTS | {"SubjectErased"}
 _NOTES = ("approver", "comment", "reason", "code")
 """Payload fields worth a reader's eye on every line (who decided, and why)."""
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -155,7 +154,7 @@ def _line(record: AuditRecord) -> str:
     payload = payload_of(e)
     parts += [f"{name}={ref}" for name, value in payload.items() if (ref := _canonical_id(value))]
     parts += [f"{name}={_shown(payload[name])}" for name in _NOTES if payload.get(name) not in (None, "")]
-    if e.type in _UNDOING:
+    if e.type == "SubjectErased" or e.type in current().compensating:
         parts.append("<- undoes earlier actions")
     if e.causation_id:
         parts.append(f"(caused by {e.causation_id})")

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 
-from keel.domain.governance.policy import DEFAULT_POLICY, Policy, parse_policy
+from keel.domain.governance.policy import Policy, builtin_policy, parse_policy
+from keel.domains.registry import current
+
+
+@cache
+def default_policy() -> Policy:
+    """The built-in policy with every registered domain's default rules, in registry order."""
+    return builtin_policy(tuple(rule for domain in current().domains for rule in domain.policy))
 
 
 @dataclass
 class TenantControls:
     """What currently constrains one tenant."""
 
-    policy: Policy = DEFAULT_POLICY
+    policy: Policy = field(default_factory=default_policy)
     killed_agents: set[str] = field(default_factory=set)
     killed_command_types: set[str] = field(default_factory=set)
     tripped_agents: set[str] = field(default_factory=set)
@@ -41,7 +49,7 @@ class Controls:
         controls = self.tenants.setdefault(tenant_id, TenantControls())
         target = rest[0] if rest else ""
         if kind == "policy":
-            controls.policy = parse_policy(value.decode()) if value else DEFAULT_POLICY
+            controls.policy = parse_policy(value.decode()) if value else default_policy()
         elif kind in ("kill-agent", "kill-command_type", "breaker"):
             chosen = {"kill-agent": controls.killed_agents,
                       "kill-command_type": controls.killed_command_types,

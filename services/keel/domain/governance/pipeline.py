@@ -43,7 +43,7 @@ from keel.domain.governance.controls import TenantControls, policy_record, switc
 from keel.domain.governance.policy import Outcome, is_system, parse_policy
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.outcomes import to_events
-from keel.domain.subscription import decide, reject
+from keel.domain.deciding import decide, reject
 from keel.errors import ValidationError
 
 CONTROLS_AGGREGATE = "controls"
@@ -143,7 +143,7 @@ def _governed(command: Envelope, state: AggregateState, ctx: Context) -> Decisio
             expires_at=ctx.now + timedelta(seconds=policy.approval_ttl_seconds),
             command=command.model_dump_json())
         return Decision(to_events(command, [parked], version=state.version, now=ctx.now, authority=authority))
-    return Decision(to_events(command, decide(command, state.subscription), version=state.version,
+    return Decision(to_events(command, decide(command, state), version=state.version,
                               now=ctx.now, authority=authority))
 
 
@@ -183,7 +183,7 @@ def _approval(command: Envelope, state: AggregateState, ctx: Context) -> Decisio
                         authority=_authority(command.authority, role=role))
     authority = _authority(original.authority, role=original_role, policy_rule=parked.policy_rule,
                            policy_version=parked.policy_version, approval_id=str(command.id))
-    executed = to_events(command, decide(original, state.subscription), version=granted[-1].version or 0,
+    executed = to_events(command, decide(original, state), version=granted[-1].version or 0,
                          now=ctx.now, authority=authority, origin=original, first_index=1)
     return Decision(granted + executed)
 

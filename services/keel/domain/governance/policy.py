@@ -9,6 +9,7 @@ Every decision names the policy version and the rule that made it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 from collections.abc import Callable
@@ -142,20 +143,11 @@ def parse_policy(document: str) -> Policy:
         raise ValidationError(f"policy {path}: {first['msg']}", code="malformed_policy", field=path) from exc
 
 
-DEFAULT_POLICY = Policy(
-    version="builtin-1",
-    roles={"member": frozenset({"*"})},
-    grants={"*": frozenset({"member"})},
-    rules=(
-        Rule(name="refunds-over-1000-need-an-admin",
-             match=Match(command_types=frozenset({"IssueRefund"}), payload={"amount_cents": {"gt": 100_000}}),
-             decision=Outcome.APPROVE),
-        Rule(name="unsure-agents-ask-the-customer",
-             match=Match(command_types=frozenset({"IssueRefund"}), actor_kinds=frozenset({ActorKind.AGENT}),
-                         confidence_below=0.5),
-             decision=Outcome.CONFIRM),
-    ),
-)
-"""Applies to a tenant until it publishes its own: anyone may act, but no large refund runs
-without an admin (a role nobody holds until the tenant grants it), and an agent unsure of a
-refund asks the customer."""
+def builtin_policy(rules: tuple[Rule, ...]) -> Policy:
+    """What applies to a tenant until it publishes its own: anyone may act, under ``rules``
+    (the registered domains' defaults). Its version names its content."""
+    document = json.dumps([r.model_dump() for r in rules], sort_keys=True,
+                          default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+    digest = hashlib.sha256(document.encode())
+    return Policy(version=f"builtin-{digest.hexdigest()[:8]}", roles={"member": frozenset({"*"})},
+                  grants={"*": frozenset({"member"})}, rules=rules)

@@ -1,4 +1,4 @@
-"""``keel demo``: the story Keel exists for, end to end on the local broker and chDB.
+"""The support desk's demo (``keel demo``, ``make demo``): the story Keel exists for, end to end on the local broker and chDB.
 
 For two tenants, a support lead delegates a cancellation to an AI agent. The agent
 cancels the subscription, refunds part of the fee, tries to refund more than was paid
@@ -20,7 +20,7 @@ from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
-from keel.domain.messages import ApprovalRequested, CancelSubscription, IssueRefund, SendEmail, StartSubscription
+from keel.domain.messages import ApprovalRequested
 from keel.domain.personal import is_sealed
 from keel.gateway.settings import IngressSettings
 from keel.kafka.broker import start_broker
@@ -37,6 +37,8 @@ from keel.query.render import to_table
 from keel.query.run import run_query
 from keel.sdk.producer import CommandProducer
 from keel.security.keys import KeyStore
+
+from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 
 TENANT_QUERY = """
 SELECT version, type, actor_kind || ':' || actor_id AS actor, on_behalf_of,
