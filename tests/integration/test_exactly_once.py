@@ -1,11 +1,12 @@
 """The exactly-once oracle: two processor workers under a kill -9 schedule.
 
-Commands for several tenants and many aggregates stream in while worker processes are
-SIGKILLed and restarted at random 0.1–1 s intervals (and a third worker joins and leaves,
-forcing rebalances). Afterwards the events topic, read ``read_committed``, must equal a
-reference run of the same pure decision pipeline, aggregate by aggregate: every command
-decided exactly once, versions without gaps or duplicates, order kept, and the refunds
-parked for approval still pending.
+Commands of both example domains (support desk subscriptions and deploys services) for
+several tenants and many aggregates stream in, interleaved on the same topic, while worker
+processes are SIGKILLed and restarted at random 0.1–1 s intervals (and a third worker joins
+and leaves, forcing rebalances). Afterwards the events topic, read ``read_committed``, must
+equal a reference run of the same pure decision pipeline, aggregate by aggregate: every
+command decided exactly once with the same outcome (event type, version, rejection code),
+order kept, and the refund and the full rollout parked for approval still pending.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import pytest
 
 from keel.config import Settings
 from keel.domain.aggregate import EMPTY, evolve_aggregate
-from keel.domain.envelope import Envelope
+from keel.domain.envelope import Envelope, Payload
+from keel.domain.events import CommandRejected
 from keel.domain.governance.controls import TenantControls
 from keel.domain.governance.pipeline import Context, govern
 from keel.domain.governance.ratelimit import RateLimiter
+from deploys.messages import DeployPreview, PromoteRelease, RollBack
 from support_desk.messages import SendEmail
 from keel.sdk.producer import CommandProducer
 from tests.helpers import command, events, refund, start
@@ -35,38 +38,83 @@ from tests.processes import KeelProcess
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 TENANTS = ("acme", "globex", "initech", "umbrella")
-AGGREGATES_PER_TENANT = 40
-COMMANDS_PER_AGGREGATE = 125  # 4 x 40 x 125 = 20,000
+SUBSCRIPTIONS_PER_TENANT = 30
+SERVICES_PER_TENANT = 10
+COMMANDS_PER_AGGREGATE = 125  # 4 x (30 + 10) x 125 = 20,000
 MIN_KILLS = 30
 
 
 def workload() -> dict[str, list[Envelope]]:
-    """Each aggregate's commands in order: a start, refunds, emails, and one big refund that parks."""
+    """Each aggregate's commands in order: subscriptions and services of every tenant."""
     rng = random.Random(7)
     plans: dict[str, list[Envelope]] = {}
     for tenant in TENANTS:
-        for n in range(AGGREGATES_PER_TENANT):
-            aggregate = f"sub-{n}"
-            commands = [command(tenant, aggregate, start(10_000_000))]
-            big_at = rng.randrange(10, COMMANDS_PER_AGGREGATE)
-            for i in range(1, COMMANDS_PER_AGGREGATE):
-                if i == big_at:
-                    commands.append(command(tenant, aggregate, refund(500_000)))  # needs an admin: parks
-                elif i % 10 == 0:
-                    commands.append(command(tenant, aggregate, SendEmail(to_address="c@example.com", template="t")))
-                else:
-                    commands.append(command(tenant, aggregate, refund(rng.randrange(1, 100))))
-            plans[f"{tenant}/{aggregate}"] = commands
+        for n in range(SUBSCRIPTIONS_PER_TENANT):
+            plans[f"{tenant}/sub-{n}"] = subscription(tenant, f"sub-{n}", rng)
+        for n in range(SERVICES_PER_TENANT):
+            plans[f"{tenant}/svc-{n}"] = rollouts(tenant, f"svc-{n}", rng)
     return plans
 
 
-def expected_types(commands: list[Envelope]) -> list[tuple[str, int | None]]:
+def subscription(tenant: str, aggregate: str, rng: random.Random) -> list[Envelope]:
+    """A start, refunds, emails, and one big refund that parks."""
+    commands = [command(tenant, aggregate, start(10_000_000))]
+    big_at = rng.randrange(10, COMMANDS_PER_AGGREGATE)
+    for i in range(1, COMMANDS_PER_AGGREGATE):
+        if i == big_at:
+            commands.append(command(tenant, aggregate, refund(500_000)))  # needs an admin: parks
+        elif i % 10 == 0:
+            commands.append(command(tenant, aggregate, SendEmail(to_address="c@example.com", template="t")))
+        else:
+            commands.append(command(tenant, aggregate, refund(rng.randrange(1, 100))))
+    return commands
+
+
+def rollouts(tenant: str, service: str, rng: random.Random) -> list[Envelope]:
+    """Release after release previewed, promoted twice and rolled back step by step, with the
+    refusals of every business rule in between, and one promotion to 100 % that parks."""
+    commands: list[Envelope] = []
+
+    def add(payload: Payload) -> Envelope:
+        commands.append(command(tenant, service, payload))
+        return commands[-1]
+
+    full_at, release = rng.randrange(1, 10), 0
+    while len(commands) < COMMANDS_PER_AGGREGATE:
+        name, low = f"v{release}", rng.randrange(1, 50)
+        add(DeployPreview(release=name, commit_sha=f"{rng.getrandbits(28):07x}"))
+        first = add(PromoteRelease(release=name, percent=low))
+        add(PromoteRelease(release=name, percent=low))  # percent_must_grow
+        add(PromoteRelease(release=f"v{release + 1}", percent=low))  # no_preview
+        second = add(PromoteRelease(release=name, percent=rng.randrange(low + 1, 100)))
+        if release:
+            add(PromoteRelease(release=f"v{release - 1}", percent=low))  # rollout_in_progress
+        if release == full_at:
+            add(PromoteRelease(release=name, percent=100))  # needs an admin: parks
+        add(RollBack(promotion_id=first.id, reason="t"))  # later_promotion_stands
+        add(RollBack(promotion_id=second.id, reason="t"))
+        add(RollBack(promotion_id=second.id, reason="t"))  # nothing_to_roll_back
+        add(RollBack(promotion_id=first.id, reason="t"))
+        add(DeployPreview(release=name, commit_sha="0000000"))  # preview_exists
+        release += 1
+    return commands[:COMMANDS_PER_AGGREGATE]
+
+
+Outcome = tuple[str, int | None, str | None]
+
+
+def outcome(event: Envelope) -> Outcome:
+    """An event as the oracle compares it: its type, its version and, for a rejection, the code."""
+    return event.type, event.version, event.payload.code if isinstance(event.payload, CommandRejected) else None
+
+
+def expected_outcomes(commands: list[Envelope]) -> list[Outcome]:
     """What the pure pipeline decides for one aggregate's commands, in order."""
     state, decided = EMPTY, []
     for cmd in commands:
         decision = govern(cmd, state, Context(TenantControls(), RateLimiter(), datetime.now(UTC)))
         state = reduce(evolve_aggregate, decision.events, state)
-        decided += [(e.type, e.version) for e in decision.events]
+        decided += [outcome(e) for e in decision.events]
     return decided
 
 
@@ -98,6 +146,13 @@ def test_kill_9_schedule_yields_every_decision_exactly_once(settings: Settings, 
     plans = workload()
     total = sum(len(c) for c in plans.values())
     assert total >= 20_000
+    expected = {key: expected_outcomes(commands) for key, commands in plans.items()}
+    covered = {(kind, code) for decided in expected.values() for kind, _, code in decided}
+    assert covered >= {("RefundIssued", None), ("EmailQueued", None), ("SubscriptionStarted", None),
+                       ("PreviewDeployed", None), ("ReleasePromoted", None), ("ReleaseRolledBack", None),
+                       ("ApprovalRequested", None)} | {("CommandRejected", code) for code in (
+                           "percent_must_grow", "no_preview", "rollout_in_progress", "later_promotion_stands",
+                           "nothing_to_roll_back", "preview_exists")}, "the workload must exercise both domains"
 
     def produce() -> None:
         queues = [list(c) for c in plans.values()]
@@ -148,11 +203,11 @@ def test_kill_9_schedule_yields_every_decision_exactly_once(settings: Settings, 
     by_aggregate: dict[str, list[Envelope]] = defaultdict(list)
     for event in actual:
         by_aggregate[event.key].append(event)
-    mismatched = [key for key, commands in plans.items()
-                  if [(e.type, e.version) for e in by_aggregate[key]] != expected_types(commands)]
+    mismatched = [key for key in plans if [outcome(e) for e in by_aggregate[key]] != expected[key]]
     assert mismatched == [], f"{len(mismatched)} aggregates differ from the reference, e.g. {mismatched[:3]}"
     for key, commands in plans.items():
         assert [e.causation_id for e in by_aggregate[key]] == [c.id for c in commands], key
         state = reduce(evolve_aggregate, by_aggregate[key], EMPTY)
-        assert len(state.pending) == 1, f"{key}: the parked refund must still wait"
+        assert state.aggregate == ("service" if "/svc-" in key else "subscription"), key
+        assert len(state.pending) == 1, f"{key}: the parked refund or full rollout must still wait"
     print(f"\n{total} commands, {len(actual)} events, {kills} SIGKILLs in {elapsed:.0f}s")

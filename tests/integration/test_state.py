@@ -39,7 +39,7 @@ def test_state_at_each_version_is_the_fold_of_the_events_up_to_it(projected: Cli
         found = state_at(projected, "acme", "sub-1", event.version or 0, evolve=evolve, initial=INITIAL)
         assert found.state.version == event.version
         assert (found.state.domain.status, found.state.domain.refunded_cents, found.state.domain.emails_queued) == (
-            expected.status, expected.refunded_cents, expected.emails_queued)
+            expected.domain.status, expected.domain.refunded_cents, expected.domain.emails_queued)
         assert found.events[-1].type == event.type
 
     at_refund = state_at(projected, "acme", "sub-1", 2, evolve=evolve, initial=INITIAL)

@@ -3,7 +3,11 @@ the domain and the type at fault; and the core names no example domain's types."
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,3 +118,29 @@ def test_no_example_domain_type_is_named_in_the_core() -> None:
     imported = {module for path in (PROJECT_ROOT / "services").rglob("*.py")
                 for module in re.findall(r"^\s*(?:from|import) ([\w.]+)", path.read_text(), re.M)}
     assert not {m for m in imported if m.split(".")[0] in ("support_desk", "deploys")}
+
+
+def test_a_process_refuses_to_start_with_a_domain_that_fails_to_import(tmp_path: Path) -> None:
+    (tmp_path / "half_done.py").write_text("import no_such_dependency_of_this_team\n")
+    env = {**os.environ, "KEEL_DOMAINS": "half_done", "PYTHONPATH": str(tmp_path), "KEEL_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "keel.cli", "process", "--no-supervise"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "[domain_import_failed] domain 'half_done': cannot import half_done" in result.stderr
+    assert "no_such_dependency_of_this_team" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_keel_domains_show_prints_types_personal_fields_undos_and_schema_versions() -> None:
+    result = subprocess.run([sys.executable, "-m", "keel.cli", "domains", "show", "support_desk", "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    types = {t["type"]: t for t in shown["types"]}
+    assert types["SendEmail"]["personal_fields"] == ["to_address", "body"]
+    assert types["IssueRefund"] == {"type": "IssueRefund", "kind": "command", "aggregate": "subscription",
+                                    "schema_versions": [1], "personal_fields": []}
+    assert {"event": "RefundIssued", "undone_by": "RefundReversed"} in shown["undo"]
+    assert shown["views"] == ["refund_totals"]
+    unknown = subprocess.run([sys.executable, "-m", "keel.cli", "domains", "show", "nope"],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "[unknown_domain] no domain 'nope' is registered" in unknown.stderr

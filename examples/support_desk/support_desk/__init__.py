@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.domains import Aggregate, ActorKind, Domain, Match, Outcome, Rule, Undo
+from keel.domains import ActorKind, Aggregate, Domain, Envelope, Match, Outcome, Rule, Undo
 
 from support_desk import demo, subscription
 from support_desk.messages import (
@@ -26,6 +26,13 @@ from support_desk.messages import (
     SubscriptionStarted,
 )
 
+def reverse_refund(refund: Envelope, reason: str) -> ReverseRefund:
+    """The compensation of a ``RefundIssued``: reverse the refund its command made."""
+    if refund.causation_id is None:
+        raise ValueError(f"refund event {refund.id} names no command to reverse")
+    return ReverseRefund(refund_command_id=refund.causation_id, reason=reason)
+
+
 subscriptions = Aggregate(
     name="subscription",
     initial=subscription.INITIAL,
@@ -42,9 +49,7 @@ domain = Domain(
     home=Path(__file__).parent,
     aggregates=(subscriptions,),
     undo={
-        RefundIssued: Undo(by=RefundReversed, names_undone="reverses",
-                           command=lambda event, reason: ReverseRefund(refund_command_id=event.causation_id,
-                                                                       reason=reason)),
+        RefundIssued: Undo(by=RefundReversed, names_undone="reverses", command=reverse_refund),
         SubscriptionCancelled: Undo(by=SubscriptionReactivated,
                                     command=lambda event, reason: ReactivateSubscription(reason=reason)),
     },

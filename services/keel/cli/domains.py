@@ -63,9 +63,10 @@ def domains_show(name: Annotated[str, typer.Argument(help="The domain's name.")]
         output.write_json(described)
         return
     console = output.console()
-    console.print(f"domain [bold]{described['name']}[/bold] ({described['home']})", highlight=False)
+    console.print(f"domain {described['name']} ({described['home']})", markup=False, highlight=False)
     for aggregate in described["aggregates"]:
-        console.print(f"  aggregate {aggregate['name']}: ids match {aggregate['id_pattern']}", highlight=False)
+        console.print(f"  aggregate {aggregate['name']}: ids match {aggregate['id_pattern']}", markup=False,
+                      highlight=False)
     rows = [{**t, "schema_versions": ", ".join(f"v{v}" for v in t["schema_versions"]),
              "personal_fields": ", ".join(t["personal_fields"]) or "-",
              "undone_by": next((u["undone_by"] for u in described["undo"] if u["event"] == t["type"]), "-")}
@@ -73,8 +74,9 @@ def domains_show(name: Annotated[str, typer.Argument(help="The domain's name.")]
     columns = (("type", "type"), ("kind", "kind"), ("aggregate", "aggregate"), ("schema_versions", "schemas"),
                ("personal_fields", "personal fields"), ("undone_by", "undone by"))
     console.print(output.table(columns, rows, title=f"types of {name}"))
-    console.print(f"  default policy rules: {', '.join(described['policy_rules']) or 'none'}", highlight=False)
-    console.print(f"  views: {', '.join(described['views']) or 'none'}", highlight=False)
+    console.print(f"  default policy rules: {', '.join(described['policy_rules']) or 'none'}", markup=False,
+                  highlight=False)
+    console.print(f"  views: {', '.join(described['views']) or 'none'}", markup=False, highlight=False)
 
 
 def demo(domain: Annotated[str | None, typer.Option(help="Whose demo (default: the first that has one).")] = None

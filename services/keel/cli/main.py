@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from keel.domains.registry import current
-from keel.cli import analytics, dev, domains, governance, ingress, trust, watchers, workers
+from keel.cli import analytics, dev, domains, governance, ingress, schemas, trust, watchers, workers
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
@@ -31,8 +31,9 @@ app = typer.Typer(help="Keel: governed, audited, replayable actions for AI agent
 topics_app = typer.Typer(help="Kafka topics declared in code.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 console = Console()
-_WITHOUT_DOMAINS = frozenset({"up", "down", "health"})
-"""Commands that manage infrastructure and run even while a domain is broken."""
+_WITHOUT_DOMAINS = frozenset({"up", "down", "health", "schemas"})
+"""Commands that run even while a domain is broken: infrastructure, and the schema tools
+that fix it (they load the domains without the schema check)."""
 
 
 @app.callback()
@@ -142,6 +143,7 @@ def submit(
 
 
 domains.register(app)
+schemas.register(app)
 analytics.register(app)
 replay_cli.register(app)
 governance.register(app)

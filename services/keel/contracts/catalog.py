@@ -5,17 +5,19 @@ are Keel's own payloads, and each registered domain's ``schemas/`` folder holds 
 the same layout. A message schema is the envelope with its ``payload`` field typed by one
 payload record. Every (envelope, payload) version pair is a possible *writer* schema,
 found by its CRC-64-AVRO fingerprint; the newest pair is the *reader* schema, so old
-messages stay readable through Avro schema resolution.
+messages stay readable through Avro schema resolution. A type that changed incompatibly
+also carries its domain's upcasters, by version, for the codec to apply on the way.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from fastavro import parse_schema
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -23,8 +25,13 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from keel.config import PROJECT_ROOT
 from keel.errors import UnknownMessageType, UnknownSchema
 
+if TYPE_CHECKING:
+    from keel.domains.model import Domain
+
 SCHEMA_ROOT = PROJECT_ROOT / "schemas"
 PAYLOAD_KINDS = ("commands", "events")
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns a payload of one version of a type into the next version's (``Domain.upcasters``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Catalog:
 
     by_fingerprint: dict[bytes, MessageSchema]
     by_type: dict[str, tuple[MessageSchema, ...]]
+    upcasters: Mapping[str, Mapping[int, Upcaster]] = field(default_factory=dict)
+    """Type -> payload version -> the function that turns its payload into the next version's."""
 
     def writer(self, fp: bytes) -> MessageSchema:
         """The schema a message with fingerprint ``fp`` was written with."""
@@ -83,16 +92,18 @@ def compose(envelope: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]
     return message
 
 
-def domain_schema_roots() -> tuple[Path, ...]:
-    """The schema folders of every registered domain."""
-    from keel.domains.registry import current
-
-    return tuple(domain.schemas for domain in current().domains)
-
-
-def load_catalog(root: Path = SCHEMA_ROOT, domains: tuple[Path, ...] | None = None) -> Catalog:
+def load_catalog(root: Path = SCHEMA_ROOT, domains: Sequence[Domain] | None = None) -> Catalog:
     """Keel's schemas under ``root`` and those of ``domains`` (default: the registered ones)."""
-    return _load(root, domain_schema_roots() if domains is None else domains)
+    if domains is None:
+        from keel.domains.registry import current
+
+        domains = current().domains
+    catalog = _load(root, tuple(domain.schemas for domain in domains))
+    upcasters: dict[str, dict[int, Upcaster]] = {}
+    for domain in domains:
+        for (message_type, version), upcaster in domain.upcasters.items():
+            upcasters.setdefault(message_type, {})[version] = upcaster
+    return replace(catalog, upcasters=upcasters) if upcasters else catalog
 
 
 @cache

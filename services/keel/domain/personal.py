@@ -4,17 +4,49 @@ Fields marked ``"keel.personal": true`` in the schemas are sealed at the edge (S
 gateway) and re-sealed by the processor, so most consumers only ever see ciphertext. The
 format rule (an e-mail address, a length) therefore applies to plaintext alone; a sealed
 value or the marker left by erasure passes as it is.
+
+Each personal type carries the ``PERSONAL`` marker in its ``Annotated`` metadata:
+``keel schemas freeze`` finds it on a model field (``is_personal``) and writes the field
+with ``"keel.personal": true``, so the model is the one place a team says what is personal.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+import types
+import typing
+from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator
+from pydantic.fields import FieldInfo
 
 SEALED_PREFIX = "keel-enc:v1:"
 ERASED = "⟨erased⟩"
+
+
+class Personal:
+    """The marker of a personal type in ``Annotated`` metadata (one instance: ``PERSONAL``)."""
+
+    def __repr__(self) -> str:
+        return "PERSONAL"
+
+
+PERSONAL: Final = Personal()
+
+
+def is_personal(field: FieldInfo) -> bool:
+    """Whether a model field holds personal data: typed ``personal(...)``, alone or optional.
+
+    Pydantic moves a field's own ``Annotated`` metadata to ``field.metadata`` but leaves it
+    inside the annotation when the type is a union such as ``PersonalText | None``.
+    """
+    if any(isinstance(item, Personal) for item in field.metadata):
+        return True
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(typing.get_origin(arg) is Annotated and any(isinstance(m, Personal) for m in arg.__metadata__)
+                   for arg in typing.get_args(annotation))
+    return False
 
 
 def is_sealed(value: object) -> bool:
@@ -35,7 +67,7 @@ def personal(*, pattern: str | None = None, max_length: int) -> Any:
             raise ValueError(f"does not match {pattern}")
         return value
 
-    return Annotated[str, AfterValidator(check)]
+    return Annotated[str, AfterValidator(check), PERSONAL]
 
 
 EmailAddress = personal(pattern=r"[^@\s]+@[^@\s]+", max_length=320)
