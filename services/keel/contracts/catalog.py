@@ -95,15 +95,22 @@ def compose(envelope: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]
 def load_catalog(root: Path = SCHEMA_ROOT, domains: Sequence[Domain] | None = None) -> Catalog:
     """Keel's schemas under ``root`` and those of ``domains`` (default: the registered ones)."""
     if domains is None:
-        from keel.domains.registry import current
-
-        domains = current().domains
+        return _registered(root)
     catalog = _load(root, tuple(domain.schemas for domain in domains))
     upcasters: dict[str, dict[int, Upcaster]] = {}
     for domain in domains:
         for (message_type, version), upcaster in domain.upcasters.items():
             upcasters.setdefault(message_type, {})[version] = upcaster
     return replace(catalog, upcasters=upcasters) if upcasters else catalog
+
+
+@cache
+def _registered(root: Path) -> Catalog:
+    """The catalog of the registered domains: the registry is loaded once per process, so is this
+    (codecs and ciphers are built on hot paths)."""
+    from keel.domains.registry import current
+
+    return load_catalog(root, current().domains)
 
 
 @cache
