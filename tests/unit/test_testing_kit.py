@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from keel.domain.events import CommandRejected
-from keel.domains.registry import DomainError
+from keel.domains.registry import current
 from keel.testing import scenario
 from keel.testing.scenario import parse_actor
 from support_desk import domain
@@ -114,9 +114,9 @@ def test_actors_are_kind_and_id() -> None:
         parse_actor("robot:r2")
 
 
-def test_a_domain_that_is_not_the_registered_one_is_refused() -> None:
-    with pytest.raises(DomainError, match="another object is registered under its name") as refused:
-        scenario(replace(domain, policy=()))
-    assert refused.value.code == "unknown_domain"
-    with pytest.raises(DomainError, match="is not this process's registered domain"):
-        scenario(replace(domain, name="elsewhere"))
+def test_a_domain_not_registered_in_the_process_decides_with_its_own_registry() -> None:
+    unregistered = replace(domain, name="elsewhere")
+    after = scenario(unregistered).given(START).when(refund(100)).then(
+        RefundIssued(amount_cents=100, currency="EUR", reason="r"))
+    assert after.registry is not current() and [d.name for d in after.registry.domains] == ["elsewhere"]
+    assert scenario(domain).registry is current()

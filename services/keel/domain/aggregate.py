@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from keel.domain.envelope import Envelope
 from keel.domain.governance.approvals import Parked, fold_pending
-from keel.domains.registry import current
+from keel.domains.registry import Registry, current
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,17 @@ class AggregateState:
 EMPTY = AggregateState()
 
 
-def evolve_aggregate(state: AggregateState, event: Envelope) -> AggregateState:
-    """The state after ``event``: the same fold everywhere (processor, replay, state)."""
+def evolve_aggregate(state: AggregateState, event: Envelope, registry: Registry | None = None) -> AggregateState:
+    """The state after ``event``: the same fold everywhere (processor, replay, state).
+
+    ``registry``: whose aggregates fold (default: this process's, ``keel.testing`` passes its own).
+    """
     pending = fold_pending(state.pending, event)
     version = event.version
     if version is None:
         return state if pending is state.pending else AggregateState(
             state.version, state.aggregate, state.domain, pending)
-    owner = current().aggregate_of.get(event.type)
+    owner = (registry or current()).aggregate_of.get(event.type)
     if owner is None:  # Keel's own events (approvals) move the version, not the domain state
         return AggregateState(version, state.aggregate, state.domain, pending)
     base = state.domain if state.aggregate == owner.name else owner.initial

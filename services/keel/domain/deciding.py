@@ -15,7 +15,7 @@ from keel.domain.aggregate import AggregateState
 from keel.domain.envelope import Envelope, Payload
 from keel.domain.events import CommandRejected
 from keel.domains.model import Rejected
-from keel.domains.registry import current
+from keel.domains.registry import Registry, current
 
 
 def reject(command: Envelope, code: str, reason: str) -> CommandRejected:
@@ -23,9 +23,12 @@ def reject(command: Envelope, code: str, reason: str) -> CommandRejected:
     return CommandRejected(command_type=command.type, code=code, reason=reason)
 
 
-def decide(command: Envelope, state: AggregateState) -> list[Payload]:
-    """What ``command`` yields against ``state``: the domain's events, or one ``CommandRejected``."""
-    owner = current().aggregate_of.get(command.type)
+def decide(command: Envelope, state: AggregateState, registry: Registry | None = None) -> list[Payload]:
+    """What ``command`` yields against ``state``: the domain's events, or one ``CommandRejected``.
+
+    ``registry``: whose aggregates decide (default: this process's, ``keel.testing`` passes its own).
+    """
+    owner = (registry or current()).aggregate_of.get(command.type)
     if owner is None or command.payload.kind != "command":
         return [reject(command, "unsupported_command", f"{command.type} is no command of a registered domain")]
     if state.aggregate is not None and state.aggregate != owner.name:

@@ -28,7 +28,7 @@ from keel.domain.events import CommandRejected
 from keel.domain.outcomes import event_id, to_events
 from keel.domain.payloads import Command, Event
 from keel.domains.model import Domain
-from keel.domains.registry import DomainError, current
+from keel.domains.registry import Registry, build, current
 
 S = TypeVar("S")
 
@@ -86,6 +86,8 @@ class Scenario:
     """A domain's aggregates after some history, and the last command decided against them."""
 
     domain: Domain
+    registry: Registry
+    """Whose aggregates decide and fold: the process's when the domain is registered, else its own."""
     tenant: str = TENANT
     actor: str = ACTOR
     aggregate: str = AGGREGATE
@@ -183,12 +185,12 @@ class Scenario:
                                actor=parse_actor(actor or self.actor), on_behalf_of=on_behalf_of,
                                expected_version=expected_version, command_id=command_id, occurred_at=self.now)
         state = self.states.get(self.aggregate, EMPTY)
-        events = to_events(envelope, decide(envelope, state), version=state.version, now=self.now)
+        events = to_events(envelope, decide(envelope, state, self.registry), version=state.version, now=self.now)
         return self._fold(events, last=Decided(envelope, tuple(events)))
 
     def _fold_given(self, event: Event, *, actor: str | None, on_behalf_of: str | None) -> Scenario:
         """``event`` as the only event of a command of its own, at the aggregate's next version."""
-        if type(event).__name__ not in current().aggregate_of:
+        if type(event).__name__ not in self.registry.aggregate_of:
             raise ValueError(f"given: {type(event).__name__} is no event of a registered aggregate; "
                              "Keel's own events (approvals, rejections) come from commands")
         cause = uuid.uuid4()
@@ -203,23 +205,20 @@ class Scenario:
     def _fold(self, events: list[Envelope], *, last: Decided | None) -> Scenario:
         state = self.states.get(self.aggregate, EMPTY)
         for event in events:
-            state = evolve_aggregate(state, event)
+            state = evolve_aggregate(state, event, self.registry)
         return replace(self, states={**self.states, self.aggregate: state}, history=(*self.history, *events),
                        last=last)
 
 
 def scenario(domain: Domain, *, tenant: str = TENANT, actor: str = ACTOR, aggregate: str = AGGREGATE,
              now: datetime | None = None) -> Scenario:
-    """An empty history of ``domain``, which must be registered in this process (entry point or ``KEEL_DOMAINS``).
+    """An empty history of ``domain``: registered or not, so a domain can be tested before its
+    package is installed or its schemas frozen.
 
     ``actor`` (``kind:id``) acts unless a step names another; ``now`` stamps every envelope.
     """
-    registered = {d.name: d for d in current().domains}
-    if registered.get(domain.name) is not domain:
-        reason = ("another object is registered under its name" if domain.name in registered
-                  else f"registered: {', '.join(registered) or 'none'}")
-        raise DomainError(f"is not this process's registered domain ({reason}); Keel decides with the registry, "
-                          "so declare it in the `keel.domains` entry point group of its package or in "
-                          "KEEL_DOMAINS", domain=domain.name, code="unknown_domain")
     parse_actor(actor)  # a malformed actor fails here, not at the first step
-    return Scenario(domain=domain, tenant=tenant, actor=actor, aggregate=aggregate, now=now or datetime.now(UTC))
+    registered = current()
+    registry = registered if any(d is domain for d in registered.domains) else build([domain], check_schemas=False)
+    return Scenario(domain=domain, registry=registry, tenant=tenant, actor=actor, aggregate=aggregate,
+                    now=now or datetime.now(UTC))
