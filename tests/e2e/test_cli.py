@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from keel.config import Settings
+from keel.supervision.platform import PlatformState, state_path, stop_platform
+from tests.broker_faults import free_port
 
 KEEL = [sys.executable, "-m", "keel.cli"]
 
@@ -30,19 +32,28 @@ def env(broker_settings: Settings, tmp_path: Path) -> dict[str, str]:
             "COLUMNS": "200"}
 
 
-def test_the_demo_shows_both_tenants_events_and_their_clickhouse_rows(env: dict[str, str]) -> None:
-    result = keel("demo", env=env)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "12 commands → 12 events (2 rejected, 0 dead-lettered)" in out
-    assert out.count("ApprovalRequested") >= 4  # parked for the customer: in Kafka and in ClickHouse
-    assert out.count("refund_exceeds_paid") >= 4  # two tenants, in Kafka and in ClickHouse
-    assert "ClickHouse: tenant acme" in out and "ClickHouse: tenant globex" in out
-    assert out.count("6 rows") == 2
-    assert "projector: 12 new rows" in out
-    assert "keel-enc:v1:" not in out and "⟨sealed⟩" in out  # the customer's address travels sealed
-    assert "waits for" in out and '"tenant_id"' not in out  # the parked command summarised, not its JSON
-    assert keel("tenants", "list", env=env).stdout.split() == ["acme", "globex"]
+def test_the_demo_runs_the_platform_and_plays_the_story_through_the_gateway_with_api_keys(
+        env: dict[str, str], tmp_path: Path) -> None:
+    demo_env = {**env, "KEEL_GATEWAY_PORT": str(free_port())}
+    settings = Settings(data_dir=Path(env["KEEL_DATA_DIR"]), topic_prefix=env["KEEL_TOPIC_PREFIX"])
+    try:
+        result = keel("demo", env=demo_env)
+        assert result.returncode == 0, result.stderr + result.stdout
+        out = result.stdout
+        assert "platform: every service healthy" in out
+        assert "sent 12 commands through the gateway" in out
+        assert out.count("executed") == 8 and out.count("refund_exceeds_paid") >= 4  # GET and ClickHouse rows
+        assert out.count("pending_approval") == 2  # the unsure goodwill refunds wait for the customer
+        assert "ClickHouse: tenant acme" in out and "ClickHouse: tenant globex" in out
+        assert out.count("ApprovalRequested") == 2 and out.count("agent:support-bot") >= 10
+        assert "events of this run in Kafka: 12" in out
+        assert "keel-enc:v1:" not in out
+        assert keel("tenants", "list", env=demo_env).stdout.split() == ["acme", "globex"]
+        status = keel("status", env=demo_env)
+        assert status.returncode == 0 and "projector" in status.stdout  # still running in the background
+    finally:
+        stop_platform(settings)
+    assert PlatformState.read(state_path(settings)) is None
 
 
 def test_a_command_that_breaks_its_schema_is_refused_naming_the_field(env: dict[str, str]) -> None:

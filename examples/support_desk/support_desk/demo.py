@@ -1,60 +1,60 @@
-"""The support desk's demo (``keel demo``, ``make demo``): the story Keel exists for, end to end on the local broker and chDB.
+"""The support desk's demo (``keel demo``, ``make demo``): the story Keel exists for, as agents meet it.
 
-For two tenants, a support lead delegates a cancellation to an AI agent. The agent
-cancels the subscription, refunds part of the fee, tries to refund more than was paid
-(rejected by the domain), proposes a goodwill refund it is unsure of (parked by the
-policy until the customer confirms), and queues a follow-up email. The processor decides every
-command in Kafka transactions, the projector writes the events to ClickHouse, and the
-demo prints the events and a per-tenant query: who did what, on whose behalf.
+It starts the whole platform (``keel dev``: broker, gateway, relay, processor, chainer,
+projector, watchers) in the background unless it runs, registers two tenants with an API
+key per actor, and sends each tenant's story through the gateway over HTTP, as a real agent
+would. A support lead delegates a cancellation to an AI agent. The agent cancels the
+subscription, refunds part of the fee, tries to refund more than was paid (rejected by the
+domain), proposes a goodwill refund it is unsure of (parked by the policy until the
+customer confirms), and queues a follow-up email. The demo prints what became of each
+command and what each tenant's analyst sees in ClickHouse through ``GET /v1/query``.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import uuid
+from typing import Any
 
-from confluent_kafka.admin import AdminClient
+import httpx
 from rich.console import Console
 from rich.table import Table
 
-from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
-from keel.domain.messages import ApprovalRequested
 from keel.domain.personal import is_sealed
+from keel.errors import InfraError
 from keel.gateway.settings import IngressSettings
-from keel.kafka.broker import start_broker
-from keel.kafka.clients import admin_config
 from keel.kafka.reader import read_to_end
-from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
+from keel.kafka.topics import Topic, topic_name
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
-from keel.processor.worker import CommandProcessor
-from keel.projector.clickhouse import connect
-from keel.projector.migrations import apply_migrations
-from keel.projector.projector import EventProjector
-from keel.query.render import to_table
-from keel.query.run import run_query
-from keel.sdk.producer import CommandProducer
 from keel.security.keys import KeyStore
+from keel.supervision.platform import SERVICES, PlatformState, alive, health, log_path, state_path
 
 from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 
 TENANT_QUERY = """
 SELECT version, type, actor_kind || ':' || actor_id AS actor, on_behalf_of,
        authority_role AS role, JSONExtractString(payload, 'code') AS rejection
-FROM events FINAL
-WHERE tenant_id = {tenant:String} AND aggregate_id = {aggregate:String}
+FROM events
+WHERE aggregate_id = {aggregate:String}
 ORDER BY _partition, _offset
 """
+"""What a tenant's analyst asks; the gateway scopes it to the key's tenant."""
 TENANTS = {"acme": ("cust-ada", 4900, "EUR"), "globex": ("cust-bob", 12000, "USD")}
+BILLING = Actor(kind=ActorKind.SERVICE, id="billing")
+AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
+ANALYST = "ana.analyst"
 
 
 def story(tenant: str, subscription: str) -> list[Envelope]:
     """The commands of one tenant's story, in order."""
     customer, price, currency = TENANTS[tenant]
-    billing = Actor(kind=ActorKind.SERVICE, id="billing")
-    agent = Actor(kind=ActorKind.AGENT, id="support-bot")
+    billing, agent = BILLING, AGENT
     lead = DelegationLink(actor=Actor(kind=ActorKind.HUMAN, id="jane.lead"),
                           reason="customer asked to cancel and be refunded")
     support_agent = Authority(role="support-agent")
@@ -83,88 +83,128 @@ def story(tenant: str, subscription: str) -> list[Envelope]:
 
 
 def demo() -> None:
-    """Start the broker, run the story for two tenants, and show events and projections."""
+    """Run the platform (``keel dev``, in the background), play the story for two tenants through
+    the gateway with their API keys, and show the outcomes and what each tenant's analyst sees."""
     console = Console(width=None if Console().is_terminal else 120)
-    settings = Settings()
-    with console.status("starting the Kafka broker…"):
-        console.print(f"[green]broker[/green]: {start_broker(settings).detail}")
-    apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
-    ensure_local_keys(settings)  # the customer's e-mail address travels sealed
-    _register(settings)
-
+    settings, ingress = Settings(), IngressSettings()
+    _platform(settings, console)
+    keys = _register(settings)
     run = uuid.uuid4().hex[:6]
-    subscriptions = {tenant: f"sub-{run}" for tenant in TENANTS}
-    with CommandProducer(settings) as producer:
-        for tenant, subscription in subscriptions.items():
-            for command in story(tenant, subscription):
-                producer.send(command)
-    console.print(f"submitted {len(TENANTS) * 6} commands for tenants {', '.join(TENANTS)} (run {run})")
-
-    processor = CommandProcessor(settings, instance_id=f"demo-{run}")
-    try:
-        with console.status("deciding commands in Kafka transactions…"):
-            stats = processor.run_until_caught_up(timeout_s=120)
-    finally:
-        processor.close()
-    console.print(f"processor: {stats.commands} commands → {stats.events} events "
-                  f"({stats.rejected} rejected, {stats.dead_lettered} dead-lettered); "
-                  "the unsure goodwill refund waits for the customer (`keel approvals list --tenant acme`)")
-
-    console.print("delegation on every agent command: human:jane.lead → agent:support-bot "
-                  "(customer asked to cancel and be refunded)")
-    console.print(_events_table(settings, set(subscriptions.values())))
-    _project_and_query(settings, console, aggregate=f"sub-{run}")
-
-
-def _project_and_query(settings: Settings, console: Console, aggregate: str) -> None:
-    """Project the events into ClickHouse and show, per tenant, what an analyst sees."""
-    client = connect(settings)
-    try:
-        apply_migrations(client)
-        with console.status(f"projecting events into ClickHouse ({settings.analytics_dsn})…"), \
-                EventProjector(settings, client) as projector:
-            rows = projector.catch_up()
-        console.print(f"projector: {rows} new rows in {settings.clickhouse_database}.events")
+    aggregate = f"sub-{run}"
+    gateway = f"http://{ingress.gateway_host}:{ingress.gateway_port}"
+    with httpx.Client(base_url=gateway, timeout=30) as http:
+        sent = [(tenant, command, _submit(http, keys[tenant][command.actor.id], command))
+                for tenant in TENANTS for command in story(tenant, aggregate)]
+        console.print(f"sent {len(sent)} commands through the gateway ({gateway}) with each actor's API key "
+                      f"(run {run}); delegation on every agent command: human:jane.lead → agent:support-bot "
+                      "(customer asked to cancel and be refunded)", soft_wrap=True)
+        outcomes = Table(title="what became of each command (GET /v1/commands/{id})")
+        for column in ("tenant", "command", "actor", "status", "why"):
+            outcomes.add_column(column, overflow="fold")
+        for tenant, command, command_id in sent:
+            record = _settled(http, keys[tenant][command.actor.id], command_id)
+            outcomes.add_row(tenant, command.type, f"{command.actor.kind}:{command.actor.id}", record["status"],
+                             record.get("reason_code") or record.get("reason") or "")
+        console.print(outcomes)
+        console.print("the unsure goodwill refund waits for the customer (`keel approvals list --tenant acme`)")
         for tenant in TENANTS:
-            result = run_query(client, TENANT_QUERY, limit=100, timeout_s=30,
-                               parameters={"tenant": tenant, "aggregate": aggregate})
-            table = to_table(result)
-            table.title = f"ClickHouse: tenant {tenant}, subscription {aggregate}"
+            rows = _projected(http, keys[tenant][ANALYST], aggregate, expected=len(story(tenant, aggregate)))
+            table = Table(title=f"ClickHouse: tenant {tenant}, subscription {aggregate} (GET /v1/query, analyst key)")
+            for column in rows["columns"]:
+                table.add_column(str(column), overflow="fold")
+            for row in rows["rows"]:
+                table.add_row(*(_cell(value) for value in row))
             console.print(table)
-    finally:
-        client.close()
+    console.print(f"events of this run in Kafka: {len(_events_of(settings, aggregate))}; the platform keeps running "
+                  "in the background (`keel status` shows it, `keel down` stops it)", soft_wrap=True)
 
 
-def _register(settings: Settings) -> None:
-    """Register the story's tenants, so `keel tenants list` and the `--tenant` checks know them."""
+def _platform(settings: Settings, console: Console) -> None:
+    """Start ``keel dev`` in the background unless it runs; wait until every service is healthy."""
+    state = PlatformState.read(state_path(settings))
+    if state is None or not alive(state.supervisor_pid):
+        logs = log_path(settings, "dev").parent
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / "dev-console.log").open("ab") as out:
+            subprocess.Popen([sys.executable, "-m", "keel.cli", "dev"], stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    with console.status("starting the platform (`keel dev`: broker, gateway, relay, processor, projector, …)"):
+        while (problems := _unhealthy(settings)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    if problems:
+        raise InfraError(f"the platform did not come up: {'; '.join(problems)} (logs: "
+                         f"{log_path(settings, 'dev').parent})", code="platform_unhealthy")
+    console.print(f"platform: every service healthy (logs under {log_path(settings, 'dev').parent})")
+
+
+def _unhealthy(settings: Settings) -> list[str]:
+    state = PlatformState.read(state_path(settings))
+    if state is None or not alive(state.supervisor_pid):
+        return ["keel dev is starting"]
+    return [f"{service.name}: {problem}" for service in SERVICES
+            if (problem := health(settings, service, state.services[service.name])
+                if service.name in state.services else "starting") is not None]
+
+
+def _register(settings: Settings) -> dict[str, dict[str, str]]:
+    """The story's tenants and an API key per actor (and an analyst's), as an operator would make them."""
     db = open_database(IngressSettings().dsn(settings))
     try:
         OutboxStore(db).migrate()
         keys = KeyStore(db)
+        tokens: dict[str, dict[str, str]] = {}
         for tenant in TENANTS:
             keys.create_tenant(tenant)
+            tokens[tenant] = {actor.id: keys.create_key(tenant, actor, roles)[1] for actor, roles in (
+                (BILLING, frozenset({"billing-service"})), (AGENT, frozenset({"support-agent"})),
+                (Actor(kind=ActorKind.HUMAN, id=ANALYST), frozenset({"analyst"})))}
     finally:
         db.close()
+    return tokens
 
 
-def _detail(event: Envelope) -> str:
-    """One readable line for an event's payload: sealed fields labelled, a parked command summarised."""
-    if isinstance(event.payload, ApprovalRequested):
-        parked = event.payload
-        return (f"{parked.command_type} {parked.command_id} waits for {parked.approval_kind.value} "
-                f"(rule {parked.policy_rule}) until {parked.expires_at:%Y-%m-%d %H:%M} UTC")
-    return ", ".join(f"{k}={'⟨sealed⟩' if is_sealed(v) else v}"
-                     for k, v in event.payload.model_dump().items() if v is not None)
+def _submit(http: httpx.Client, token: str, command: Envelope) -> str:
+    answer = http.post("/v1/commands", content=command.model_dump_json(), headers=_bearer(token))
+    if answer.status_code not in (200, 201, 202):
+        raise InfraError(f"the gateway refused {command.type}: {answer.status_code} {answer.text}",
+                         code="demo_refused")
+    return str(answer.json()["command_id"])
 
 
-def _events_table(settings: Settings, aggregates: set[str]) -> Table:
+def _settled(http: httpx.Client, token: str, command_id: str) -> dict[str, Any]:
+    """The command's record once it has an outcome (parked counts as one)."""
+    deadline = time.monotonic() + 120
+    while True:
+        record: dict[str, Any] = http.get(f"/v1/commands/{command_id}", headers=_bearer(token)).json()
+        if record.get("status") not in ("accepted", "published") or time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
+
+
+def _projected(http: httpx.Client, token: str, aggregate: str, expected: int) -> dict[str, Any]:
+    """The analyst's view of the story once the projector holds its events."""
+    sql = TENANT_QUERY.replace("{aggregate:String}", f"'{aggregate}'")
+    deadline = time.monotonic() + 120
+    while True:
+        answer = http.get("/v1/query", params={"sql": sql}, headers=_bearer(token))
+        result: dict[str, Any] = answer.json()
+        if answer.status_code == 200 and len(result["rows"]) >= expected or time.monotonic() > deadline:
+            if answer.status_code != 200:
+                raise InfraError(f"GET /v1/query failed: {answer.status_code} {answer.text}", code="demo_refused")
+            return result
+        time.sleep(0.5)
+
+
+def _events_of(settings: Settings, aggregate: str) -> list[Envelope]:
     codec = EnvelopeCodec()
-    table = Table(title="events of this run (read_committed from Kafka)")
-    for column in ("tenant", "aggregate", "v", "type", "actor", "on behalf of", "detail"):
-        table.add_column(column, overflow="fold")
-    events = [codec.decode(m.value() or b"") for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))]
-    # Sorting is stable: each aggregate's events keep their log (offset) order.
-    for event in sorted((e for e in events if e.aggregate_id in aggregates), key=lambda e: e.tenant_id):
-        table.add_row(event.tenant_id, event.aggregate_id, str(event.version or "-"), event.type,
-                      f"{event.actor.kind}:{event.actor.id}", event.on_behalf_of or "", _detail(event))
-    return table
+    return [event for m in read_to_end(settings, topic_name(settings, Topic.EVENTS))
+            if (event := codec.decode(m.value() or b"")).aggregate_id == aggregate]
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _cell(value: object) -> str:
+    return "⟨sealed⟩" if is_sealed(value) else "" if value is None else str(value)

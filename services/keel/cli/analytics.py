@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from types import FrameType
 from typing import Annotated
@@ -22,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.status import Status
 
+from keel.analytics import owner
+from keel.analytics.server import EngineServer
 from keel.cli import output as out
 from keel.cli.tenancy import require_known
 from keel.config import Settings
@@ -61,19 +65,41 @@ def register(app: typer.Typer) -> None:
 def project(
     follow: Annotated[bool, typer.Option("--follow", help="Keep projecting new records until Ctrl-C.")] = False,
 ) -> None:
-    """Apply projection migrations, then project the events and commands topics into ClickHouse."""
+    """Apply projection migrations, then project the events and commands topics into ClickHouse.
+
+    With ``--follow`` on the embedded engine, this process owns it and serves every other
+    process's reads and maintenance (queries, state, rebuilds, redaction) while it projects.
+    """
     settings = Settings()
     client = connect(settings)
     try:
         _print_report(apply_migrations(client))
     finally:
         client.close()
-    with _out.status("projecting…") as status:
+    with _out.status("projecting…") as status, _serving(settings, follow):
         stats = _follow(settings, status) if follow else {
             source: _project_once(settings, source, status) for source in PROJECTED_TOPICS}
     for source, done in stats.items():
         _out.print(f"projected {done.rows} records into {settings.clickhouse_database}.{source.value}"
                    + (f"; {done.undecodable} undecodable records logged" if done.undecodable else ""))
+
+
+@contextmanager
+def _serving(settings: Settings, serve: bool) -> Iterator[None]:
+    """Serve the embedded engine this process opened to the others, for as long as it projects."""
+    path = settings.analytics_dsn.removeprefix("chdb://")
+    if not serve or path == settings.analytics_dsn:  # a ClickHouse server serves itself
+        yield
+        return
+    server = EngineServer(path)
+    port = server.start()
+    owner.publish(settings, port)
+    _out.print(f"serving the embedded ClickHouse to other processes on 127.0.0.1:{port}", highlight=False)
+    try:
+        yield
+    finally:
+        owner.withdraw(settings)
+        server.close()
 
 
 def _project_once(settings: Settings, source: Topic, status: Status) -> ProjectorStats:
@@ -213,6 +239,7 @@ def _follow(settings: Settings, status: Status) -> dict[Topic, ProjectorStats]:
 
     status.update("following new records (Ctrl-C to stop)…")
     previous = signal.signal(signal.SIGINT, request_stop)
+    previous_term = signal.signal(signal.SIGTERM, request_stop)  # keel dev and keel down stop it so
     threads = [threading.Thread(target=follow, args=(source,), name=f"project-{source.value}")
                for source in PROJECTED_TOPICS]
     try:
@@ -224,6 +251,7 @@ def _follow(settings: Settings, status: Status) -> dict[Topic, ProjectorStats]:
     finally:
         stop.set()
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     if failures:
         raise failures[0]
     return stats

@@ -63,7 +63,7 @@ def build_query_router(
                                       code="forbidden"))
         try:
             result = await run_in_threadpool(execute, settings, sql, tenant=caller.tenant_id, limit=limit,
-                                             timeout_s=timeout, gate=slots)
+                                             timeout_s=timeout, gate=slots, may_host=False)
         except KeelError as exc:
             if exc.code in READ_REFUSALS:
                 await run_in_threadpool(on_read_refused, caller, exc, sql)

@@ -43,23 +43,28 @@ class QueryGate:
 
 def execute(
     settings: Settings, sql: str, *, tenant: str | None, limit: int, timeout_s: float,
-    gate: QueryGate | None = None, parameters: Mapping[str, Any] | None = None,
+    gate: QueryGate | None = None, parameters: Mapping[str, Any] | None = None, may_host: bool = True,
 ) -> QueryResult:
-    """Run ``sql`` for ``tenant`` (``None``: every tenant, for ops) within the gate's bound."""
+    """Run ``sql`` for ``tenant`` (``None``: every tenant, for ops) within the gate's bound.
+
+    ``may_host``: whether this process may open the embedded engine when no owner serves it
+    (a one-shot CLI may; the gateway may not: ``keel.projector.clickhouse.connect``).
+    """
     with (gate or QueryGate(1)).slot():
-        admin = connect(settings)
+        admin = connect(settings, may_host=may_host)
         try:
             scope = (all_tenants_scope(settings.clickhouse_database) if tenant is None
                      else tenant_scope(admin, settings.clickhouse_database, tenant))
         finally:
             admin.close()
-        return run_in_scope(settings, scope, sql, limit=limit, timeout_s=timeout_s, parameters=parameters)
+        return run_in_scope(settings, scope, sql, limit=limit, timeout_s=timeout_s, parameters=parameters,
+                            may_host=may_host)
 
 
 def run_in_scope(settings: Settings, scope: Scope, sql: str, *, limit: int, timeout_s: float,
-                 parameters: Mapping[str, Any] | None = None) -> QueryResult:
+                 parameters: Mapping[str, Any] | None = None, may_host: bool = True) -> QueryResult:
     """Run ``sql`` on a fresh client whose default database is the scope's."""
-    client = connect(settings)
+    client = connect(settings, may_host=may_host)
     try:
         client.database = scope.database
         return run_query(client, sql, scope=scope, limit=limit, timeout_s=timeout_s, parameters=parameters)
