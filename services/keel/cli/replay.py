@@ -4,6 +4,10 @@
 interrupted replay: its checkpoint (under ``<data_dir>/replays/`` unless ``--checkpoint``
 names one) says where it stopped. Republishing into a live Keel topic needs ``--allow-live``
 and the topic's name typed again (or given with ``--confirm``).
+
+What a person reads (``keel state``, a JSON-lines replay file) shows personal values as
+``keel.trust.reveal`` says: ``⟨sealed⟩``, ``⟨erased⟩``, or plaintext with ``--reveal --as kind:id``,
+each tenant's audit chain recording that read. Avro files, topics and tables copy ciphertext.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, is_dataclass
+from functools import partial
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,8 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from keel.cli import output
+from keel.cli.trust import Reveal, RevealAs, revealer
 from keel.config import Settings
 from keel.domain.aggregate import EMPTY, AggregateState, evolve_aggregate
+from keel.domain.envelope import Envelope
 from keel.kafka.topics import Topic, topic_name
 from keel.projector.clickhouse import connect
 from keel.query.scope import exposed
@@ -34,6 +43,7 @@ from keel.replay.errors import ReplayError
 from keel.replay.range import Bound, Filter
 from keel.replay.sinks import AvroFileSink, JsonLinesSink, Sink, TableSink, TopicSink
 from keel.replay.state import parse_at, state_at, unprojected_events
+from keel.trust.reveal import Disclosure, open_reader, record_reads
 
 _out = Console()
 _err = Console(stderr=True)
@@ -57,28 +67,47 @@ def state_command(
     aggregate: Annotated[str, typer.Option(help="The aggregate id.")],
     at: Annotated[str, typer.Option(help="A version (e.g. 3) or an ISO-8601 time.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    reveal: Reveal = False,
+    acting: RevealAs = None,
 ) -> None:
     """Print an aggregate's state as it was at a version or a time, and the events that led there.
 
     Events the projection does not hold yet are read from Kafka, and the output says how many.
+    The state is folded from the events as printed, so it holds no ciphertext either.
     """
+    who = revealer(reveal, acting)
     settings = Settings()
     client = connect(settings)
-    try:
-        when = parse_at(at)
-        tail = unprojected_events(settings, client, tenant, aggregate)
-        found = state_at(client, tenant, aggregate, when, evolve=evolve_aggregate, initial=EMPTY, tail=tail)
-    finally:
-        client.close()
+    with open_reader(settings, reveal=who is not None) as reader:
+        shown: dict[uuid.UUID, Envelope] = {}
+
+        def read(event: Envelope) -> Envelope:
+            if event.id not in shown:
+                shown[event.id] = reader.envelope(event)
+            return shown[event.id]
+
+        def evolve(state: AggregateState, event: Envelope) -> AggregateState:
+            return evolve_aggregate(state, read(event))
+
+        try:
+            when = parse_at(at)
+            tail = unprojected_events(settings, client, tenant, aggregate)
+            found = state_at(client, tenant, aggregate, when, evolve=evolve, initial=EMPTY, tail=tail)
+        finally:
+            client.close()
+        events = [read(event) for event in found.events]
+        if who is not None:  # recorded before anything revealed is printed
+            record_reads(settings, reader.take(), actor=who, via="keel state")
     state = _plain_mapping(_shown_state(found.state))
     if as_json:
-        sys.stdout.write(json.dumps({"state": state, "events": [e.model_dump(mode="json") for e in found.events],
+        sys.stdout.write(json.dumps({"state": state, "events": [e.model_dump(mode="json") for e in events],
                                      "unprojected_events": found.unprojected}) + "\n")
         return
     history = Table("version", "type", "occurred_at", "actor", "payload", title=f"{tenant}/{aggregate} up to {at}")
-    for event in found.events:
+    for event in events:
         history.add_row(str(event.version or "-"), event.type, event.occurred_at.isoformat(),
-                        f"{event.actor.kind.value}:{event.actor.id}", json.dumps(event.payload.model_dump(mode="json")))
+                        f"{event.actor.kind.value}:{event.actor.id}",
+                        json.dumps(event.payload.model_dump(mode="json"), ensure_ascii=False))
     output.console().print(output.fold(history))
     facts = Table("field", "value", title="state")
     for key, value in state.items():
@@ -132,13 +161,23 @@ def replay_command(
     allow_live: Annotated[bool, typer.Option("--allow-live", help="Allow a live Keel topic as target.")] = False,
     confirm: Annotated[str | None, typer.Option("--confirm", help="The live target topic's name, again.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file (resume by rerunning).")] = None,
+    reveal: Reveal = False,
+    acting: RevealAs = None,
 ) -> None:
-    """Replay a range of a topic, filtered, into a file, a topic or a ClickHouse table (resumable)."""
+    """Replay a range of a topic, filtered, into a file, a topic or a ClickHouse table (resumable).
+
+    A JSON-lines file is for people: its personal values read ⟨sealed⟩ or ⟨erased⟩, or plaintext with
+    --reveal --as. An Avro file, a topic and a table copy the records as stored (ciphertext).
+    """
+    who = revealer(reveal, acting)
     settings = Settings()
     targets = [t for t in (out, to_topic, to_table) if t is not None]
     if len(targets) != 1:
         raise ReplayError("pick exactly one target: --out FILE, --to-topic TOPIC or --to-table TABLE",
                           code="bad_target")
+    if who is not None and (out is None or file_format is not FileFormat.JSONL):
+        raise ReplayError("--reveal writes plaintext only to a JSON-lines file (--out FILE), never into a topic, "
+                          "a table or an Avro copy", code="bad_target")
     topic = topic_name(settings, Topic(source)) if source in {t.value for t in Topic} else source
     job = ReplayJob(topic=topic, start=Bound.parse(start), end=Bound.parse(end),
                     filter=Filter(tenant=tenant, aggregate=aggregate, types=frozenset(types or ()), actor=actor),
@@ -148,22 +187,29 @@ def replay_command(
     path = checkpoint or settings.data_dir / "replays" / f"{job.fingerprint[:16]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     client = connect(settings) if to_table is not None else None
-    sink: Sink
-    if out is not None:
-        sink = JsonLinesSink(out) if file_format is FileFormat.JSONL else AvroFileSink(out)
-    elif to_topic is not None:
-        sink = TopicSink(settings, to_topic)
-    else:
-        assert client is not None and to_table is not None
-        if to_table in exposed() or to_table.startswith("_") or "__" in to_table:
-            raise ReplayError(f"{to_table} is a live projection; replay into a new table", code="live_target")
-        sink = TableSink(client, to_table, topic)
-    try:
-        progress = _run(settings, job, sink, path)
-    finally:
-        sink.close()
-        if client is not None:
-            client.close()
+    with ExitStack() as resources:
+        sink: Sink
+        if out is not None and file_format is FileFormat.JSONL:
+            reader = resources.enter_context(open_reader(settings, reveal=who is not None))
+            record: Callable[[Sequence[Disclosure]], None] = lambda _reads: None
+            if who is not None:
+                record = partial(record_reads, settings, actor=who, via=f"keel replay of {topic}")
+            sink = JsonLinesSink(out, reader, record)
+        elif out is not None:
+            sink = AvroFileSink(out)
+        elif to_topic is not None:
+            sink = TopicSink(settings, to_topic)
+        else:
+            assert client is not None and to_table is not None
+            if to_table in exposed() or to_table.startswith("_") or "__" in to_table:
+                raise ReplayError(f"{to_table} is a live projection; replay into a new table", code="live_target")
+            sink = TableSink(client, to_table, topic)
+        try:
+            progress = _run(settings, job, sink, path)
+        finally:
+            sink.close()
+            if client is not None:
+                client.close()
     path.unlink(missing_ok=True)  # finished: a rerun starts afresh
     _out.print(f"replayed {progress.kept} of {progress.read} records of {topic} into {targets[0]}")
 

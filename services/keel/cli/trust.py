@@ -16,19 +16,26 @@ one (``audit_format``, naming ``file:line``).
 * exit 2, ``FAIL tenant=T seq=N kind=K: <detail>``: the first bad sequence number and why;
 * exit 3, ``NOTHING tenant=T: ...``: no audit records (an unknown tenant, none chained yet,
   or an empty export), so nothing was verified.
+
+``keel audit show`` prints personal values ``⟨sealed⟩`` or ``⟨erased⟩``; ``--reveal --as kind:id``
+(also taken by ``keel state`` and ``keel replay``) prints them in plaintext once each tenant's
+chain has the read as ``PersonalDataRead`` (``keel.trust.reveal``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError as ModelError
 from rich.console import Console
 
 from keel.bootstrap import trust_settings
 from keel.cli.files import user_file
 from keel.config import Settings
+from keel.domain.envelope import Actor
+from keel.errors import ValidationError
 from keel.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -36,6 +43,28 @@ if TYPE_CHECKING:
     from keel.trust.store import TenantAudit
 
 _out = Console()
+
+Reveal = Annotated[bool, typer.Option(
+    "--reveal", help="Print personal fields in plaintext (needs --as); each tenant's audit chain records the "
+                     "read as PersonalDataRead. Without it they read ⟨sealed⟩, or ⟨erased⟩ once erased.")]
+RevealAs = Annotated[str | None, typer.Option("--as", help="Who reveals, as kind:id (e.g. human:dpo-alice).")]
+
+
+def revealer(reveal: bool, acting: str | None) -> str | None:
+    """``kind:id`` of who reveals personal data (``--reveal --as``), or ``None`` when nothing is revealed."""
+    if not reveal:
+        if acting is not None:
+            raise typer.BadParameter("--as names who reveals personal data: give it with --reveal")
+        return None
+    if acting is None:
+        raise typer.BadParameter("--reveal needs --as kind:id: the read is recorded in the audit chain under it")
+    kind, _, actor_id = acting.partition(":")
+    try:
+        actor = Actor.model_validate({"kind": kind, "id": actor_id})
+    except ModelError:
+        raise ValidationError(f"--as must be kind:id with kind agent, human or service, not {acting!r}",
+                              code="bad_actor", field="as") from None
+    return f"{actor.kind.value}:{actor.id}"
 
 
 def register(app: typer.Typer) -> None:
@@ -129,19 +158,28 @@ def show(
                                                      "execution, and the compensation that undid it)."),
     subject: str | None = typer.Option(None, help="A data subject (on-behalf-of): everything done for them, "
                                                      "with the approvals and compensations of those commands."),
+    reveal: Reveal = False,
+    acting: RevealAs = None,
 ) -> None:
     """Print a readable trail: when, what, who, under what authority, who approved it, and what undid it.
 
     The trail follows every record caused by or correlated with a command on it, or naming one in its
     payload (an approval's command id, a compensation's ``reverses``), so one trail tells the whole story.
     """
+    from keel.trust.reveal import open_reader, record_reads
     from keel.trust.show import render_trail, select_trail
     from keel.trust.store import read_audit
 
     if (command is None) == (subject is None):
         raise typer.BadParameter("give exactly one of --command or --subject")
-    audit = read_audit(Settings(), tenant)
-    for line in render_trail(select_trail(audit.records, command=command, subject=subject)):
+    who = revealer(reveal, acting)
+    settings = Settings()
+    audit = read_audit(settings, tenant)
+    with open_reader(settings, reveal=who is not None) as reader:
+        lines = render_trail(select_trail(audit.records, command=command, subject=subject), reader)
+        if who is not None:  # recorded before anything revealed is printed
+            record_reads(settings, reader.take(), actor=who, via="keel audit show")
+    for line in lines:
         _out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 

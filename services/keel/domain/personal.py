@@ -3,7 +3,7 @@
 Fields marked ``"keel.personal": true`` in the schemas are sealed at the edge (SDK,
 gateway) and re-sealed by the processor, so most consumers only ever see ciphertext. The
 format rule (an e-mail address, a length) therefore applies to plaintext alone; a sealed
-value or the marker left by erasure passes as it is.
+value, the marker left by erasure and the one a reader sees in place of ciphertext pass as they are.
 
 Each personal type carries the ``PERSONAL`` marker in its ``Annotated`` metadata:
 ``keel schemas freeze`` finds it on a model field (``is_personal``) and writes the field
@@ -22,6 +22,8 @@ from pydantic.fields import FieldInfo
 
 SEALED_PREFIX = "keel-enc:v1:"
 ERASED = "⟨erased⟩"
+SEALED = "⟨sealed⟩"
+"""What a reader not allowed to see a sealed value reads instead of its ciphertext (``keel.trust.reveal``)."""
 
 
 class Personal:
@@ -59,7 +61,7 @@ def personal(*, pattern: str | None = None, max_length: int) -> Any:
     compiled = re.compile(pattern) if pattern else None
 
     def check(value: str) -> str:
-        if is_sealed(value) or value == ERASED:
+        if is_sealed(value) or value in (ERASED, SEALED):
             return value
         if len(value) > max_length:
             raise ValueError(f"at most {max_length} characters")

@@ -3,6 +3,10 @@
 Stateless: every replica reads keys from and writes commands to the shared outbox
 database; the relay alone talks to Kafka. ``create_app`` builds everything at start-up
 (FastAPI lifespan), nothing at import time.
+
+A command's record shows its events' personal values as ``keel.trust.reveal`` says: ``⟨sealed⟩``
+or ``⟨erased⟩``; in plaintext to a key with the ``personal_data`` role, once that read is
+recorded in the tenant's audit chain (if it cannot be, the answer shows no plaintext).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from keel.errors import KeelError, ValidationError
 from keel.gateway.errors import NotFound, http_status
 from keel.gateway.schemas import AcceptedResponse, ErrorResponse, command_definitions, command_request_schema
 from keel.gateway.settings import IngressSettings
-from keel.gateway.submit import Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
+from keel.gateway.submit import PATH, Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
 from keel.gateway.writer import BatchWriter
 from keel.logs import configure_logging
 from keel.outbox.db import open_database
@@ -37,6 +41,8 @@ from keel.outbox.models import TERMINAL, CommandRecord
 from keel.outbox.store import OutboxStore
 from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
+from keel.trust.codec import SealingCodec
+from keel.trust.reveal import PERSONAL_DATA_ROLE, Disclosure, Reader, holds_sealed
 
 log = logging.getLogger("keel.gateway")
 
@@ -69,6 +75,33 @@ async def _record(command_id: uuid.UUID, caller: Caller, gw: Shared) -> CommandR
     if found is None:
         raise NotFound(f"no command {command_id} in tenant {caller.tenant_id}", field="path.command_id")
     return found
+
+
+async def _as_read(found: CommandRecord, caller: Principal, gw: Gateway) -> CommandRecord:
+    """``found`` as ``caller`` may read it; most records hold nothing sealed and are answered as they are."""
+    if not holds_sealed(found.reason) and not any(holds_sealed(event.payload) for event in found.events):
+        return found
+    return await to_thread.run_sync(_read_by, found, caller, gw)  # the key store and Kafka block
+
+
+def _read_by(found: CommandRecord, caller: Principal, gw: Gateway) -> CommandRecord:
+    cipher = gw.codec.cipher if isinstance(gw.codec, SealingCodec) else None
+    shown, reads = _shown(found, Reader(cipher, reveal=cipher is not None and PERSONAL_DATA_ROLE in caller.roles))
+    if reads and not gw.security.personal_data_read(actor_name(caller), reads,
+                                                    via=f"GET {PATH}/{found.command_id}"):
+        shown, _ = _shown(found, Reader(cipher))  # a read that was not recorded shows no plaintext
+    return shown
+
+
+def _shown(found: CommandRecord, reader: Reader) -> tuple[CommandRecord, list[Disclosure]]:
+    """The record as ``reader`` sees it, and what it showed in plaintext.
+
+    Tracked events do not keep their subject: each value opens with the subject of its key.
+    """
+    events = tuple(event.model_copy(update={"payload": reader.payload(
+        event.payload, message_type=event.type, tenant=found.tenant_id, subject=None, entry_id=str(event.event_id),
+        command_id=str(found.command_id))}) for event in found.events)
+    return found.model_copy(update={"events": events, "reason": reader.masked(found.reason)}), reader.take()
 
 
 def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
@@ -119,9 +152,13 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         return Response(body, status_code=202, media_type="application/json")
 
     @app.get("/v1/commands/{command_id}", response_model=CommandRecord, responses=_ERRORS)
-    async def status(found: Annotated[CommandRecord, Depends(_record)]) -> CommandRecord:
-        """The command's status (accepted … executed | rejected | dead_lettered) and its events."""
-        return found
+    async def status(found: Annotated[CommandRecord, Depends(_record)], caller: Caller, gw: Shared) -> CommandRecord:
+        """The command's status (accepted … executed | rejected | dead_lettered) and its events.
+
+        Personal values read ⟨sealed⟩ (⟨erased⟩ once erased); a key with the personal_data role
+        reads them in plaintext, and each such read is recorded in the tenant's audit chain.
+        """
+        return await _as_read(found, caller, gw)
 
     @app.get("/v1/commands/{command_id}/stream", response_class=EventSourceResponse, responses=_ERRORS)
     async def stream(found: Annotated[CommandRecord, Depends(_record)], caller: Caller, gw: Shared,
@@ -132,7 +169,8 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
             shape = (current.status, len(current.events))
             if shape != seen:
                 seen = shape
-                yield ServerSentEvent(event="status", data=current.model_dump(mode="json"))
+                shown = await _as_read(current, caller, gw)
+                yield ServerSentEvent(event="status", data=shown.model_dump(mode="json"))
             if current.status in TERMINAL or time.monotonic() > deadline:
                 return
             await sleep(0.2)

@@ -8,6 +8,12 @@ one gateway process. What a full minute drops is counted and carried in the next
 (``suppressed_before``), so nobody can flood a chain and the count is never lost. A
 claimed tenant that is not registered gets nothing: a made-up name must not create a chain.
 Receipts are appended from worker threads; a Kafka outage is logged, never raised.
+
+A read that shows personal data in plaintext (a key with the ``personal_data`` role) is
+recorded as ``PersonalDataRead`` in the chain of the tenant whose data it is, on behalf of
+its subject (``keel.trust.reveal``). Those receipts take no budget: the gateway shows the
+plaintext only once the receipt is acknowledged, so a budget would limit the reads, and only
+keys granted that role cause them.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from keel.config import Settings
 from keel.errors import KeelError
 from keel.security.keys import KeyStore
+from keel.trust.reveal import PERSONAL_DATA_ROLE, Disclosure, record_reads
 from keel.trust.store import append_receipt
 
 log = logging.getLogger("keel.gateway")
@@ -60,6 +67,15 @@ class SecurityLog:
     def read_refused(self, tenant: str, actor: str, error: KeelError, sql: str) -> None:
         """Record a query of ``tenant``'s key refused for reaching outside its projections."""
         self.record(tenant, "ReadRefused", actor, {"code": error.code, "reason": error.message, "sql": sql[:1000]})
+
+    def personal_data_read(self, actor: str, reads: Sequence[Disclosure], via: str) -> bool:
+        """Record reads that showed personal data in plaintext, in each tenant's chain; whether Kafka took them."""
+        try:
+            record_reads(self._settings, reads, actor=actor, via=via, authority={"role": PERSONAL_DATA_ROLE})
+        except Exception:  # noqa: BLE001 - logged: the caller then shows no plaintext
+            log.exception("could not record a personal data read in the audit chain")
+            return False
+        return True
 
     def record(self, tenant: str, kind: str, actor: str, details: dict[str, Any]) -> bool:
         """Append one receipt to ``tenant``'s chain unless its budget is spent; whether it was appended."""

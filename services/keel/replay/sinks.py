@@ -5,11 +5,15 @@ that state after an interruption (``resume``): files are cut back to the size th
 the last checkpoint, so a record is never written twice; a table sink inserts batches with
 deterministic deduplication tokens; a topic sink is at-least-once across a crash (event ids
 are deterministic, so consumers dedupe), exactly-once otherwise.
+
+Only a JSON-lines file can be for people: given a reader (``keel.trust.reveal``), its sealed
+values read as that reader sees them. Every other sink copies records as stored (ciphertext).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +30,7 @@ from keel.kafka.clients import producer_config
 from keel.projector.rows import EVENTS_TABLE, Position, event_row
 from keel.projector.store import Batch, insert_batch
 from keel.replay.errors import ReplayError
+from keel.trust.reveal import Disclosure, Reader
 
 RECORD_SCHEMA = parse_schema({
     "type": "record", "name": "ReplayedRecord", "namespace": "keel.replay",
@@ -58,27 +63,52 @@ class Sink(Protocol):
 
 
 class JsonLinesSink:
-    """One JSON object per line: the record's position and the decoded envelope."""
+    """One JSON object per line: the record's position and the decoded envelope.
 
-    def __init__(self, path: Path) -> None:
+    With a ``reader``, sealed values are written as it sees them, and what it showed in
+    plaintext is handed to ``record`` (which audits the read) before each flush makes it
+    durable. If recording fails, the file is cut back to where the last recorded flush left
+    it: no plaintext whose read went unrecorded stays in it.
+    """
+
+    def __init__(self, path: Path, reader: Reader | None = None,
+                 record: Callable[[Sequence[Disclosure]], None] = lambda _reads: None) -> None:
         self.path = path
         self._file = path.open("ab")
+        self._reader, self._record = reader, record
+        self._recorded = self._file.tell()
 
     def write(self, message: Message, event: Envelope) -> None:
+        shown = event if self._reader is None else self._reader.envelope(event)
         line = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset(),
-                "timestamp_ms": message.timestamp()[1], "event": event.model_dump(mode="json")}
+                "timestamp_ms": message.timestamp()[1], "event": shown.model_dump(mode="json")}
         self._file.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
 
     def flush(self) -> dict[str, Any]:
+        self._settle()
         self._file.flush()
         return {"bytes": self._file.tell()}
 
     def resume(self, state: dict[str, Any]) -> None:
         self._file.truncate(int(state.get("bytes", 0)))
         self._file.seek(0, 2)
+        self._recorded = self._file.tell()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._settle()
+        finally:
+            self._file.close()
+
+    def _settle(self) -> None:
+        """Record what was revealed since the last flush, or cut it out of the file."""
+        if self._reader is not None and (reads := self._reader.take()):
+            try:
+                self._record(reads)
+            except BaseException:
+                self._file.truncate(self._recorded)
+                raise
+        self._recorded = self._file.tell()
 
 
 class AvroFileSink:

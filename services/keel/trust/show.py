@@ -18,8 +18,9 @@ here: whatever links by id is followed.
 
 Each line shows when, who (actor, on behalf of, delegation), under what authority (role,
 policy rule, approval id...), what (type, aggregate, version), what it names (command ids
-in its payload) and, from the payload, the approver, comment, reason or code when it has
-them; a sealed (personal) value shows as ``⟨sealed⟩``, never its ciphertext.
+in its payload), its personal fields and, from the payload, the approver, comment, reason or
+code when it has them. A sealed value reads as the ``Reader`` shows it (``keel.trust.reveal``):
+``⟨sealed⟩``, ``⟨erased⟩`` once its key is gone, or plaintext when revealed; never its ciphertext.
 Compensations (the domain's compensating events) and erasure receipts are marked, so a
 reader sees what undid what.
 """
@@ -38,16 +39,17 @@ from fastavro import schemaless_reader
 
 from keel.contracts.catalog import load_catalog
 from keel.contracts.codec import HEADER_SIZE, MAGIC
-from keel.domain.personal import ERASED, is_sealed
+from keel.domain.personal import ERASED, SEALED, is_sealed
 from keel.domains.registry import current
 from keel.errors import KeelError
 from keel.trust.entries import RECEIPT_MAGIC
+from keel.trust.fields import personal_fields
 from keel.trust.record import AuditEntry, AuditRecord, parse_record
+from keel.trust.reveal import Reader
 
 _NOTES = ("approver", "comment", "reason", "code")
 """Payload fields worth a reader's eye on every line (who decided, and why)."""
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_SEALED = "⟨sealed⟩"
 _TOKEN = re.compile(r"[\w.:@/-]+")
 
 
@@ -128,14 +130,15 @@ def _canonical_id(value: object) -> str | None:
     return None
 
 
-def render_trail(trail: list[AuditRecord]) -> list[str]:
-    """One line per record, in chain order."""
+def render_trail(trail: list[AuditRecord], reader: Reader | None = None) -> list[str]:
+    """One line per record, in chain order, sealed values as ``reader`` sees them (default: marked)."""
     if not trail:
         return ["(no audit records match)"]
-    return [_line(r) for r in trail]
+    reader = reader or Reader(None)
+    return [_line(r, reader) for r in trail]
 
 
-def _line(record: AuditRecord) -> str:
+def _line(record: AuditRecord, reader: Reader) -> str:
     e = record.entry
     when = ("?" if e.occurred_at_us is None
             else datetime.fromtimestamp(e.occurred_at_us / 1e6, UTC).isoformat(timespec="seconds"))
@@ -151,8 +154,12 @@ def _line(record: AuditRecord) -> str:
     parts.append(f"[{authority or 'no authority recorded'}]")
     target = f" {e.aggregate_id}" + (f" v{e.version}" if e.version else "") if e.aggregate_id else ""
     parts.append(f"{e.type}{target}")
-    payload = payload_of(e)
+    event = e.kind == "event"
+    payload = reader.payload(payload_of(e), message_type=e.type if event else None, tenant=e.tenant,
+                             subject=e.on_behalf_of, entry_id=e.entry_id, command_id=e.causation_id or e.entry_id)
     parts += [f"{name}={ref}" for name, value in payload.items() if (ref := _canonical_id(value))]
+    parts += [f"{name}={_shown(payload[name])}" for name in (_personal(e.type) if event else ())
+              if name not in _NOTES and payload.get(name) not in (None, "")]
     parts += [f"{name}={_shown(payload[name])}" for name in _NOTES if payload.get(name) not in (None, "")]
     if e.type == "SubjectErased" or e.type in current().compensating:
         parts.append("<- undoes earlier actions")
@@ -161,9 +168,17 @@ def _line(record: AuditRecord) -> str:
     return " ".join(parts)
 
 
+def _personal(message_type: str) -> tuple[str, ...]:
+    """The personal fields of an event type; none for a type the catalog does not know."""
+    try:
+        return personal_fields(message_type)
+    except KeelError:
+        return ()
+
+
 def _shown(value: object) -> str:
-    if is_sealed(value):
-        return _SEALED
-    if value == ERASED or not isinstance(value, str) or _TOKEN.fullmatch(value):
+    if is_sealed(value):  # the reader marked every sealed value; this holds even if one slipped past
+        return SEALED
+    if value in (ERASED, SEALED) or not isinstance(value, str) or _TOKEN.fullmatch(value):
         return str(value)
     return json.dumps(value, ensure_ascii=False)  # free text, quoted so it cannot pass for another field
