@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from keel.contracts.codec import EnvelopeCodec
+from keel.domain.events import ApprovalKind, ApprovalRequested
 from support_desk.messages import EmailQueued, IssueRefund, RefundIssued, SendEmail
 from keel.domain.outcomes import to_events
 from keel.trust.codec import SealingCodec
@@ -133,3 +135,18 @@ def test_the_sealing_codec_opens_a_command_and_reseals_its_event_under_the_event
     wire = CODEC.decode(sealing.encode(event))
     assert wire.payload.to_address.startswith("keel-enc:v1:")
     assert sealing.decode(sealing.encode(event)) == event
+
+
+def test_a_parked_command_travels_sealed_inside_its_approval_request(keys: SqliteKeyStore) -> None:
+    parked = command("acme", "sub-1", SendEmail(to_address="ann@example.com", template="t", body="secret body"),
+                     on_behalf_of="cust-7")
+    [request] = to_events(parked, [ApprovalRequested(
+        command_id=parked.id, command_type=parked.type, approval_kind=ApprovalKind.APPROVAL, policy_rule="r",
+        policy_version="v", expires_at=parked.occurred_at, command=parked.model_dump_json())],
+        version=0, now=parked.occurred_at)
+    codec = SealingCodec(FieldCipher(keys))
+    wire = codec.encode(request)
+    assert b"ann@example.com" not in wire and b"secret body" not in wire
+    stored = json.loads(CODEC.decode(wire).payload.command)  # what the projector and the chain keep
+    assert stored["payload"]["to_address"].startswith("keel-enc:v1:")
+    assert codec.decode(wire).payload.command == request.payload.command  # the processor resumes it as sent

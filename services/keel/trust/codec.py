@@ -10,14 +10,22 @@ events are re-sealed under their event ids. Consumers that must never see plaint
 
 from __future__ import annotations
 
+import json
+
 from keel.contracts.catalog import Catalog
 from keel.contracts.codec import EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Envelope
+from keel.domain.events import ApprovalRequested
 from keel.trust.fields import FieldCipher
 
 
 class SealingCodec(EnvelopeCodec):
-    """Single-object Avro with personal fields sealed on the wire."""
+    """Single-object Avro with personal fields sealed on the wire.
+
+    An ``ApprovalRequested`` carries the whole parked command as JSON, decided from its
+    opened (plaintext) form: its personal fields are sealed inside that JSON too, under the
+    parked command's own id, and opened again when the event is decoded here.
+    """
 
     def __init__(self, cipher: FieldCipher, catalog: Catalog | None = None) -> None:
         super().__init__(catalog or cipher.catalog)
@@ -25,7 +33,14 @@ class SealingCodec(EnvelopeCodec):
 
     def encode(self, envelope: Envelope) -> bytes:
         """Seal, then encode."""
-        return super().encode(self.cipher.seal(envelope))
+        sealed = self.cipher.seal(envelope)
+        if isinstance(sealed.payload, ApprovalRequested):
+            parked = parse_envelope(json.loads(sealed.payload.command))
+            inner = self.cipher.seal(parked)
+            if inner is not parked:
+                sealed = sealed.model_copy(update={"payload": sealed.payload.model_copy(
+                    update={"command": inner.model_dump_json()})})
+        return super().encode(sealed)
 
     def decode(self, data: bytes) -> Envelope:
         """Decode the raw record, open its personal fields (or mark them erased), then validate."""
@@ -34,4 +49,11 @@ class SealingCodec(EnvelopeCodec):
             record["payload"] = self.cipher.open_payload(
                 record["payload"], tenant=record["tenant_id"], subject=record.get("on_behalf_of"),
                 envelope_id=str(record["id"]), message_type=record["type"])
+        if record["type"] == "ApprovalRequested":
+            parked = json.loads(record["payload"]["command"])
+            if self.cipher.personal(parked["type"]):
+                parked["payload"] = self.cipher.open_payload(
+                    parked["payload"], tenant=parked["tenant_id"], subject=parked.get("on_behalf_of"),
+                    envelope_id=str(parked["id"]), message_type=parked["type"])
+                record["payload"] = {**record["payload"], "command": json.dumps(parked, separators=(",", ":"))}
         return parse_envelope(record)
