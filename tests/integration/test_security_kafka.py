@@ -31,13 +31,15 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.errors import AuthorizationDenied
 from keel.gateway.settings import IngressSettings
 from keel.kafka.broker import platform_auth, start_broker, stop_broker
-from keel.kafka.clients import admin_config
+from keel.kafka.clients import admin_config, consumer_config
+from keel.kafka.errors import topic_partitions
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
 from keel.outbox.db import open_database
 from keel.outbox.enqueue import to_new_command
 from keel.outbox.store import OutboxStore
 from keel.relay.relay import Relay
+from keel.replay.range import Bound, resolve
 from keel.sdk.producer import CommandProducer
 from keel.security.acl import create_tenant_principal, tenant_prefix, tenant_username
 from tests.helpers import command, start
@@ -230,6 +232,20 @@ def test_a_topic_the_principal_may_not_describe_reads_as_a_denial_not_as_missing
     assert caught.value.code == "kafka_authorization_denied"
     assert (caught.value.principal, caught.value.resource, caught.value.operation) == (
         "User:tenant-a", f"topic:{secure.inbox['b']}", "DESCRIBE")
+
+
+def test_a_hidden_topic_reads_as_a_denial_where_replay_the_projector_and_the_processor_look_it_up(secure: Secure) -> None:
+    tenant_a = as_tenant(secure, "a")
+    config = consumer_config(tenant_a, f"{tenant_a.topic_prefix}.replay.{uuid.uuid4().hex}")
+    consumer = Consumer(config)
+    try:
+        assert topic_partitions(consumer, config, secure.inbox["a"], 15) == [0]  # its own: described
+        assert topic_partitions(consumer, config, secure.inbox["a"] + "-none", 15) == []  # really missing
+        with pytest.raises(AuthorizationDenied) as caught:  # replay's range resolution
+            resolve(consumer, config, secure.inbox["b"], Bound.parse("beginning"), Bound.parse("end"))
+    finally:
+        consumer.close()
+    assert (caught.value.principal, caught.value.resource) == ("User:tenant-a", f"topic:{secure.inbox['b']}")
 
 
 def keel_cli(secure: Secure, tmp_path: Path, args: list[str], password: str,

@@ -148,3 +148,15 @@ class KafkaWatch:
         denied = self.translate(error, resource=topic, operation=operation)
         assert isinstance(denied, AuthorizationDenied)
         return denied
+
+
+def topic_partitions(client: _MetadataClient, config: Mapping[str, Any], topic: str, timeout_s: float) -> list[int]:
+    """``topic``'s partitions, ``[]`` when it does not exist; ``AuthorizationDenied`` when the
+    broker's ACLs hide it from ``config``'s principal (a listing of all topics just omits it)."""
+    metadata = client.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    denied = KafkaWatch(config).denied_topic(metadata, topic)
+    if denied is not None:
+        raise denied
+    if metadata is None or metadata.error is not None:
+        return []
+    return sorted(metadata.partitions)

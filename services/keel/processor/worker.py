@@ -36,6 +36,7 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.errors import InfraError
 from keel.kafka import transactions
 from keel.kafka.clients import admin_config, consumer_config, loader_config, transactional_producer_config
+from keel.kafka.errors import topic_partitions
 from keel.kafka.idle import IdleCheck
 from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
@@ -114,8 +115,8 @@ class CommandProcessor:
     # -- partition ownership ------------------------------------------------------------
 
     def _check_partitioning(self) -> None:
-        metadata = self._consumer.list_topics(timeout=30).topics
-        counts = {t: len(metadata[t].partitions) if t in metadata else 0
+        config = consumer_config(self.settings, self.group_id)
+        counts = {t: len(topic_partitions(self._consumer, config, t, 30))
                   for t in (self.commands_topic, self.events_topic, self.dlq_topic)}
         if not counts[self.commands_topic] or not counts[self.events_topic] or not counts[self.dlq_topic]:
             raise InfraError(f"missing topics: {counts}; run `keel topics apply`", code="topics_missing")

@@ -36,6 +36,7 @@ from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import ConfigError, InfraError, KeelError
 from keel.kafka.clients import consumer_config
+from keel.kafka.errors import topic_partitions
 from keel.kafka.reader import watermarks
 from keel.kafka.topics import Topic, topic_name
 from keel.projector.aggregates import repair_aggregates
@@ -92,8 +93,9 @@ class EventProjector:
         self._on_batch = on_batch
         self._stats = ProjectorStats()
         self._stats_lock = threading.Lock()
-        self._consumer = Consumer(consumer_config(
-            settings, f"{settings.topic_prefix}.projector.{source.value}", **{"enable.partition.eof": True}))
+        self._config = consumer_config(settings, f"{settings.topic_prefix}.projector.{source.value}",
+                                       **{"enable.partition.eof": True})
+        self._consumer = Consumer(self._config)
         self._release_erasures: Callable[[], None] = lambda: None
         if erasures is None:  # the configured key store's tombstones, opened last: close() releases them
             erasures, self._release_erasures = known_erasures(settings)
@@ -190,11 +192,11 @@ class EventProjector:
         return {partition: offset + 1 for partition, offset in stored.items()}
 
     def _partitions(self) -> list[int]:
-        metadata = self._consumer.list_topics(self.topic, timeout=_METADATA_TIMEOUT_S).topics.get(self.topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
+        partitions = topic_partitions(self._consumer, self._config, self.topic, _METADATA_TIMEOUT_S)
+        if not partitions:
             raise InfraError(f"topic {self.topic} does not exist; apply Keel's topic declarations first",
                              code="topic_missing")
-        return sorted(metadata.partitions)
+        return partitions
 
     def _behind(self, start: dict[int, int]) -> dict[int, int]:
         """The end offset of each partition that has records past ``start`` (read_committed)."""

@@ -87,13 +87,14 @@ def replay(settings: Settings, job: ReplayJob, sink: Sink, *, checkpoint: Path |
     ``erasures`` defaults to the configured key store's tombstones.
     """
     codec = codec or EnvelopeCodec()
-    consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}.replay.{uuid.uuid4().hex}",
-                                        **{"enable.partition.eof": True}))
+    config = consumer_config(settings, f"{settings.topic_prefix}.replay.{uuid.uuid4().hex}",
+                             **{"enable.partition.eof": True})
+    consumer = Consumer(config)
     release: Callable[[], None] = lambda: None
     try:
         if erasures is None:
             erasures, release = known_erasures(settings)
-        ranges = resolve(consumer, job.topic, job.start, job.end)
+        ranges = resolve(consumer, config, job.topic, job.start, job.end)
         total = sum(last - first for first, last in ranges.values())
         starts = {p: first for p, (first, _) in ranges.items()}
         kept = 0

@@ -8,12 +8,15 @@ start and one end offset per partition, through Kafka's own ``offsets_for_times`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
 from keel.domain.envelope import Envelope
+from keel.kafka.errors import topic_partitions
 from keel.kafka.reader import watermarks
 from keel.replay.errors import ReplayError
 
@@ -89,14 +92,16 @@ def check_order(start: Bound, end: Bound) -> None:
                           code="inverted_range")
 
 
-def resolve(consumer: Consumer, topic: str, start: Bound, end: Bound) -> dict[int, tuple[int, int]]:
-    """``partition -> (first offset, end offset)`` for the partitions that have records in range."""
+def resolve(consumer: Consumer, config: Mapping[str, Any], topic: str, start: Bound,
+            end: Bound) -> dict[int, tuple[int, int]]:
+    """``partition -> (first offset, end offset)`` for the partitions that have records in range
+    (``config``: the consumer's, to name its principal if the ACLs deny the topic)."""
     check_order(start, end)
-    metadata = consumer.list_topics(topic, timeout=_TIMEOUT_S).topics.get(topic)
-    if metadata is None or metadata.error is not None or not metadata.partitions:
+    partitions = topic_partitions(consumer, config, topic, _TIMEOUT_S)
+    if not partitions:
         raise ReplayError(f"topic {topic} does not exist", code="topic_missing")
     ranges: dict[int, tuple[int, int]] = {}
-    for partition in sorted(metadata.partitions):
+    for partition in partitions:
         low, high = watermarks(consumer, TopicPartition(topic, partition), _TIMEOUT_S)
         first = _offset(consumer, topic, partition, start, low, high)
         last = _offset(consumer, topic, partition, end, low, high)
