@@ -20,6 +20,7 @@ and again whenever ``events`` is rebuilt or rolled back (they counted the old ta
 from __future__ import annotations
 
 from collections.abc import Callable
+import time
 from dataclasses import dataclass
 
 from clickhouse_connect.driver.binding import quote_identifier
@@ -37,6 +38,10 @@ SHADOW = "__shadow"
 PREVIOUS = "__previous"
 FROM_KAFKA: dict[str, Topic] = {"events": Topic.EVENTS, "commands": Topic.COMMANDS}
 FROM_EVENTS: dict[str, str] = {"tenant_hourly": "tenant_hourly_mv"}  # table -> the view that feeds it
+IN_FLIGHT_S = 120.0
+"""The longest a rebuild or rollback waits for inserts that began before its swap to land."""
+LATE_INSERT_S = 5.0
+"""Well past a projector batch's insert: when the second copy runs, no insert begun before the swap is left."""
 COMPUTED = frozenset({"command_lifecycle", "approvals", "agent_activity", "tenant_metrics"})
 """Keel's views computed at query time; every domain view (``Domain.views``) is one too."""
 
@@ -65,22 +70,69 @@ def rebuild(settings: Settings, client: Client, table: str, *, batch_size: int =
     shadow = table + SHADOW
     _run(client, f"CREATE TABLE IF NOT EXISTS {_q(shadow)} AS {_q(table)}")
     _replay_log(settings, client, table, shadow, batch_size, on_batch)
+    held = _positions(client, shadow)
+    swapped_at = time.monotonic()
     _swap_in(client, table)
+    _carry_over(client, table, held, swapped_at)
     _replay_log(settings, client, table, table, batch_size, on_batch)  # arrived while swapping
     return RebuildReport(table=table, rows=_count(client, table), kept_as=table + PREVIOUS,
                          dependents=_dependents(client, table))
 
 
 def rollback(client: Client, table: str) -> RebuildReport:
-    """Swap ``table`` with the one the last rebuild replaced; a second rollback undoes the first."""
+    """Swap ``table`` with the one the last rebuild replaced; a second rollback undoes the first.
+
+    Records the replaced table holds past the restored one's positions (projected since the
+    rebuild, while a projector kept following) are carried over: a rollback never loses one.
+    """
     _check(table)
     previous = table + PREVIOUS
     if not table_exists(client, previous):
         raise ProjectionError(f"{table} has no previous version to roll back to; rebuild it first",
                               code="nothing_to_roll_back")
+    held = _positions(client, previous) if table in FROM_KAFKA else None
+    swapped_at = time.monotonic()
     _run(client, f"EXCHANGE TABLES {_q(table)} AND {_q(previous)}")
+    if held is not None:  # what was projected since the rebuild stays: a rollback never loses a record
+        _carry_over(client, table, held, swapped_at)
     return RebuildReport(table=table, rows=_count(client, table), kept_as=previous,
                          dependents=_dependents(client, table))
+
+
+def _positions(client: Client, table: str) -> dict[int, int]:
+    """The highest Kafka offset ``table`` holds, per partition."""
+    try:
+        rows = client.query(f"SELECT _partition, max(_offset) FROM {_q(table)} GROUP BY _partition").result_rows
+    except ClickHouseError as exc:
+        raise InfraError(f"cannot read the positions of {table}: {exc}", code="rebuild_failed") from exc
+    return {int(partition): int(offset) for partition, offset in rows}
+
+
+def _carry_over(client: Client, table: str, held: dict[int, int], swapped_at: float) -> None:
+    """Copy into ``table`` the rows its replaced version holds past ``held`` (``table``'s positions
+    before the swap): a projector that kept following wrote them into the table it knew by name,
+    which is the replaced one now. An insert that began before the swap (at ``swapped_at``,
+    monotonic) lands in the replaced table even after it: the copy waits for the inserts the
+    engine lists, and runs once more after ``LATE_INSERT_S`` for those it does not (chDB lists
+    only a handle's own). A row copied twice is one row to every reader (FINAL)."""
+    deadline = time.monotonic() + IN_FLIGHT_S
+    while time.monotonic() < deadline and _inserts_older_than(client, table, time.monotonic() - swapped_at):
+        time.sleep(0.1)
+    beyond = ("multiIf(" + "".join(f"_partition = {p}, {o}, " for p, o in sorted(held.items())) + "-1)"
+              if held else "-1")
+    copy = (f"INSERT INTO {_q(table)} SELECT * FROM {_q(table + PREVIOUS)} WHERE _offset > {beyond} "
+            f"AND (_partition, _offset) NOT IN (SELECT _partition, _offset FROM {_q(table)} WHERE _offset > {beyond})")
+    _run(client, copy)
+    time.sleep(LATE_INSERT_S)
+    _run(client, copy)
+
+
+def _inserts_older_than(client: Client, table: str, age_s: float) -> int:
+    """How many inserts naming ``table`` have run for longer than ``age_s`` seconds."""
+    return int(client.query(
+        "SELECT count() FROM system.processes WHERE query ILIKE 'INSERT INTO%' AND elapsed > {age:Float64} "
+        "AND (position(query, {plain:String}) > 0 OR position(query, {quoted:String}) > 0)",
+        parameters={"age": age_s, "plain": f" {table} ", "quoted": f"`{table}`"}).result_rows[0][0])
 
 
 def _dependents(client: Client, table: str) -> tuple[RebuildReport, ...]:
