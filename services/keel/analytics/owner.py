@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from keel.config import Settings
+from keel.supervision.platform import alive
 from keel.supervision.progress import replace_json
 
 
@@ -48,7 +49,7 @@ def served_dsn(settings: Settings) -> str | None:
     if owner is None or owner.get("pid") == os.getpid() or owner.get("dsn") != settings.analytics_dsn:
         return None
     pid, port = owner.get("pid"), owner.get("port")
-    if not isinstance(pid, int) or not isinstance(port, int) or not _alive(pid):
+    if not isinstance(pid, int) or not isinstance(port, int) or not alive(pid):
         return None
     dsn = f"http://127.0.0.1:{port}"
     try:
@@ -56,16 +57,6 @@ def served_dsn(settings: Settings) -> str | None:
             return dsn if answer.status == 200 else None
     except OSError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read(path: Path) -> dict[str, object] | None:
