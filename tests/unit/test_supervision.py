@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import Future
 import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from typer.testing import CliRunner
 
 from keel.cli.main import app
 from keel.errors import InfraError
+from keel.kafka.idle import left_out
 from keel.supervision import resilient
 from keel.supervision.progress import BACKOFF, IDLE, Heartbeat, Progress, liveness
 from keel.supervision.resilient import run_resilient
@@ -155,3 +157,17 @@ def test_a_wait_begun_while_the_broker_answered_lasts_its_whole_time(monkeypatch
     started = time.monotonic()
     resilient.wait_to_retry(threading.Event(), 2.0, "b:1")
     assert time.monotonic() - started >= 2.0
+
+
+def test_a_group_the_broker_cannot_describe_in_time_is_not_taken_for_a_left_out_worker() -> None:
+    class Unanswered(Future[object]):
+        """A description that does not arrive: the broker is restarting."""
+
+        def result(self, timeout: float | None = None) -> object:
+            raise TimeoutError()
+
+    class RestartingBroker:
+        def describe_consumer_groups(self, groups: list[str], request_timeout: float) -> dict[str, Future[object]]:
+            return {group: Unanswered() for group in groups}
+
+    assert left_out(Consumer({"group.id": "g"}), RestartingBroker(), "g") is False  # type: ignore[arg-type]
