@@ -87,11 +87,11 @@ def demo() -> None:
     the gateway with their API keys, and show the outcomes and what each tenant's analyst sees."""
     console = Console(width=None if Console().is_terminal else 120)
     settings, ingress = Settings(), IngressSettings()
-    _platform(settings, console)
+    gateway = f"http://{ingress.gateway_host}:{ingress.gateway_port}"
+    _platform(settings, console, gateway)
     keys = _register(settings)
     run = uuid.uuid4().hex[:6]
     aggregate = f"sub-{run}"
-    gateway = f"http://{ingress.gateway_host}:{ingress.gateway_port}"
     with httpx.Client(base_url=gateway, timeout=30) as http:
         sent = [(tenant, command, _submit(http, keys[tenant][command.actor.id], command))
                 for tenant in TENANTS for command in story(tenant, aggregate)]
@@ -119,8 +119,9 @@ def demo() -> None:
                   "in the background (`keel status` shows it, `keel down` stops it)", soft_wrap=True)
 
 
-def _platform(settings: Settings, console: Console) -> None:
-    """Start ``keel dev`` in the background unless it runs; wait until every service is healthy."""
+def _platform(settings: Settings, console: Console, gateway: str) -> None:
+    """Start ``keel dev`` in the background unless it runs; wait until every service is healthy
+    and the gateway answers (a live process may not listen yet)."""
     state = PlatformState.read(state_path(settings))
     if state is None or not alive(state.supervisor_pid):
         logs = log_path(settings, "dev").parent
@@ -130,7 +131,7 @@ def _platform(settings: Settings, console: Console) -> None:
                              stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
     with console.status("starting the platform (`keel dev`: broker, gateway, relay, processor, projector, …)"):
-        while (problems := _unhealthy(settings)) and time.monotonic() < deadline:
+        while (problems := _unhealthy(settings) or _unanswered(gateway)) and time.monotonic() < deadline:
             time.sleep(0.5)
     if problems:
         raise InfraError(f"the platform did not come up: {'; '.join(problems)} (logs: "
@@ -145,6 +146,14 @@ def _unhealthy(settings: Settings) -> list[str]:
     return [f"{service.name}: {problem}" for service in SERVICES
             if (problem := health(settings, service, state.services[service.name])
                 if service.name in state.services else "starting") is not None]
+
+
+def _unanswered(gateway: str) -> list[str]:
+    try:
+        answer = httpx.get(f"{gateway}/healthz", timeout=2)
+    except httpx.HTTPError as exc:
+        return [f"the gateway does not answer at {gateway} yet ({type(exc).__name__})"]
+    return [] if answer.status_code == 200 else [f"the gateway answers {answer.status_code} at {gateway}/healthz"]
 
 
 def _register(settings: Settings) -> dict[str, dict[str, str]]:
