@@ -72,3 +72,51 @@ class BreakerReset(Event):
 class PolicyPublished(Event):
     policy_version: str
     document: str
+
+
+class EffectSucceeded(Event):
+    """The effect of event ``effect_id`` (caused by ``origin_command_id``) was performed."""
+
+    effect_id: uuid.UUID
+    origin_command_id: uuid.UUID
+    generation: int
+    provider: str
+    attempts: int
+    result: str
+
+
+class EffectFailed(Event):
+    effect_id: uuid.UUID
+    origin_command_id: uuid.UUID
+    generation: int
+    provider: str
+    attempts: int
+    code: str
+    error: str
+
+
+class EffectCancelled(Event):
+    effect_id: uuid.UUID
+    origin_command_id: uuid.UUID
+    generation: int
+    code: str
+    reason: str
+
+
+class EffectRetried(Event):
+    """A failed or cancelled effect runs again as ``generation``."""
+
+    effect_id: uuid.UUID
+    origin_command_id: uuid.UUID
+    generation: int
+    reason: str
+
+
+class ProviderBreakerOpened(Event):
+    provider: str
+    reason: str
+
+
+class ProviderBreakerClosed(Event):
+    provider: str
+    reason: str

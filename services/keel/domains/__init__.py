@@ -3,7 +3,8 @@
 A domain package declares pydantic ``Command`` and ``Event`` models (personal fields typed
 ``EmailAddress``, ``PersonalText`` or ``personal(...)``), one or more ``Aggregate``s with pure
 ``decide`` and ``evolve`` functions, the ``Undo`` of each event that can be undone, and the
-``Rule``s of its default policy, and exposes them as one ``Domain`` object through the
+``Rule``s of its default policy, the ``Effect``s that carry its events into the outside
+world, and exposes them as one ``Domain`` object through the
 ``keel.domains`` entry point group or ``KEEL_DOMAINS``. See ``docs/domains.md``.
 """
 
@@ -11,9 +12,20 @@ from keel.domain.envelope import ActorKind, Envelope
 from keel.domain.governance.policy import Match, Outcome, Rule
 from keel.domain.payloads import Command, Event
 from keel.domain.personal import EmailAddress, PersonalText, personal
-from keel.domains.model import Aggregate, Domain, Rejected, Undo
+from keel.domains.model import (
+    Aggregate,
+    Domain,
+    Effect,
+    EffectCall,
+    EffectResult,
+    PermanentError,
+    Rejected,
+    RetryableError,
+    Undo,
+)
 
 __all__ = [
-    "ActorKind", "Aggregate", "Command", "Domain", "EmailAddress", "Envelope", "Event", "Match", "Outcome",
-    "PersonalText", "Rejected", "Rule", "Undo", "personal",
+    "ActorKind", "Aggregate", "Command", "Domain", "Effect", "EffectCall", "EffectResult", "EmailAddress",
+    "Envelope", "Event", "Match", "Outcome", "PermanentError", "PersonalText", "Rejected", "RetryableError",
+    "Rule", "Undo", "personal",
 ]

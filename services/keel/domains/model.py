@@ -8,8 +8,9 @@ gateway, replay, undo, audit, erasure) works from what the object declares.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -69,6 +70,72 @@ class Undo:
     compensating command's status then names the command it undid."""
 
 
+class RetryableError(Exception):
+    """Raised by an effect handler when the call may succeed later (a 5xx, a timeout, a reset).
+
+    Keel retries with backoff under the same idempotency key, up to the effect's
+    ``max_attempts``; repeated retryable errors of one provider open its breaker.
+    """
+
+
+class PermanentError(Exception):
+    """Raised by an effect handler when retrying cannot help (a 4xx, a declined card).
+
+    The effect is recorded as failed at once with ``code`` and the message; ``keel effects
+    retry`` runs it again when a person decides it should.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EffectCall:
+    """What an effect handler gets for one attempt.
+
+    ``event`` is the decided event with its personal fields opened for this call only.
+    ``idempotency_key`` is the same for every attempt of the effect, on every worker, after
+    any crash: pass it to the provider (an ``Idempotency-Key`` header) so that it performs
+    the action once however often it is asked. ``deadline`` is when Keel stops waiting for
+    this attempt (the handler should give up by then).
+    """
+
+    event: Envelope
+    idempotency_key: str
+    attempt: int
+    deadline: datetime
+    provider: str
+
+
+EffectResult = dict[str, Any] | None
+"""What a handler returns on success: a JSON object Keel records in ``EffectSucceeded``."""
+
+EffectHandler = Callable[[EffectCall], EffectResult | Awaitable[EffectResult]]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What carries an event into the outside world: a payment, an e-mail, a deploy.
+
+    When ``on`` is recorded, ``keel effects run`` calls ``handler`` (sync or async) with an
+    ``EffectCall``. The outcome goes back through the processor as ``EffectSucceeded`` or
+    ``EffectFailed`` on the event's aggregate. ``provider`` names the outside system: effects
+    of one tenant and provider share a concurrency limit and a circuit breaker.
+    """
+
+    on: type[Event]
+    handler: EffectHandler
+    provider: str
+    timeout_s: float = 10.0
+    """How long one attempt may take before it counts as a retryable timeout."""
+    max_attempts: int = 8
+    backoff_s: float = 0.5
+    """The first retry's delay; each later one doubles it (with jitter), up to ``max_backoff_s``."""
+    max_backoff_s: float = 30.0
+
+
 @dataclass(frozen=True)
 class Domain:
     """A team's domain: its aggregates, what undoes what, and its default policy rules."""
@@ -90,6 +157,8 @@ class Domain:
     """A story ``keel demo`` plays on the local broker, if the domain has one."""
     schema_namespace: str | None = None
     """The Avro namespace of the domain's records (default: the domain's name)."""
+    effects: tuple[Effect, ...] = ()
+    """What carries the domain's events into the outside world (at most one per event type)."""
 
     @property
     def schemas(self) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,11 +21,12 @@ from importlib.metadata import entry_points
 
 from keel.domain.envelope import Payload
 from keel.domain.payloads import Command, Event
-from keel.domains.model import Aggregate, Domain, Undo
+from keel.domains.model import Aggregate, Domain, Effect, Undo
 from keel.errors import KeelError
 
 ENTRY_POINT_GROUP = "keel.domains"
 ENV_VAR = "KEEL_DOMAINS"
+PROVIDER_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,63}"
 
 
 class DomainError(KeelError):
@@ -60,6 +62,8 @@ class Registry:
     """Event type -> how it is undone."""
     undone_field: dict[str, str] = field(default_factory=dict)
     """Compensating event type -> the payload field naming the undone command (may be absent)."""
+    effect_of: dict[str, Effect] = field(default_factory=dict)
+    """Event type -> the effect that carries it into the outside world."""
 
     @property
     def compensating(self) -> frozenset[str]:
@@ -122,7 +126,7 @@ def build(domains: Iterable[Domain], *, check_schemas: bool = True) -> Registry:
                 raise DomainError(first.message + more, domain=domain.name, type_name=first.type_name,
                                   code=first.code)
     return Registry(tuple(chosen), registry.payloads, registry.aggregate_of, registry.domain_of,
-                    registry.undo_of, registry.undone_field)
+                    registry.undo_of, registry.undone_field, registry.effect_of)
 
 
 def _index(registry: Registry, domain: Domain, owner: dict[str, str]) -> None:
@@ -162,6 +166,28 @@ def _index(registry: Registry, domain: Domain, owner: dict[str, str]) -> None:
         registry.undo_of[undone.__name__] = undo
         if undo.names_undone is not None:
             registry.undone_field[undo.by.__name__] = undo.names_undone
+    for effect in domain.effects:
+        _index_effect(registry, domain, effect)
+
+
+def _index_effect(registry: Registry, domain: Domain, effect: Effect) -> None:
+    name = getattr(effect.on, "__name__", repr(effect.on))
+
+    def invalid(message: str) -> DomainError:
+        return DomainError(message, domain=domain.name, type_name=name, code="effect_invalid")
+
+    if registry.domain_of.get(name) is not domain or not issubclass(effect.on, Event):
+        raise invalid("has an effect but is no event of this domain")
+    if name in registry.effect_of:
+        raise invalid("has two effects; declare one handler that does both")
+    if not callable(effect.handler):
+        raise invalid("its effect has no callable handler")
+    if re.fullmatch(PROVIDER_PATTERN, effect.provider) is None:
+        raise invalid(f"its effect's provider {effect.provider!r} is not a name like 'payments' "
+                      f"({PROVIDER_PATTERN})")
+    if not (effect.timeout_s > 0 and effect.max_attempts >= 1 and 0 < effect.backoff_s <= effect.max_backoff_s):
+        raise invalid("its effect needs timeout_s > 0, max_attempts >= 1 and 0 < backoff_s <= max_backoff_s")
+    registry.effect_of[name] = effect
 
 
 @cache

@@ -39,6 +39,7 @@ class Topic(StrEnum):
     AUDIT_CHECKPOINTS = "audit-checkpoints"
     CONTROLS = "controls"
     DLQ = "dlq"
+    EFFECTS = "effects"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         spec(Topic.AUDIT, FOREVER, "Hash-chained tenant audit records, kept forever."),
         spec(Topic.AUDIT_CHECKPOINTS, FOREVER, "Signed chain heads (tenant, sequence, hash)."),
         spec(Topic.DLQ, 30 * _DAY_MS, "Messages that could not be processed, with the reason."),
+        spec(Topic.EFFECTS, 7 * _DAY_MS,
+             "What effect workers are doing (running, waiting and why), keyed tenant/effect; outcomes are events."),
         spec(Topic.CONTROLS, FOREVER, "Current guardrail switches per tenant; the latest value per key wins.",
              cleanup="compact"),
     ]

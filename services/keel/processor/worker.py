@@ -51,6 +51,8 @@ from keel.supervision.progress import IDLE, Progress
 log = logging.getLogger(__name__)
 
 _Headers = list[tuple[str, str | bytes | None]]
+COMMAND_TYPE_HEADER = "keel-command-type"
+"""Names, on an event record, the command the event is about (effect workers check its kill switch)."""
 # topic, value, key, partition, headers: the arguments of one ``produce`` call.
 _Record = tuple[str, bytes | None, bytes | None, int, _Headers | None]
 _ANY_PARTITION = -1  # librdkafka's "unassigned": the partitioner picks by key
@@ -350,7 +352,7 @@ def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, 
     """Append ``decision``'s produce records: each event to the events topic and the audit intake, then its controls."""
     for event in decision.events:
         value = codec.encode(event)
-        type_headers = _type_headers(event.type)
+        type_headers = _type_headers(event.type, decision.origin_type)
         records.append((outputs.events, value, key, partition, type_headers))
         # Keyed by tenant alone: the audit chainer sees a tenant's events in one
         # partition, in the order these transactions committed them.
@@ -360,9 +362,11 @@ def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, 
 
 
 @functools.cache
-def _type_headers(event_type: str) -> _Headers:
-    """The headers of an event record (built once per type; the producer only reads them)."""
-    return [("keel-type", event_type.encode())]
+def _type_headers(event_type: str, command_type: str | None) -> _Headers:
+    """The headers of an event record: its type and the type of the command it is about
+    (built once per pair; the producer only reads them)."""
+    headers: _Headers = [("keel-type", event_type.encode())]
+    return headers + [(COMMAND_TYPE_HEADER, command_type.encode())] if command_type else headers
 
 
 def new_instance_id() -> str:

@@ -1,4 +1,5 @@
-"""Guardrail controls per tenant: the policy in force, kill switches and tripped breakers.
+"""Guardrail controls per tenant: the policy in force, kill switches, tripped agent breakers
+and open provider breakers.
 
 Controls travel on the compacted controls topic as ``key -> JSON`` records (a tombstone
 clears a switch), written by the processor in the same transaction as the event that
@@ -31,6 +32,8 @@ class TenantControls:
     killed_agents: set[str] = field(default_factory=set)
     killed_command_types: set[str] = field(default_factory=set)
     tripped_agents: set[str] = field(default_factory=set)
+    open_providers: set[str] = field(default_factory=set)
+    """Providers whose breaker is open: their effects wait instead of calling them."""
 
 
 @dataclass
@@ -50,10 +53,11 @@ class Controls:
         target = rest[0] if rest else ""
         if kind == "policy":
             controls.policy = parse_policy(value.decode()) if value else default_policy()
-        elif kind in ("kill-agent", "kill-command_type", "breaker"):
+        elif kind in ("kill-agent", "kill-command_type", "breaker", "provider-breaker"):
             chosen = {"kill-agent": controls.killed_agents,
                       "kill-command_type": controls.killed_command_types,
-                      "breaker": controls.tripped_agents}[kind]
+                      "breaker": controls.tripped_agents,
+                      "provider-breaker": controls.open_providers}[kind]
             (chosen.add if value else chosen.discard)(target)
 
 
@@ -63,6 +67,7 @@ def policy_record(tenant_id: str, document: str) -> tuple[str, bytes]:
 
 
 def switch_record(tenant_id: str, kind: str, target: str, on: bool, reason: str) -> tuple[str, bytes | None]:
-    """The controls record of a kill switch (``kill-agent``/``kill-command_type``) or breaker."""
+    """The controls record of a kill switch (``kill-agent``/``kill-command_type``) or breaker
+    (``breaker`` of an agent, ``provider-breaker`` of an effect provider)."""
     value = json.dumps({"reason": reason}).encode() if on else None
     return f"{tenant_id}/{kind}/{target}", value

@@ -29,10 +29,14 @@ from keel.domain.events import (
     KillSwitchEngaged,
     KillSwitchReleased,
     PolicyPublished,
+    ProviderBreakerClosed,
+    ProviderBreakerOpened,
 )
 from keel.domain.commands import (
     ApproveCommand,
+    CloseProviderBreaker,
     ExpireApproval,
+    OpenProviderBreaker,
     RejectCommand,
     ResetBreaker,
     SetKillSwitch,
@@ -40,6 +44,7 @@ from keel.domain.commands import (
     TripBreaker,
 )
 from keel.domain.governance.controls import TenantControls, policy_record, switch_record
+from keel.domain.governance.effects import EFFECT_COMMANDS, settle
 from keel.domain.governance.policy import Outcome, is_system, parse_policy
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.outcomes import to_events
@@ -48,7 +53,7 @@ from keel.errors import ValidationError
 
 CONTROLS_AGGREGATE = "controls"
 APPROVAL_COMMANDS = (ApproveCommand, RejectCommand, ExpireApproval)
-CONTROL_COMMANDS = (SetKillSwitch, TripBreaker, ResetBreaker, SetPolicy)
+CONTROL_COMMANDS = (SetKillSwitch, TripBreaker, ResetBreaker, SetPolicy, OpenProviderBreaker, CloseProviderBreaker)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class Decision:
 
     events: list[Envelope]
     controls: list[tuple[str, bytes | None]] = field(default_factory=list)
+    origin_type: str | None = None
+    """The type of the command the events are about: the decided command's, or the parked
+    command's when an approval resumes it (effect workers check its kill switch)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,11 @@ class Context:
 
 def govern(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
     """Decide ``command`` against its aggregate under the tenant's current controls."""
+    decision = _decide(command, state, ctx)
+    return decision if decision.origin_type else Decision(decision.events, decision.controls, command.type)
+
+
+def _decide(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
     refusal = _isolation(command, ctx)
     if refusal is None and isinstance(command.payload, CONTROL_COMMANDS) \
             and command.aggregate_id != CONTROLS_AGGREGATE:
@@ -88,6 +101,8 @@ def govern(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
         return _approval(command, state, ctx)
     if isinstance(command.payload, CONTROL_COMMANDS):
         return _control(command, state, ctx)
+    if isinstance(command.payload, EFFECT_COMMANDS):
+        return _effect(command, state, ctx)
     return _governed(command, state, ctx)
 
 
@@ -185,7 +200,7 @@ def _approval(command: Envelope, state: AggregateState, ctx: Context) -> Decisio
                            policy_version=parked.policy_version, approval_id=str(command.id))
     executed = to_events(command, decide(original, state), version=granted[-1].version or 0,
                          now=ctx.now, authority=authority, origin=original, first_index=1)
-    return Decision(granted + executed)
+    return Decision(granted + executed, origin_type=original.type)
 
 
 def _approver_role(command: Envelope, kind: ApprovalKind, original: Envelope, ctx: Context) -> str | Refusal:
@@ -222,6 +237,16 @@ def _control(command: Envelope, state: AggregateState, ctx: Context) -> Decision
         case ResetBreaker(agent_id=agent, reason=reason):
             events, records = [BreakerReset(agent_id=agent, reason=reason)], [
                 switch_record(tenant, "breaker", agent, False, reason)]
+        case OpenProviderBreaker(provider=provider, reason=reason):
+            if provider in controls.open_providers:  # another worker tripped it first
+                return _refused(command, state, ctx, Refusal("already_open", f"{provider}'s breaker is open"))
+            events, records = [ProviderBreakerOpened(provider=provider, reason=reason)], [
+                switch_record(tenant, "provider-breaker", provider, True, reason)]
+        case CloseProviderBreaker(provider=provider, reason=reason):
+            if provider not in controls.open_providers:
+                return _refused(command, state, ctx, Refusal("not_open", f"{provider}'s breaker is closed"))
+            events, records = [ProviderBreakerClosed(provider=provider, reason=reason)], [
+                switch_record(tenant, "provider-breaker", provider, False, reason)]
         case SetPolicy(document=document):
             try:
                 policy = parse_policy(document)
@@ -233,6 +258,17 @@ def _control(command: Envelope, state: AggregateState, ctx: Context) -> Decision
         case _:
             raise AssertionError(command.type)
     return Decision(to_events(command, events, version=state.version, now=ctx.now, authority=authority), records)
+
+
+def _effect(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
+    role, refusal = authorize(command, ctx, rate_limit=False)
+    if refusal is not None and refusal.code != "breaker_open":
+        return _refused(command, state, ctx, refusal)
+    settled = settle(command, state.effects)
+    if isinstance(settled, tuple):
+        return _refused(command, state, ctx, Refusal(*settled))
+    return Decision(to_events(command, [settled], version=state.version, now=ctx.now,
+                              authority=_authority(command.authority, role=role)))
 
 
 def _authority(base: Authority, **decided: str | None) -> Authority:

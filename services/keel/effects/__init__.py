@@ -1,0 +1,1 @@
+"""Effects: carrying decided events into the outside world exactly once (``keel effects run``)."""
