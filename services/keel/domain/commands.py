@@ -89,10 +89,17 @@ class CancelEffect(Command):
 
 
 class RetryEffect(Command):
-    """Run a failed or cancelled effect again, under the same idempotency key."""
+    """Run a failed or cancelled effect again, under the same idempotency key.
+
+    ``event_partition`` and ``event_offset`` locate the effect's event in the events topic
+    (``keel effects retry`` finds them); the worker that runs the retry reads the event there
+    and checks that its id is ``effect_id``.
+    """
 
     effect_id: uuid.UUID
     reason: str = _Reason
+    event_partition: int = Field(ge=0)
+    event_offset: int = Field(ge=0)
 
 
 class OpenProviderBreaker(Command):

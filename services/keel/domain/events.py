@@ -104,12 +104,15 @@ class EffectCancelled(Event):
 
 
 class EffectRetried(Event):
-    """A failed or cancelled effect runs again as ``generation``."""
+    """A failed or cancelled effect runs again as ``generation``; its event is at
+    ``event_partition``/``event_offset`` of the events topic."""
 
     effect_id: uuid.UUID
     origin_command_id: uuid.UUID
     generation: int
     reason: str
+    event_partition: int
+    event_offset: int
 
 
 class ProviderBreakerOpened(Event):

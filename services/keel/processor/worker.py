@@ -43,6 +43,7 @@ from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.governance.pipeline import Decision
+from keel.domains.registry import current
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
 from keel.processor.state import BatchView, PartitionState
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 _Headers = list[tuple[str, str | bytes | None]]
 COMMAND_TYPE_HEADER = "keel-command-type"
 """Names, on an event record, the command the event is about (effect workers check its kill switch)."""
+EFFECT_HEADER = "keel-effect"
+"""Names, on an event record that has an effect in the processor's registry, the effect's provider:
+an effect worker without a handler for it reports the effect as waiting, never skips it."""
 # topic, value, key, partition, headers: the arguments of one ``produce`` call.
 _Record = tuple[str, bytes | None, bytes | None, int, _Headers | None]
 _ANY_PARTITION = -1  # librdkafka's "unassigned": the partitioner picks by key
@@ -366,7 +370,12 @@ def _type_headers(event_type: str, command_type: str | None) -> _Headers:
     """The headers of an event record: its type and the type of the command it is about
     (built once per pair; the producer only reads them)."""
     headers: _Headers = [("keel-type", event_type.encode())]
-    return headers + [(COMMAND_TYPE_HEADER, command_type.encode())] if command_type else headers
+    if command_type:
+        headers.append((COMMAND_TYPE_HEADER, command_type.encode()))
+    effect = current().effect_of.get(event_type)
+    if effect is not None:
+        headers.append((EFFECT_HEADER, effect.provider.encode()))
+    return headers
 
 
 def new_instance_id() -> str:

@@ -35,11 +35,11 @@ def settle(command: Envelope, effects: dict[uuid.UUID, EffectMark]) -> Payload |
                                   f"{command.aggregate_id} (a succeeded effect cannot change)")
     effect_id, origin = payload.effect_id, mark.origin_command_id
     match payload:
-        case RetryEffect(reason=reason):
+        case RetryEffect(reason=reason, event_partition=partition, event_offset=offset):
             if mark.open:
                 return "effect_open", f"effect {effect_id} has no outcome yet; only a failed or cancelled one is retried"
             return EffectRetried(effect_id=effect_id, origin_command_id=origin, generation=mark.generation + 1,
-                                 reason=reason)
+                                 reason=reason, event_partition=partition, event_offset=offset)
         case CompleteEffect(generation=generation) | FailEffect(generation=generation) if (
                 not mark.open or generation != mark.generation):
             return "effect_settled", (f"effect {effect_id} generation {generation} already has an outcome "
