@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from keel.domains.registry import current
-from keel.cli import analytics, dev, domains, governance, ingress, schemas, trust, watchers, workers
+from keel.cli import analytics, dev, domains, effects, governance, ingress, schemas, trust, watchers, workers
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
@@ -152,6 +152,7 @@ workers.register(app)
 dev.register(app)
 ingress.register(app)
 trust.register(app)
+effects.register(app)
 
 
 def main() -> None:
