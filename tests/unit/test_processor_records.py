@@ -1,4 +1,5 @@
-"""What the processor produces for a decision: each event to the events topic and the audit intake, then controls."""
+"""What the processor produces for a decision: each event to the events topic and the audit intake, then controls;
+each event record names its type, the command it is about and, when it has one, its effect's provider."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ def test_each_event_goes_to_its_aggregate_partition_and_to_the_tenant_keyed_audi
     [event] = to_events(cmd, [RefundIssued(amount_cents=5, currency="EUR", reason="test")], version=1,
                         now=cmd.occurred_at)
     records: list = []
-    decided_records(Decision([event], [("acme/kill-agent/bot", b"{}")]), codec, outputs, b"acme/sub-1", 2, records)
+    decided_records(Decision([event], [("acme/kill-agent/bot", b"{}")], "IssueRefund"), codec, outputs, b"acme/sub-1",
+                    2, records)
     value = codec.encode(event)
-    headers = [("keel-type", b"RefundIssued")]
+    headers = [("keel-type", b"RefundIssued"), ("keel-command-type", b"IssueRefund"), ("keel-effect", b"payments")]
     assert records == [
         (outputs.events, value, b"acme/sub-1", 2, headers),
         (outputs.audit_intake, value, b"acme", -1, headers),

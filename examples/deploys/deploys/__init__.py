@@ -1,5 +1,6 @@
 """Deploys: agents that ship code, deploying releases to preview, promoting them to a share of
-the traffic, and rolling promotions back.
+the traffic, and rolling promotions back. Promotions and rollbacks reach the deploy target as
+effects (``deploys.effects``).
 
 Registered through the ``keel.domains`` entry point in this example's ``pyproject.toml``,
 like any team's domain.
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.domains import Aggregate, Domain, Envelope, Match, Outcome, Rule, Undo
+from keel.domains import Aggregate, Domain, Effect, Envelope, Match, Outcome, Rule, Undo
 
-from deploys import service
+from deploys import effects, service
 from deploys.messages import (
     DeployPreview,
     PreviewDeployed,
@@ -56,4 +57,8 @@ domain = Domain(
              decision=Outcome.APPROVE),
     ),
     views=("deploys_per_service",),
+    effects=(
+        Effect(on=ReleasePromoted, handler=effects.promote, provider="deploy-target"),
+        Effect(on=ReleaseRolledBack, handler=effects.roll_back, provider="deploy-target"),
+    ),
 )

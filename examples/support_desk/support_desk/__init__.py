@@ -1,5 +1,6 @@
 """The support desk: agents start and cancel subscriptions, refund customers and e-mail them.
 
+Refunds, their reversals and e-mails reach the outside world as effects (``support_desk.effects``).
 Registered through the ``keel.domains`` entry point in this example's ``pyproject.toml``,
 like any team's domain.
 """
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.domains import ActorKind, Aggregate, Domain, Envelope, Match, Outcome, Rule, Undo
+from keel.domains import ActorKind, Aggregate, Domain, Effect, Envelope, Match, Outcome, Rule, Undo
 
-from support_desk import demo, subscription
+from support_desk import demo, effects, subscription
 from support_desk.messages import (
     CancelSubscription,
     EmailQueued,
@@ -65,6 +66,11 @@ domain = Domain(
              decision=Outcome.CONFIRM),
     ),
     views=("refund_totals",),
+    effects=(
+        Effect(on=RefundIssued, handler=effects.issue_refund, provider="payments"),
+        Effect(on=RefundReversed, handler=effects.reverse_refund, provider="payments"),
+        Effect(on=EmailQueued, handler=effects.send_email, provider="email"),
+    ),
     demo=demo.demo,
     schema_namespace="keel",  # the namespace its schemas were first released under
 )
