@@ -78,6 +78,33 @@ class Settings(BaseSettings):
         "created before the window are dead-lettered. 0 remembers every id (memory grows for ever).",
     )
 
+    effects_instance: str = Field(default="0", description="Effect worker instance id (its heartbeat's name).")
+    effects_max_in_flight: int = Field(
+        default=512, ge=1,
+        description="Effect attempts one worker runs at once, over every tenant and provider: at 50 ms a "
+        "provider call, 512 carry some 10,000 effects a second.")
+    effects_max_per_tenant: int = Field(
+        default=128, ge=1, description="Effect attempts of one tenant one worker runs at once.")
+    effects_max_per_provider: int = Field(
+        default=256, ge=1, description="Effect attempts of one tenant against one provider one worker runs at once.")
+    effects_max_buffered: int = Field(
+        default=10_000, ge=1,
+        description="Effects a worker holds read but unsettled before it stops reading (it reads on at half).")
+    effects_threads: int = Field(
+        default=128, ge=1,
+        description="Threads that run synchronous effect handlers; an attempt past its timeout keeps its "
+        "thread until the handler returns.")
+    effects_breaker_failures: int = Field(
+        default=5, ge=1,
+        description="Consecutive retryable failures of one tenant's provider that open its breaker.")
+    effects_breaker_cooldown_s: float = Field(
+        default=2.0, gt=0, description="How long an open provider breaker waits before its first probe.")
+    effects_breaker_max_cooldown_s: float = Field(
+        default=30.0, gt=0, description="The longest wait between probes (it doubles after each failed one).")
+    effects_stop_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="How long a stopping effect worker waits for running attempts and their outcomes.")
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def bootstrap_servers(self) -> str:

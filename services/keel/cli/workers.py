@@ -33,6 +33,7 @@ class Role(StrEnum):
 
     PROCESSOR = "processor"
     CHAINER = "chainer"
+    EFFECTS = "effects"
 
 
 Supervise = Annotated[bool, typer.Option(

@@ -52,6 +52,8 @@ from keel.supervision.progress import IDLE, Progress
 log = logging.getLogger(__name__)
 
 _Headers = list[tuple[str, str | bytes | None]]
+TYPE_HEADER = "keel-type"
+"""Names, on an event record, the event's type: readers filter without decoding."""
 COMMAND_TYPE_HEADER = "keel-command-type"
 """Names, on an event record, the command the event is about (effect workers check its kill switch)."""
 EFFECT_HEADER = "keel-effect"
@@ -369,7 +371,7 @@ def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, 
 def _type_headers(event_type: str, command_type: str | None) -> _Headers:
     """The headers of an event record: its type and the type of the command it is about
     (built once per pair; the producer only reads them)."""
-    headers: _Headers = [("keel-type", event_type.encode())]
+    headers: _Headers = [(TYPE_HEADER, event_type.encode())]
     if command_type:
         headers.append((COMMAND_TYPE_HEADER, command_type.encode()))
     effect = current().effect_of.get(event_type)

@@ -49,6 +49,7 @@ SERVICES = (
     Service("relay", ("relay",)),
     Service("processor", ("process", "--no-supervise", "--instance", INSTANCE), heartbeat_role="processor"),
     Service("chainer", ("chain", "--no-supervise", "--instance", INSTANCE), heartbeat_role="chainer"),
+    Service("effects", ("effects", "run", "--no-supervise", "--instance", INSTANCE), heartbeat_role="effects"),
     Service("projector", ("project", "--follow")),
     Service("stats-watcher", ("watch", "stats")),
     Service("breaker-watcher", ("watch", "breakers")),
