@@ -74,7 +74,7 @@ def approve(command_id: uuid.UUID, tenant: Tenant, acting: As,
     """Approve (or, as its subject, confirm) a command waiting for approval."""
     settings = Settings()
     aggregate = parked_aggregate(settings, tenant, command_id)
-    _send(settings, ApproveCommand(command_id=command_id, comment=comment), tenant, aggregate, _actor(acting))
+    _send(settings, ApproveCommand(command_id=command_id, comment=comment), tenant, aggregate, acting_actor(acting))
 
 
 def reject(command_id: uuid.UUID, tenant: Tenant, acting: As,
@@ -82,7 +82,7 @@ def reject(command_id: uuid.UUID, tenant: Tenant, acting: As,
     """Refuse a command waiting for approval."""
     settings = Settings()
     aggregate = parked_aggregate(settings, tenant, command_id)
-    _send(settings, RejectCommand(command_id=command_id, reason=reason), tenant, aggregate, _actor(acting))
+    _send(settings, RejectCommand(command_id=command_id, reason=reason), tenant, aggregate, acting_actor(acting))
 
 
 def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
@@ -97,7 +97,7 @@ def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
     event, declared = undoable[-1]
     compensation: Payload = declared.command(event, reason)
     # Same correlation as what it undoes, so one trail shows the action and its undoing.
-    _send(settings, compensation, tenant, events[0].aggregate_id, _actor(acting), causation_id=command_id,
+    _send(settings, compensation, tenant, events[0].aggregate_id, acting_actor(acting), causation_id=command_id,
           correlation_id=events[0].correlation_id)
 
 
@@ -143,7 +143,7 @@ def kill_switch_release(tenant: Tenant, reason: Annotated[str, typer.Option()],
 def breaker_reset(tenant: Tenant, agent: Annotated[str, typer.Option()], reason: Annotated[str, typer.Option()],
                   acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
     """Close an agent's open circuit breaker."""
-    _send(Settings(), ResetBreaker(agent_id=agent, reason=reason), tenant, CONTROLS_AGGREGATE, _actor(acting))
+    _send(Settings(), ResetBreaker(agent_id=agent, reason=reason), tenant, CONTROLS_AGGREGATE, acting_actor(acting))
 
 
 def policy_apply(path: Path, tenant: Tenant, acting: As = f"{SYSTEM_ACTOR.kind}:{SYSTEM_ACTOR.id}") -> None:
@@ -156,7 +156,7 @@ def policy_apply(path: Path, tenant: Tenant, acting: As = f"{SYSTEM_ACTOR.kind}:
         raise ValidationError(f"{path} is not TOML: {exc}", code="malformed_policy") from exc
     except ValidationError as exc:
         raise ValidationError(f"{path}: {exc.message}", code=exc.code, field=exc.field) from exc
-    _send(Settings(), SetPolicy(document=document), tenant, CONTROLS_AGGREGATE, _actor(acting))
+    _send(Settings(), SetPolicy(document=document), tenant, CONTROLS_AGGREGATE, acting_actor(acting))
     console.print(f"policy version {policy.version} sent for {tenant}")
 
 
@@ -198,10 +198,11 @@ def _switch(tenant: str, agent: str | None, command_type: str | None, engaged: b
     scope, target = (SwitchScope.AGENT, agent) if agent else (SwitchScope.COMMAND_TYPE, command_type)
     assert target is not None
     payload = SetKillSwitch(scope=scope, target=target, engaged=engaged, reason=reason)
-    _send(Settings(), payload, tenant, CONTROLS_AGGREGATE, _actor(acting))
+    _send(Settings(), payload, tenant, CONTROLS_AGGREGATE, acting_actor(acting))
 
 
-def _actor(spec: str) -> Actor:
+def acting_actor(spec: str) -> Actor:
+    """The actor an ``--as kind:id`` option names."""
     kind, _, actor_id = spec.partition(":")
     try:
         return Actor.model_validate({"kind": kind, "id": actor_id})

@@ -37,7 +37,7 @@ from keel.gateway.submit import PATH, Gateway, SubmitFastPath, actor_name, log_u
 from keel.gateway.writer import BatchWriter
 from keel.logs import configure_logging
 from keel.outbox.db import open_database
-from keel.outbox.models import TERMINAL, CommandRecord
+from keel.outbox.models import CommandRecord
 from keel.outbox.store import OutboxStore
 from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
@@ -153,7 +153,8 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
 
     @app.get("/v1/commands/{command_id}", response_model=CommandRecord, responses=_ERRORS)
     async def status(found: Annotated[CommandRecord, Depends(_record)], caller: Caller, gw: Shared) -> CommandRecord:
-        """The command's status (accepted … executed | rejected | dead_lettered) and its events.
+        """The command's status (accepted … executed | rejected | dead_lettered), its events, its
+        effects and, in ``summary``, what the agent waits on (an approval, then the effects).
 
         Personal values read ⟨sealed⟩ (⟨erased⟩ once erased); a key with the personal_data role
         reads them in plaintext, and each such read is recorded in the tenant's audit chain.
@@ -163,15 +164,15 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
     @app.get("/v1/commands/{command_id}/stream", response_class=EventSourceResponse, responses=_ERRORS)
     async def stream(found: Annotated[CommandRecord, Depends(_record)], caller: Caller, gw: Shared,
                      timeout_s: Annotated[float, Query(gt=0, le=600)] = 60.0) -> AsyncIterator[ServerSentEvent]:
-        """Server-sent ``status`` events on every change, until a final status or the timeout."""
+        """Server-sent ``status`` events on every change of status, events or effects, until the
+        command is final and each of its effects settled (``summary.done``), or the timeout."""
         deadline, seen, current = time.monotonic() + timeout_s, None, found
         while True:
-            shape = (current.status, len(current.events))
-            if shape != seen:
-                seen = shape
+            if current != seen:
+                seen = current
                 shown = await _as_read(current, caller, gw)
                 yield ServerSentEvent(event="status", data=shown.model_dump(mode="json"))
-            if current.status in TERMINAL or time.monotonic() > deadline:
+            if current.summary.done or time.monotonic() > deadline:
                 return
             await sleep(0.2)
             latest: CommandRecord | None = await to_thread.run_sync(gw.store.get, caller.tenant_id,

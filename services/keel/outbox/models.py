@@ -1,4 +1,4 @@
-"""What the outbox holds: a command's durable record, its status, and what the relay reads."""
+"""What the outbox holds: a command's durable record, its status and effects, and what the relay reads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from keel.effects.progress import SETTLED, EffectState, WaitReason
+from keel.effects.status import EffectRecord
 
 
 class Model(BaseModel):
@@ -87,12 +90,29 @@ class Outcome(Model):
     event: TrackedEvent | None = None
     subject_command_id: uuid.UUID | None = Field(
         default=None, description="The other command this one acted on: the parked command an approval "
-                                  "approved, rejected or expired, or the command a compensation undid. "
+                                  "approved, rejected or expired, the command a compensation undid, or "
+                                  "the command whose effect it settled, cancelled or retried. "
                                   "The status record says it in ``reason``.")
 
 
+class Summary(Model):
+    """What the agent waits on, in one look: its command's approval, then its effects."""
+
+    state: EffectState = Field(description="pending until decided; waiting (approval) while parked; once "
+                                            "executed, the effects' state (succeeded when it has none); "
+                                            "failed when the command was refused.")
+    reason: WaitReason | None = None
+    detail: str | None = None
+    done: bool = Field(description="The command is final and each of its effects settled.")
+
+
+# Which effect speaks for the command: the first one waiting, else running, and so on.
+_PRECEDENCE = (EffectState.WAITING, EffectState.RUNNING, EffectState.PENDING, EffectState.FAILED,
+               EffectState.CANCELLED, EffectState.SUCCEEDED)
+
+
 class CommandRecord(Model):
-    """A command's status and, once processed, its events."""
+    """A command's status, its events once processed, and its effects."""
 
     command_id: uuid.UUID
     tenant_id: str
@@ -104,3 +124,21 @@ class CommandRecord(Model):
     created_at: float
     updated_at: float
     events: tuple[TrackedEvent, ...] = ()
+    effects: tuple[EffectRecord, ...] = Field(default=(), description="What carries its events into the "
+                                                                      "outside world, in the order of its events.")
+
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use
+    @property
+    def summary(self) -> Summary:
+        """What the agent waits on (derived: it never disagrees with the status and effects)."""
+        done = self.status in TERMINAL and all(effect.state in SETTLED for effect in self.effects)
+        if self.status is CommandStatus.PENDING_APPROVAL:
+            return Summary(state=EffectState.WAITING, reason=WaitReason.APPROVAL, done=False)
+        if self.status in (CommandStatus.REJECTED, CommandStatus.DEAD_LETTERED):
+            return Summary(state=EffectState.FAILED, detail=f"{self.status}: {self.reason_code}", done=done)
+        if self.status is not CommandStatus.EXECUTED:
+            return Summary(state=EffectState.PENDING, done=False)
+        if not self.effects:
+            return Summary(state=EffectState.SUCCEEDED, done=done)
+        first = min(self.effects, key=lambda effect: _PRECEDENCE.index(effect.state))
+        return Summary(state=first.state, reason=first.reason, detail=first.detail, done=done)

@@ -3,6 +3,8 @@
 ``keel_outbox`` holds the command and its idempotency record in one row, so the gateway's
 one INSERT is both; ``seq`` orders rows for the relay, ``published_at IS NULL`` marks the
 relay's work (a partial index keeps that scan small however long the table grows).
+``keel_effects`` holds each effect's folded state (``keel.effects.status``), one row per
+effect, found by its origin command or by tenant and state.
 """
 
 from __future__ import annotations
@@ -53,6 +55,29 @@ def ddl(db: Database) -> list[str]:
             holder TEXT NOT NULL,
             expires_at DOUBLE PRECISION NOT NULL,
             epoch INTEGER NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS keel_effects (
+            effect_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            origin_command_id TEXT,
+            aggregate_id TEXT NOT NULL,
+            event_type TEXT,
+            provider TEXT,
+            generation INTEGER NOT NULL,
+            stage INTEGER NOT NULL,
+            seq BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            detail TEXT,
+            attempts INTEGER NOT NULL,
+            next_attempt_at DOUBLE PRECISION,
+            result TEXT,
+            error_code TEXT,
+            error TEXT,
+            event_partition INTEGER,
+            event_offset BIGINT,
+            updated_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS keel_effects_origin ON keel_effects (origin_command_id)",
+        "CREATE INDEX IF NOT EXISTS keel_effects_tenant ON keel_effects (tenant_id, state, updated_at)",
         """CREATE TABLE IF NOT EXISTS keel_tenants (
             tenant_id TEXT PRIMARY KEY,
             created_at DOUBLE PRECISION NOT NULL)""",

@@ -1,4 +1,4 @@
-"""The outbox store: durable acceptance, the relay's queue, status tracking and leases.
+"""The outbox store: durable acceptance, the relay's queue, command and effect statuses, and leases.
 
 One class over either engine (``keel.outbox.db``); the contract test suite runs it on
 SQLite and on a real PostgreSQL. Every write is one short transaction.
@@ -10,8 +10,11 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from itertools import groupby
 
-from keel.outbox.db import Cursor, Database
+from keel.effects.progress import EffectState
+from keel.effects.status import EffectChange, EffectRecord, fold
+from keel.outbox.db import Cursor, Database, Row
 from keel.outbox.models import (
     RANK,
     Accepted,
@@ -55,6 +58,9 @@ class OutboxStore:
             events = cursor.query(
                 "SELECT event_id, event_type, occurred_at, payload FROM keel_command_events "
                 "WHERE command_id = ? ORDER BY occurred_at, event_id", (str(command_id),))
+            effects = cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE origin_command_id = ? "
+                                   "AND tenant_id = ? ORDER BY event_offset IS NULL, event_offset, effect_id",
+                                   (str(command_id), tenant_id))
         kind, key, status, code, reason, created, updated = rows[0]
         return CommandRecord(
             command_id=command_id, tenant_id=tenant_id, command_type=kind, key=key,
@@ -62,7 +68,23 @@ class OutboxStore:
             created_at=created, updated_at=updated,
             events=tuple(TrackedEvent(event_id=uuid.UUID(e[0]), type=e[1], occurred_at=e[2],
                                       payload=json.loads(e[3])) for e in events),
+            effects=tuple(_effect(row) for row in effects),
         )
+
+    def effect(self, tenant_id: str, effect_id: uuid.UUID) -> EffectRecord | None:
+        """The effect's state, only when it belongs to ``tenant_id``."""
+        with self.db.transaction() as cursor:
+            rows = cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE effect_id = ? AND tenant_id = ?",
+                                (str(effect_id), tenant_id))
+        return _effect(rows[0]) if rows else None
+
+    def effects(self, tenant_id: str, state: EffectState | None = None, limit: int = 1000) -> list[EffectRecord]:
+        """The tenant's effects (only those in ``state``, if given), most recently changed first."""
+        where, params = ("AND state = ? ", [state.value]) if state else ("", [])
+        with self.db.transaction() as cursor:
+            rows = cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE tenant_id = ? {where}"
+                                "ORDER BY updated_at DESC, effect_id LIMIT ?", (tenant_id, *params, limit))
+        return [_effect(row) for row in rows]
 
     def record_rejection(self, *, tenant_id: str, actor: str, code: str, field: str | None,
                          message: str, claimed_tenant: str | None, command_id: str | None) -> None:
@@ -86,9 +108,9 @@ class OutboxStore:
         """Delete up to ``limit`` published commands accepted before ``accepted_before`` (epoch
         seconds), oldest first, with their tracked events; returns how many went.
 
-        A command still waiting for its approval stays. A pruned id is forgotten here: sent
-        again it is a new command, which the processor acknowledges as a duplicate if it
-        decided it before.
+        A command still waiting for its approval stays; its effects go with it. A pruned id is
+        forgotten here: sent again it is a new command, which the processor acknowledges as
+        a duplicate if it decided it before.
         """
         with self.db.transaction() as cursor:
             ids = [row[0] for row in cursor.query(
@@ -99,6 +121,7 @@ class OutboxStore:
                 return 0
             marks = ", ".join("?" * len(ids))
             cursor.execute(f"DELETE FROM keel_command_events WHERE command_id IN ({marks})", ids)
+            cursor.execute(f"DELETE FROM keel_effects WHERE origin_command_id IN ({marks})", ids)
             return cursor.execute(f"DELETE FROM keel_outbox WHERE command_id IN ({marks})", ids)
 
     # -- the relay's queue ---------------------------------------------------------------
@@ -125,13 +148,46 @@ class OutboxStore:
 
     # -- status tracking -----------------------------------------------------------------
 
-    def apply_outcomes(self, outcomes: Sequence[Outcome]) -> int:
-        """Apply what the tracker learnt; statuses only move forward, events are kept once."""
+    def apply_outcomes(self, outcomes: Sequence[Outcome], effects: Sequence[EffectChange] = ()) -> int:
+        """Apply what the tracker learnt, in one transaction; returns how many statuses and effects changed.
+
+        Statuses only move forward, events are kept once, effects fold as ``keel.effects.status``
+        says, in effect id order (so trackers lock effect rows in one order and never deadlock).
+        """
         changed = 0
         with self.db.transaction() as cursor:
             for outcome in outcomes:
                 changed += _apply(cursor, outcome)
+            for _, changes in groupby(sorted(effects, key=lambda c: c.effect_id.bytes), key=lambda c: c.effect_id):
+                changed += self._fold(cursor, list(changes))
         return changed
+
+    def _fold(self, cursor: Cursor, changes: list[EffectChange]) -> int:
+        """Fold one effect's changes into its row; 1 when the row changed.
+
+        Trackers that own different partitions may fold one effect at once (its event and its
+        reports are keyed differently): PostgreSQL locks the row, and the first insert of a
+        new effect wins while the other folds again onto it. SQLite writes one at a time.
+        """
+        effect_id, now = str(changes[0].effect_id), time.time()
+        lock = " FOR UPDATE" if self.db.is_postgres else ""
+        while True:
+            rows = cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE effect_id = ?{lock}", (effect_id,))
+            before = _effect(rows[0]) if rows else None
+            row = before
+            for change in changes:
+                row = fold(row, change, now) or row
+            if row is before or row is None:
+                return 0
+            values = row.model_dump(mode="json")  # ids and enums as their columns hold them
+            if before is not None:
+                names = [name for name in _EFFECT_NAMES if name != "effect_id"]
+                return cursor.execute(f"UPDATE keel_effects SET {', '.join(f'{n} = ?' for n in names)} "
+                                      "WHERE effect_id = ?", (*(values[n] for n in names), effect_id))
+            if cursor.execute(f"INSERT INTO keel_effects ({_EFFECT_COLUMNS}) VALUES "
+                              f"({', '.join('?' * len(_EFFECT_NAMES))}) ON CONFLICT (effect_id) DO NOTHING",
+                              [values[n] for n in _EFFECT_NAMES]):
+                return 1
 
     # -- leases (one active relay per outbox) ----------------------------------------------
 
@@ -212,3 +268,11 @@ def _apply(cursor: Cursor, outcome: Outcome) -> int:
         "UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
         "WHERE command_id = ?",
         (outcome.status.value, outcome.reason_code, outcome.reason, time.time(), command_id))
+
+
+_EFFECT_NAMES = tuple(EffectRecord.model_fields)
+_EFFECT_COLUMNS = ", ".join(_EFFECT_NAMES)
+
+
+def _effect(row: Row) -> EffectRecord:
+    return EffectRecord.model_validate(dict(zip(_EFFECT_NAMES, row, strict=True)))

@@ -13,6 +13,12 @@ subject, and give it an outcome too:
 * a compensation (the ``by`` event of a domain's ``Undo``) is its command's effect as usual,
   and its ``reason`` names the command it undid, when the domain says which field holds it
   (``Undo.names_undone``).
+* an effect's outcome and retry events (``EffectSucceeded``, ``EffectFailed``,
+  ``EffectCancelled``, ``EffectRetried``) name the command whose event the effect carries
+  out by ``payload.origin_command_id``: they join its trail and leave its status as it is.
+  The command that caused them (a worker's outcome, an operator's cancel or retry) ends
+  ``executed``, its ``reason`` saying what became of which effect. What the effect itself
+  is doing is folded apart (``keel.effects.status``).
 
 ``Outcome.subject_command_id`` carries the subject, typed; the status record keeps it in
 ``reason``.
@@ -25,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keel.domain.envelope import Envelope
+from keel.domain.events import EffectCancelled, EffectFailed, EffectRetried, EffectSucceeded
 from keel.domains.registry import current
 from keel.outbox.models import CommandStatus, Outcome, TrackedEvent
 
@@ -36,15 +43,26 @@ EVENT_STATUS: dict[str, tuple[CommandStatus | None, str | None]] = {
     "ApprovalGranted": (None, None),
     "ApprovalRejected": (CommandStatus.REJECTED, "approval_rejected"),
     "ApprovalExpired": (CommandStatus.REJECTED, "approval_expired"),
+    "EffectSucceeded": (None, None),
+    "EffectFailed": (None, None),
+    "EffectCancelled": (None, None),
+    "EffectRetried": (None, None),
 }
 
-# approval event type -> the summary of what its causing command did to the parked one.
-APPROVAL_SUMMARY: dict[str, Callable[[uuid.UUID, dict[str, Any]], str]] = {
+# event type -> the summary of what its causing command did to the subject command.
+SUBJECT_SUMMARY: dict[str, Callable[[uuid.UUID, dict[str, Any]], str]] = {
     "ApprovalGranted": lambda subject, p: f"command {subject} approved by {p.get('approver')}",
     "ApprovalRejected": lambda subject, p: f"command {subject} rejected by {p.get('approver')}: {p.get('reason')}",
     "ApprovalExpired": lambda subject, _: f"command {subject}'s approval expired; it will not run",
+    "EffectSucceeded": lambda subject, p: f"effect {p.get('effect_id')} of command {subject} succeeded",
+    "EffectFailed": lambda subject, p: f"effect {p.get('effect_id')} of command {subject} failed: "
+                                       f"[{p.get('code')}] {p.get('error')}",
+    "EffectCancelled": lambda subject, p: f"effect {p.get('effect_id')} of command {subject} cancelled: "
+                                          f"[{p.get('code')}] {p.get('reason')}",
+    "EffectRetried": lambda subject, p: f"effect {p.get('effect_id')} of command {subject} retried as "
+                                        f"generation {p.get('generation')}: {p.get('reason')}",
 }
-
+EFFECT_EVENTS = (EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried)
 
 
 def event_outcomes(event: Envelope) -> list[Outcome]:
@@ -52,11 +70,12 @@ def event_outcomes(event: Envelope) -> list[Outcome]:
     payload = event.payload.model_dump(mode="json")
     tracked = TrackedEvent(event_id=event.id, type=event.type, occurred_at=event.occurred_at.isoformat(),
                            payload=payload)
-    named = getattr(event.payload, "command_id", None)
-    if named is not None:  # an approval event: the parked command first, with the event
+    named = event.payload.origin_command_id if isinstance(event.payload, EFFECT_EVENTS) else getattr(
+        event.payload, "command_id", None)
+    if named is not None:  # an approval or effect event: the subject command first, with the event
         subject = uuid.UUID(str(named))
         outcomes = [_named_outcome(subject, event.type, payload, tracked)]
-        summary = APPROVAL_SUMMARY.get(event.type)
+        summary = SUBJECT_SUMMARY.get(event.type)
         if event.causation_id is not None and event.causation_id != subject and summary is not None:
             outcomes.append(Outcome(command_id=event.causation_id, status=CommandStatus.EXECUTED,
                                     reason=summary(subject, payload), subject_command_id=subject))

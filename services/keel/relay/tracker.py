@@ -1,10 +1,12 @@
-"""The status tracker: follows the events and dead-letter topics into the outbox's status table.
+"""The status tracker: follows the events, dead-letter and effects topics into the outbox's status tables.
 
 It reads ``read_committed`` in its own consumer group and commits offsets only after the
 outbox transaction, so a crash replays records; applying one twice changes nothing
-(events are kept by id, statuses only move forward). One event may end two commands: an
-approval event ends the parked command and the one that approved, rejected or expired it
-(see ``keel.relay.status``).
+(events are kept by id, statuses only move forward, effects fold by position). One event
+may end two commands: an approval event ends the parked command and the one that
+approved, rejected or expired it (see ``keel.relay.status``). An event whose type has an
+effect (in this process's registry, or named by the processor's ``keel-effect`` header)
+opens the effect; workers' reports and outcome events move it on (``keel.effects.status``).
 """
 
 from __future__ import annotations
@@ -12,22 +14,30 @@ from __future__ import annotations
 import logging
 import threading
 
+import pydantic
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
+from keel.domains.registry import current
+from keel.effects.progress import EffectReport
+from keel.effects.status import EffectChange, from_event, from_report
 from keel.errors import KeelError
 from keel.kafka.clients import consumer_config
+from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
 from keel.outbox.models import Outcome
 from keel.outbox.store import OutboxStore
+from keel.processor.worker import EFFECT_HEADER
 from keel.relay.status import dead_letter_outcome, event_outcomes
 
 log = logging.getLogger(__name__)
 
+Learnt = tuple[list[Outcome], list[EffectChange]]
+
 
 class StatusTracker:
-    """One member of the tracker group; each owns some partitions of events and DLQ."""
+    """One member of the tracker group; each owns some partitions of events, DLQ and effects."""
 
     def __init__(self, store: OutboxStore, settings: Settings,
                  codec: EnvelopeCodec | None = None) -> None:
@@ -35,16 +45,23 @@ class StatusTracker:
         self.codec = codec or EnvelopeCodec()
         self.events_topic = topic_name(settings, Topic.EVENTS)
         self.dlq_topic = topic_name(settings, Topic.DLQ)
+        self.effects_topic = topic_name(settings, Topic.EFFECTS)
         self.applied = 0
         self._consumer = Consumer(consumer_config(
             settings, f"{settings.topic_prefix}.tracker"))
-        self._consumer.subscribe([self.events_topic, self.dlq_topic])
+        self._consumer.subscribe([self.events_topic, self.dlq_topic, self.effects_topic])
 
     def run_once(self, timeout_s: float = 0.5) -> int:
         """Apply one batch of records; returns how many statuses changed."""
         messages = self._consumer.consume(1000, timeout=timeout_s)
-        outcomes = [o for m in messages if m.error() is None for o in self._outcomes(m)]
-        changed = self.store.apply_outcomes(outcomes) if outcomes else 0
+        outcomes: list[Outcome] = []
+        effects: list[EffectChange] = []
+        for message in messages:
+            if message.error() is None:
+                found, changes = self._learn(message)
+                outcomes += found
+                effects += changes
+        changed = self.store.apply_outcomes(outcomes, effects) if outcomes or effects else 0
         positions: dict[tuple[str, int], int] = {}
         for message in messages:
             topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -54,7 +71,7 @@ class StatusTracker:
             self._consumer.commit(offsets=[TopicPartition(topic, partition, offset) for
                                            (topic, partition), offset in positions.items()],
                                   asynchronous=False)
-        self.applied += len(outcomes)
+        self.applied += len(outcomes) + len(effects)
         return changed
 
     def run(self, stop: threading.Event) -> None:
@@ -66,19 +83,27 @@ class StatusTracker:
                 log.warning("status tracking failed: %s", exc)
                 stop.wait(1.0)
 
-    def _outcomes(self, message: Message) -> list[Outcome]:
+    def _learn(self, message: Message) -> Learnt:
+        if message.topic() == self.effects_topic:
+            try:
+                return [], [from_report(EffectReport.model_validate_json(message.value() or b""))]
+            except pydantic.ValidationError as exc:  # not a report of this contract: nothing to fold
+                log.info("tracker skipped a record of %s: %s", message.topic(), exc.errors()[0]["msg"])
+                return [], []
         try:
             envelope = self.codec.decode(message.value() or b"")
         except KeelError as exc:  # not ours to fail on: unknown schemas, foreign bytes
             log.info("tracker skipped a record of %s: %s", message.topic(), exc)
-            return []
+            return [], []
+        headers = {name: _text(value) for name, value in record_headers(message)}
         if message.topic() == self.dlq_topic:
-            raw = message.headers() or []
-            headers = {name: _text(value) for name, value in (raw.items() if isinstance(raw, dict) else raw)}
             code = headers.get("keel-error-code") or "dead_lettered"
             reason = headers.get("keel-error-reason") or ""
-            return [dead_letter_outcome(envelope, code, reason)]
-        return event_outcomes(envelope)
+            return [dead_letter_outcome(envelope, code, reason)], []
+        effect = current().effect_of.get(envelope.type)
+        change = from_event(envelope, partition=message.partition(), offset=message.offset(),
+                            provider=effect.provider if effect else headers.get(EFFECT_HEADER) or None)
+        return event_outcomes(envelope), [change] if change else []
 
     def close(self) -> None:
         """Leave the group."""
