@@ -1,17 +1,22 @@
 """The support desk's demo (``keel demo``, ``make demo``): the story Keel exists for, as agents meet it.
 
 It starts the whole platform (``keel dev``: broker, gateway, relay, processor, chainer,
-projector, watchers) in the background unless it runs, registers two tenants with an API
-key per actor, and sends each tenant's story through the gateway over HTTP, as a real agent
-would. A support lead delegates a cancellation to an AI agent. The agent cancels the
-subscription, refunds part of the fee, tries to refund more than was paid (rejected by the
-domain), proposes a goodwill refund it is unsure of (parked by the policy until the
-customer confirms), and queues a follow-up email. The demo prints what became of each
-command and what each tenant's analyst sees in ClickHouse through ``GET /v1/query``.
+effect worker, projector, watchers) in the background unless it runs, with a provider
+simulator (``keel.testing.provider``) standing in for the payments and e-mail providers
+unless ``SUPPORT_DESK_PAYMENTS_URL`` / ``SUPPORT_DESK_EMAIL_URL`` name real ones. It
+registers two tenants with an API key per actor, and sends each tenant's story through the
+gateway over HTTP, as a real agent would. A support lead delegates a cancellation to an AI
+agent. The agent cancels the subscription, refunds part of the fee (paid out at the
+provider), tries to refund more than was paid (rejected by the domain), proposes a goodwill
+refund it is unsure of (parked by the policy until the customer confirms), and queues a
+follow-up email (sent by the provider). The demo prints what became of each command and
+its effect, and what each tenant's analyst sees in ClickHouse through ``GET /v1/query``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +40,7 @@ from keel.outbox.store import OutboxStore
 from keel.security.keys import KeyStore
 from keel.supervision.platform import SERVICES, PlatformState, alive, health, log_path, state_path
 
+from support_desk.effects import EMAIL_URL, PAYMENTS_URL
 from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 
 TENANT_QUERY = """
@@ -49,6 +55,8 @@ TENANTS = {"acme": ("cust-ada", 4900, "EUR"), "globex": ("cust-bob", 12000, "USD
 BILLING = Actor(kind=ActorKind.SERVICE, id="billing")
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 ANALYST = "ana.analyst"
+PROVIDER = "http://127.0.0.1:18795"
+"""Where the demo's provider simulator listens, unless the environment names real providers."""
 
 
 def story(tenant: str, subscription: str) -> list[Envelope]:
@@ -98,13 +106,13 @@ def demo() -> None:
         console.print(f"sent {len(sent)} commands through the gateway ({gateway}) with each actor's API key "
                       f"(run {run}); delegation on every agent command: human:jane.lead → agent:support-bot "
                       "(customer asked to cancel and be refunded)", soft_wrap=True)
-        outcomes = Table(title="what became of each command (GET /v1/commands/{id})")
-        for column in ("tenant", "command", "actor", "status", "why"):
+        outcomes = Table(title="what became of each command and its effect (GET /v1/commands/{id})")
+        for column in ("tenant", "command", "actor", "status", "why", "effect"):
             outcomes.add_column(column, overflow="fold")
         for tenant, command, command_id in sent:
             record = _settled(http, keys[tenant][command.actor.id], command_id)
             outcomes.add_row(tenant, command.type, f"{command.actor.kind}:{command.actor.id}", record["status"],
-                             record.get("reason_code") or record.get("reason") or "")
+                             record.get("reason_code") or record.get("reason") or "", _effect(record))
         console.print(outcomes)
         console.print("the unsure goodwill refund waits for the customer (`keel approvals list --tenant acme`)")
         for tenant in TENANTS:
@@ -123,12 +131,13 @@ def _platform(settings: Settings, console: Console, gateway: str) -> None:
     """Start ``keel dev`` in the background unless it runs; wait until every service is healthy
     and the gateway answers (a live process may not listen yet)."""
     state = PlatformState.read(state_path(settings))
+    providers = {name: os.environ.get(name) or PROVIDER for name in (PAYMENTS_URL, EMAIL_URL)}
     if state is None or not alive(state.supervisor_pid):
         logs = log_path(settings, "dev").parent
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / "dev-console.log").open("ab") as out:
             subprocess.Popen([sys.executable, "-m", "keel.cli", "dev"], stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **providers})
     deadline = time.monotonic() + 180
     with console.status("starting the platform (`keel dev`: broker, gateway, relay, processor, projector, …)"):
         while (problems := _unhealthy(settings) or _unanswered(gateway)) and time.monotonic() < deadline:
@@ -137,7 +146,26 @@ def _platform(settings: Settings, console: Console, gateway: str) -> None:
         raise InfraError(f"the platform did not come up: {'; '.join(problems)} (logs: "
                          f"{log_path(settings, 'dev').parent})", code="platform_unhealthy")
     console.print(f"platform: every service healthy (logs under {log_path(settings, 'dev').parent})")
+    if PROVIDER in providers.values():
+        _simulate_providers(settings)
+        console.print(f"providers: a simulator at {PROVIDER} stands in for payments and e-mail "
+                      f"(set {PAYMENTS_URL} and {EMAIL_URL} for real ones); it stops with `keel down`")
 
+
+def _simulate_providers(settings: Settings) -> None:
+    """Start the provider simulator, tied to ``keel dev``, unless it already answers."""
+    try:
+        httpx.get(f"{PROVIDER}/_control/stats", timeout=2).raise_for_status()
+        return
+    except httpx.HTTPError:
+        pass
+    state = PlatformState.read(state_path(settings))
+    assert state is not None  # the platform is healthy
+    port = PROVIDER.rsplit(":", 1)[1]
+    with log_path(settings, "provider-simulator").open("ab") as out:
+        subprocess.Popen([sys.executable, "-m", "keel.testing.provider", "--port", port,
+                          "--exit-with", str(state.supervisor_pid)], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
 
 def _unhealthy(settings: Settings) -> list[str]:
     state = PlatformState.read(state_path(settings))
@@ -182,13 +210,33 @@ def _submit(http: httpx.Client, token: str, command: Envelope) -> str:
 
 
 def _settled(http: httpx.Client, token: str, command_id: str) -> dict[str, Any]:
-    """The command's record once it has an outcome (parked counts as one)."""
+    """The command's record once it has an outcome (parked counts as one) and its effects settled."""
     deadline = time.monotonic() + 120
     while True:
         record: dict[str, Any] = http.get(f"/v1/commands/{command_id}", headers=_bearer(token)).json()
-        if record.get("status") not in ("accepted", "published") or time.monotonic() > deadline:
+        decided = record.get("status") not in ("accepted", "published")
+        if decided and (record.get("status") != "executed" or record["summary"]["done"]) \
+                or time.monotonic() > deadline:
             return record
         time.sleep(0.2)
+
+
+def _effect(record: dict[str, Any]) -> str:
+    """What the command's effects did, in a few words: their state and what the provider said."""
+    shown = []
+    for effect in record.get("effects", ()):
+        said = effect.get("result") or effect.get("error_code") or effect.get("reason") or ""
+        shown.append(f"{effect['provider']}: {effect['state']} {_brief(said)}".strip())
+    return "; ".join(shown)
+
+
+def _brief(said: str) -> str:
+    """The ids in a handler's JSON result (what the provider made), or the code as it is."""
+    try:
+        result = json.loads(said)
+    except ValueError:
+        return said
+    return ", ".join(f"{k}={v}" for k, v in result.items() if k.endswith("_id")) if isinstance(result, dict) else said
 
 
 def _projected(http: httpx.Client, token: str, aggregate: str, expected: int) -> dict[str, Any]:

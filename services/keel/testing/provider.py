@@ -1,8 +1,9 @@
 """A provider simulator: a real HTTP server that acts like a payment API, to test effects against.
 
-``python -m keel.testing.provider [--host 127.0.0.1] [--port 0] [--ready-file PATH]`` serves
-``keel.testing.provider_app`` (on uvloop when it is installed) and, once it listens, prints
-its URL and writes it to ``--ready-file``. ``ProviderSimulator`` runs one for a test and
+``python -m keel.testing.provider [--host 127.0.0.1] [--port 0] [--ready-file PATH] [--exit-with PID]``
+serves ``keel.testing.provider_app`` (on uvloop when it is installed) and, once it listens,
+prints its URL and writes it to ``--ready-file``; with ``--exit-with`` it stops when that
+process has ended (the demo ties it to ``keel dev``, so ``keel down`` stops it too). ``ProviderSimulator`` runs one for a test and
 drives its control API::
 
     with ProviderSimulator() as provider:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -43,8 +45,9 @@ __all__ = ["Fault", "Faults", "PerformedAction", "ProviderSimulator", "Stats", "
 _PERFORMED = TypeAdapter(dict[str, PerformedAction])
 
 
-async def serve(host: str, port: int, ready_file: Path | None) -> None:
-    """Serve until SIGINT or SIGTERM; answers still hanging then are dropped after a second."""
+async def serve(host: str, port: int, ready_file: Path | None, exit_with: int | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (or the end of process ``exit_with``); answers still
+    hanging then are dropped after a second."""
     runner = web.AppRunner(create_app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -53,14 +56,30 @@ async def serve(host: str, port: int, ready_file: Path | None) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(_outlive(exit_with, stop)) if exit_with is not None else None
         print(url, flush=True)
         if ready_file is not None:  # whole or absent: a reader never sees half a URL
             partial = ready_file.with_name(ready_file.name + ".partial")
             partial.write_text(url + "\n")
             partial.replace(ready_file)
         await stop.wait()
+        if watcher is not None:
+            watcher.cancel()
     finally:
         await runner.cleanup()
+
+
+async def _outlive(pid: int, stop: asyncio.Event) -> None:
+    """Set ``stop`` once process ``pid`` has ended."""
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            stop.set()
+            return
+        except PermissionError:  # it lives, under another user
+            pass
+        await asyncio.sleep(1.0)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -78,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 (the default) picks a free port")
     parser.add_argument("--ready-file", type=Path, help="where to write the URL once listening")
+    parser.add_argument("--exit-with", type=int, metavar="PID", help="stop once this process has ended")
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(args.host, args.port, args.ready_file))
+        runner.run(serve(args.host, args.port, args.ready_file, args.exit_with))
 
 
 class ProviderSimulator:
