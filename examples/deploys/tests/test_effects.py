@@ -11,7 +11,7 @@ import pytest
 
 from keel.domain.effects import idempotency_key
 from keel.domain.envelope import Envelope
-from keel.domains import EffectCall, EffectResult, PermanentError, RetryableError
+from keel.domains import EffectCall, EffectResult, PermanentError, RetryableError, http
 from keel.testing import Scenario, scenario
 from keel.testing.provider import Faults, ProviderSimulator
 
@@ -51,7 +51,7 @@ def run(event: Envelope, *, key: str | None = None) -> EffectResult:
             result = effect.handler(call)
             return await result if inspect.isawaitable(result) else result
         finally:
-            await effects.close()
+            await http.close()
     return asyncio.run(once())
 
 

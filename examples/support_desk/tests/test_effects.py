@@ -15,7 +15,7 @@ import pytest
 
 from keel.domain.effects import idempotency_key
 from keel.domain.envelope import Envelope
-from keel.domains import Effect, EffectCall, EffectResult, PermanentError, RetryableError
+from keel.domains import Effect, EffectCall, EffectResult, PermanentError, RetryableError, http
 from keel.testing import Scenario, scenario
 from keel.testing.provider import Fault, Faults, ProviderSimulator
 
@@ -69,7 +69,7 @@ def run(event: Envelope, *, key: str | None = None, deadline_s: float = 5.0) -> 
         try:
             return await attempt(call_for(event, key=key, deadline_s=deadline_s))
         finally:
-            await effects.close()
+            await http.close()
     return asyncio.run(once())
 
 
@@ -156,7 +156,7 @@ def test_a_second_attempt_while_the_first_is_in_flight_is_retryable(provider: Pr
         try:
             return await asyncio.gather(attempt(call), attempt(call), return_exceptions=True)
         finally:
-            await effects.close()
+            await http.close()
 
     outcomes = asyncio.run(both())
     assert sum(isinstance(o, RetryableError) and "409" in str(o) for o in outcomes) == 1

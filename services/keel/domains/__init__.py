@@ -5,7 +5,8 @@ A domain package declares pydantic ``Command`` and ``Event`` models (personal fi
 ``decide`` and ``evolve`` functions, the ``Undo`` of each event that can be undone, and the
 ``Rule``s of its default policy, the ``Effect``s that carry its events into the outside
 world, and exposes them as one ``Domain`` object through the
-``keel.domains`` entry point group or ``KEEL_DOMAINS``. See ``docs/domains.md``.
+``keel.domains`` entry point group or ``KEEL_DOMAINS``. ``keel.domains.http`` calls a provider
+over HTTP from an effect handler. See ``docs/domains.md`` and ``docs/effects.md``.
 """
 
 from keel.domain.envelope import ActorKind, Envelope
