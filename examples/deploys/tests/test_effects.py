@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,18 +18,11 @@ from deploys import domain, effects
 from deploys.messages import DeployPreview, PromoteRelease, RollBack
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[ProviderSimulator]:
-    with ProviderSimulator() as running:
-        yield running
-
-
 @pytest.fixture
-def target(simulator: ProviderSimulator, monkeypatch: pytest.MonkeyPatch) -> ProviderSimulator:
-    """The simulator, reset, as the deploy target."""
-    simulator.reset()
-    monkeypatch.setenv(effects.TARGET_URL, simulator.url)
-    return simulator
+def target(keel_provider: ProviderSimulator, monkeypatch: pytest.MonkeyPatch) -> ProviderSimulator:
+    """The simulator as the deploy target."""
+    monkeypatch.setenv(effects.TARGET_URL, keel_provider.url)
+    return keel_provider
 
 
 def promoted(percent: int = 25) -> Scenario:

@@ -8,7 +8,6 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -25,19 +24,12 @@ from support_desk.messages import IssueRefund, ReverseRefund, SendEmail, StartSu
 START = StartSubscription(customer_id="cust-1", plan="pro", monthly_price_cents=5000, currency="EUR")
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[ProviderSimulator]:
-    with ProviderSimulator() as running:
-        yield running
-
-
 @pytest.fixture
-def provider(simulator: ProviderSimulator, monkeypatch: pytest.MonkeyPatch) -> ProviderSimulator:
-    """The simulator, reset, as the payments and the e-mail provider."""
-    simulator.reset()
-    monkeypatch.setenv(effects.PAYMENTS_URL, simulator.url)
-    monkeypatch.setenv(effects.EMAIL_URL, simulator.url)
-    return simulator
+def provider(keel_provider: ProviderSimulator, monkeypatch: pytest.MonkeyPatch) -> ProviderSimulator:
+    """The simulator as the payments and the e-mail provider."""
+    monkeypatch.setenv(effects.PAYMENTS_URL, keel_provider.url)
+    monkeypatch.setenv(effects.EMAIL_URL, keel_provider.url)
+    return keel_provider
 
 
 def desk() -> Scenario:

@@ -4,7 +4,8 @@ Enable with ``pytest_plugins = ["keel.testing.pytest_plugin"]`` in the root ``co
 The broker is the one ``KEEL_*`` names (``keel up`` starts the local one); each test gets
 topics under a prefix of its own, deleted afterwards, and a data dir of its own with local
 keys, so personal fields are sealed as in production and nothing touches a user's data.
-A project with its own broker fixtures overrides ``keel_settings``.
+A project with its own broker fixtures overrides ``keel_settings``. ``keel_provider`` is a
+provider simulator (``keel.testing.provider``) to test effect handlers against.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from keel.config import Settings
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 from keel.testing.pipeline import Pipeline, processing
+from keel.testing.provider import ProviderSimulator
 
 
 @pytest.fixture
@@ -51,3 +53,17 @@ def keel_pipeline(keel_settings: Settings) -> Iterator[Pipeline]:
     """A processor worker on ``keel_settings``' topics; ``run(*commands)`` returns what each one yielded."""
     with processing(keel_settings) as pipeline:
         yield pipeline
+
+
+@pytest.fixture(scope="session")
+def keel_provider_process() -> Iterator[ProviderSimulator]:
+    """One provider simulator process for the session (``keel_provider`` resets it per test)."""
+    with ProviderSimulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def keel_provider(keel_provider_process: ProviderSimulator) -> ProviderSimulator:
+    """The provider simulator with no faults and nothing performed: point your effects' URLs at ``.url``."""
+    keel_provider_process.reset()
+    return keel_provider_process
