@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     )
 
     effects_instance: str = Field(default="0", description="Effect worker instance id (its heartbeat's name).")
+    effects_static_membership: bool = Field(
+        default=False,
+        description="Join the effect worker group as a static member named by the instance id: a restarted "
+        "worker gets its partitions back at once, without a rebalance (as processor_static_membership).")
     effects_max_in_flight: int = Field(
         default=512, ge=1,
         description="Effect attempts one worker runs at once, over every tenant and provider: at 50 ms a "

@@ -83,8 +83,10 @@ class EffectWorker:
         self._by_origin: dict[uuid.UUID, list[Job]] = {}
         self._paused = False
         self._assigned = False
-        self._consumer = Consumer(consumer_config(settings, self.group_id, **{
-            "session.timeout.ms": SESSION_TIMEOUT_MS, "on_commit": self._on_commit}))
+        membership: dict[str, object] = {"session.timeout.ms": SESSION_TIMEOUT_MS, "on_commit": self._on_commit}
+        if settings.effects_static_membership:
+            membership["group.instance.id"] = f"{self.group_id}.{self.instance}"
+        self._consumer = Consumer(consumer_config(settings, self.group_id, **membership))
         self._sender = Sender(settings, self.codec)
         self._follower = ControlsFollower(settings, self.controls)
         self._locator = EventLocator(settings, self.codec)

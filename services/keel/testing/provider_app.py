@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import orjson
 import pydantic
@@ -58,7 +59,7 @@ async def _after(delay_s: float, answer: Answer) -> web.Response:
 
 async def act(request: web.Request) -> web.Response:
     """Perform the action at the request's path once per ``Idempotency-Key``."""
-    state = request.app[_STATE]
+    state, received_at = request.app[_STATE], datetime.now(UTC)
     ledger, latency_s = state.ledger, state.dice.faults.latency_ms / 1000
     ledger.stats.requests += 1
     key, body = request.headers.get("Idempotency-Key"), await _object(request)
@@ -70,10 +71,11 @@ async def act(request: web.Request) -> web.Response:
     refusal = ledger.begin(key, request.path, body)
     if refusal is not None:
         return await _after(latency_s, refusal)
-    return await _perform(state, request, key, body)
+    return await _perform(state, request, key, body, received_at)
 
 
-async def _perform(state: _Simulator, request: web.Request, key: str, body: JSONObject) -> web.Response:
+async def _perform(state: _Simulator, request: web.Request, key: str, body: JSONObject,
+                   received_at: datetime) -> web.Response:
     """Perform under the faults: delayed, refused before performing, or answered wrongly after it."""
     ledger, dice = state.ledger, state.dice
     plan = dice.plan()
@@ -85,7 +87,7 @@ async def _perform(state: _Simulator, request: web.Request, key: str, body: JSON
         ledger.release(key)
         return _respond(error(503, "unavailable", "the provider is unavailable; nothing was performed"))
     answer = ledger.perform(key, request.path, body, tenant=request.headers.get("X-Keel-Tenant"),
-                            agent=request.headers.get("X-Keel-Agent"))
+                            agent=request.headers.get("X-Keel-Agent"), received_at=received_at)
     if answer.status >= 300 or plan.failure is None:
         return _respond(answer)
     ledger.count(plan.failure)

@@ -40,6 +40,7 @@ class PerformedAction(BaseModel):
     tenant: str | None
     agent: str | None
     at: datetime
+    received_at: datetime = Field(description="When the request that performed it arrived (before any delay).")
 
 
 class Stats(BaseModel):
@@ -111,7 +112,8 @@ class Ledger:
         self.stats.rejected += 1
         return answer
 
-    def perform(self, key: str, path: str, body: JSONObject, *, tenant: str | None, agent: str | None) -> Answer:
+    def perform(self, key: str, path: str, body: JSONObject, *, tenant: str | None, agent: str | None,
+                received_at: datetime) -> Answer:
         """Perform the action ``begin`` gave this request and store its answer under the key."""
         echo: JSONObject = {}
         if path == REVERSALS:
@@ -124,7 +126,7 @@ class Ledger:
         action_id, at = f"act_{next(self._ids)}", datetime.now(UTC)
         self._counts[key] += 1
         self.actions[key] = PerformedAction(id=action_id, count=self._counts[key], path=path, body=body,
-                                            tenant=tenant, agent=agent, at=at)
+                                            tenant=tenant, agent=agent, at=at, received_at=received_at)
         if path == REFUNDS and isinstance(body.get("reference"), str):
             self._refunds[(tenant, body["reference"])] = action_id
         self.stats.performed += 1
