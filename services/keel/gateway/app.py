@@ -1,8 +1,13 @@
 """The HTTP command gateway: authenticated, idempotent, durable acknowledgement of commands.
 
 Stateless: every replica reads keys from and writes commands to the shared outbox
-database; the relay alone talks to Kafka. ``create_app`` builds everything at start-up
-(FastAPI lifespan), nothing at import time.
+database; the relay alone sends commands to Kafka. Each replica reads one topic, the
+compacted controls topic (to its end, then following it): ``/v1/actions`` and
+``/v1/explain`` must answer under each tenant's current policy and switches, the ones the
+processor decides under. It is read in the background, so a gateway starts and accepts
+commands into the outbox while the broker is away; until the topic is read to its end
+those two routes answer 503 ``controls_unavailable``. ``create_app`` builds everything at start-up (FastAPI lifespan),
+nothing at import time.
 
 A command's record shows its events' personal values as ``keel.trust.reveal`` says: ``⟨sealed⟩``
 or ``⟨erased⟩``; in plaintext to a key with the ``personal_data`` role, once that read is
@@ -13,13 +18,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from anyio import sleep, to_thread
+from confluent_kafka import KafkaException
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -28,10 +36,14 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from keel.bootstrap import edge_codec
 from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.governance.controls import Controls
 from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
-from keel.gateway.errors import NotFound, http_status
-from keel.gateway.schemas import AcceptedResponse, ErrorResponse, command_definitions, command_request_schema
+from keel.gateway.actions import ActionList, Explanation, allowed_actions, catalog, explain
+from keel.gateway.errors import BodyTooLarge, ControlsUnavailable, NotFound, http_status
+from keel.gateway.intake import admit
+from keel.gateway.schemas import AcceptedResponse, command_bodies, error_responses
 from keel.gateway.settings import IngressSettings
 from keel.gateway.submit import PATH, Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
 from keel.gateway.writer import BatchWriter
@@ -39,19 +51,25 @@ from keel.logs import configure_logging
 from keel.outbox.db import open_database
 from keel.outbox.models import CommandRecord
 from keel.outbox.store import OutboxStore
+from keel.processor.controls import ControlsFollower
 from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
 from keel.trust.codec import SealingCodec
 from keel.trust.reveal import PERSONAL_DATA_ROLE, Disclosure, Reader, holds_sealed
 
 log = logging.getLogger("keel.gateway")
+CONTROLS_READ_S = 5.0
+"""How long one attempt to read the controls topic to its end may take before it is tried again."""
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description} for status, description in (
-        (400, "malformed_json"), (401, "missing_key, invalid_key"), (403, "wrong_tenant, wrong_actor"),
-        (409, "idempotency_conflict"), (413, "payload_too_large"), (415, "unsupported_media_type"),
-        (422, "unknown_type, unknown_schema, schema_violation, not_a_command"), (503, "outbox_unavailable"))
-}
+_KEYED = ("missing_key", "invalid_key", "outbox_unavailable")  # every route looks its key up in the outbox
+_BODY = ("malformed_json", "wrong_tenant", "wrong_actor", "payload_too_large", "unknown_type", "unknown_schema",
+         "schema_violation", "not_a_command", "beyond_dedupe_window")
+_READ = error_responses(*_KEYED, "not_found", "schema_violation")
+
+
+def _body_schema(component: str) -> dict[str, Any]:
+    return {"security": [{"HTTPBearer": []}], "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}}}}
 
 
 async def _gateway(request: Request) -> Gateway:
@@ -62,12 +80,33 @@ _bearer = HTTPBearer(auto_error=False, description="A key from `keel keys create
 Shared = Annotated[Gateway, Depends(_gateway)]
 
 
+async def _controls(request: Request) -> Controls:
+    if not request.app.state.controls_read.is_set():
+        raise ControlsUnavailable("the gateway has not read the controls topic to its end yet (is the broker up?); "
+                                  "try again shortly")
+    return request.app.state.controls  # type: ignore[no-any-return]
+
+
+def _read_controls(follower: ControlsFollower, read: threading.Event, stopping: threading.Event) -> None:
+    """Read the controls topic to its end (trying again while the broker is away), then let the follower follow."""
+    while not stopping.is_set():
+        try:
+            follower.start(timeout_s=CONTROLS_READ_S)
+        except (KeelError, KafkaException) as exc:
+            log.warning("cannot read the controls topic yet: %s", exc)
+            stopping.wait(1.0)
+            continue
+        read.set()
+        return
+
+
 async def _principal(gw: Shared, credentials: Annotated[HTTPAuthorizationCredentials | None,
                                                         Depends(_bearer)]) -> Principal:
     return await gw.authenticate(credentials.credentials if credentials else None)
 
 
 Caller = Annotated[Principal, Depends(_principal)]
+Current = Annotated[Controls, Depends(_controls)]
 
 
 async def _record(command_id: uuid.UUID, caller: Caller, gw: Shared) -> CommandRecord:
@@ -115,14 +154,24 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         codec, release_codec = edge_codec(settings)  # personal fields are sealed before the outbox
         app.state.gateway = Gateway(store, KeyStore(db), BatchWriter(store, ingress.gateway_batch_max), ingress,
                                     settings, codec)
+        follower, stopping = ControlsFollower(settings, app.state.controls), threading.Event()
+        reader = threading.Thread(target=_read_controls, args=(follower, app.state.controls_read, stopping),
+                                  name="controls-start", daemon=True)
+        reader.start()
+        catalog()  # the domains' command schemas, built once before the first GET /v1/actions
         gc.freeze()  # start-up objects live as long as the process: full collections skip them
         yield
+        stopping.set()
+        reader.join(timeout=CONTROLS_READ_S + 5)
+        follower.close()
         app.state.gateway.writer.close()
         release_codec()
 
     app = FastAPI(title="Keel command gateway", version="1", lifespan=lifespan,
-                  description="Send commands with a per-tenant API key; follow their status; "
-                              "query your tenant's projections (role analyst).")
+                  description="Send commands with a per-tenant API key; ask first what you may send and "
+                              "what governance would say; follow their status; query your tenant's "
+                              "projections (role analyst).")
+    app.state.controls, app.state.controls_read = Controls(), threading.Event()
     # Analysts' read-only queries. On embedded chDB the process that owns the data path
     # answers them; with a ClickHouse server any gateway replica can.
     app.include_router(build_query_router(_principal, settings=settings, on_read_refused=lambda caller, exc, sql: (
@@ -140,10 +189,10 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         error = ValidationError(f"{where}: {first.get('msg')}", field=where)
         return JSONResponse({"error": error.as_dict()}, status_code=422)
 
-    @app.post("/v1/commands", status_code=202, response_model=AcceptedResponse, responses=_ERRORS,
-              response_class=JSONResponse,
-              openapi_extra={"security": [{"HTTPBearer": []}], "requestBody": {"required": True, "content": {
-                  "application/json": {"schema": command_request_schema()}}}})
+    @app.post("/v1/commands", status_code=202, response_model=AcceptedResponse, response_class=JSONResponse,
+              responses=error_responses(*_KEYED, *_BODY, "client_disconnected", "idempotency_conflict",
+                                        "unsupported_media_type"),
+              openapi_extra=_body_schema("AnyCommand"))
     async def submit_route(request: Request) -> Response:
         """Accept a command durably; the same id and body again answer with the original result."""
         # SubmitFastPath answers this path before FastAPI sees it; the route gives it its
@@ -151,7 +200,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         body = await submit(request.app.state.gateway, dict(request.headers.raw), request.receive)
         return Response(body, status_code=202, media_type="application/json")
 
-    @app.get("/v1/commands/{command_id}", response_model=CommandRecord, responses=_ERRORS)
+    @app.get("/v1/commands/{command_id}", response_model=CommandRecord, responses=_READ)
     async def status(found: Annotated[CommandRecord, Depends(_record)], caller: Caller, gw: Shared) -> CommandRecord:
         """The command's status (accepted … executed | rejected | dead_lettered), its events, its
         effects and, in ``summary``, what the agent waits on (an approval, then the effects).
@@ -161,7 +210,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         """
         return await _as_read(found, caller, gw)
 
-    @app.get("/v1/commands/{command_id}/stream", response_class=EventSourceResponse, responses=_ERRORS)
+    @app.get("/v1/commands/{command_id}/stream", response_class=EventSourceResponse, responses=_READ)
     async def stream(found: Annotated[CommandRecord, Depends(_record)], caller: Caller, gw: Shared,
                      timeout_s: Annotated[float, Query(gt=0, le=600)] = 60.0) -> AsyncIterator[ServerSentEvent]:
         """Server-sent ``status`` events on every change of status, events or effects, until the
@@ -179,11 +228,30 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
                                                                     found.command_id)
             current = latest or current
 
+    @app.get("/v1/actions", response_model=ActionList, responses=error_responses(*_KEYED, "controls_unavailable"))
+    async def actions(caller: Caller, controls: Current) -> ActionList:
+        """The domains' command types this key's actor may send under its tenant's current policy
+        (its roles and grants), each with its payload's JSON schema."""
+        return ActionList(actions=allowed_actions(controls.of(caller.tenant_id).policy, caller.actor))
+
+    @app.post("/v1/explain", response_model=Explanation, openapi_extra=_body_schema("DomainCommand"),
+              responses=error_responses(*_KEYED, *_BODY, "not_explainable", "controls_unavailable"))
+    async def explain_route(request: Request, caller: Caller, controls: Current) -> Explanation:
+        """What governance would decide for this ``POST /v1/commands`` body now: refused by a
+        guardrail (role, kill switch, agent breaker) or the policy rule's allow, confirm,
+        approve or deny. A dry run: nothing is written, no rate limit is spent."""
+        raw = await request.body()
+        if len(raw) > ingress.gateway_max_body_bytes:
+            raise BodyTooLarge(f"the body exceeds the limit of {ingress.gateway_max_body_bytes} bytes", field="")
+        # submit's checks, with a plain codec: the edge codec seals personal values, which can write keys
+        command, _ = admit(raw, caller, EnvelopeCodec(), max_age_s=settings.processor_dedupe_window_s)
+        return explain(command, controls.of(caller.tenant_id), datetime.now(UTC))
+
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:  # the request body's nested models live in components
-            generate().setdefault("components", {}).setdefault("schemas", {}).update(command_definitions())
+        if app.openapi_schema is None:  # the request bodies and their nested models live in components
+            generate().setdefault("components", {}).setdefault("schemas", {}).update(command_bodies())
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -38,6 +38,18 @@ class NotFound(KeelError):
     code = "not_found"
 
 
+class NotExplainable(KeelError):
+    """The command is one of Keel's own (approvals, controls, effects), which the policy's rules do not govern."""
+
+    code = "not_explainable"
+
+
+class ControlsUnavailable(KeelError):
+    """The controls topic is not read to its end yet (the broker is away): no answer under half-read switches."""
+
+    code = "controls_unavailable"
+
+
 HTTP_STATUS: dict[str, int] = {
     "malformed_json": 400,
     "client_disconnected": 400,
@@ -53,8 +65,10 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_schema": 422,
     "schema_violation": 422,
     "not_a_command": 422,
+    "not_explainable": 422,
     "beyond_dedupe_window": 422,
     "outbox_unavailable": 503,
+    "controls_unavailable": 503,
 }
 
 # Refusals that may be an attack on tenant isolation: kept in the outbox's rejection table.

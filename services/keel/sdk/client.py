@@ -1,9 +1,11 @@
 """A small typed HTTP client for agents: send commands to the gateway and follow what became of them.
 
-An agent holds one API key (``keel keys create``) and talks to the gateway only: it sends a
-command (``POST /v1/commands``), reads its record (``GET /v1/commands/{id}``: status,
-events, effects and a ``summary`` of what it waits on), or waits for a state by following
-the record's server-sent events (``GET /v1/commands/{id}/stream``) instead of polling.
+An agent holds one API key (``keel keys create``) and talks to the gateway only: it asks
+what it may send (``GET /v1/actions``) and what governance would say to a command
+(``POST /v1/explain``), sends a command (``POST /v1/commands``), reads its record
+(``GET /v1/commands/{id}``: status, events, effects and a ``summary`` of what it waits
+on), or waits for a state by following the record's server-sent events
+(``GET /v1/commands/{id}/stream``) instead of polling.
 Refusals are ``RequestRefused`` with the gateway's own error code; a wait that cannot end
 as asked is ``EndedOtherwise`` or ``WaitTimedOut``, each holding the last record seen.
 """
@@ -21,6 +23,7 @@ from httpx_sse import connect_sse
 
 from keel.effects.progress import EffectState
 from keel.errors import KeelError, ValidationError
+from keel.gateway.actions import Action, ActionList, Explanation
 from keel.gateway.schemas import AcceptedResponse
 from keel.outbox.models import TERMINAL, CommandRecord, CommandStatus
 
@@ -111,6 +114,17 @@ class KeelClient:
         body = {**envelope, "id": str(command_id or uuid.uuid4()), "type": command_type,
                 "aggregate_id": aggregate_id, "payload": dict(payload)}
         return AcceptedResponse.model_validate(_answer(self._http.post("/v1/commands", json=body)))
+
+    def actions(self) -> list[Action]:
+        """The domains' command types this key may send under its tenant's current policy."""
+        return ActionList.model_validate(_answer(self._http.get("/v1/actions"))).actions
+
+    def explain(self, command_type: str, aggregate_id: str, payload: Mapping[str, Any],
+                **envelope: Any) -> Explanation:
+        """What governance would decide for this command now (allow, confirm, approve, deny or
+        refused, with the rule and code); nothing is sent and no rate limit is spent."""
+        body = {**envelope, "type": command_type, "aggregate_id": aggregate_id, "payload": dict(payload)}
+        return Explanation.model_validate(_answer(self._http.post("/v1/explain", json=body)))
 
     def status(self, command_id: uuid.UUID) -> CommandRecord:
         """The command's record now."""
