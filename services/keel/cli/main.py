@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from keel.domains.registry import current
 from keel.cli import analytics, dev, domains, effects, governance, ingress, schemas, trust, watchers, workers
+from keel.cli import mcp as mcp_cli
 from keel.cli import replay as replay_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
@@ -153,6 +154,7 @@ dev.register(app)
 ingress.register(app)
 trust.register(app)
 effects.register(app)
+mcp_cli.register(app)
 
 
 def main() -> None:

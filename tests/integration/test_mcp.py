@@ -1,0 +1,202 @@
+"""Agents act through `keel mcp` with the official MCP client, over stdio and streamable HTTP.
+
+Every part is a real process on the real broker: the gateway, the relay, the processor, an
+effect worker, the provider simulator and `keel mcp` itself. The agent's key is the only
+thing that says who it is: `KEEL_API_KEY` over stdio, the bearer header over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import pytest
+from confluent_kafka.admin import AdminClient
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult
+
+from keel.config import Settings
+from keel.domain.commands import SetPolicy
+from keel.domain.envelope import Actor, ActorKind
+from keel.domain.governance.policy import SYSTEM_ACTOR
+from keel.kafka.clients import admin_config
+from keel.kafka.topics import apply_topics, declared_topics
+from keel.outbox.db import open_database
+from keel.outbox.store import OutboxStore
+from keel.security.keys import KeyStore
+from keel.testing.provider import ProviderSimulator
+from tests.broker_faults import free_port
+from tests.helpers import command, send
+from tests.processes import KeelProcess, keel_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
+POLICY = {"version": "mcp-1", "roles": {"support-agent": ["StartSubscription", "IssueRefund", "CancelSubscription"]},
+          "grants": {"agent:support-bot": ["support-agent"]},
+          "rules": [{"name": "refunds-over-1000-need-an-admin", "decision": "approve",
+                     "match": {"command_types": ["IssueRefund"], "payload": {"amount_cents": {"gt": 100000}}}},
+                    {"name": "agents-never-cancel", "decision": "deny",
+                     "match": {"command_types": ["CancelSubscription"]}}]}
+START = {"customer_id": "cust-1", "plan": "pro", "monthly_price_cents": 1_000_000, "currency": "EUR"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The running services: the gateway's URL, the agent's key, and the MCP server over HTTP."""
+
+    settings: Settings
+    gateway: str
+    key: str
+    mcp_url: str
+
+
+@pytest.fixture(scope="module")
+def platform(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """Every service, started once for the module's tests, on topics of its own."""
+    tmp = tmp_path_factory.mktemp("mcp")
+    settings = broker_settings.model_copy(update={"topic_prefix": f"test-mcp-{uuid.uuid4().hex[:10]}",
+                                                  "clickhouse_database": f"keel_{uuid.uuid4().hex[:10]}",
+                                                  "topic_partitions": 3})
+    admin = AdminClient(admin_config(settings))
+    topics = declared_topics(settings)
+    apply_topics(admin, topics)
+    dsn = f"sqlite:///{tmp / 'outbox.sqlite3'}"
+    db = open_database(dsn)
+    OutboxStore(db).migrate()
+    keys = KeyStore(db)
+    keys.create_tenant("acme")
+    _, token = keys.create_key("acme", AGENT, frozenset())
+    db.close()
+    gateway_port, mcp_port = free_port(), free_port()
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    with ProviderSimulator() as provider:
+        env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_GATEWAY_PORT": str(gateway_port), "KEEL_GATEWAY_KEY_CACHE_S": "0",
+               "SUPPORT_DESK_PAYMENTS_URL": provider.url, "SUPPORT_DESK_EMAIL_URL": provider.url}
+        services = [KeelProcess(args, settings, tmp / f"{name}.log", **env) for name, args in (
+            ("gateway", ["gateway"]), ("relay", ["relay"]),
+            ("processor", ["process", "--no-supervise", "--instance", "p1"]),
+            ("effects", ["effects", "run", "--no-supervise", "--instance", "e1"]),
+            ("mcp", ["mcp", "--gateway", gateway, "--transport", "http", "--port", str(mcp_port)]))]
+        send(settings, command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
+        for service in services:
+            service.start()
+        mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+        try:
+            _until(lambda: _answers(f"{gateway}/healthz") and _answers(mcp_url), "the gateway and keel mcp")
+            yield Platform(settings, gateway, token, mcp_url)
+        finally:
+            for service in services:
+                service.stop(grace_s=10)
+            admin.delete_topics([topic.name for topic in topics], operation_timeout=30)
+
+
+def test_an_agent_over_stdio_lists_explains_submits_and_follows_actions(platform: Platform) -> None:
+    server = StdioServerParameters(command=sys.executable, args=["-m", "keel.cli", "mcp", "--gateway",
+                                                                   platform.gateway],
+                                   env=keel_env(platform.settings, KEEL_API_KEY=platform.key))
+
+    async def story() -> None:
+        async with Client(server) as agent:
+            await _the_agents_story(agent)
+
+    anyio.run(story)
+
+
+def test_agents_over_http_send_their_own_key_and_none_is_refused(platform: Platform) -> None:
+    refused = httpx.post(platform.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                         headers={"Accept": "application/json, text/event-stream"}, timeout=10)
+    assert refused.status_code == 401, refused.text
+
+    async def story() -> None:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {platform.key}"}, timeout=60) as http, \
+                Client(streamable_http_client(platform.mcp_url, http_client=http)) as agent:
+            await _the_agents_story(agent)
+        async with httpx2.AsyncClient(headers={"Authorization": "Bearer not-a-key"}, timeout=60) as http, \
+                Client(streamable_http_client(platform.mcp_url, http_client=http)) as stranger:
+            answer = await stranger.call_tool("list_actions", {})
+            assert answer.is_error and "[invalid_key]" in _text(answer), _text(answer)
+
+    anyio.run(story)
+
+
+async def _the_agents_story(agent: Client) -> None:
+    """What every agent does, whatever the transport."""
+    actions = _ok(await agent.call_tool("list_actions", {}))["actions"]
+    assert {a["type"] for a in actions} == {"StartSubscription", "IssueRefund", "CancelSubscription"}
+    assert all(a["schema"]["type"] == "object" for a in actions)
+
+    subscription = f"sub-{uuid.uuid4().hex[:6]}"
+    big = {"amount_cents": 500_000, "currency": "EUR", "reason": "outage"}
+    explained = _ok(await agent.call_tool("explain_action", {"type": "IssueRefund", "aggregate_id": subscription,
+                                                             "payload": big, "on_behalf_of": "cust-1"}))
+    assert (explained["outcome"], explained["rule"]) == ("approve", "refunds-over-1000-need-an-admin")
+
+    started = await _submit(agent, "StartSubscription", subscription, START)
+    assert (started["status"], started["summary"]["state"], started["summary"]["done"]) == (
+        "executed", "succeeded", True), started
+
+    small = await _submit(agent, "IssueRefund", subscription, {**big, "amount_cents": 1_000})
+    assert small["status"] == "executed", small
+    assert [(e["provider"], e["state"]) for e in small["effects"]] == [("payments", "succeeded")], small
+
+    denied = await _submit(agent, "CancelSubscription", subscription, {"reason": "asked"})
+    assert (denied["status"], denied["reason_code"], denied["summary"]["state"]) == (
+        "rejected", "policy_denied", "failed"), denied
+
+    parked = await _submit(agent, "IssueRefund", subscription, big)
+    assert (parked["status"], parked["summary"]["state"], parked["summary"]["reason"]) == (
+        "pending_approval", "waiting", "approval"), parked
+
+    malformed = await agent.call_tool("submit_action", {"type": "IssueRefund", "aggregate_id": subscription,
+                                                        "payload": "500000"})
+    assert malformed.is_error and _text(malformed).startswith("[schema_violation] payload:"), _text(malformed)
+    unknown = await agent.call_tool("submit_action", {"type": "NoSuchAction", "aggregate_id": subscription,
+                                                      "payload": {}})
+    assert unknown.is_error and "[unknown_type]" in _text(unknown), _text(unknown)
+
+
+async def _submit(agent: Client, action: str, aggregate_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Submit an action and follow it until it is done or waits on someone."""
+    accepted = _ok(await agent.call_tool("submit_action", {"type": action, "aggregate_id": aggregate_id,
+                                                           "payload": payload, "on_behalf_of": "cust-1"}))
+    deadline = time.monotonic() + 90  # the first command waits for the processor to join its group
+    while True:
+        found = _ok(await agent.call_tool("get_action_status", {"command_id": accepted["command_id"],
+                                                                "wait_s": 30}))
+        if found["summary"]["done"] or found["summary"]["state"] == "waiting" or time.monotonic() > deadline:
+            return found
+
+
+def _ok(answer: CallToolResult) -> dict[str, Any]:
+    assert not answer.is_error, _text(answer)
+    assert answer.structured_content is not None
+    return answer.structured_content
+
+
+def _text(answer: CallToolResult) -> str:
+    return " ".join(getattr(block, "text", "") for block in answer.content)
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def _until(condition: Any, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
