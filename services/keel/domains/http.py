@@ -36,7 +36,9 @@ def _session() -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
     session = _sessions.get(loop)
     if session is None or session.closed:
-        session = _sessions[loop] = aiohttp.ClientSession()
+        # No connection limit of its own (aiohttp's default is 100): the worker bounds how many
+        # attempts run at once, and a smaller pool would queue attempts behind one another.
+        session = _sessions[loop] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     return session
 
 

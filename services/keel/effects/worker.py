@@ -32,6 +32,7 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
 from keel.domain.events import EffectCancelled, EffectFailed, EffectRetried, EffectSucceeded
 from keel.domain.governance.controls import Controls
+from keel.domains import http
 from keel.domains.registry import current
 from keel.effects.breakers import Breakers
 from keel.effects.intake import EnvelopeShell, Headers, Interest, header_text, interest, undone_command
@@ -137,6 +138,7 @@ class EffectWorker:
             await self._drain()
         finally:
             await self._lanes.close()
+            await http.close()  # the handlers' pooled connections belong to this loop
 
     async def _drain(self) -> None:
         """Start nothing new; let attempts under way and their outcomes finish (within the grace); commit."""
