@@ -20,18 +20,12 @@ import httpx
 import pytest
 
 from keel.config import Settings
-from keel.domain.commands import SetPolicy
 from keel.domain.effects import idempotency_key
 from keel.domain.envelope import Actor, ActorKind
-from keel.domain.governance.policy import SYSTEM_ACTOR
-from keel.outbox.db import open_database
-from keel.outbox.store import OutboxStore
 from keel.sdk.client import KeelClient
-from keel.security.keys import KeyStore
-from keel.testing.provider import Faults, ProviderSimulator
-from tests.broker_faults import free_port
-from tests.helpers import command, refund, send, start
-from tests.processes import KeelProcess
+from keel.testing.provider import Faults
+from tests.helpers import refund, start
+from tests.platform import RunningPlatform, running_platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -45,38 +39,14 @@ POLICY = {"version": "story-1", "roles": {"support-agent": ["StartSubscription",
 
 
 @pytest.fixture
-def platform(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, dict[str, str], ProviderSimulator]]:
-    """The gateway's URL, an API key per actor, and the provider, with every service running."""
-    dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    OutboxStore(db).migrate()
-    keys = KeyStore(db)
-    keys.create_tenant("acme")
-    tokens = {actor.id: keys.create_key("acme", actor, frozenset())[1] for actor in (AGENT, *ADMINS)}
-    db.close()
-    port = free_port()
-    with ProviderSimulator() as provider:
-        env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_GATEWAY_PORT": str(port), "KEEL_GATEWAY_KEY_CACHE_S": "0",
-               "SUPPORT_DESK_PAYMENTS_URL": provider.url, "SUPPORT_DESK_EMAIL_URL": provider.url}
-        services = [KeelProcess(args, settings, tmp_path / f"{name}.log", **env) for name, args in (
-            ("gateway", ["gateway"]), ("relay", ["relay"]),
-            ("processor", ["process", "--no-supervise", "--instance", "p1"]),
-            ("effects", ["effects", "run", "--no-supervise", "--instance", "e1"]))]
-        send(settings, command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
-        for service in services:
-            service.start()
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _until(lambda: _answers(url), "the gateway answering /healthz")
-            yield url, tokens, provider
-        finally:
-            for service in services:
-                service.stop(grace_s=10)
+def platform(settings: Settings, tmp_path: Path) -> Iterator[RunningPlatform]:
+    with running_platform(settings, tmp_path, (AGENT, *ADMINS), POLICY) as running:
+        yield running
 
 
 def test_a_big_refund_approved_twice_at_once_charges_the_provider_once(
-        settings: Settings, platform: tuple[str, dict[str, str], ProviderSimulator]) -> None:
-    url, tokens, provider = platform
+        platform: RunningPlatform) -> None:
+    url, tokens, provider = platform.gateway, platform.tokens, platform.provider
     agent = KeelClient(url, tokens[AGENT.id])
     subscription = f"sub-{uuid.uuid4().hex[:6]}"
     opened = agent.submit("StartSubscription", subscription, start(1_000_000).model_dump(), on_behalf_of="cust-1")
@@ -147,17 +117,3 @@ def _follow(url: str, token: str, command_id: uuid.UUID, seen: list[dict[str, An
 
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _until(condition: Any, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)

@@ -7,7 +7,6 @@ thing that says who it is: `KEEL_API_KEY` over stdio, the bearer header over HTT
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import uuid
@@ -25,18 +24,12 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from keel.config import Settings
-from keel.domain.commands import SetPolicy
 from keel.domain.envelope import Actor, ActorKind
-from keel.domain.governance.policy import SYSTEM_ACTOR
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
-from keel.outbox.db import open_database
-from keel.outbox.store import OutboxStore
-from keel.security.keys import KeyStore
-from keel.testing.provider import ProviderSimulator
 from tests.broker_faults import free_port
-from tests.helpers import command, send
-from tests.processes import KeelProcess, keel_env
+from tests.platform import answers, running_platform, wait_until
+from tests.processes import keel_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -70,34 +63,15 @@ def platform(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory
     admin = AdminClient(admin_config(settings))
     topics = declared_topics(settings)
     apply_topics(admin, topics)
-    dsn = f"sqlite:///{tmp / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    OutboxStore(db).migrate()
-    keys = KeyStore(db)
-    keys.create_tenant("acme")
-    _, token = keys.create_key("acme", AGENT, frozenset())
-    db.close()
-    gateway_port, mcp_port = free_port(), free_port()
-    gateway = f"http://127.0.0.1:{gateway_port}"
-    with ProviderSimulator() as provider:
-        env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_GATEWAY_PORT": str(gateway_port), "KEEL_GATEWAY_KEY_CACHE_S": "0",
-               "SUPPORT_DESK_PAYMENTS_URL": provider.url, "SUPPORT_DESK_EMAIL_URL": provider.url}
-        services = [KeelProcess(args, settings, tmp / f"{name}.log", **env) for name, args in (
-            ("gateway", ["gateway"]), ("relay", ["relay"]),
-            ("processor", ["process", "--no-supervise", "--instance", "p1"]),
-            ("effects", ["effects", "run", "--no-supervise", "--instance", "e1"]),
-            ("mcp", ["mcp", "--gateway", gateway, "--transport", "http", "--port", str(mcp_port)]))]
-        send(settings, command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
-        for service in services:
-            service.start()
-        mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
-        try:
-            _until(lambda: _answers(f"{gateway}/healthz") and _answers(mcp_url), "the gateway and keel mcp")
-            yield Platform(settings, gateway, token, mcp_url)
-        finally:
-            for service in services:
-                service.stop(grace_s=10)
-            admin.delete_topics([topic.name for topic in topics], operation_timeout=30)
+    mcp_port = free_port()
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    try:
+        with running_platform(settings, tmp, (AGENT,), POLICY, extra=lambda gateway: {
+                "mcp": ["mcp", "--gateway", gateway, "--transport", "http", "--port", str(mcp_port)]}) as running:
+            wait_until(lambda: answers(mcp_url), "keel mcp")
+            yield Platform(settings, running.gateway, running.tokens[AGENT.id], mcp_url)
+    finally:
+        admin.delete_topics([topic.name for topic in topics], operation_timeout=30)
 
 
 def test_an_agent_over_stdio_lists_explains_submits_and_follows_actions(platform: Platform) -> None:
@@ -180,23 +154,8 @@ async def _submit(agent: Client, action: str, aggregate_id: str, payload: dict[s
 def _ok(answer: CallToolResult) -> dict[str, Any]:
     assert not answer.is_error, _text(answer)
     assert answer.structured_content is not None
-    return answer.structured_content
+    return dict(answer.structured_content)
 
 
 def _text(answer: CallToolResult) -> str:
     return " ".join(getattr(block, "text", "") for block in answer.content)
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False
-
-
-def _until(condition: Any, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)

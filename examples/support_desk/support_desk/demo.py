@@ -93,7 +93,7 @@ def story(tenant: str, subscription: str) -> list[Envelope]:
 def demo() -> None:
     """Run the platform (``keel dev``, in the background), play the story for two tenants through
     the gateway with their API keys, and show the outcomes and what each tenant's analyst sees."""
-    console = Console(width=None if Console().is_terminal else 120)
+    console = Console(width=None if Console().is_terminal else 160)
     settings, ingress = Settings(), IngressSettings()
     gateway = f"http://{ingress.gateway_host}:{ingress.gateway_port}"
     _platform(settings, console, gateway)

@@ -1,0 +1,90 @@
+"""A whole platform of real processes for end-to-end tests: gateway, relay, processor, effect worker.
+
+``running_platform`` gives one tenant (``acme``) a published policy and an API key per
+actor, starts a provider simulator as its payments and e-mail providers, runs every service
+(and any ``extra`` ones, which may use the gateway's URL) as ``keel`` processes on the
+test's topics, and waits until the gateway answers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from keel.config import Settings
+from keel.domain.commands import SetPolicy
+from keel.domain.envelope import Actor
+from keel.domain.governance.policy import SYSTEM_ACTOR
+from keel.outbox.db import open_database
+from keel.outbox.store import OutboxStore
+from keel.security.keys import KeyStore
+from keel.testing.provider import ProviderSimulator
+from tests.broker_faults import free_port
+from tests.helpers import command, send
+from tests.processes import KeelProcess
+
+TENANT = "acme"
+
+
+@dataclass(frozen=True)
+class RunningPlatform:
+    gateway: str
+    """The gateway's base URL."""
+    tokens: dict[str, str]
+    """Actor id -> its API key."""
+    provider: ProviderSimulator
+
+
+@contextmanager
+def running_platform(settings: Settings, tmp: Path, actors: Iterable[Actor], policy: dict[str, Any],
+                     extra: Callable[[str], dict[str, list[str]]] = lambda gateway: {}) -> Iterator[RunningPlatform]:
+    """Every service running for ``actors`` of tenant acme under ``policy``; ``extra(gateway_url)``
+    names more ``keel`` processes (name -> arguments) to run beside them."""
+    dsn = f"sqlite:///{tmp / 'outbox.sqlite3'}"
+    db = open_database(dsn)
+    OutboxStore(db).migrate()
+    keys = KeyStore(db)
+    keys.create_tenant(TENANT)
+    tokens = {actor.id: keys.create_key(TENANT, actor, frozenset())[1] for actor in actors}
+    db.close()
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    with ProviderSimulator() as provider:
+        env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_GATEWAY_PORT": str(port), "KEEL_GATEWAY_KEY_CACHE_S": "0",
+               "SUPPORT_DESK_PAYMENTS_URL": provider.url, "SUPPORT_DESK_EMAIL_URL": provider.url}
+        named = {"gateway": ["gateway"], "relay": ["relay"], "processor": ["process", "--no-supervise", "--instance",
+                                                                          "p1"],
+                 "effects": ["effects", "run", "--no-supervise", "--instance", "e1"], **extra(gateway)}
+        services = [KeelProcess(args, settings, tmp / f"{name}.log", **env) for name, args in named.items()]
+        send(settings, command(TENANT, "controls", SetPolicy(document=json.dumps(policy)), actor=SYSTEM_ACTOR))
+        for service in services:
+            service.start()
+        try:
+            wait_until(lambda: answers(f"{gateway}/healthz"), "the gateway answering /healthz")
+            yield RunningPlatform(gateway, tokens, provider)
+        finally:
+            for service in services:
+                service.stop(grace_s=10)
+
+
+def answers(url: str) -> bool:
+    """Whether anything answers HTTP at ``url``."""
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
