@@ -41,9 +41,10 @@ from keel.domain.governance.controls import Controls
 from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
 from keel.gateway.actions import ActionList, Explanation, allowed_actions, catalog, explain
+from keel.gateway.approvals import approvals_router
 from keel.gateway.errors import BodyTooLarge, ControlsUnavailable, NotFound, http_status
 from keel.gateway.intake import admit
-from keel.gateway.schemas import AcceptedResponse, command_bodies, error_responses
+from keel.gateway.schemas import KEYED, AcceptedResponse, command_bodies, error_responses
 from keel.gateway.settings import IngressSettings
 from keel.gateway.submit import PATH, Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
 from keel.gateway.writer import BatchWriter
@@ -61,10 +62,9 @@ log = logging.getLogger("keel.gateway")
 CONTROLS_READ_S = 5.0
 """How long one attempt to read the controls topic to its end may take before it is tried again."""
 
-_KEYED = ("missing_key", "invalid_key", "outbox_unavailable")  # every route looks its key up in the outbox
 _BODY = ("malformed_json", "wrong_tenant", "wrong_actor", "payload_too_large", "unknown_type", "unknown_schema",
          "schema_violation", "not_a_command", "beyond_dedupe_window")
-_READ = error_responses(*_KEYED, "not_found", "schema_violation")
+_READ = error_responses(*KEYED, "not_found", "schema_violation")
 
 
 def _body_schema(component: str) -> dict[str, Any]:
@@ -176,6 +176,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
     # answers them; with a ClickHouse server any gateway replica can.
     app.include_router(build_query_router(_principal, settings=settings, on_read_refused=lambda caller, exc, sql: (
         app.state.gateway.security.read_refused(caller.tenant_id, actor_name(caller), exc, sql))))
+    app.include_router(approvals_router(_principal))  # approvers' list and decisions
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:
@@ -190,7 +191,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         return JSONResponse({"error": error.as_dict()}, status_code=422)
 
     @app.post("/v1/commands", status_code=202, response_model=AcceptedResponse, response_class=JSONResponse,
-              responses=error_responses(*_KEYED, *_BODY, "client_disconnected", "idempotency_conflict",
+              responses=error_responses(*KEYED, *_BODY, "client_disconnected", "idempotency_conflict",
                                         "unsupported_media_type"),
               openapi_extra=_body_schema("AnyCommand"))
     async def submit_route(request: Request) -> Response:
@@ -228,14 +229,14 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
                                                                     found.command_id)
             current = latest or current
 
-    @app.get("/v1/actions", response_model=ActionList, responses=error_responses(*_KEYED, "controls_unavailable"))
+    @app.get("/v1/actions", response_model=ActionList, responses=error_responses(*KEYED, "controls_unavailable"))
     async def actions(caller: Caller, controls: Current) -> ActionList:
         """The domains' command types this key's actor may send under its tenant's current policy
         (its roles and grants), each with its payload's JSON schema."""
         return ActionList(actions=allowed_actions(controls.of(caller.tenant_id).policy, caller.actor))
 
     @app.post("/v1/explain", response_model=Explanation, openapi_extra=_body_schema("DomainCommand"),
-              responses=error_responses(*_KEYED, *_BODY, "not_explainable", "controls_unavailable"))
+              responses=error_responses(*KEYED, *_BODY, "not_explainable", "controls_unavailable"))
     async def explain_route(request: Request, caller: Caller, controls: Current) -> Explanation:
         """What governance would decide for this ``POST /v1/commands`` body now: refused by a
         guardrail (role, kill switch, agent breaker) or the policy rule's allow, confirm,

@@ -91,3 +91,7 @@ def command_bodies() -> dict[str, Any]:
         components |= schema.pop("$defs", {})
         components[name] = schema
     return components
+
+
+KEYED = ("missing_key", "invalid_key", "outbox_unavailable")
+"""The refusals of every keyed route: each looks its key up in the outbox."""

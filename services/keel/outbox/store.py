@@ -71,6 +71,22 @@ class OutboxStore:
             effects=tuple(_effect(row) for row in effects),
         )
 
+    def pending_approvals(self, tenant_id: str, limit: int = 1000) -> list[CommandRecord]:
+        """The tenant's commands parked for an approval, oldest request first, each with its
+        ``ApprovalRequested`` event alone: what an approver's list shows, in one query."""
+        with self.db.transaction() as cursor:
+            rows = cursor.query(
+                "SELECT o.command_id, o.command_type, o.aggregate_key, o.created_at, o.updated_at, "
+                "e.event_id, e.occurred_at, e.payload FROM keel_outbox o JOIN keel_command_events e "
+                "ON e.command_id = o.command_id AND e.event_type = 'ApprovalRequested' "
+                "WHERE o.tenant_id = ? AND o.status = ? ORDER BY e.occurred_at, o.command_id LIMIT ?",
+                (tenant_id, CommandStatus.PENDING_APPROVAL.value, limit))
+        return [CommandRecord(
+            command_id=uuid.UUID(row[0]), tenant_id=tenant_id, command_type=row[1], key=row[2],
+            status=CommandStatus.PENDING_APPROVAL, created_at=row[3], updated_at=row[4],
+            events=(TrackedEvent(event_id=uuid.UUID(row[5]), type="ApprovalRequested", occurred_at=row[6],
+                                 payload=json.loads(row[7])),)) for row in rows]
+
     def effect(self, tenant_id: str, effect_id: uuid.UUID) -> EffectRecord | None:
         """The effect's state, only when it belongs to ``tenant_id``."""
         with self.db.transaction() as cursor:

@@ -5,7 +5,8 @@ what it may send (``GET /v1/actions``) and what governance would say to a comman
 (``POST /v1/explain``), sends a command (``POST /v1/commands``), reads its record
 (``GET /v1/commands/{id}``: status, events, effects and a ``summary`` of what it waits
 on), or waits for a state by following the record's server-sent events
-(``GET /v1/commands/{id}/stream``) instead of polling.
+(``GET /v1/commands/{id}/stream``) instead of polling. An approver lists what waits for a
+decision (``GET /v1/approvals``) and approves or rejects it.
 Refusals are ``RequestRefused`` with the gateway's own error code; a wait that cannot end
 as asked is ``EndedOtherwise`` or ``WaitTimedOut``, each holding the last record seen.
 """
@@ -24,6 +25,7 @@ from httpx_sse import connect_sse
 from keel.effects.progress import EffectState
 from keel.errors import KeelError, ValidationError
 from keel.gateway.actions import Action, ActionList, Explanation
+from keel.gateway.approvals import ApprovalList, PendingApproval
 from keel.gateway.schemas import AcceptedResponse
 from keel.outbox.models import TERMINAL, CommandRecord, CommandStatus
 
@@ -150,6 +152,22 @@ class KeelClient:
                         return last
         raise WaitTimedOut(f"command {command_id} did not reach {wanted} within {timeout_s:g} s"
                            + (f"; it is {last.status}, effects {last.summary.state}" if last else ""), last)
+
+    def approvals(self) -> list[PendingApproval]:
+        """The commands of the key's tenant waiting for an approval or a confirmation, oldest first."""
+        return ApprovalList.model_validate(_answer(self._http.get("/v1/approvals"))).approvals
+
+    def approve(self, command_id: uuid.UUID, comment: str | None = None) -> AcceptedResponse:
+        """Approve (or, as its subject, confirm) a parked command; ``status`` of the answered id
+        tells whether the processor let this key decide."""
+        return AcceptedResponse.model_validate(_answer(self._http.post(
+            f"/v1/approvals/{command_id}/approve", json={"comment": comment})))
+
+    def reject(self, command_id: uuid.UUID, reason: str) -> AcceptedResponse:
+        """Reject a parked command; ``status`` of the answered id tells whether the processor
+        let this key decide."""
+        return AcceptedResponse.model_validate(_answer(self._http.post(
+            f"/v1/approvals/{command_id}/reject", json={"reason": reason})))
 
     def close(self) -> None:
         """Close the connections."""
