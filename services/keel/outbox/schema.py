@@ -33,6 +33,7 @@ def ddl(db: Database) -> list[str]:
         "CREATE INDEX IF NOT EXISTS keel_outbox_unsent ON keel_outbox (seq) WHERE published_at IS NULL",
         # Retention prunes by age: a range over this index, never a scan of the whole table.
         "CREATE INDEX IF NOT EXISTS keel_outbox_created ON keel_outbox (created_at)",
+        "CREATE INDEX IF NOT EXISTS keel_outbox_tenant_status ON keel_outbox (tenant_id, status)",  # approvals
         """CREATE TABLE IF NOT EXISTS keel_command_events (
             event_id TEXT PRIMARY KEY,
             command_id TEXT NOT NULL,
