@@ -27,7 +27,7 @@ class Action(BaseModel):
 
     model_config = ConfigDict(frozen=True, validate_by_name=True, serialize_by_alias=True)
 
-    type: str = Field(description="The envelope's type, e.g. IssueRefund.")
+    type: str = Field(description="The envelope's type: a command type the key may send.")
     domain: str
     aggregate: str = Field(description="The kind of thing it acts on; aggregate_id names which one.")
     description: str = Field(description="The command model's docstring.")

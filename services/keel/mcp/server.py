@@ -34,7 +34,7 @@ from keel.sdk.client import KeelClient
 POLL_S = 0.25
 """How often ``get_action_status`` reads the record while it waits."""
 
-ActionType = Annotated[str, Field(description="The action (command) type, e.g. IssueRefund; see list_actions.")]
+ActionType = Annotated[str, Field(description="The action (command) type, as list_actions names it.")]
 AggregateId = Annotated[str, Field(min_length=1, description="What the action acts on, e.g. a subscription id.")]
 Payload = Annotated[dict[str, Any], Field(description="The action's fields, as its schema in list_actions says.")]
 OnBehalfOf = Annotated[str | None, Field(description="The person the agent acts for, e.g. a customer id.")]
