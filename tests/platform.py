@@ -9,6 +9,7 @@ test's topics, and waits until the gateway answers.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
 from keel.config import Settings
 from keel.domain.commands import SetPolicy
@@ -88,3 +90,21 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) 
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.3)
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """``app`` (what ``keel.gateway.app.create_app`` returns) served by uvicorn in a thread on a free
+    port, once it has read the controls topic; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the gateway did not start"
+            time.sleep(0.05)
+        assert app.app.state.controls_read.wait(30), "the gateway did not read the controls topic"
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)

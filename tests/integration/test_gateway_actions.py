@@ -4,7 +4,6 @@ following the real controls topic, checked against what the processor then decid
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Envelope
@@ -32,6 +30,7 @@ from keel.processor.worker import CommandProcessor
 from keel.sdk.client import KeelClient, RequestRefused
 from keel.security.keys import KeyStore
 from support_desk.messages import IssueRefund, SendEmail
+from tests.platform import serving
 from tests.helpers import AGENT, command, events, send, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -76,17 +75,8 @@ def gateway(settings: Settings, processor: CommandProcessor, tmp_path: Path) -> 
               "globex-bot": keys.create_key("globex", AGENT)[1]}
     app = create_app(settings.model_copy(update={"data_dir": tmp_path}),
                      IngressSettings(outbox_dsn=dsn, gateway_key_cache_s=0))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the gateway did not start"
-        time.sleep(0.05)
-    assert app.app.state.controls_read.wait(30), "the gateway did not read the controls topic"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Gateway(f"http://127.0.0.1:{port}", store, tokens)
-    server.should_exit = True
-    thread.join(15)
+    with serving(app) as url:
+        yield Gateway(url, store, tokens)
     db.close()
 
 

@@ -4,7 +4,6 @@ relay, the processor decides them, the status tracker brings the outcomes back t
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind
@@ -29,6 +27,7 @@ from keel.relay.relay import Relay
 from keel.relay.tracker import StatusTracker
 from keel.sdk.client import KeelClient, RequestRefused
 from keel.security.keys import KeyStore
+from tests.platform import serving
 from tests.helpers import AGENT, command, send
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -83,17 +82,8 @@ def platform(settings: Settings, tmp_path: Path) -> Iterator[Platform]:
         processor.run_until_caught_up()
         tracker.run_once(0.2)
 
-    app = create_app(settings.model_copy(update={"data_dir": tmp_path}), ingress)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the gateway did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Platform(f"http://127.0.0.1:{port}", store, tokens, pump)
-    server.should_exit = True
-    thread.join(15)
+    with serving(create_app(settings.model_copy(update={"data_dir": tmp_path}), ingress)) as url:
+        yield Platform(url, store, tokens, pump)
     relay.close()
     tracker.close()
     processor.close()
