@@ -12,6 +12,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from confluent_kafka import KafkaException
@@ -69,6 +70,14 @@ def _containers() -> Iterator[Settings]:
 @pytest.fixture
 def settings(broker_settings: Settings) -> Iterator[Settings]:
     """Settings with this test's own topics (created) and its own ClickHouse database."""
+    with own_topics(broker_settings) as settings:
+        yield settings
+
+
+@contextmanager
+def own_topics(broker_settings: Settings) -> Iterator[Settings]:
+    """``broker_settings`` with topics (created, deleted after) and a ClickHouse database of their own:
+    ``settings`` for one test, or for a module's tests that share one platform."""
     suffix = uuid.uuid4().hex[:10]
     settings = broker_settings.model_copy(update={
         "topic_prefix": f"test-{suffix}",

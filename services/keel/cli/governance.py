@@ -33,10 +33,10 @@ from keel.domain.messages import (
     SetPolicy,
     SwitchScope,
 )
-from keel.domains.registry import current
 from keel.errors import KeelError, ValidationError
 from keel.ops import dlq as dead_letters
-from keel.ops.lookup import events_of_command, parked_aggregate, pending_approvals, tenant_events
+from keel.ops.lookup import parked_aggregate, pending_approvals, tenant_events
+from keel.ops.undo import compensation_of
 from keel.sdk.producer import CommandProducer
 
 console = Console()
@@ -89,16 +89,9 @@ def undo(command_id: uuid.UUID, tenant: Tenant, acting: As,
          reason: Annotated[str, typer.Option(help="Why it is undone.")]) -> None:
     """Issue the compensating command of an executed command, as its domain declares it (``Undo``)."""
     settings = Settings()
-    events = events_of_command(settings, tenant, command_id)
-    undoable = [(event, found) for event in events if (found := current().undo_of.get(event.type)) is not None]
-    if not undoable:
-        raise KeelError(f"command {command_id} yielded {[e.type for e in events]}; none of them can be undone",
-                        code="irreversible")
-    event, declared = undoable[-1]
-    compensation: Payload = declared.command(event, reason)
-    # Same correlation as what it undoes, so one trail shows the action and its undoing.
-    _send(settings, compensation, tenant, events[0].aggregate_id, acting_actor(acting), causation_id=command_id,
-          correlation_id=events[0].correlation_id)
+    undoing = compensation_of(settings, tenant, command_id, reason)
+    _send(settings, undoing.payload, tenant, undoing.aggregate_id, acting_actor(acting),
+          causation_id=undoing.causation_id, correlation_id=undoing.correlation_id)
 
 
 _APPROVAL_COLUMNS = (("command_id", "command id"), ("aggregate", "aggregate"), ("type", "type"),

@@ -43,7 +43,9 @@ from keel.errors import KeelError, ValidationError
 from keel.gateway.actions import ActionList, Explanation, allowed_actions, catalog, explain
 from keel.gateway.approvals import approvals_router
 from keel.gateway.errors import BodyTooLarge, ControlsUnavailable, NotFound, http_status
+from keel.gateway.history import history_router
 from keel.gateway.intake import admit
+from keel.gateway.reading import read_as
 from keel.gateway.schemas import KEYED, AcceptedResponse, command_bodies, error_responses
 from keel.gateway.settings import IngressSettings
 from keel.gateway.submit import PATH, Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
@@ -55,8 +57,7 @@ from keel.outbox.store import OutboxStore
 from keel.processor.controls import ControlsFollower
 from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
-from keel.trust.codec import SealingCodec
-from keel.trust.reveal import PERSONAL_DATA_ROLE, Disclosure, Reader, holds_sealed
+from keel.trust.reveal import Reader, holds_sealed
 
 log = logging.getLogger("keel.gateway")
 CONTROLS_READ_S = 5.0
@@ -124,23 +125,16 @@ async def _as_read(found: CommandRecord, caller: Principal, gw: Gateway) -> Comm
 
 
 def _read_by(found: CommandRecord, caller: Principal, gw: Gateway) -> CommandRecord:
-    cipher = gw.codec.cipher if isinstance(gw.codec, SealingCodec) else None
-    shown, reads = _shown(found, Reader(cipher, reveal=cipher is not None and PERSONAL_DATA_ROLE in caller.roles))
-    if reads and not gw.security.personal_data_read(actor_name(caller), reads,
-                                                    via=f"GET {PATH}/{found.command_id}"):
-        shown, _ = _shown(found, Reader(cipher))  # a read that was not recorded shows no plaintext
-    return shown
+    return read_as(gw, caller, lambda reader: _shown(found, reader), via=f"GET {PATH}/{found.command_id}")
 
 
-def _shown(found: CommandRecord, reader: Reader) -> tuple[CommandRecord, list[Disclosure]]:
-    """The record as ``reader`` sees it, and what it showed in plaintext.
-
-    Tracked events do not keep their subject: each value opens with the subject of its key.
-    """
+def _shown(found: CommandRecord, reader: Reader) -> CommandRecord:
+    """The record as ``reader`` sees it. Tracked events do not keep their subject: each value
+    opens with the subject of its key."""
     events = tuple(event.model_copy(update={"payload": reader.payload(
         event.payload, message_type=event.type, tenant=found.tenant_id, subject=None, entry_id=str(event.event_id),
         command_id=str(found.command_id))}) for event in found.events)
-    return found.model_copy(update={"events": events, "reason": reader.masked(found.reason)}), reader.take()
+    return found.model_copy(update={"events": events, "reason": reader.masked(found.reason)})
 
 
 def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
@@ -177,6 +171,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
     app.include_router(build_query_router(_principal, settings=settings, on_read_refused=lambda caller, exc, sql: (
         app.state.gateway.security.read_refused(caller.tenant_id, actor_name(caller), exc, sql))))
     app.include_router(approvals_router(_principal))  # approvers' list and decisions
+    app.include_router(history_router(_principal))  # timelines, trails, audit status, undo
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:

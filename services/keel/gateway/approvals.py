@@ -6,14 +6,15 @@ idempotency, outbox and refusal records); the processor decides whether the call
 decide (``not_pending``, ``self_approval``, ``not_an_approver``…), which
 ``GET /v1/commands/{id}`` of the answered id then tells.
 
-The list keeps payloads out (they may hold personal values) but for the agent's numeric
-``confidence``, the one value approvers weigh that no policy rule names.
+The list shows each parked payload as its reader may (``keel.gateway.reading``): personal
+values ``⟨sealed⟩``, or in plaintext to a key with the ``personal_data`` role, each such read
+recorded in the tenant's audit chain; and, on its own, the agent's numeric ``confidence``.
 """
 
 # No ``from __future__ import annotations``: FastAPI evaluates the routes' annotations, which name
 # the local ``Caller``.
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -28,8 +29,10 @@ from keel.domain.events import ApprovalKind, ApprovalRequested
 from keel.domain.principal import Principal
 from keel.gateway.errors import NotFound
 from keel.gateway.schemas import KEYED, AcceptedResponse, error_responses
-from keel.gateway.submit import Gateway, submit
+from keel.gateway.reading import read_as
+from keel.gateway.submit import Gateway, submit_as
 from keel.outbox.models import CommandRecord
+from keel.trust.reveal import Reader
 
 PATH = "/v1/approvals"
 _ID = Field(default=None, description="The decision's command id; send one to be idempotent.")
@@ -51,6 +54,8 @@ class PendingApproval(BaseModel):
     approval_kind: ApprovalKind = Field(description="approval: by an approver role; confirmation: by the "
                                                     "on-behalf-of subject.")
     confidence: float | None = Field(description="The agent's own confidence, when its payload reports one.")
+    payload: dict[str, Any] = Field(description="The parked command's payload; personal values read ⟨sealed⟩ "
+                                                "unless the key has the personal_data role.")
     requested_at: str
     expires_at: datetime
 
@@ -91,20 +96,31 @@ class _Parked(BaseModel):
     payload: dict[str, Any] = {}
 
 
-def requested(record: CommandRecord) -> PendingApproval | None:
-    """``record``'s request for a decision as an approver sees it; None when it never asked for one."""
+def requested(record: CommandRecord, reader: Reader | None = None) -> PendingApproval | None:
+    """``record``'s request for a decision as ``reader`` sees it (default: personal values marked);
+    None when it never asked for one."""
     event = next((e for e in record.events if e.type == "ApprovalRequested"), None)
     if event is None:
         return None
     asked = ApprovalRequested.model_validate(event.payload)
     parked = _Parked.model_validate_json(asked.command)
     confidence = parked.payload.get("confidence")
+    payload = (reader or Reader(None)).payload(
+        parked.payload, message_type=record.command_type, tenant=record.tenant_id, subject=parked.on_behalf_of,
+        entry_id=str(record.command_id), command_id=str(record.command_id))
     return PendingApproval(
         command_id=record.command_id, command_type=record.command_type, aggregate_id=parked.aggregate_id,
         actor=parked.actor, on_behalf_of=parked.on_behalf_of, delegation=parked.delegation,
         policy_rule=asked.policy_rule, policy_version=asked.policy_version, approval_kind=asked.approval_kind,
         confidence=float(confidence) if isinstance(confidence, int | float) else None,
-        requested_at=event.occurred_at, expires_at=asked.expires_at)
+        requested_at=event.occurred_at, expires_at=asked.expires_at, payload=payload)
+
+
+def pending(gw: Gateway, caller: Principal, limit: int = 100) -> list[PendingApproval]:
+    """What waits in ``caller``'s tenant for a decision, payloads as ``caller`` may read them; blocking."""
+    records = gw.store.pending_approvals(caller.tenant_id, limit)
+    return read_as(gw, caller, lambda reader: [shown for record in records
+                                               if (shown := requested(record, reader)) is not None], via=f"GET {PATH}")
 
 
 def approvals_router(principal: Callable[..., Awaitable[Principal]]) -> APIRouter:
@@ -117,9 +133,9 @@ def approvals_router(principal: Callable[..., Awaitable[Principal]]) -> APIRoute
     @router.get("", response_model=ApprovalList, responses=error_responses(*KEYED, "schema_violation"))
     async def listed(request: Request, caller: Caller,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ApprovalList:
-        """The commands of the key's tenant waiting for an approval or a confirmation (payloads left out)."""
-        records = await to_thread.run_sync(_gateway(request).store.pending_approvals, caller.tenant_id, limit)
-        return ApprovalList(approvals=[shown for record in records if (shown := requested(record)) is not None])
+        """The commands of the key's tenant waiting for an approval or a confirmation, oldest first; personal
+        values read ⟨sealed⟩ unless the key has the personal_data role (each such read is audited)."""
+        return ApprovalList(approvals=await to_thread.run_sync(pending, _gateway(request), caller, limit))
 
     @router.post("/{command_id}/approve", **decided)
     async def approve(command_id: uuid.UUID, body: ApproveBody, request: Request, caller: Caller) -> Response:
@@ -157,11 +173,5 @@ async def _decide(request: Request, caller: Principal, command_id: uuid.UUID, de
                 "payload": {"command_id": str(command_id), **fields}}
     if decision_id is not None:
         document["id"] = str(decision_id)
-    raw = orjson.dumps(document)
-
-    async def receive() -> MutableMapping[str, Any]:
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    headers = {b"authorization": request.headers.get("authorization", "").encode("latin-1"),
-               b"content-type": b"application/json"}
-    return Response(await submit(gw, headers, receive), status_code=202, media_type="application/json")
+    return Response(await submit_as(gw, caller, orjson.dumps(document)), status_code=202,
+                    media_type="application/json")

@@ -69,6 +69,9 @@ HTTP_STATUS: dict[str, int] = {
     "beyond_dedupe_window": 422,
     "outbox_unavailable": 503,
     "controls_unavailable": 503,
+    "forbidden": 403,
+    "irreversible": 422,
+    "audit_unavailable": 503,
 }
 
 # Refusals that may be an attack on tenant isolation: kept in the outbox's rejection table.

@@ -78,9 +78,18 @@ async def submit(gw: Gateway, headers: dict[bytes, bytes], receive: Receive) -> 
     body is a conflict.
     """
     caller = await gw.authenticate(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
-    raw = b""
     try:
         raw = await _body(headers, receive, gw.ingress.gateway_max_body_bytes)
+    except KeelError as exc:
+        await _refused(gw, caller, exc, b"")
+        raise
+    return await submit_as(gw, caller, raw)
+
+
+async def submit_as(gw: Gateway, caller: Principal, raw: bytes) -> bytes:
+    """Accept the command ``raw`` from an authenticated ``caller``, as ``submit`` does; the
+    approvals routes and the console send their commands through here."""
+    try:
         envelope, written = await gw.admission.admit(raw, caller)
         result = await written
         if result.conflict:
