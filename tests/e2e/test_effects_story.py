@@ -22,7 +22,7 @@ import pytest
 from keel.config import Settings
 from keel.domain.effects import idempotency_key
 from keel.domain.envelope import Actor, ActorKind
-from keel.sdk.client import KeelClient
+from keel.client import KeelClient
 from keel.testing.provider import Faults
 from tests.helpers import refund, start
 from tests.platform import RunningPlatform, running_platform

@@ -41,7 +41,7 @@ from keel.outbox.store import OutboxStore
 from keel.processor.worker import EFFECT_HEADER, CommandProcessor, new_instance_id
 from keel.relay.relay import Relay
 from keel.relay.tracker import StatusTracker
-from keel.sdk.client import KeelClient, RequestRefused, WaitTimedOut
+from keel.client import KeelClient, RequestRefused, WaitTimedOut
 from keel.security.keys import KeyStore
 from tests.broker_faults import free_port
 from support_desk.messages import SubscriptionStarted

@@ -27,7 +27,7 @@ from keel.kafka.topics import Topic, topic_name
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor
-from keel.sdk.client import KeelClient, RequestRefused
+from keel.client import KeelClient, RequestRefused
 from keel.security.keys import KeyStore
 from support_desk.messages import IssueRefund, SendEmail
 from tests.platform import serving

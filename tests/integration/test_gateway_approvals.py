@@ -25,7 +25,7 @@ from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor
 from keel.relay.relay import Relay
 from keel.relay.tracker import StatusTracker
-from keel.sdk.client import KeelClient, RequestRefused
+from keel.client import KeelClient, RequestRefused
 from keel.security.keys import KeyStore
 from tests.platform import serving
 from tests.helpers import AGENT, command, send

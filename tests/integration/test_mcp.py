@@ -24,11 +24,15 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from keel.config import Settings
+from keel.domain.commands import SetKillSwitch, SwitchScope
 from keel.domain.envelope import Actor, ActorKind
+from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
+from keel.domain.governance.policy import SYSTEM_ACTOR
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 from tests.broker_faults import free_port
-from tests.platform import answers, running_platform, wait_until
+from tests.helpers import command, send
+from tests.platform import TENANT, answers, running_platform, wait_until
 from tests.processes import keel_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -101,6 +105,53 @@ def test_agents_over_http_send_their_own_key_and_none_is_refused(platform: Platf
             assert answer.is_error and "[invalid_key]" in _text(answer), _text(answer)
 
     anyio.run(story)
+
+
+def test_a_kill_switch_on_the_agent_is_explained_and_refuses_its_actions_until_released(
+        platform: Platform) -> None:
+    subscription = f"sub-{uuid.uuid4().hex[:6]}"
+    refund = {"amount_cents": 1_000, "currency": "EUR", "reason": "outage"}
+    asked = {"type": "IssueRefund", "aggregate_id": subscription, "payload": refund, "on_behalf_of": "cust-1"}
+
+    async def story() -> None:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {platform.key}"}, timeout=60) as http, \
+                Client(streamable_http_client(platform.mcp_url, http_client=http)) as agent:
+            started = await _submit(agent, "StartSubscription", subscription, START)
+            assert started["status"] == "executed", started
+            _switch(platform.settings, engaged=True)
+            try:
+                switched = await _explained(agent, asked, "refused")
+                assert (switched["code"], switched["rule"]) == ("kill_switch", None), switched
+                assert switched["reason"] == "agent support-bot is switched off for this tenant", switched
+                refused = await _submit(agent, "IssueRefund", subscription, refund)
+                assert (refused["status"], refused["reason_code"], refused["reason"]) == (
+                    "rejected", "kill_switch", switched["reason"]), refused
+                assert (refused["summary"]["state"], refused["summary"]["done"], refused["events"]) == (
+                    "failed", True, ["CommandRejected"]), refused
+            finally:
+                _switch(platform.settings, engaged=False)
+            assert (await _explained(agent, asked, "allow"))["code"] is None
+            after = await _submit(agent, "IssueRefund", subscription, refund)
+            assert (after["status"], after["summary"]["state"]) == ("executed", "succeeded"), after
+
+    anyio.run(story)
+
+
+def _switch(settings: Settings, *, engaged: bool) -> None:
+    """Engage or release the kill switch on the agent, as `keel kill-switch` sends it."""
+    switch = SetKillSwitch(scope=SwitchScope.AGENT, target=AGENT.id, engaged=engaged,
+                           reason="runaway refunds" if engaged else "fixed")
+    send(settings, command(TENANT, CONTROLS_AGGREGATE, switch, actor=SYSTEM_ACTOR))
+
+
+async def _explained(agent: Client, asked: dict[str, Any], outcome: str) -> dict[str, Any]:
+    """``explain_action``'s answer once it is ``outcome``: the gateway follows the switch once the
+    processor has thrown it."""
+    deadline = time.monotonic() + 60
+    while (found := _ok(await agent.call_tool("explain_action", asked)))["outcome"] != outcome:
+        assert time.monotonic() < deadline, f"explain_action still answers {found}, not {outcome}"
+        await anyio.sleep(0.3)
+    return found
 
 
 async def _the_agents_story(agent: Client) -> None:

@@ -16,7 +16,8 @@ from keel.effects.status import EffectChange, EffectRecord, Stage, fold, from_ev
 from keel.errors import ValidationError
 from keel.outbox.models import CommandRecord, CommandStatus
 from keel.relay.status import event_outcomes
-from keel.sdk.client import EndedOtherwise, reached, target
+from keel.client import EndedOtherwise
+from keel.client.waiting import reached, target
 from support_desk.messages import RefundIssued
 from tests.helpers import AGENT
 

@@ -29,7 +29,7 @@ from keel.errors import KeelError
 from keel.gateway.actions import ActionList, Explanation
 from keel.gateway.schemas import AcceptedResponse
 from keel.mcp.answers import MAX_WAIT_S, ActionStatus, bad_arguments, catalogue, settled, status_of
-from keel.sdk.client import KeelClient
+from keel.client import KeelClient
 
 POLL_S = 0.25
 """How often ``get_action_status`` reads the record while it waits."""
