@@ -13,7 +13,8 @@ from pydantic import BaseModel, ValidationError
 from keel.domains.registry import current
 from keel.effects.progress import EffectState, WaitReason
 from keel.effects.status import EffectRecord
-from keel.mcp.answers import bad_arguments, catalogue, settled, status_of
+from keel.client.waiting import settled
+from keel.mcp.answers import bad_arguments, catalogue, status_of
 from keel.mcp.server import build_server
 from keel.outbox.models import CommandRecord, CommandStatus, TrackedEvent
 

@@ -19,8 +19,6 @@ from keel.outbox.models import CommandRecord, CommandStatus, Summary
 MAX_WAIT_S = 30.0
 """The longest ``get_action_status`` waits: a tool call that hangs longer stalls the agent's turn."""
 
-_NEEDS_SOMEONE = frozenset({WaitReason.APPROVAL, WaitReason.KILL_SWITCH, WaitReason.BREAKER, WaitReason.NO_HANDLER})
-"""Waits that end only when a person or the provider acts: waiting longer tells the agent nothing."""
 
 
 class EffectView(BaseModel):
@@ -56,12 +54,6 @@ def status_of(record: CommandRecord) -> ActionStatus:
                         events=[event.type for event in record.events],
                         effects=[EffectView(event_type=e.event_type, provider=e.provider, state=e.state,
                                             reason=e.reason, detail=e.detail) for e in record.effects])
-
-
-def settled(record: CommandRecord) -> bool:
-    """Whether waiting longer is pointless: the command is done, or waits on someone else."""
-    summary = record.summary
-    return summary.done or (summary.state is EffectState.WAITING and summary.reason in _NEEDS_SOMEONE)
 
 
 def catalogue(domains: Iterable[Domain]) -> str:

@@ -28,7 +28,8 @@ from keel.domains.model import Domain
 from keel.errors import KeelError
 from keel.gateway.actions import ActionList, Explanation
 from keel.gateway.schemas import AcceptedResponse
-from keel.mcp.answers import MAX_WAIT_S, ActionStatus, bad_arguments, catalogue, settled, status_of
+from keel.client.waiting import settled
+from keel.mcp.answers import MAX_WAIT_S, ActionStatus, bad_arguments, catalogue, status_of
 from keel.client import KeelClient
 
 POLL_S = 0.25
