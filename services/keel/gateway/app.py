@@ -42,6 +42,7 @@ from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
 from keel.gateway.actions import ActionList, Explanation, allowed_actions, catalog, explain
 from keel.gateway.approvals import approvals_router
+from keel.gateway.console import console_router
 from keel.gateway.errors import BodyTooLarge, ControlsUnavailable, NotFound, http_status
 from keel.gateway.history import history_router
 from keel.gateway.intake import admit
@@ -172,6 +173,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         app.state.gateway.security.read_refused(caller.tenant_id, actor_name(caller), exc, sql))))
     app.include_router(approvals_router(_principal))  # approvers' list and decisions
     app.include_router(history_router(_principal))  # timelines, trails, audit status, undo
+    app.include_router(console_router())  # the web console at /console (docs/console.md)
 
     @app.exception_handler(KeelError)
     async def keel_error(request: Request, exc: KeelError) -> JSONResponse:
