@@ -109,6 +109,25 @@ class Settings(BaseSettings):
         default=10.0, ge=0,
         description="How long a stopping effect worker waits for running attempts and their outcomes.")
 
+    metrics_enabled: bool = Field(
+        default=True,
+        description="Serve Prometheus metrics at /metrics from every long-running service (keel.observability).")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Interface each service's metrics server binds (0.0.0.0 in a container).")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of a service's metrics server; 0 picks a free one and publishes it for Prometheus's "
+        "file_sd under <data dir>/run/metrics/ (one fixed port suits one service per container).")
+    metrics_tenants: str = Field(
+        default="",
+        description="Comma-separated tenants that get their own `tenant` label; all others are `other`. Empty: "
+        "the busiest KEEL_METRICS_TOP_TENANTS tenants of each process get one.")
+    metrics_top_tenants: int = Field(
+        default=20, ge=0, description="How many of the busiest tenants get their own `tenant` label (no allow-list).")
+    metrics_lag_interval_ms: int = Field(
+        default=5000, ge=0,
+        description="How often librdkafka reports consumer lag to the metrics (statistics.interval.ms); 0: never.")
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def bootstrap_servers(self) -> str:

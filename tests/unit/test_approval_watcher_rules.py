@@ -14,11 +14,13 @@ from keel.domain.outcomes import to_events
 from keel.watchers.approvals_rules import (
     ApprovalSettings,
     Pending,
+    PendingSummary,
     change_of,
     expire_command,
     expire_command_id,
     pending_key,
     should_send,
+    summarise_pending,
 )
 
 NOW = datetime(2026, 3, 1, 12, 30, 45, tzinfo=UTC)
@@ -45,8 +47,11 @@ def test_a_requested_approval_becomes_pending_on_its_tenant_and_aggregate() -> N
     assert change is not None and change.key == "acme/sub-1/" + str(COMMAND_ID)
     assert change.pending == Pending(tenant="acme", aggregate="sub-1", command_id=str(COMMAND_ID),
                                      expires_at=NOW.timestamp(),
-                                     correlation_id=str(event.correlation_id), partition=4)
+                                     correlation_id=str(event.correlation_id), partition=4,
+                                     requested_at=event.occurred_at.timestamp())
     assert Pending.from_json(change.pending.to_json()) == change.pending
+    older = {k: v for k, v in change.pending.to_json().items() if k != "requested_at"}
+    assert Pending.from_json(older).requested_at == 0.0  # entries written before it was kept still read
 
 
 @pytest.mark.parametrize("ended", [
@@ -101,3 +106,14 @@ def test_settings_come_from_keel_approvals_variables(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KEEL_APPROVALS_TICK_S", "0.25")
     monkeypatch.setenv("KEEL_APPROVALS_RESEND_S", "5")
     assert ApprovalSettings() == ApprovalSettings(tick_s=0.25, resend_s=5)
+
+
+def test_pending_approvals_are_summarised_per_tenant_for_the_metrics() -> None:
+    def entry(tenant: str, requested_at: float, expires_at: float) -> Pending:
+        return Pending(tenant=tenant, aggregate="a", command_id=str(uuid.uuid4()), expires_at=expires_at,
+                       correlation_id=str(uuid.uuid4()), partition=0, requested_at=requested_at)
+
+    summary = summarise_pending([entry("acme", 100.0, 500.0), entry("acme", 40.0, 90.0),
+                                 entry("globex", 0.0, 1000.0)], now=200.0)
+    assert summary["acme"] == PendingSummary(count=2, oldest_age_s=160.0, overdue=1)
+    assert summary["globex"] == PendingSummary(count=1, oldest_age_s=0.0, overdue=0)  # age unknown: not guessed

@@ -31,6 +31,7 @@ from keel.cli.tenancy import require_known
 from keel.config import Settings
 from keel.errors import InfraError, QueryError
 from keel.kafka.topics import Topic
+from keel.observability import exporter as metrics
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import MigrationReport, apply_migrations
 from keel.projector.projector import PROJECTED_TOPICS, EventProjector, ProjectorStats
@@ -76,6 +77,8 @@ def project(
         _print_report(apply_migrations(client))
     finally:
         client.close()
+    if follow:
+        metrics.start(settings, "projector")
     with _out.status("projecting…") as status, _serving(settings, follow):
         stats = _follow(settings, status) if follow else {
             source: _project_once(settings, source, status) for source in PROJECTED_TOPICS}

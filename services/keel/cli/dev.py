@@ -26,6 +26,7 @@ from keel.kafka.topics import apply_topics, declared_topics
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.logs import JsonFormatter
+from keel.observability.exporter import published
 from keel.supervision.platform import (
     SERVICES,
     PlatformState,
@@ -86,18 +87,21 @@ def _log_to(path: Path) -> None:
 def status_table(settings: Settings, state: PlatformState | None) -> Table:
     """Each service: pid, state, restarts, health and log."""
     table = Table(title=f"keel dev: topics {settings.topic_prefix}.*, data {settings.data_dir}")
-    for column in ("service", "pid", "state", "up", "restarts", "health"):
+    for column in ("service", "pid", "state", "up", "restarts", "health", "metrics"):
         table.add_column(column, overflow="fold")
+    metrics = {target.service: target.address.rpartition(":")[2] for target in published(settings)}
     for service in SERVICES:
         current = state.services.get(service.name) if state is not None else None
         if current is None:
-            table.add_row(service.name, "", "starting", "", "0", "")
+            table.add_row(service.name, "", "starting", "", "0", "", "")
             continue
         problem = health(settings, service, current)
         up = f"{time.time() - current.started_at:.0f}s" if current.pid else ""
         table.add_row(service.name, str(current.pid or ""), current.state, up, str(current.restarts),
-                      "[green]healthy[/green]" if problem is None else f"[red]{problem}[/red]")
-    table.caption = f"logs: {log_path(settings, 'dev').parent}/<service>.log"
+                      "[green]healthy[/green]" if problem is None else f"[red]{problem}[/red]",
+                      f":{metrics[service.name]}" if service.name in metrics else "")
+    table.caption = (f"logs: {log_path(settings, 'dev').parent}/<service>.log; metrics: "
+                     f"http://127.0.0.1:<port>/metrics (Prometheus: infra/prometheus/prometheus.yml)")
     return table
 
 

@@ -22,6 +22,7 @@ from keel.cli import effects_ops
 from keel.cli.workers import Supervise
 from keel.config import Settings
 from keel.logs import configure_logging
+from keel.observability import exporter as metrics
 from keel.supervision.progress import Progress
 from keel.supervision.supervisor import run_watched, supervise
 
@@ -61,6 +62,7 @@ def run(
         gc.set_threshold(50_000, 20, 100)
         return group
 
+    metrics.start(settings, "effects", name)
     run_watched(settings, ROLE, name, build)
     if any(thread.name.startswith("effect-handler") for thread in threading.enumerate()):
         # A synchronous handler past its timeout still holds its thread, and the interpreter

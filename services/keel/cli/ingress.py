@@ -27,6 +27,7 @@ from keel.gateway.settings import IngressSettings
 from keel.kafka.broker import platform_auth
 from keel.kafka.clients import admin_config
 from keel.logs import configure_logging
+from keel.observability import exporter as metrics
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.security.acl import create_tenant_principal, tenant_prefix, tenant_username
@@ -85,6 +86,7 @@ def relay(track: Annotated[bool, typer.Option(help="Also track command statuses 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    metrics.start(settings, "relay")
     workers: list[Any] = [Relay(store, settings, ingress)]
     if track:
         workers.append(StatusTracker(store, settings))

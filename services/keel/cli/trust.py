@@ -37,6 +37,7 @@ from keel.config import Settings
 from keel.domain.envelope import Actor
 from keel.errors import ValidationError
 from keel.logs import configure_logging
+from keel.observability import exporter as metrics
 
 if TYPE_CHECKING:
     from keel.supervision.progress import Progress
@@ -109,6 +110,7 @@ def chain(
                        checkpoint_interval_s=trust.audit_checkpoint_interval_s, progress=progress)
 
     if not caught_up:
+        metrics.start(settings, "chainer", instance)
         run_watched(settings, Role.CHAINER, instance, build)
         return
     chainer = build()

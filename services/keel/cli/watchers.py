@@ -79,7 +79,10 @@ def _run(settings: Settings, app: faust.App, loglevel: str, faust_loglevel: str)
     from keel.watchers.common import declare_internal_topics
     from keel.watchers.worker import run_worker
 
+    from keel.observability import exporter
+
     declare_internal_topics(settings, app)
+    exporter.start(settings, str(app.conf.id).removeprefix(f"{settings.topic_prefix}."))
     run_worker(app, loglevel=loglevel, library_loglevel=faust_loglevel)
 
 

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from keel.config import Settings
 from keel.logs import configure_logging
+from keel.observability import exporter as metrics
 from keel.supervision.progress import Heartbeat, heartbeat_path, liveness
 from keel.supervision.supervisor import run_watched, supervise
 
@@ -69,6 +70,7 @@ def process(
     elif supervised:
         supervise(child_argv("process", name), settings, Role.PROCESSOR, name)
     else:
+        metrics.start(settings, "processor", name)  # the child that decides exposes; its supervisor does not
         run_watched(settings, Role.PROCESSOR, name,
                     lambda progress: CommandProcessor(settings, instance_id=name, progress=progress))
 

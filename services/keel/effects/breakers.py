@@ -109,6 +109,10 @@ class Breakers:
         self._open(breaker, self.cooldown_s)
         return Transition.OPENED
 
+    def open_keys(self) -> list[BreakerKey]:
+        """The breakers open now (read from the metrics thread: one copy, made in one step)."""
+        return [key for key, breaker in list(self._breakers.items()) if breaker.open_since is not None]
+
     def _open(self, breaker: _Breaker, cooldown_s: float) -> None:
         breaker.open_since, breaker.cooldown_s, breaker.failures = self.clock(), cooldown_s, 0
 

@@ -30,6 +30,7 @@ from enum import Enum
 
 from keel.domain.commands import CancelEffect, CloseProviderBreaker, CompleteEffect, FailEffect, OpenProviderBreaker
 from keel.domain.effects import idempotency_key, outcome_command_id
+from keel.observability.metrics import EFFECT_ATTEMPTS, EFFECT_OUTCOMES, EFFECT_RETRIES, tenant_label
 from keel.domain.envelope import Actor, ActorKind, Payload, new_command
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.pipeline import CONTROLS_AGGREGATE
@@ -170,6 +171,7 @@ class EffectRunner:
             last = turn
             delay = retry_delay(effect, job.attempts, self._rng)
             self.stats.retried += 1
+            EFFECT_RETRIES.labels(effect.provider).inc()
             self._report(job, EffectState.WAITING, WaitReason.BACKOFF, f"{turn.code}: {turn.error}",
                          next_attempt_at=time.time() + delay)
             await job.sleep(delay)
@@ -198,6 +200,7 @@ class EffectRunner:
         job.attempts += 1
         job.waits_on = None
         self.stats.attempts += 1
+        EFFECT_ATTEMPTS.labels(effect.provider).inc()
         self._report(job, EffectState.RUNNING, None, f"last error: {last.code}: {last.error}" if last else None)
         try:
             opened = self._opener(trigger.event)
@@ -264,10 +267,14 @@ class EffectRunner:
         match payload:
             case CompleteEffect():
                 self.stats.succeeded += 1
+                outcome = "succeeded"
             case FailEffect():
                 self.stats.failed += 1
+                outcome = "failed"
             case CancelEffect():
                 self.stats.cancelled += 1
+                outcome = "cancelled"
+        EFFECT_OUTCOMES.labels(tenant_label(job.tenant_id), job.provider, outcome).inc()
 
     def _waiting(self, job: Job, reason: WaitReason, detail: str, last: Failed | None) -> None:
         """Report a wait, once while it stays the same."""

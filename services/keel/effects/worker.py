@@ -34,6 +34,7 @@ from keel.domain.events import EffectCancelled, EffectFailed, EffectRetried, Eff
 from keel.domain.governance.controls import Controls
 from keel.domains import http
 from keel.domains.registry import current
+from keel.effects import gauges
 from keel.effects.breakers import Breakers
 from keel.effects.intake import EnvelopeShell, Headers, Interest, header_text, interest, undone_command
 from keel.effects.jobs import UNKNOWN_PROVIDER, Job, Located, Trigger
@@ -47,6 +48,7 @@ from keel.errors import InfraError, KeelError
 from keel.kafka.clients import consumer_config
 from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
+from keel.observability.lag import lag_config
 from keel.processor.controls import ControlsFollower
 from keel.processor.worker import COMMAND_TYPE_HEADER, EFFECT_HEADER, TYPE_HEADER, new_instance_id
 from keel.supervision.progress import Progress
@@ -84,7 +86,8 @@ class EffectWorker:
         self._by_origin: dict[uuid.UUID, list[Job]] = {}
         self._paused = False
         self._assigned = False
-        membership: dict[str, object] = {"session.timeout.ms": SESSION_TIMEOUT_MS, "on_commit": self._on_commit}
+        membership: dict[str, object] = {"session.timeout.ms": SESSION_TIMEOUT_MS, "on_commit": self._on_commit,
+                                         **lag_config(settings, self.group_id)}
         if settings.effects_static_membership:
             membership["group.instance.id"] = f"{self.group_id}.{self.instance}"
         self._consumer = Consumer(consumer_config(settings, self.group_id, **membership))
@@ -94,10 +97,12 @@ class EffectWorker:
         self._opener, self._release_keys = personal_opener(settings)
         self._pool = ThreadPoolExecutor(settings.effects_threads, thread_name_prefix="effect-handler")
         self._locating = ThreadPoolExecutor(1, thread_name_prefix="effect-locator")  # one thread: one consumer
+        breakers = Breakers(settings.effects_breaker_failures, settings.effects_breaker_cooldown_s,
+                            settings.effects_breaker_max_cooldown_s)
+        gauges.watch(self.instance, lambda: len(self._jobs), breakers)
         self._runner = EffectRunner(
             worker=self.instance, registry=self.registry, controls=self.controls,
-            breakers=Breakers(settings.effects_breaker_failures, settings.effects_breaker_cooldown_s,
-                              settings.effects_breaker_max_cooldown_s),
+            breakers=breakers,
             limits=Limits(total=settings.effects_max_in_flight, per_tenant=settings.effects_max_per_tenant,
                           per_provider=settings.effects_max_per_provider),
             sender=self._sender, opener=self._opener, pool=self._pool, locate=self._locate,
@@ -343,6 +348,7 @@ class EffectWorker:
 
     def close(self) -> None:
         """Leave the group and release every client."""
+        gauges.forget(self.instance)
         try:
             self._follower.close()
             self._consumer.close()

@@ -43,7 +43,10 @@ from keel.kafka.topics import Topic, topic_name
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.governance.pipeline import Decision
+from keel.domain.events import ApprovalRequested, CommandRejected
 from keel.domains.registry import current
+from keel.observability.batches import DecisionTally, LoopMetrics
+from keel.observability.lag import lag_config
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
 from keel.processor.state import BatchView, PartitionState
@@ -99,7 +102,9 @@ class CommandProcessor:
         self.group_id = f"{settings.topic_prefix}.processor"
         instance = instance_id or settings.processor_instance
         self.partitions: dict[int, PartitionState] = {}
-        membership: dict[str, object] = {"session.timeout.ms": settings.processor_session_timeout_ms}
+        self.metrics = LoopMetrics("processor")
+        membership: dict[str, object] = {"session.timeout.ms": settings.processor_session_timeout_ms,
+                                         **lag_config(settings, self.group_id)}
         if settings.processor_static_membership:
             membership["group.instance.id"] = f"{self.group_id}.{instance}"
         self._consumer = Consumer(consumer_config(settings, self.group_id, **membership))
@@ -193,28 +198,38 @@ class CommandProcessor:
             self._idle.check(self.progress)
             return 0
         self.progress.enter("deciding")
+        started = time.perf_counter()
         view = BatchView(self.partitions)
         outcome_counts = ProcessorStats()
+        tally = DecisionTally()
+        produced = 0
         thrown: list[tuple[str, bytes | None]] = []
         records: list[_Record] = []
         opened = False
         now = datetime.now(UTC)  # one decision time per batch: it commits as one transaction
         try:
             for message in messages:
-                thrown += self._decide(message, view, outcome_counts, now, records)
+                thrown += self._decide(message, view, outcome_counts, now, records, tally)
                 if len(records) >= _PRODUCE_CHUNK:  # a large batch: send while deciding the rest
                     if not opened:
                         self._open(messages)
                         opened = True
+                    produced += len(records)
                     self._produce(records)
             if not opened:
                 self._open(messages)
+            produced += len(records)
             self._produce(records)
+            committing = time.perf_counter()
             transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
             transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor", self.progress)
             self.stats.aborted_batches += 1
+            self.metrics.aborted.inc()
             return 0
+        done = time.perf_counter()
+        self.metrics.transaction(len(messages), produced, done - started, done - committing)
+        tally.flush()
         self.progress.committed()
         view.commit(now.timestamp())
         for key, value in thrown:  # this worker's own switches hold from its next batch on
@@ -255,7 +270,7 @@ class CommandProcessor:
         return messages
 
     def _decide(self, message: Message, view: BatchView, counts: ProcessorStats, now: datetime,
-                records: list[_Record]) -> list[tuple[str, bytes | None]]:
+                records: list[_Record], tally: DecisionTally) -> list[tuple[str, bytes | None]]:
         """Decide one record and append its outcome's records; returns the controls it threw."""
         partition = message.partition()
         assert partition is not None  # a record always has a position (process_batch took out the errors)
@@ -267,7 +282,9 @@ class CommandProcessor:
                 events = decision.events
                 decided_records(decision, self.codec, self.outputs, message.key(), partition, records)
                 counts.events += len(events)
+                verdict, rejection = decision_outcome(decision)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
+                tally.decided(command.tenant_id, verdict, rejection, len(events))
                 if log.isEnabledFor(logging.DEBUG):  # skip building the list when nobody logs it
                     log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
                 return decision.controls
@@ -282,10 +299,12 @@ class CommandProcessor:
                 ]
                 records.append((self.dlq_topic, message.value(), message.key(), _ANY_PARTITION, dead_headers))
                 counts.dead_lettered += 1
+                tally.dead_letter(code)
                 log.warning("dead-lettered %s[%d]@%d: %s: %s", message.topic(), partition,
                             message.offset(), code, reason)
             case Duplicate(command):
                 counts.duplicates += 1
+                tally.duplicate(command.tenant_id)
                 log.info("duplicate command %s acknowledged, not re-executed", command.id)
         return []
 
@@ -365,6 +384,18 @@ def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, 
         records.append((outputs.audit_intake, value, event.tenant_id.encode(), _ANY_PARTITION, type_headers))
     for control_key, control_value in decision.controls:
         records.append((outputs.controls, control_value, control_key.encode(), _ANY_PARTITION, None))
+
+
+def decision_outcome(decision: Decision) -> tuple[str, str]:
+    """``(outcome, rejection code)`` of a decision: accepted, rejected (with its code) or pending (a wait)."""
+    outcome = "accepted"
+    for event in decision.events:
+        payload = event.payload
+        if isinstance(payload, CommandRejected):
+            return "rejected", payload.code
+        if isinstance(payload, ApprovalRequested):
+            outcome = "pending"
+    return outcome, ""
 
 
 @functools.cache

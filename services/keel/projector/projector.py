@@ -39,6 +39,9 @@ from keel.kafka.clients import consumer_config
 from keel.kafka.errors import topic_partitions
 from keel.kafka.reader import watermarks
 from keel.kafka.topics import Topic, topic_name
+from keel.observability.batches import LoopMetrics
+from keel.observability.lag import lag_config
+from keel.observability.metrics import PROJECTED, PROJECTION_LAG, UNDECODABLE
 from keel.projector.aggregates import repair_aggregates
 from keel.projector.native import NativeBatch, NativeInserter
 from keel.projector.rows import EVENTS_TABLE, Position, event_row
@@ -93,9 +96,12 @@ class EventProjector:
         self._on_batch = on_batch
         self._stats = ProjectorStats()
         self._stats_lock = threading.Lock()
-        self._config = consumer_config(settings, f"{settings.topic_prefix}.projector.{source.value}",
-                                       **{"enable.partition.eof": True})
-        self._consumer = Consumer(self._config)
+        group = f"{settings.topic_prefix}.projector.{source.value}"
+        self._config = consumer_config(settings, group, **{"enable.partition.eof": True})
+        self._consumer = Consumer({**self._config, **lag_config(settings, group)} if table is None else self._config)
+        view = source.value if table is None else "rebuild"  # a rebuild's shadow tables: one label
+        self._metrics = LoopMetrics(f"projector.{view}")
+        self._rows, self._lag, self._bad = PROJECTED.labels(view), PROJECTION_LAG.labels(view), UNDECODABLE.labels(view)
         self._release_erasures: Callable[[], None] = lambda: None
         if erasures is None:  # the configured key store's tombstones, opened last: close() releases them
             erasures, self._release_erasures = known_erasures(settings)
@@ -155,10 +161,15 @@ class EventProjector:
         opened = time.monotonic()
         try:
             while not stop.is_set():
-                for message in self._consumer.consume(self._batch_size - len(batch), timeout=_POLL_S):
+                messages = self._consumer.consume(self._batch_size - len(batch), timeout=_POLL_S)
+                for message in messages:
                     if not len(batch):
-                        opened = time.monotonic()
+                        opened, batch.opened_at = time.monotonic(), time.time()
                     self._take(message, batch)
+                if messages:
+                    batch.newest_ms = max(batch.newest_ms, messages[-1].timestamp()[1])
+                elif not len(batch) and lane.idle:
+                    self._lag.set(0)  # read to the end, and all of it stored
                 lane.poll()
                 full = len(batch) >= self._batch_size
                 lingered = time.monotonic() - opened >= self._linger_s
@@ -238,6 +249,7 @@ class EventProjector:
     def _undecodable(self, position: Position, exc: KeelError) -> None:
         with self._stats_lock:  # the insert lane counts too
             self._stats = _bump(self._stats, undecodable=1)
+        self._bad.inc()
         log.error(
             "undecodable event at %s[%d]@%d skipped: %s", position.topic, position.partition,
             position.offset, exc,
@@ -283,6 +295,11 @@ class EventProjector:
                                        for s in batch.ordered_spans], asynchronous=True)
         with self._stats_lock:
             self._stats = _bump(self._stats, rows=written, batches=1)
+        self._rows.inc(written)
+        if batch.opened_at:
+            self._metrics.batch(len(batch), time.time() - batch.opened_at)
+        if batch.newest_ms > 0:
+            self._lag.set(max(0.0, time.time() - batch.newest_ms / 1000))
         log.info("projected %d %s (%s)", written, self.table, batch.token,
                  extra={"topic": self.topic, "rows": written, "token": batch.token})
         if self._on_batch is not None:
@@ -303,6 +320,11 @@ class _InsertLane:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-insert")
         self._pending: tuple[Batch, Future[int]] | None = None
         self._written = 0
+
+    @property
+    def idle(self) -> bool:
+        """Whether no insert is in flight."""
+        return self._pending is None
 
     def submit(self, batch: Batch) -> None:
         """Insert ``batch`` once the previous insert is stored (its failure raises here)."""

@@ -49,6 +49,10 @@ class Batch:
     topic: str
     rows: list[list[Any]] = field(default_factory=list)
     native: NativeBatch | None = None
+    newest_ms: int = 0
+    opened_at: float = 0.0
+    """When its first record was read (Unix time; 0: not measured)."""
+    """Kafka timestamp of the newest record read into it (the projection lag is measured from it)."""
     # partition -> [first offset, last offset]; mutable lists keep the per-record cost low
     _spans: dict[int, list[int]] = field(default_factory=dict)
 

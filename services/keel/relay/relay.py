@@ -32,6 +32,8 @@ from keel.config import Settings
 from keel.gateway.settings import IngressSettings
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
+from keel.observability.batches import LoopMetrics
+from keel.observability.metrics import RELAY_FAILED, RELAY_LEASE, RELAYED
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 from keel.outbox.models import PendingRow
 from keel.outbox.store import OutboxStore
@@ -67,6 +69,7 @@ class Relay:
         self.stats = RelayStats()
         self._epoch: int | None = None
         self._next_prune = 0.0  # monotonic time of the next retention batch
+        self.metrics = LoopMetrics("relay")
         timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
         self._producer = Producer(producer_config(
             settings, **{"message.timeout.ms": timeout_ms}))
@@ -77,17 +80,22 @@ class Relay:
         epoch = self.store.acquire_lease(LEASE, self.holder, self.ingress.relay_lease_ttl_s)
         if epoch is None:
             self.stats.standby_rounds += 1
+            RELAY_LEASE.set(0)
             return 0
+        RELAY_LEASE.set(1)
         if epoch != self._epoch:  # a takeover (or the first round): say so, for whoever runs the relays
             log.info("relay holds the outbox lease", extra={"holder": self.holder, "epoch": epoch})
             self._epoch = epoch
         self._prune()
+        started = time.perf_counter()
         rows = self.store.unsent(self.ingress.relay_batch_size)
         if not rows:
             return 0
         delivered = self._publish(rows)
         self.store.mark_published(delivered)
         self.stats.published += len(delivered)
+        self.metrics.batch(len(rows), time.perf_counter() - started)
+        RELAYED.inc(len(delivered))
         return len(delivered)
 
     def _prune(self) -> None:
@@ -111,6 +119,7 @@ class Relay:
                     self.stats.last_error = str(exc)
                     stop.wait(1.0)
         finally:
+            RELAY_LEASE.set(0)
             self.store.release_lease(LEASE, self.holder)
             self._producer.flush(self.ingress.relay_delivery_timeout_s)
 
@@ -144,6 +153,7 @@ class Relay:
         if not failed:
             return [row.command_id for row in rows]
         self.stats.failed += len(failed)
+        RELAY_FAILED.inc(len(failed))
         log.warning("%d outbox row(s) were not delivered; first: %s", len(failed), next(iter(failed.values())))
         blocked: set[str] = set()
         delivered = []

@@ -26,6 +26,19 @@ from keel.kafka import transactions
 from keel.kafka.clients import admin_config, consumer_config, transactional_producer_config
 from keel.kafka.idle import IdleCheck
 from keel.kafka.topics import Topic, topic_name
+from keel.observability.batches import LoopMetrics
+from keel.observability.lag import lag_config
+from keel.observability.metrics import (
+    CHAIN_HEAD,
+    CHAINED,
+    CHECKPOINT_AGE,
+    CHECKPOINTS,
+    LAST_CHECKPOINT,
+    UNSIGNED,
+    Values,
+    bounded,
+    tenant_label,
+)
 from keel.supervision.progress import IDLE, Progress
 from keel.trust.checkpoints import CheckpointSigner
 from keel.trust.entries import entry_from_intake
@@ -76,7 +89,9 @@ class Chainer:
         # waiting for the dead incarnation's session to time out.
         self._consumer = Consumer(consumer_config(
             settings, self.group_id, **{"group.instance.id": f"{settings.topic_prefix}.chainer.{instance_id}",
-                                        "enable.partition.eof": True}))
+                                        "enable.partition.eof": True, **lag_config(settings, self.group_id)}))
+        self.metrics = LoopMetrics("chainer")
+        CHAIN_HEAD.source, UNSIGNED.source, CHECKPOINT_AGE.source = self._heads, self._unsigned, self._waiting
         self._ends: dict[int, int] = {}  # partition -> offset where the consumer last hit its end
         self._producer = Producer(transactional_producer_config(
             settings, f"{settings.topic_prefix}.chainer.{instance_id}"))
@@ -170,6 +185,7 @@ class Chainer:
             self._idle.check(self.progress)
             return 0
         touched: dict[tuple[int, str], TenantHead] = {}
+        started, signed_before = time.perf_counter(), self.stats.checkpoints
         self.progress.enter("chaining")
         self._producer.begin_transaction()
         try:
@@ -181,14 +197,18 @@ class Chainer:
                 self._producer.send_offsets_to_transaction(
                     transactions.next_offsets(messages), self._consumer.consumer_group_metadata(),
                     transactions.TIMEOUT_S)
+            committing = time.perf_counter()
             transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
             transactions.abort_and_rewind(self._producer, self._consumer, exc, "chainer", self.progress)
             self.stats.aborted_batches += 1
+            self.metrics.aborted.inc()
             return 0
         self.progress.committed()
+        self._count(len(messages), len(touched), self.stats.checkpoints - signed_before, started, committing)
         for (partition, tenant), head in touched.items():
             if partition in self.partitions:
+                tenant_label(tenant, head.seq - self.partitions[partition].get(tenant, TenantHead()).seq)
                 self.partitions[partition][tenant] = head
                 self.stats.heads[tenant] = head.seq
         self.stats.batches += 1
@@ -223,6 +243,33 @@ class Chainer:
                                partition=partition)
         touched[slot] = TenantHead(head.seq, head.head, head.seq, now)
         self.stats.checkpoints += 1
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _count(self, records: int, touched: int, signed: int, started: float, committing: float) -> None:
+        """One committed batch: its records, transaction and checkpoints."""
+        done = time.perf_counter()
+        self.metrics.transaction(records, records + signed, done - started, done - committing)
+        CHAINED.inc(records)
+        if signed:
+            CHECKPOINTS.inc(signed)
+            LAST_CHECKPOINT.set(time.time())
+
+    def _tenants(self) -> list[tuple[str, TenantHead]]:
+        """Every owned tenant's head (read from the scrape thread: copies, each made in one step)."""
+        return [item for heads in list(self.partitions.values()) for item in list(heads.items())]
+
+    def _heads(self) -> Values:
+        return bounded(((tenant, head.seq) for tenant, head in self._tenants()), max)
+
+    def _unsigned(self) -> Values:
+        return bounded(((tenant, head.seq - head.signed_seq) for tenant, head in self._tenants()),
+                       lambda a, b: a + b)
+
+    def _waiting(self) -> Values:
+        now = time.monotonic()
+        return bounded(((tenant, now - head.unsigned_since if head.seq > head.signed_seq else 0.0)
+                        for tenant, head in self._tenants()), max)
 
     # -- running ------------------------------------------------------------------------
 

@@ -27,7 +27,15 @@ import faust
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.kafka.topics import Topic, topic_name
-from keel.watchers.approvals_rules import ApprovalSettings, Pending, change_of, expire_command, should_send
+from keel.observability.metrics import APPROVAL_OLDEST_AGE, APPROVALS_OVERDUE, APPROVALS_PENDING, bounded
+from keel.watchers.approvals_rules import (
+    ApprovalSettings,
+    Pending,
+    change_of,
+    expire_command,
+    should_send,
+    summarise_pending,
+)
 from keel.watchers.common import CHANGELOG_CONFIG, decode, log_event, new_app, send_command
 
 log = logging.getLogger(__name__)
@@ -85,6 +93,8 @@ def build_app(settings: Settings, rules: ApprovalSettings | None = None) -> faus
             return
         owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == events_name}
         now = time.time()
+        _publish_gauges([entry for value in list(pending.values())
+                         if (entry := Pending.from_json(value)).partition in owned], now)
         for key in [key for key in last_sent if key not in pending]:  # ended on another worker
             del last_sent[key]
         for key, value in list(pending.items()):
@@ -102,6 +112,14 @@ def build_app(settings: Settings, rules: ApprovalSettings | None = None) -> faus
 
     app.timer(rules.tick_s, name="approval-expire")(expire)  # untyped decorator: applied here
     return app
+
+
+def _publish_gauges(entries: list[Pending], now: float) -> None:
+    """The pending approvals of the partitions this worker owns, as gauges (summed over workers)."""
+    summary = summarise_pending(entries, now)
+    APPROVALS_PENDING.set(bounded(((t, s.count) for t, s in summary.items()), lambda a, b: a + b))
+    APPROVAL_OLDEST_AGE.set(bounded(((t, s.oldest_age_s) for t, s in summary.items()), max))
+    APPROVALS_OVERDUE.set(bounded(((t, s.overdue) for t, s in summary.items()), lambda a, b: a + b))
 
 
 def _settled(app: faust.App) -> bool:

@@ -19,7 +19,7 @@ id, which the processor dedupes, until ``ApprovalExpired`` (or a late grant) rem
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +57,7 @@ class Pending:
     expires_at: float  # epoch seconds
     correlation_id: str
     partition: int  # of the events topic: the worker that owns it sends its expiry
+    requested_at: float = 0.0  # epoch seconds; 0 in entries written before it was kept
 
     @property
     def key(self) -> str:
@@ -66,7 +67,8 @@ class Pending:
     def from_json(cls, data: Mapping[str, Any]) -> Pending:
         return cls(tenant=str(data["tenant"]), aggregate=str(data["aggregate"]),
                    command_id=str(data["command_id"]), expires_at=float(data["expires_at"]),
-                   correlation_id=str(data["correlation_id"]), partition=int(data["partition"]))
+                   correlation_id=str(data["correlation_id"]), partition=int(data["partition"]),
+                   requested_at=float(data.get("requested_at", 0.0)))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +98,8 @@ def change_of(event: Envelope, partition: int) -> Change | None:
         pending = Pending(tenant=event.tenant_id, aggregate=event.aggregate_id,
                           command_id=str(payload.command_id),
                           expires_at=payload.expires_at.timestamp(),
-                          correlation_id=str(event.correlation_id), partition=partition)
+                          correlation_id=str(event.correlation_id), partition=partition,
+                          requested_at=event.occurred_at.timestamp())
         return Change(pending.key, pending)
     if isinstance(payload, (ApprovalGranted, ApprovalRejected, ApprovalExpired)):
         return Change(pending_key(event.tenant_id, event.aggregate_id, payload.command_id), None)
@@ -121,3 +124,24 @@ def expire_command(pending: Pending, *, now: datetime | None = None) -> Envelope
 def should_send(pending: Pending, *, now: float, last_sent: float | None, resend_s: float) -> bool:
     """Whether to send ``pending``'s expiry at ``now``, given when it was last sent (if ever)."""
     return pending.due(now) and (last_sent is None or now - last_sent >= resend_s)
+
+
+@dataclass
+class PendingSummary:
+    """One tenant's pending approvals, for the metrics."""
+
+    count: int = 0
+    oldest_age_s: float = 0.0
+    overdue: int = 0
+
+
+def summarise_pending(entries: Iterable[Pending], now: float) -> dict[str, PendingSummary]:
+    """Per tenant: how many wait, how long the oldest has waited, how many are past their deadline."""
+    summary: dict[str, PendingSummary] = {}
+    for entry in entries:
+        tenant = summary.setdefault(entry.tenant, PendingSummary())
+        tenant.count += 1
+        tenant.overdue += entry.due(now)
+        if entry.requested_at:
+            tenant.oldest_age_s = max(tenant.oldest_age_s, now - entry.requested_at)
+    return summary

@@ -40,6 +40,7 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
 from keel.errors import ConfigError, InfraError, KeelError
 from keel.kafka.clients import admin_config
+from keel.observability.metrics import WATCHER_COMMANDS, WATCHER_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,17 @@ SESSION_TIMEOUT_S = 10.0  # faust's 60 s default keeps a killed worker's partiti
 CHANGELOG_CONFIG = {"segment.ms": str(10 * 60 * 1000), "min.cleanable.dirty.ratio": "0.1"}
 
 
+_events_read: Any = None
+"""Events read by this process's watcher (one watcher app per process; ``new_app`` names it)."""
+
+
 def new_app(settings: Settings, app_id: str, **overrides: Any) -> faust.App:
     """A faust app with Keel's watcher defaults, reading from the earliest offset."""
     if not has_lz4():  # Keel's producers compress with lz4; aiokafka needs cramjam for it
         raise ConfigError("aiokafka cannot read lz4 batches: install aiokafka[lz4] (cramjam)",
                           code="lz4_missing")
+    global _events_read
+    _events_read = WATCHER_EVENTS.labels(app_id.removeprefix(f"{settings.topic_prefix}."))
     datadir = settings.data_dir / "watchers"  # faust's default is the working directory
     datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     options: dict[str, Any] = {
@@ -79,6 +86,8 @@ def log_event(event: str, **fields: Any) -> None:
 
 def decode(codec: EnvelopeCodec, data: Any, message: Message) -> Envelope | None:
     """The envelope in a raw message, or ``None`` (logged) when it is not a Keel message."""
+    if _events_read is not None:
+        _events_read.inc()
     try:
         return codec.decode(bytes(data or b""))
     except KeelError as err:
@@ -97,6 +106,7 @@ async def send_command(topic: TopicT, codec: EnvelopeCodec, command: Envelope) -
     """
     pending = await topic.send(key=command.key.encode(), value=codec.encode(command), force=True)
     await pending
+    WATCHER_COMMANDS.labels(command.actor.id, command.type).inc()
     log_event("command_sent", tenant=command.tenant_id, aggregate=command.aggregate_id,
               type=command.type, command_id=str(command.id))
 
