@@ -19,6 +19,7 @@ from keel.domains.registry import current
 from keel.cli import analytics, dev, domains, effects, governance, ingress, schemas, trust, watchers, workers
 from keel.cli import mcp as mcp_cli
 from keel.cli import replay as replay_cli
+from keel.cli import top as top_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
 from keel.config import Settings
@@ -32,7 +33,7 @@ app = typer.Typer(help="Keel: governed, audited, replayable actions for AI agent
 topics_app = typer.Typer(help="Kafka topics declared in code.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 console = Console()
-_WITHOUT_DOMAINS = frozenset({"up", "down", "health", "schemas"})
+_WITHOUT_DOMAINS = frozenset({"up", "down", "health", "schemas", "top"})
 """Commands that run even while a domain is broken: infrastructure, and the schema tools
 that fix it (they load the domains without the schema check)."""
 
@@ -155,6 +156,7 @@ ingress.register(app)
 trust.register(app)
 effects.register(app)
 mcp_cli.register(app)
+top_cli.register(app)
 
 
 def main() -> None:
