@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, StrictInt, field_validator, model_validator
 
 Identifier = str  # tenant, aggregate and actor ids: short, printable, no '/' (it separates keys)
 
@@ -75,10 +75,10 @@ class Envelope(Frozen):
     on_behalf_of: str | None = Field(default=None, max_length=200)
     authority: Authority = Authority()
     type: str
-    schema_version: int = Field(default=1, ge=1)
+    schema_version: StrictInt = Field(default=1, ge=1)
     aggregate_id: Identifier = Field(pattern=_ID_PATTERN)
-    expected_version: int | None = Field(default=None, ge=0)
-    version: int | None = Field(default=None, ge=1)
+    expected_version: StrictInt | None = Field(default=None, ge=0)
+    version: StrictInt | None = Field(default=None, ge=1)
     causation_id: uuid.UUID | None = None
     correlation_id: uuid.UUID
     occurred_at: datetime

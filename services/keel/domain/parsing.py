@@ -6,27 +6,58 @@ from collections.abc import Mapping
 from typing import Any
 
 import pydantic
+import pydantic_core
 
 from keel.domain.envelope import Envelope
 from keel.domain.messages import payload_class
 from keel.errors import ValidationError
 
 
-def parse_envelope(data: Mapping[str, Any]) -> Envelope:
-    """Validate a mapping as an envelope; errors name the offending field path."""
+def parse_envelope(data: Mapping[str, Any], *, strict: bool = False) -> Envelope:
+    """Validate a mapping as an envelope; errors name the offending field path.
+
+    ``strict``, for a body a client sent as JSON: its payload is validated as JSON in pydantic's
+    strict mode, so ``true`` or ``"5"`` is no integer and ``1`` no string, exactly as the JSON
+    schema of ``GET /v1/actions`` and the OpenAPI document say; as in JSON Schema, ``5.0`` is
+    the integer 5. (A payload model with a ``before`` validator is validated from Python values
+    there, strictly: keep payload models declarative.) Decoded records are trusted and
+    validated as they are.
+    """
     if not isinstance(data, Mapping):
         raise ValidationError("a message must be an object", field="")
-    raw = dict(data)
+    raw = {name: _whole(value) for name, value in data.items()} if strict else dict(data)
     if isinstance(raw.get("payload"), Mapping):
         cls = payload_class(str(raw.get("type")))
+        text = _json(raw["payload"]) if strict else None
         try:
-            raw["payload"] = cls.model_validate(raw["payload"])
+            raw["payload"] = (cls.model_validate_json(text, strict=True) if text is not None
+                              else cls.model_validate(raw["payload"]))
         except pydantic.ValidationError as exc:
             raise _typed(exc, prefix="payload") from None
     try:
         return Envelope.model_validate(raw)
     except pydantic.ValidationError as exc:
         raise _typed(exc) from None
+
+
+def _json(payload: Any) -> bytes | None:
+    """``payload`` as JSON text; None when it has no JSON form (a lone surrogate), so the Python
+    validation that runs instead names the field."""
+    try:
+        return pydantic_core.to_json(payload)
+    except pydantic_core.PydanticSerializationError:
+        return None
+
+
+def _whole(value: Any) -> Any:
+    """``value`` with every integral float an int, as JSON Schema counts ``5.0`` an integer."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole(item) for item in value]
+    return value
 
 
 def _typed(exc: pydantic.ValidationError, prefix: str = "") -> ValidationError:

@@ -17,7 +17,7 @@ import types
 import typing
 from typing import Annotated, Any, Final
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, WithJsonSchema
 from pydantic.fields import FieldInfo
 
 SEALED_PREFIX = "keel-enc:v1:"
@@ -57,7 +57,11 @@ def is_sealed(value: object) -> bool:
 
 
 def personal(*, pattern: str | None = None, max_length: int) -> Any:
-    """A string type whose format rule holds for plaintext only."""
+    """A string type whose format rule holds for plaintext only.
+
+    Its JSON schema (``GET /v1/actions``, the OpenAPI document) states the rule, as what a
+    client sends is plaintext: the edge seals it.
+    """
     compiled = re.compile(pattern) if pattern else None
 
     def check(value: str) -> str:
@@ -69,7 +73,10 @@ def personal(*, pattern: str | None = None, max_length: int) -> Any:
             raise ValueError(f"does not match {pattern}")
         return value
 
-    return Annotated[str, AfterValidator(check), PERSONAL]
+    described: dict[str, Any] = {"type": "string", "maxLength": max_length}
+    if pattern:
+        described["pattern"] = f"^(?:{pattern})$"
+    return Annotated[str, AfterValidator(check), WithJsonSchema(described), PERSONAL]
 
 
 EmailAddress = personal(pattern=r"[^@\s]+@[^@\s]+", max_length=320)

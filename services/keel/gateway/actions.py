@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from keel.contracts.jsonschema import LongBounded
 from keel.domain.envelope import Actor, Envelope
 from keel.domain.governance.controls import TenantControls
 from keel.domain.governance.pipeline import Context, authorize
@@ -62,7 +63,7 @@ def catalog() -> tuple[Action, ...]:
     """Every registered domain's commands, described once per process (schemas cost to build)."""
     return tuple(Action(type=cls.__name__, domain=domain.name, aggregate=aggregate.name,
                         description=(cls.__doc__ or "").strip(), id_pattern=aggregate.id_pattern,
-                        schema=cls.model_json_schema())
+                        schema=cls.model_json_schema(schema_generator=LongBounded))
                  for domain in current().domains for aggregate in domain.aggregates for cls in aggregate.commands)
 
 

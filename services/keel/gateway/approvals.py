@@ -15,7 +15,6 @@ recorded in the tenant's audit chain; and, on its own, the agent's numeric ``con
 # the local ``Caller``.
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
@@ -25,7 +24,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from keel.domain.envelope import Actor, DelegationLink
-from keel.domain.events import ApprovalKind, ApprovalRequested
+from keel.domain.events import ApprovalRequested
 from keel.domain.principal import Principal
 from keel.gateway.errors import NotFound
 from keel.gateway.pending import ApprovalList, PendingApproval
@@ -98,7 +97,7 @@ def approvals_router(principal: Callable[..., Awaitable[Principal]]) -> APIRoute
     """The routes, authenticating with the gateway's ``principal`` dependency."""
     router = APIRouter(prefix=PATH, tags=["approvals"])
     Caller = Annotated[Principal, Depends(principal)]
-    refusals = error_responses(*KEYED, "not_found", "schema_violation", "idempotency_conflict")
+    refusals = error_responses(*KEYED, "malformed_json", "not_found", "schema_violation", "idempotency_conflict")
     decided: dict[str, Any] = {"status_code": 202, "response_model": AcceptedResponse, "responses": refusals}
 
     @router.get("", response_model=ApprovalList, responses=error_responses(*KEYED, "schema_violation"))

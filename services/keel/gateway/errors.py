@@ -67,6 +67,7 @@ HTTP_STATUS: dict[str, int] = {
     "not_a_command": 422,
     "not_explainable": 422,
     "beyond_dedupe_window": 422,
+    "personal_data_without_subject": 422,  # personal values need on_behalf_of, their data subject
     "outbox_unavailable": 503,
     "controls_unavailable": 503,
     "forbidden": 403,
@@ -81,3 +82,14 @@ RECORDED = frozenset({"wrong_tenant", "wrong_actor", "idempotency_conflict"})
 def http_status(error: KeelError) -> int:
     """The status code for ``error`` (500 only for codes no one mapped)."""
     return HTTP_STATUS.get(error.code, 500)
+
+
+_FRAMEWORK = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+              415: "unsupported_media_type"}
+
+
+def framework_error(status: int, detail: str) -> KeelError:
+    """A refusal FastAPI or Starlette raised itself (a body that does not parse, an unknown path or
+    method) as a typed error, so it answers ``{"error": {...}}`` like every other refusal."""
+    code = _FRAMEWORK.get(status, "http_error")
+    return KeelError(detail, code=code, field="body" if code == "malformed_json" else None)

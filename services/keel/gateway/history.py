@@ -250,7 +250,7 @@ def history_router(principal: Callable[..., Awaitable[Principal]]) -> APIRouter:
         return await to_thread.run_sync(audit_status, _gateway(request), caller)
 
     @router.post("/v1/commands/{command_id}/undo", status_code=202, response_model=AcceptedResponse,
-                 responses=error_responses(*KEYED, "not_found", "irreversible", "schema_violation",
+                 responses=error_responses(*KEYED, "malformed_json", "not_found", "irreversible", "schema_violation",
                                            "idempotency_conflict", "audit_unavailable"))
     async def undo_route(command_id: uuid.UUID, body: UndoBody, request: Request, caller: Caller) -> Response:
         """Undo an executed command with the compensation its domain declares; 202 with the compensation's

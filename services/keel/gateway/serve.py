@@ -6,6 +6,11 @@ worker ends up owning most connections and a core sits idle; measured here, 95 %
 19 % CPU. With one socket per worker the kernel spreads connections over the workers by
 hash. The supervisor restarts a worker that dies after it has served; one that dies before
 it was ready stops the gateway with an error, since a restart would fail the same way.
+
+uvicorn parses requests with httptools, which takes a request target of at most 64 KiB and
+answers a longer one with a plain-text 400. Rather than move the gateway to the slower h11
+parser (whose limit ``h11_max_incomplete_event_size`` could be raised), the OpenAPI document
+allows no longer URL: ``keel.query.http.MAX_SQL_CHARS``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Renders a ``QueryResult`` as a rich table, JSON or CSV for the CLI and the query API.
+"""Renders a ``QueryResult`` as a rich table, JSON or CSV for the CLI and the query API
+(Arrow and Parquet: ``keel.query.columnar``).
 
 JSON keeps rows as arrays next to the column names, so duplicate column names and
 column order survive; dates become ISO 8601, UUIDs and decimals strings.
@@ -17,6 +18,10 @@ from rich.text import Text
 
 from keel.query.run import QueryResult
 
+ARROW_MEDIA_TYPE = "application/vnd.apache.arrow.stream"
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
+"""The media types of ``keel.query.columnar``'s renderings, named here so naming them imports no pyarrow."""
+
 
 def to_table(result: QueryResult) -> Table:
     """A rich table of the result; NULLs dimmed, a caption when rows were cut."""
@@ -25,7 +30,7 @@ def to_table(result: QueryResult) -> Table:
                else f"{count} row{'' if count == 1 else 's'}")
     table = Table(*result.columns, caption=caption)
     for row in result.rows:
-        table.add_row(*(Text("NULL", style="dim") if v is None else Text(_text(v)) for v in row))
+        table.add_row(*(Text("NULL", style="dim") if v is None else Text(cell_text(v)) for v in row))
     return table
 
 
@@ -40,11 +45,12 @@ def to_csv(result: QueryResult) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(result.columns)
-    writer.writerows([["" if v is None else _text(v) for v in row] for row in result.rows])
+    writer.writerows([["" if v is None else cell_text(v) for v in row] for row in result.rows])
     return buffer.getvalue()
 
 
-def _text(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """One value as CSV (and Arrow's text columns) write it: arrays, maps and tuples as JSON."""
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, default=_plain, ensure_ascii=False)
     plain = _plain(value)

@@ -33,6 +33,8 @@ class QueryResult:
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
     truncated: bool = False
+    types: tuple[str, ...] = ()
+    """The columns' ClickHouse types (``Nullable(UInt64)``...): Arrow and Parquet answers are typed by them."""
 
 
 def run_query(
@@ -61,23 +63,28 @@ def run_query(
     except ClickHouseError as exc:
         raise QueryError(f"the query failed: {exc}", code="query_failed") from exc
     rows = result.result_rows
-    columns = tuple(result.column_names) or _described_columns(client, statement, bound, settings)
+    if result.column_names:
+        columns, types = tuple(result.column_names), tuple(t.name for t in result.column_types)
+    else:
+        columns, types = _described_columns(client, statement, bound, settings)
     return QueryResult(
         columns=columns,
         rows=tuple(tuple(row) for row in rows[:limit]),
         truncated=len(rows) > limit,
+        types=types,
     )
 
 
 def _described_columns(
     client: Client, statement: str, parameters: dict[str, Any], settings: dict[str, Any]
-) -> tuple[str, ...]:
-    """Column names of an empty result: chDB sends no header block when there are no rows."""
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Column names and types of an empty result: chDB sends no header block when there are no rows."""
     try:
         described = client.query(f"DESCRIBE ({statement})", parameters=parameters, settings=settings)
     except DatabaseError as exc:
         raise _failed(exc, float(settings["max_execution_time"])) from exc
-    return tuple(str(row[0]) for row in described.result_rows)
+    return (tuple(str(row[0]) for row in described.result_rows),
+            tuple(str(row[1]) for row in described.result_rows))
 
 
 def _failed(exc: DatabaseError, timeout_s: float) -> QueryError:
