@@ -65,6 +65,7 @@ from keel.domain.envelope import Envelope
 from keel.kafka.clients import admin_config, consumer_config, producer_config, transactional_producer_config
 from keel.kafka.topics import Topic, apply_topics, declared_topics, topic_name
 from keel.processor.worker import CommandProcessor, ProcessorStats
+from keel.observability import tracing
 from keel.sdk.producer import CommandProducer
 
 MESSAGE_BYTES = 300
@@ -330,6 +331,20 @@ def report(out: Console, env: dict[str, Any], params: dict[str, Any], results: l
         out.print(f"  ratio {name}: [bold]{value:.3f}[/bold]")
 
 
+def _trace_everything() -> None:
+    """Record every span the processor makes, as a service exporting OTLP would, minus the network."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    tracing.use(provider)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -342,6 +357,8 @@ def main(
     batch_size: int = typer.Option(5_000, min=1, help="Records per batch / transaction (passthrough and processor)."),
     json_only: bool = typer.Option(False, "--json-only", help="Print only the final JSON line."),
     profile: Path | None = typer.Option(None, help="Write a cProfile of the processor stage here (slows it)."),
+    traced: bool = typer.Option(False, "--tracing", help="Trace the processor stage: OpenTelemetry's SDK with a "
+                                "batch span processor, every span sampled, exported to nowhere (no network)."),
 ) -> None:
     """Measure raw Kafka rates and the command processor on the local broker; print them."""
     settings = Settings()
@@ -354,7 +371,9 @@ def main(
               "batch_size": batch_size, "message_bytes": MESSAGE_BYTES,
               "producer": f"acks={producer['acks']} idempotent linger.ms={producer['linger.ms']} "
                           f"compression={producer['compression.type']}",
-              "profiled": profile is not None}
+              "profiled": profile is not None, "tracing": traced}
+    if traced:
+        _trace_everything()
     profiler = cProfile.Profile() if profile is not None else None
     cleanup = Cleanup()
     results: list[StageResult] = []

@@ -108,3 +108,32 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """A migrated SQLite outbox of a test: its DSN, and its command and key stores (one connection)."""
+
+    dsn: str
+    store: OutboxStore
+    keys: KeyStore
+
+    def close(self) -> None:
+        self.store.db.close()
+
+
+def sqlite_outbox(tmp: Path, *tenants: str) -> Outbox:
+    """A migrated outbox under ``tmp`` that knows ``tenants``."""
+    dsn = f"sqlite:///{tmp / 'outbox.sqlite3'}"
+    db = open_database(dsn)
+    store, keys = OutboxStore(db), KeyStore(db)
+    store.migrate()
+    for tenant in tenants:
+        keys.create_tenant(tenant)
+    return Outbox(dsn, store, keys)
+
+
+def put_in_force(settings: Settings, processor: Any, policy: dict[str, Any], tenant: str = TENANT) -> None:
+    """Publish ``tenant``'s ``policy`` and let ``processor`` (a ``CommandProcessor``) decide it."""
+    send(settings, command(tenant, "controls", SetPolicy(document=json.dumps(policy)), actor=SYSTEM_ACTOR))
+    processor.run_until_caught_up()

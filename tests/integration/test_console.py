@@ -8,7 +8,6 @@ The browser story (approve in Chromium, see the effect succeed) is ``tests/e2e/t
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 import time
@@ -22,8 +21,6 @@ import pytest
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind
-from keel.domain.governance.policy import SYSTEM_ACTOR
-from keel.domain.messages import SetPolicy
 from keel.gateway.app import create_app
 from keel.gateway.console.sessions import SessionStore
 from keel.gateway.settings import IngressSettings
@@ -35,8 +32,8 @@ from keel.relay.relay import Relay
 from keel.relay.tracker import StatusTracker
 from keel.client import KeelClient
 from keel.security.keys import KeyStore
-from tests.helpers import AGENT, command, send
-from tests.platform import serving
+from tests.helpers import AGENT
+from tests.platform import put_in_force, serving, sqlite_outbox
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -89,14 +86,9 @@ def sign_in_csrf(client: httpx.Client) -> str:
 def console(settings: Settings, tmp_path: Path) -> Iterator[Console]:
     """acme under POLICY and globex, a gateway on a free port, and relay, processor and tracker pumping."""
     processor = CommandProcessor(settings, instance_id="console")
-    send(settings, command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
-    processor.run_until_caught_up()
-    dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    store, keys = OutboxStore(db), KeyStore(db)
-    store.migrate()
-    for tenant in ("acme", "globex"):
-        keys.create_tenant(tenant)
+    put_in_force(settings, processor, POLICY)
+    outbox = sqlite_outbox(tmp_path, "acme", "globex")
+    dsn, db, store, keys = outbox.dsn, outbox.store.db, outbox.store, outbox.keys
     tokens = {"bot": keys.create_key("acme", AGENT)[1], "ann": keys.create_key("acme", ANN)[1],
               "bo": keys.create_key("acme", BO)[1], "globex-ann": keys.create_key("globex", ANN)[1],
               "service": keys.create_key("acme", Actor(kind=ActorKind.SERVICE, id="billing"))[1]}

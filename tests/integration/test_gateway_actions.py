@@ -3,7 +3,6 @@ following the real controls topic, checked against what the processor then decid
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,20 +16,17 @@ from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Envelope
 from keel.domain.events import ApprovalKind, ApprovalRequested, CommandRejected
 from keel.domain.governance.controls import default_policy
-from keel.domain.governance.policy import SYSTEM_ACTOR
-from keel.domain.messages import SetKillSwitch, SetPolicy, SwitchScope
+from keel.domain.messages import SetKillSwitch, SwitchScope
 from keel.gateway.actions import Explanation
 from keel.gateway.app import create_app
 from keel.gateway.settings import IngressSettings
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
-from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor
 from keel.client import KeelClient, RequestRefused
-from keel.security.keys import KeyStore
 from support_desk.messages import IssueRefund, SendEmail
-from tests.platform import serving
+from tests.platform import put_in_force, serving, sqlite_outbox
 from tests.helpers import AGENT, command, events, send, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -63,21 +59,16 @@ def processor(settings: Settings) -> Iterator[CommandProcessor]:
 @pytest.fixture
 def gateway(settings: Settings, processor: CommandProcessor, tmp_path: Path) -> Iterator[Gateway]:
     """acme's policy published through the processor, then a gateway on a free port."""
-    send(settings, command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
-    processor.run_until_caught_up()
-    dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    store, keys = OutboxStore(db), KeyStore(db)
-    store.migrate()
-    for tenant in ("acme", "globex"):
-        keys.create_tenant(tenant)
+    put_in_force(settings, processor, POLICY)
+    outbox = sqlite_outbox(tmp_path, "acme", "globex")
+    dsn, store, keys = outbox.dsn, outbox.store, outbox.keys
     tokens = {"acme-bot": keys.create_key("acme", AGENT)[1], "acme-ann": keys.create_key("acme", ANN)[1],
               "globex-bot": keys.create_key("globex", AGENT)[1]}
     app = create_app(settings.model_copy(update={"data_dir": tmp_path}),
                      IngressSettings(outbox_dsn=dsn, gateway_key_cache_s=0))
     with serving(app) as url:
         yield Gateway(url, store, tokens)
-    db.close()
+    outbox.close()
 
 
 def test_the_actions_a_key_is_offered_follow_its_tenants_policy(gateway: Gateway) -> None:

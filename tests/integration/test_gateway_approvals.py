@@ -3,7 +3,6 @@ relay, the processor decides them, the status tracker brings the outcomes back t
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,20 +14,16 @@ import pytest
 
 from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind
-from keel.domain.governance.policy import SYSTEM_ACTOR
-from keel.domain.messages import SetPolicy
 from keel.gateway.app import create_app
 from keel.gateway.settings import IngressSettings
-from keel.outbox.db import open_database
 from keel.outbox.models import TERMINAL, CommandRecord, CommandStatus
 from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor
 from keel.relay.relay import Relay
 from keel.relay.tracker import StatusTracker
 from keel.client import KeelClient, RequestRefused
-from keel.security.keys import KeyStore
-from tests.platform import serving
-from tests.helpers import AGENT, command, send
+from tests.platform import put_in_force, serving, sqlite_outbox
+from tests.helpers import AGENT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -64,14 +59,9 @@ class Platform:
 def platform(settings: Settings, tmp_path: Path) -> Iterator[Platform]:
     """acme's policy in force, a gateway on a free port, and relay, processor and tracker to pump."""
     processor = CommandProcessor(settings, instance_id="approvals")
-    send(settings, command("acme", "controls", SetPolicy(document=json.dumps(POLICY)), actor=SYSTEM_ACTOR))
-    processor.run_until_caught_up()
-    dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    store, keys = OutboxStore(db), KeyStore(db)
-    store.migrate()
-    for tenant in ("acme", "globex"):
-        keys.create_tenant(tenant)
+    put_in_force(settings, processor, POLICY)
+    outbox = sqlite_outbox(tmp_path, "acme", "globex")
+    dsn, store, keys = outbox.dsn, outbox.store, outbox.keys
     tokens = {"acme-bot": keys.create_key("acme", AGENT)[1], "acme-ann": keys.create_key("acme", ANN)[1],
               "globex-ann": keys.create_key("globex", ANN)[1]}
     ingress = IngressSettings(outbox_dsn=dsn, gateway_key_cache_s=0)
@@ -87,7 +77,7 @@ def platform(settings: Settings, tmp_path: Path) -> Iterator[Platform]:
     relay.close()
     tracker.close()
     processor.close()
-    db.close()
+    outbox.close()
 
 
 def parked_refund(platform: Platform, amount: int) -> uuid.UUID:

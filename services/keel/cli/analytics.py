@@ -29,9 +29,11 @@ from keel.analytics.server import EngineServer
 from keel.cli import output as out
 from keel.cli.tenancy import require_known
 from keel.config import Settings
+from keel.logs import configure_logging
 from keel.errors import InfraError, QueryError
 from keel.kafka.topics import Topic
 from keel.observability import exporter as metrics
+from keel.observability.tracing import configure_tracing
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import MigrationReport, apply_migrations
 from keel.projector.projector import PROJECTED_TOPICS, EventProjector, ProjectorStats
@@ -72,12 +74,14 @@ def project(
     process's reads and maintenance (queries, state, rebuilds, redaction) while it projects.
     """
     settings = Settings()
+    configure_tracing("projector")  # off unless OTEL_* say so
     client = connect(settings)
     try:
         _print_report(apply_migrations(client))
     finally:
         client.close()
-    if follow:
+    if follow:  # a service: JSON log lines on stderr (the progress line stays on stdout), and /metrics
+        configure_logging(json_lines=True)
         metrics.start(settings, "projector")
     with _out.status("projecting…") as status, _serving(settings, follow):
         stats = _follow(settings, status) if follow else {

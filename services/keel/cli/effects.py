@@ -23,6 +23,7 @@ from keel.cli.workers import Supervise
 from keel.config import Settings
 from keel.logs import configure_logging
 from keel.observability import exporter as metrics
+from keel.observability.tracing import configure_tracing
 from keel.supervision.progress import Progress
 from keel.supervision.supervisor import run_watched, supervise
 
@@ -53,6 +54,7 @@ def run(
         supervise([sys.executable, "-m", "keel.cli", "effects", "run", "--no-supervise", "--instance", name,
                    "--workers", str(workers)], settings, ROLE, name)
         return
+    configure_tracing("effects")  # the child that runs the effects (off unless OTEL_* say so)
 
     def build(progress: Progress) -> EffectWorkerGroup:
         group = EffectWorkerGroup(settings, name, workers, progress)

@@ -28,10 +28,12 @@ from keel.kafka.broker import platform_auth
 from keel.kafka.clients import admin_config
 from keel.logs import configure_logging
 from keel.observability import exporter as metrics
+from keel.observability.tracing import configure_tracing
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.security.acl import create_tenant_principal, tenant_prefix, tenant_username
 from keel.security.keys import KeyStore
+from keel.supervision import readiness
 
 _out = Console()
 
@@ -77,6 +79,7 @@ def relay(track: Annotated[bool, typer.Option(help="Also track command statuses 
     from keel.relay.tracker import StatusTracker
 
     configure_logging(json_lines=True)
+    configure_tracing("relay")  # off unless OTEL_* say so
     settings, ingress = Settings(), IngressSettings()
     store, _ = _stores()
     stop = threading.Event()
@@ -87,6 +90,8 @@ def relay(track: Annotated[bool, typer.Option(help="Also track command statuses 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     metrics.start(settings, "relay")
+    readiness.install(readiness.Readiness({"outbox": readiness.outbox(store.db),
+                                           "broker": readiness.broker(settings.bootstrap_servers)}))
     workers: list[Any] = [Relay(store, settings, ingress)]
     if track:
         workers.append(StatusTracker(store, settings))

@@ -1,4 +1,4 @@
-"""``keel process`` (a command processor worker) and ``keel health`` (a worker's liveness).
+"""``keel process`` (a command processor worker) and ``keel health`` (a worker's liveness and readiness).
 
 A worker runs supervised by default: ``keel process`` is a parent that starts the worker
 as a child, restarts it when it ends or stalls, and logs each restart
@@ -22,6 +22,7 @@ from rich.console import Console
 from keel.config import Settings
 from keel.logs import configure_logging
 from keel.observability import exporter as metrics
+from keel.observability.tracing import configure_tracing
 from keel.supervision.progress import Heartbeat, heartbeat_path, liveness
 from keel.supervision.supervisor import run_watched, supervise
 
@@ -59,6 +60,8 @@ def process(
     from keel.processor.worker import CommandProcessor
 
     configure_logging(json_lines=True)
+    if caught_up or not supervised:  # the process that decides traces (off unless OTEL_* say so)
+        configure_tracing("processor")
     settings = Settings()
     name = instance or settings.processor_instance
     if caught_up:
@@ -84,18 +87,25 @@ def health(
     role: Annotated[Role, typer.Argument(help="Which worker.")],
     instance: Annotated[str, typer.Option(help="Its instance id.")] = "0",
     as_json: Annotated[bool, typer.Option("--json", help="Print the heartbeat as JSON.")] = False,
+    ready: Annotated[bool, typer.Option("--ready", help="Readiness: also exit 1 while the worker is not "
+                                        "ready (its broker away, or it is starting or backing off).")] = False,
 ) -> None:
     """Whether a worker is live: its heartbeat is fresh and no step of its loop is stalled; exits 1 if not."""
     beat = Heartbeat.read(heartbeat_path(Settings(), role, instance))
-    problem = liveness(beat, time.time(), STALE_AFTER_S)
+    live_problem = liveness(beat, time.time(), STALE_AFTER_S)
+    unready = None if beat is None or beat.ready else f"not ready: {beat.not_ready}"
+    problem = unready if ready and live_problem is None else live_problem
     if as_json:
-        print(json.dumps({"live": problem is None, "problem": problem, "heartbeat": beat and asdict(beat)}))
+        print(json.dumps({"live": live_problem is None, "ready": live_problem is None and unready is None,
+                          "problem": problem, "heartbeat": beat and asdict(beat)}))
     elif problem is not None:
-        _out.print(f"[red]not live[/red]: {role} {instance}: {problem}", highlight=False, soft_wrap=True)
+        _out.print(f"[red]not {'ready' if ready else 'live'}[/red]: {role} {instance}: {problem}",
+                   highlight=False, soft_wrap=True)
     else:
         assert beat is not None  # a live worker has a heartbeat
         commit = "none yet" if beat.last_commit_age_s is None else f"{beat.last_commit_age_s:.1f}s ago"
-        _out.print(f"[green]live[/green]: {role} {instance} (pid {beat.pid}): {beat.step} for "
+        state = "ready" if beat.ready else f"live, {unready}"
+        _out.print(f"[green]{state}[/green]: {role} {instance} (pid {beat.pid}): {beat.step} for "
                    f"{beat.step_age_s:.1f}s, {beat.partitions} partitions, last commit {commit}",
                    highlight=False, soft_wrap=True)
     raise typer.Exit(0 if problem is None else 1)

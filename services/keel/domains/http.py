@@ -20,6 +20,7 @@ import weakref
 from typing import Any
 
 import aiohttp
+from opentelemetry import propagate
 
 from keel.domains.model import EffectCall, PermanentError, RetryableError
 
@@ -67,6 +68,7 @@ async def post_json(call: EffectCall, url_variable: str, path: str, body: dict[s
         raise RetryableError(f"no time left to call {call.provider} before the attempt's deadline")
     headers = {"Idempotency-Key": call.idempotency_key, "X-Keel-Tenant": call.event.tenant_id,
                "X-Keel-Agent": call.event.actor.id}
+    propagate.inject(headers)  # the attempt's span, when traced: the provider's trace joins Keel's
     try:
         async with _session().post(base.rstrip("/") + path, json=body, headers=headers, allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=budget)) as response:

@@ -25,6 +25,8 @@ class Trigger:
     """The type of the command the event is about (its kill switch stops the effect)."""
     provider: str | None
     """The provider the processor's registry names for the event's type (the ``keel-effect`` header)."""
+    traceparent: str | None = None
+    """The span that produced the event (its record's ``traceparent`` header), when traced."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Job:
     seq: int = 0
     waits_on: str | None = None
     """What the last report said it waits on, so that an unchanged wait is reported once."""
+    traceparent: str | None = None
+    """The last attempt's span: the outcome command continues its trace."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

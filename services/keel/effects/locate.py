@@ -20,6 +20,7 @@ from keel.kafka.clients import loader_config
 from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
 from keel.effects.intake import header_text
+from keel.observability import tracing
 from keel.processor.worker import COMMAND_TYPE_HEADER, EFFECT_HEADER
 
 READ_TIMEOUT_S = 30.0
@@ -55,7 +56,8 @@ class EventLocator:
             if event.id != effect_id:
                 return None
             headers = dict(record_headers(message))
-            return Trigger(event, header_text(headers, COMMAND_TYPE_HEADER), header_text(headers, EFFECT_HEADER))
+            return Trigger(event, header_text(headers, COMMAND_TYPE_HEADER), header_text(headers, EFFECT_HEADER),
+                           header_text(headers, tracing.HEADER))
         return None
 
     def close(self) -> None:

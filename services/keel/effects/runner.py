@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 
+from opentelemetry.trace import StatusCode
+
 from keel.domain.commands import CancelEffect, CloseProviderBreaker, CompleteEffect, FailEffect, OpenProviderBreaker
 from keel.domain.effects import idempotency_key, outcome_command_id
 from keel.observability.metrics import EFFECT_ATTEMPTS, EFFECT_OUTCOMES, EFFECT_RETRIES, tenant_label
@@ -44,6 +46,8 @@ from keel.effects.opening import Opener
 from keel.effects.progress import EffectReport, EffectState, WaitReason
 from keel.effects.scheduler import Limits
 from keel.effects.sending import Sender
+from keel.effects.spans import attempt_span
+from keel.observability import tracing
 from keel.errors import DeliveryError, KeelError
 
 log = logging.getLogger(__name__)
@@ -131,7 +135,7 @@ class EffectRunner:
         """Hold the effect (and its partition's commit point) until another worker may take it, or it is undone."""
         log.error("no handler for %s on this worker: effect %s waits, and partition %d is not committed past "
                   "offset %d until a worker with the handler runs it", job.event_type, job.effect_id,
-                  job.partition, job.offset, extra={"tenant": job.tenant_id, "provider": job.provider})
+                  job.partition, job.offset, extra={**_fields(job), "provider": job.provider})
         self._report(job, EffectState.WAITING, WaitReason.NO_HANDLER,
                      f"worker {self._worker} has no handler for {job.event_type}")
         await job.wake.wait()
@@ -206,19 +210,23 @@ class EffectRunner:
             opened = self._opener(trigger.event)
         except Exception as exc:  # noqa: BLE001 - a key store that fails is not the provider's fault
             self._breakers.abandon(key)
-            log.warning("cannot open the personal fields of %s: %s", job.effect_id, exc)
+            log.warning("cannot open the personal fields of %s: %s", job.effect_id, exc, extra=_fields(job))
             if isinstance(exc, KeelError):  # the data cannot be opened: asking again will not change that
                 return Failed(exc.code, exc.message, retryable=False)
             return Failed("open_failed", f"{type(exc).__name__}: {exc}", retryable=True)
         call = EffectCall(event=opened, idempotency_key=idempotency_key(job.effect_id), attempt=job.attempts,
                           deadline=datetime.now(UTC) + timedelta(seconds=effect.timeout_s), provider=effect.provider)
         del opened  # plaintext lives in the call alone
-        with self._busy():
+        with self._busy(), attempt_span(job, effect.provider, trigger) as span:
             job.attempting = True
             try:
                 outcome = await attempt(effect, call, self._pool)
             finally:
                 job.attempting = False
+            if span is not None:
+                span.set_attribute("keel.effect.outcome", "done" if isinstance(outcome, Done) else outcome.code)
+                if isinstance(outcome, Failed):
+                    span.set_status(StatusCode.ERROR, f"{outcome.code}: {outcome.error}"[:500])
         answered = isinstance(outcome, Done) or outcome.answered
         transition = self._breakers.record(key, answered, probe=probe)
         if transition is not None:
@@ -237,7 +245,7 @@ class EffectRunner:
             reason = f"a probe attempt (effect {job.effect_id}) succeeded"
             payload = CloseProviderBreaker(provider=provider, reason=reason)
         log.warning("the breaker of provider %s of tenant %s %s: %s", provider, job.tenant_id, transition.value,
-                    reason, extra={"tenant": job.tenant_id, "provider": provider})
+                    reason, extra={**_fields(job), "provider": provider})
         sent = self._sender.command(new_command(payload, tenant_id=job.tenant_id, aggregate_id=CONTROLS_AGGREGATE,
                                                 actor=EFFECTS_ACTOR, causation_id=job.effect_id,
                                                 correlation_id=job.correlation_id))
@@ -252,14 +260,15 @@ class EffectRunner:
         """Send the outcome and wait until Kafka has it (trying again while the worker runs)."""
         command = new_command(payload, tenant_id=job.tenant_id, aggregate_id=job.aggregate_id, actor=EFFECTS_ACTOR,
                               command_id=outcome_command_id(job.effect_id, job.generation),
-                              causation_id=job.effect_id, correlation_id=job.correlation_id)
+                              causation_id=job.effect_id, correlation_id=job.correlation_id,
+                              traceparent=job.traceparent or (job.trigger.event.traceparent if job.trigger else None))
         with self._busy():
             while True:
                 try:
                     await self._sender.command(command)
                     break
                 except DeliveryError as exc:
-                    log.error("%s; sending it again", exc.message)
+                    log.error("%s; sending it again", exc.message, extra=_fields(job))
                     if self.stopping:
                         return
                     await asyncio.sleep(RESEND_AFTER_S)
@@ -300,6 +309,13 @@ class EffectRunner:
             yield
         finally:
             self.busy -= 1
+
+
+def _fields(job: Job) -> dict[str, str | None]:
+    """The ``extra=`` of a log line about one effect: its tenant, command, effect and trace."""
+    trace = job.traceparent or (job.trigger.event.traceparent if job.trigger else None)
+    return {"tenant_id": job.tenant_id, "command_id": str(job.origin_command_id), "effect_id": str(job.effect_id),
+            "trace_id": tracing.trace_id_of(trace)}
 
 
 def _log_undelivered(sent: asyncio.Future[None]) -> None:

@@ -48,6 +48,7 @@ from keel.errors import InfraError, KeelError
 from keel.kafka.clients import consumer_config
 from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
+from keel.observability import tracing
 from keel.observability.lag import lag_config
 from keel.processor.controls import ControlsFollower
 from keel.processor.worker import COMMAND_TYPE_HEADER, EFFECT_HEADER, TYPE_HEADER, new_instance_id
@@ -217,7 +218,7 @@ class EffectWorker:
                     origin_command_id=event.causation_id or event.id, correlation_id=event.correlation_id,
                     generation=0, event_type=event.type, provider=effect.provider, effect=effect,
                     trigger=Trigger(event, header_text(headers, COMMAND_TYPE_HEADER),
-                                    header_text(headers, EFFECT_HEADER))))
+                                    header_text(headers, EFFECT_HEADER), header_text(headers, tracing.HEADER))))
                 return
         if wanted & Interest.TRIGGER:
             self._hold_without_handler(value, headers, offsets, partition, offset)

@@ -32,25 +32,29 @@ class Admission:
         self.codec = codec
         self.writer = writer
         self.max_age_s = max_age_s
-        self._pending: list[tuple[bytes, Principal, asyncio.Future[Admitted]]] = []
+        self._pending: list[tuple[bytes, Principal, str | None, asyncio.Future[Admitted]]] = []
 
-    async def admit(self, raw: bytes, caller: Principal) -> Admitted:
-        """The validated envelope and its queued write; raises what ``intake.admit`` raises."""
+    async def admit(self, raw: bytes, caller: Principal, traceparent: str | None = None) -> Admitted:
+        """The validated envelope and its queued write; raises what ``intake.admit`` raises.
+
+        ``traceparent`` is the request's span (the batch runs outside every request's context).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Admitted] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._admit_pending)  # runs after the requests already scheduled this turn
-        self._pending.append((raw, caller, future))
+        self._pending.append((raw, caller, traceparent, future))
         return await future
 
     def _admit_pending(self) -> None:
         pending, self._pending = self._pending, []
         admitted = []
-        for raw, caller, future in pending:
+        for raw, caller, traceparent, future in pending:
             if future.cancelled():  # the client went away
                 continue
             try:
-                admitted.append((future, admit(raw, caller, self.codec, max_age_s=self.max_age_s)))
+                admitted.append((future, admit(raw, caller, self.codec, max_age_s=self.max_age_s,
+                                                     traceparent=traceparent)))
             except Exception as exc:  # noqa: BLE001 - the typed KeelError, or a bug, goes to its own request
                 future.set_exception(exc)
         writes = self.writer.write([row for _, (_, row) in admitted]) if admitted else []

@@ -33,8 +33,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
 
-from keel.bootstrap import edge_codec
+from keel.bootstrap import edge_codec, trust_settings
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.governance.controls import Controls
@@ -43,7 +44,7 @@ from keel.errors import KeelError, ValidationError
 from keel.gateway.actions import ActionList, Explanation, allowed_actions, catalog, explain
 from keel.gateway.approvals import approvals_router
 from keel.gateway.console import console_router
-from keel.gateway.errors import BodyTooLarge, ControlsUnavailable, NotFound, http_status
+from keel.gateway.errors import BodyTooLarge, ControlsUnavailable, NotFound, framework_error, http_status
 from keel.gateway.history import history_router
 from keel.gateway.intake import admit
 from keel.gateway.reading import read_as
@@ -52,12 +53,15 @@ from keel.gateway.settings import IngressSettings
 from keel.gateway.submit import PATH, Gateway, SubmitFastPath, actor_name, log_unauthenticated, submit
 from keel.gateway.writer import BatchWriter
 from keel.logs import configure_logging
+from keel.observability import tracing
+from keel.observability.http import Metered, add_metrics_route, start_worker_exporter
 from keel.outbox.db import open_database
 from keel.outbox.models import CommandRecord
 from keel.outbox.store import OutboxStore
 from keel.processor.controls import ControlsFollower
 from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
+from keel.supervision import readiness
 from keel.trust.reveal import Reader, holds_sealed
 
 log = logging.getLogger("keel.gateway")
@@ -65,7 +69,7 @@ CONTROLS_READ_S = 5.0
 """How long one attempt to read the controls topic to its end may take before it is tried again."""
 
 _BODY = ("malformed_json", "wrong_tenant", "wrong_actor", "payload_too_large", "unknown_type", "unknown_schema",
-         "schema_violation", "not_a_command", "beyond_dedupe_window")
+         "schema_violation", "not_a_command", "beyond_dedupe_window", "personal_data_without_subject")
 _READ = error_responses(*KEYED, "not_found", "schema_violation")
 
 
@@ -138,8 +142,9 @@ def _shown(found: CommandRecord, reader: Reader) -> CommandRecord:
     return found.model_copy(update={"events": events, "reason": reader.masked(found.reason)})
 
 
-def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
-    """The gateway application for these settings: FastAPI behind the command fast path."""
+def create_app(settings: Settings, ingress: IngressSettings) -> Metered:
+    """The gateway application for these settings: FastAPI behind the command fast path, every request
+    counted and timed (``GET /metrics``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -153,9 +158,13 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         reader = threading.Thread(target=_read_controls, args=(follower, app.state.controls_read, stopping),
                                   name="controls-start", daemon=True)
         reader.start()
+        app.state.readiness = readiness.install(readiness.Readiness({  # /readyz: what a command needs
+            "outbox": readiness.outbox(db), "broker": readiness.broker(settings.bootstrap_servers),
+            "controls": readiness.flag(app.state.controls_read, "the controls topic is not read to its end yet")}))
         catalog()  # the domains' command schemas, built once before the first GET /v1/actions
         gc.freeze()  # start-up objects live as long as the process: full collections skip them
         yield
+        app.state.readiness.stop()
         stopping.set()
         reader.join(timeout=CONTROLS_READ_S + 5)
         follower.close()
@@ -186,6 +195,11 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
         where = ".".join(str(part) for part in first.get("loc", ()))
         error = ValidationError(f"{where}: {first.get('msg')}", field=where)
         return JSONResponse({"error": error.as_dict()}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def framework_refusal(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": framework_error(exc.status_code, exc.detail).as_dict()},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.post("/v1/commands", status_code=202, response_model=AcceptedResponse, response_class=JSONResponse,
               responses=error_responses(*KEYED, *_BODY, "client_disconnected", "idempotency_conflict",
@@ -249,7 +263,8 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:  # the request bodies and their nested models live in components
-            generate().setdefault("components", {}).setdefault("schemas", {}).update(command_bodies())
+            sealing = trust_settings(settings).master_key_file is not None  # as edge_codec decides
+            generate().setdefault("components", {}).setdefault("schemas", {}).update(command_bodies(sealing=sealing))
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -258,10 +273,22 @@ def create_app(settings: Settings, ingress: IngressSettings) -> SubmitFastPath:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return SubmitFastPath(app)
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """503 with the reasons while the outbox, the broker or the controls are away (checked in the background)."""
+        installed: readiness.Readiness | None = getattr(request.app.state, "readiness", None)
+        verdict = readiness.NOT_CHECKED if installed is None else installed.verdict()
+        return JSONResponse(verdict.as_dict(), status_code=200 if verdict.ready else 503)
+
+    tracing.instrument_fastapi(app)  # every other route's spans (POST /v1/commands: SubmitFastPath)
+    add_metrics_route(app)
+    return Metered(SubmitFastPath(app))  # FastAPI's middleware never sees the fast path: count around it
 
 
-def app_from_env() -> SubmitFastPath:
+def app_from_env() -> Metered:
     """The gateway built from ``KEEL_*`` variables (uvicorn's factory for worker processes)."""
     configure_logging(json_lines=True)  # each worker process logs JSON lines, not only the parent
-    return create_app(Settings(), IngressSettings())
+    tracing.configure_tracing("gateway")  # each worker exports its own spans (off unless OTEL_* say so)
+    settings = Settings()
+    start_worker_exporter(settings)  # this worker's own scrape target: workers share the gateway's port
+    return create_app(settings, IngressSettings())

@@ -25,11 +25,14 @@ from keel.outbox.models import NewCommand
 
 
 def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
-          max_age_s: float = 0.0) -> tuple[Envelope, NewCommand]:
+          max_age_s: float = 0.0, traceparent: str | None = None) -> tuple[Envelope, NewCommand]:
     """Validate a ``POST /v1/commands`` body for ``principal``; raises typed ``KeelError``s.
 
     ``max_age_s`` (0: no limit) refuses a body whose own ``occurred_at`` is older: the
     processor's dedupe window, past which it would dead-letter the command anyway.
+    ``traceparent`` (the gateway's request span, when tracing is on) replaces the body's own:
+    the request span already continues a client's ``traceparent`` HTTP header. It is not part
+    of the idempotency fingerprint, so a retried request is still the same request.
     """
     document = _json_object(raw)
     claimed = document.get("tenant_id")
@@ -42,10 +45,12 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
                          field="actor")
     request_hash = hashlib.sha256(
         json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    command_id = document.get("id") or str(uuid.uuid4())
+    command_id = document["id"] if document.get("id") is not None else str(uuid.uuid4())  # "" is no id
     filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC),
               **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
-    envelope = parse_envelope(filled)
+    if traceparent is not None:
+        filled["traceparent"] = traceparent
+    envelope = parse_envelope(filled, strict=True)
     check_within_window(envelope, max_age_s)
     if payload_class(envelope.type).kind != "command":
         raise ValidationError(f"{envelope.type} is an event; only commands are accepted",

@@ -30,6 +30,7 @@ from keel.gateway.settings import IngressSettings
 from keel.gateway.writer import BatchWriter
 from keel.outbox.store import OutboxStore
 from keel.gateway.security_log import SecurityLog
+from keel.observability import tracing
 from keel.security.keys import KeyStore
 
 log = logging.getLogger("keel.gateway")
@@ -90,7 +91,8 @@ async def submit_as(gw: Gateway, caller: Principal, raw: bytes) -> bytes:
     """Accept the command ``raw`` from an authenticated ``caller``, as ``submit`` does; the
     approvals routes and the console send their commands through here."""
     try:
-        envelope, written = await gw.admission.admit(raw, caller)
+        # The request's span continues in the envelope: through the outbox to every later hop.
+        envelope, written = await gw.admission.admit(raw, caller, tracing.current_traceparent())
         result = await written
         if result.conflict:
             raise IdempotencyConflict(f"command id {envelope.id} was used before with another body", field="id")
@@ -121,11 +123,18 @@ class SubmitFastPath:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
+        # Traced by OpenTelemetry's ASGI middleware when tracing is on (FastAPI's own
+        # instrumentation never sees this path); untouched, and as fast, when it is off.
+        self._submit: Callable[[Scope, Receive, Send], Awaitable[None]] = (
+            tracing.asgi_traced(self._answer, f"POST {PATH}") if tracing.enabled() else self._answer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
+        await self._submit(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             status, body = 202, await submit(self.app.state.gateway, dict(scope["headers"]), receive)
         except KeelError as exc:

@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 from keel.config import Settings
 from keel.observability.metrics import use_tenant_labels
 from keel.observability.tenants import TenantLabels, parse_allow_list
+from keel.supervision import probes
 from keel.supervision.progress import replace_json
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def start(settings: Settings, service: str, instance: str = "0") -> Target | Non
         return None
     configure_tenants(settings)
     server, _thread = start_http_server(settings.metrics_port, settings.metrics_host)
+    probes.attach(server, settings.bootstrap_servers)  # /healthz and /readyz on the same port
     host = settings.metrics_host if settings.metrics_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     target = publish(settings, service, instance, f"{host}:{server.server_port}")
     log.info("metrics at %s", target.url, extra={"service": service, "metrics_url": target.url})

@@ -26,6 +26,7 @@ from keel.domain.idempotency import BEYOND_WINDOW, beyond_window_reason
 from keel.domain.outcomes import to_events
 from keel.domain.deciding import reject
 from keel.errors import KeelError, ValidationError
+from keel.logs import command_fields
 from keel.processor.state import BatchView
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 
@@ -100,7 +101,7 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
     try:
         decision = govern(command, view.state(partition, command.key), context)
     except Exception as exc:  # noqa: BLE001 - a crashing handler must not stop the partition
-        log.exception("handler crashed on command %s", command.id)
+        log.exception("handler crashed on command %s", command.id, extra=command_fields(command))
         return DeadLetter("handler_error", f"{type(exc).__name__}: {exc}")
     view.record(partition, command.id, decision.events)
     return Decided(command, decision)

@@ -45,11 +45,15 @@ from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.governance.pipeline import Decision
 from keel.domain.events import ApprovalRequested, CommandRejected
 from keel.domains.registry import current
+from keel.logs import command_fields
+from keel.observability import tracing
 from keel.observability.batches import DecisionTally, LoopMetrics
 from keel.observability.lag import lag_config
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
+from keel.processor.spans import BatchSpans
 from keel.processor.state import BatchView, PartitionState
+from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 from keel.supervision.progress import IDLE, Progress
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,7 @@ class CommandProcessor:
         instance = instance_id or settings.processor_instance
         self.partitions: dict[int, PartitionState] = {}
         self.metrics = LoopMetrics("processor")
+        self._tracing = tracing.enabled()  # read once: the loop tests a bool, never the SDK
         membership: dict[str, object] = {"session.timeout.ms": settings.processor_session_timeout_ms,
                                          **lag_config(settings, self.group_id)}
         if settings.processor_static_membership:
@@ -207,9 +212,10 @@ class CommandProcessor:
         records: list[_Record] = []
         opened = False
         now = datetime.now(UTC)  # one decision time per batch: it commits as one transaction
+        spans = BatchSpans(self.commands_topic, len(messages)) if self._tracing else None
         try:
             for message in messages:
-                thrown += self._decide(message, view, outcome_counts, now, records, tally)
+                thrown += self._decide(message, view, outcome_counts, now, records, tally, spans)
                 if len(records) >= _PRODUCE_CHUNK:  # a large batch: send while deciding the rest
                     if not opened:
                         self._open(messages)
@@ -223,11 +229,15 @@ class CommandProcessor:
             committing = time.perf_counter()
             transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
+            if spans is not None:
+                spans.end(str(exc))
             transactions.abort_and_rewind(self._producer, self._consumer, exc, "processor", self.progress)
             self.stats.aborted_batches += 1
             self.metrics.aborted.inc()
             return 0
         done = time.perf_counter()
+        if spans is not None:
+            spans.end()
         self.metrics.transaction(len(messages), produced, done - started, done - committing)
         tally.flush()
         self.progress.committed()
@@ -270,7 +280,8 @@ class CommandProcessor:
         return messages
 
     def _decide(self, message: Message, view: BatchView, counts: ProcessorStats, now: datetime,
-                records: list[_Record], tally: DecisionTally) -> list[tuple[str, bytes | None]]:
+                records: list[_Record], tally: DecisionTally,
+                spans: BatchSpans | None) -> list[tuple[str, bytes | None]]:
         """Decide one record and append its outcome's records; returns the controls it threw."""
         partition = message.partition()
         assert partition is not None  # a record always has a position (process_batch took out the errors)
@@ -280,13 +291,16 @@ class CommandProcessor:
         match outcome:
             case Decided(command, decision):
                 events = decision.events
-                decided_records(decision, self.codec, self.outputs, message.key(), partition, records)
-                counts.events += len(events)
                 verdict, rejection = decision_outcome(decision)
+                traces = None if spans is None else spans.decided(
+                    headers.get(tracing.HEADER), command, decision, verdict, rejection)
+                decided_records(decision, self.codec, self.outputs, message.key(), partition, records, traces)
+                counts.events += len(events)
                 counts.rejected += sum(e.type == "CommandRejected" for e in events)
                 tally.decided(command.tenant_id, verdict, rejection, len(events))
                 if log.isEnabledFor(logging.DEBUG):  # skip building the list when nobody logs it
-                    log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events])
+                    log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events],
+                              extra=command_fields(command))
                 return decision.controls
             case DeadLetter(code, reason):
                 dead_headers: _Headers = [
@@ -300,12 +314,21 @@ class CommandProcessor:
                 records.append((self.dlq_topic, message.value(), message.key(), _ANY_PARTITION, dead_headers))
                 counts.dead_lettered += 1
                 tally.dead_letter(code)
+                if spans is not None:
+                    spans.dead_letter(headers.get(tracing.HEADER), code, reason)
+                tenant = headers.get(PRINCIPAL_TENANT_HEADER)  # the body may be unreadable: the producer's tenant
                 log.warning("dead-lettered %s[%d]@%d: %s: %s", message.topic(), partition,
-                            message.offset(), code, reason)
+                            message.offset(), code, reason,
+                            extra={"tenant_id": tenant.decode() if tenant else None, "code": code,
+                                   "trace_id": tracing.trace_id_of(
+                                       (headers.get(tracing.HEADER) or b"").decode() or None)})
             case Duplicate(command):
                 counts.duplicates += 1
                 tally.duplicate(command.tenant_id)
-                log.info("duplicate command %s acknowledged, not re-executed", command.id)
+                if spans is not None:
+                    spans.duplicate(headers.get(tracing.HEADER), command)
+                log.info("duplicate command %s acknowledged, not re-executed", command.id,
+                         extra=command_fields(command))
         return []
 
     @staticmethod
@@ -373,11 +396,16 @@ class Outputs:
 
 
 def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, key: bytes | None, partition: int,
-                    records: list[_Record]) -> None:
-    """Append ``decision``'s produce records: each event to the events topic and the audit intake, then its controls."""
+                    records: list[_Record], traces: dict[uuid.UUID, bytes] | None = None) -> None:
+    """Append ``decision``'s produce records: each event to the events topic and the audit intake, then its controls.
+
+    ``traces`` (tracing on) maps a causing command's id to the ``traceparent`` header of its events.
+    """
     for event in decision.events:
         value = codec.encode(event)
         type_headers = _type_headers(event.type, decision.origin_type)
+        if traces is not None and event.causation_id in traces:
+            type_headers = [*type_headers, (tracing.HEADER, traces[event.causation_id])]
         records.append((outputs.events, value, key, partition, type_headers))
         # Keyed by tenant alone: the audit chainer sees a tenant's events in one
         # partition, in the order these transactions committed them.

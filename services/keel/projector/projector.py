@@ -37,14 +37,16 @@ from keel.contracts.codec import EnvelopeCodec
 from keel.errors import ConfigError, InfraError, KeelError
 from keel.kafka.clients import consumer_config
 from keel.kafka.errors import topic_partitions
-from keel.kafka.reader import watermarks
+from keel.kafka.reader import record_headers, watermarks
 from keel.kafka.topics import Topic, topic_name
+from keel.observability import tracing
 from keel.observability.batches import LoopMetrics
 from keel.observability.lag import lag_config
 from keel.observability.metrics import PROJECTED, PROJECTION_LAG, UNDECODABLE
 from keel.projector.aggregates import repair_aggregates
 from keel.projector.native import NativeBatch, NativeInserter
 from keel.projector.rows import EVENTS_TABLE, Position, event_row
+from keel.projector.spans import projected, sampled
 from keel.projector.store import Batch, insert_batch, stored_offsets
 from keel.trust.erased import Erasures
 
@@ -106,6 +108,7 @@ class EventProjector:
         if erasures is None:  # the configured key store's tombstones, opened last: close() releases them
             erasures, self._release_erasures = known_erasures(settings)
         self._erasures = erasures
+        self._tracing = tracing.enabled()
 
     @property
     def stats(self) -> ProjectorStats:
@@ -235,6 +238,9 @@ class EventProjector:
             return False
         partition, offset = message.partition(), message.offset()
         assert partition is not None and offset is not None  # only error events lack a position
+        if self._tracing and sampled(traceparent := tracing.header(record_headers(message))):
+            assert traceparent is not None
+            batch.traces.append((traceparent, partition, offset))
         try:
             if batch.native is not None and self._native is not None:
                 self._native.accept(batch.native, message.value() or b"", partition, offset)
@@ -296,6 +302,8 @@ class EventProjector:
         with self._stats_lock:
             self._stats = _bump(self._stats, rows=written, batches=1)
         self._rows.inc(written)
+        if batch.traces:
+            projected(batch.traces, self.topic, self.table, batch.token, batch.opened_at)
         if batch.opened_at:
             self._metrics.batch(len(batch), time.time() - batch.opened_at)
         if batch.newest_ms > 0:

@@ -52,6 +52,8 @@ class Batch:
     newest_ms: int = 0
     opened_at: float = 0.0
     """When its first record was read (Unix time; 0: not measured)."""
+    traces: list[tuple[bytes, int, int]] = field(default_factory=list)
+    """``(traceparent, partition, offset)`` of its sampled records, when tracing is on."""
     """Kafka timestamp of the newest record read into it (the projection lag is measured from it)."""
     # partition -> [first offset, last offset]; mutable lists keep the per-record cost low
     _spans: dict[int, list[int]] = field(default_factory=dict)

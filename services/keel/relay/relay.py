@@ -29,14 +29,17 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, Message, Producer
 
 from keel.config import Settings
+from keel.contracts.codec import EnvelopeCodec
 from keel.gateway.settings import IngressSettings
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
+from keel.observability import tracing
 from keel.observability.batches import LoopMetrics
 from keel.observability.metrics import RELAY_FAILED, RELAY_LEASE, RELAYED
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 from keel.outbox.models import PendingRow
 from keel.outbox.store import OutboxStore
+from keel.relay.spans import PublishSpans
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Relay:
         timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
         self._producer = Producer(producer_config(
             settings, **{"message.timeout.ms": timeout_ms}))
+        # Traced: one publish span per row, in the trace its envelope's ``traceparent`` names.
+        self._spans = PublishSpans(self.topic, EnvelopeCodec()) if tracing.enabled() else None
 
     def run_once(self) -> int:
         """One round: renew the lease, publish a batch, mark what Kafka acknowledged."""
@@ -131,19 +136,26 @@ class Relay:
         """
         failed: dict[uuid.UUID, str] = {}
 
-        def report(command_id: uuid.UUID) -> Callable[[KafkaError | None, Message], None]:
+        spans = self._spans
+
+        def report(row: PendingRow) -> Callable[[KafkaError | None, Message], None]:
             def on_delivery(error: KafkaError | None, _message: Message) -> None:
                 if error is not None:
-                    failed[command_id] = error.str()
+                    failed[row.command_id] = error.str()
+                if spans is not None:
+                    spans.end(row.command_id, error.str() if error is not None else None)
             return on_delivery
 
         for row in rows:
+            # The key's tenant is the gateway's authenticated principal's (never the body's).
+            headers: list[tuple[str, str | bytes | None]] = [
+                (PRINCIPAL_TENANT_HEADER, row.key.split("/", 1)[0].encode())]
+            if spans is not None:
+                headers.append((tracing.HEADER, spans.start(row)))
             while True:
                 try:
-                    # The key's tenant is the gateway's authenticated principal's (never the body's).
                     self._producer.produce(self.topic, value=row.value, key=row.key.encode(),
-                                           headers=[(PRINCIPAL_TENANT_HEADER, row.key.split("/", 1)[0].encode())],
-                                           on_delivery=report(row.command_id))
+                                           headers=headers, on_delivery=report(row))
                     break
                 except BufferError:  # local queue full: serve delivery reports, then retry
                     self._producer.poll(0.05)
@@ -154,7 +166,9 @@ class Relay:
             return [row.command_id for row in rows]
         self.stats.failed += len(failed)
         RELAY_FAILED.inc(len(failed))
-        log.warning("%d outbox row(s) were not delivered; first: %s", len(failed), next(iter(failed.values())))
+        first = next(row for row in rows if row.command_id in failed)
+        log.warning("%d outbox row(s) were not delivered; first: %s", len(failed), failed[first.command_id],
+                    extra={"tenant_id": first.key.split("/", 1)[0], "command_id": str(first.command_id)})
         blocked: set[str] = set()
         delivered = []
         for row in rows:

@@ -6,5 +6,6 @@ bound is kept one level up: the worker names each step it takes (``progress``), 
 watchdog thread ends the process when a step outlasts its bound (``watchdog``), and a
 parent process starts a fresh one (``supervisor``). Errors that do return (a fenced
 producer, a broker that is away) start a fresh worker in the same process
-(``resilient``).
+(``resilient``). Whether a service can work now, the broker and the outbox answering,
+is its readiness (``readiness``), served beside its metrics as ``/readyz`` (``probes``).
 """

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from keel.config import Settings
+from keel.supervision.probes import ask_ready
 from keel.supervision.progress import Heartbeat, heartbeat_path, liveness, replace_json
 from keel.supervision.resilient import FIRST_WAIT_S, HEALTHY_RUN_S, LONGEST_WAIT_S
 from keel.supervision.supervisor import SUPERVISOR_PID, frozen
@@ -114,12 +115,18 @@ def health(settings: Settings, service: Service, state: ServiceState) -> str | N
     """Why ``service`` is not healthy, or ``None`` when it is."""
     if not alive(state.pid):
         return f"not running ({state.state}{'; last exit: ' + state.last_exit if state.last_exit else ''})"
-    if service.heartbeat_role is None:
-        return None
+    if service.heartbeat_role is None:  # readiness from its metrics server's /readyz, when it publishes one
+        from keel.observability.exporter import published  # the exporter imports supervision: import late
+
+        served = [t.address for t in published(settings) if t.service == service.name and t.pid == state.pid]
+        return ask_ready(served[0]) if served else None
     beat = Heartbeat.read(heartbeat_path(settings, service.heartbeat_role, INSTANCE))
     if beat is not None and beat.pid != state.pid:
         return "starting: no heartbeat from this process yet"
-    return liveness(beat, time.time(), stale_after_s=10.0)
+    problem = liveness(beat, time.time(), stale_after_s=10.0)
+    if problem is None and beat is not None and not beat.ready:
+        return f"not ready: {beat.not_ready}"
+    return problem
 
 
 class PlatformSupervisor:

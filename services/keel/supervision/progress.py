@@ -38,6 +38,8 @@ class Progress:
         self.step = Step("starting", time.monotonic())
         self.last_commit: float | None = None
         self.partitions = 0
+        self.running = False
+        """Whether a worker is built and running (not starting, backing off or closing): readiness reads it."""
 
     def enter(self, name: str) -> None:
         """Begin step ``name`` now (restarting its clock even if it is the current one)."""
@@ -76,16 +78,22 @@ class Heartbeat:
     stalled: str | None
     written_at: float
     """Wall-clock time of the write (``time.time``), so a reader can tell a stale file."""
+    ready: bool = True
+    not_ready: str | None = None
+    """Why the worker is not ready (``keel.supervision.readiness``), ``None`` when it is; a file
+    written before readiness existed reads as ready."""
 
     @classmethod
-    def of(cls, progress: Progress, role: str, instance: str, bound_s: float) -> Heartbeat:
-        """The heartbeat of ``progress`` now."""
+    def of(cls, progress: Progress, role: str, instance: str, bound_s: float,
+           not_ready: str | None = None) -> Heartbeat:
+        """The heartbeat of ``progress`` now; ``not_ready`` says why the worker is not ready."""
         now = time.monotonic()
         last = progress.last_commit
         return cls(role=role, instance=instance, pid=os.getpid(), step=progress.step.name,
                    step_age_s=round(now - progress.step.since, 3),
                    last_commit_age_s=None if last is None else round(now - last, 3),
-                   partitions=progress.partitions, stalled=progress.stalled(bound_s, now), written_at=time.time())
+                   partitions=progress.partitions, stalled=progress.stalled(bound_s, now), written_at=time.time(),
+                   ready=not_ready is None, not_ready=not_ready)
 
     def write(self, path: Path) -> None:
         """Replace ``path`` with this heartbeat."""

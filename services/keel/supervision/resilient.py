@@ -56,14 +56,17 @@ def run_resilient(build: Callable[[Progress], TransactionalWorker], stop: thread
             wait = _back_off(stop, progress, wait, bootstrap)
             continue
         started = time.monotonic()
+        progress.running = True
         try:
             worker.run(stop)
         except (KafkaException, KeelError) as exc:
+            progress.running = False
             if time.monotonic() - started >= HEALTHY_RUN_S:
                 wait = FIRST_WAIT_S
             log.warning("%s stopped: %s; starting again under a new producer in %.0fs", role, describe(exc), wait)
             wait = _back_off(stop, progress, wait, bootstrap, close=worker.close)
             continue
+        progress.running = False
         progress.enter("closing")
         worker.close()
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from keel.config import Settings
+from keel.supervision import readiness
 from keel.supervision.progress import Heartbeat, Progress, heartbeat_path
 from keel.supervision.resilient import (
     FIRST_WAIT_S,
@@ -59,13 +60,16 @@ def run_watched(settings: Settings, role: str, instance: str,
     stop = stop_on_signals()
     progress = Progress()
     supervisor = os.environ.get(SUPERVISOR_PID)
+    ready = readiness.install(readiness.Readiness({
+        "broker": readiness.broker(settings.bootstrap_servers), "worker": readiness.worker(progress)}))
     watchdog = Watchdog(progress, heartbeat_path(settings, role, instance), role=role, instance=instance,
                         bound_s=settings.watchdog_stall_s, parent_pid=int(supervisor) if supervisor else None,
-                        on_orphaned=stop.set)
+                        on_orphaned=stop.set, readiness=ready)
     watchdog.start()
     try:
         run_resilient(build, stop, role=role, progress=progress, bootstrap=settings.bootstrap_servers)
     finally:
+        ready.stop()
         watchdog.stop()
 
 

@@ -8,6 +8,9 @@ process looks alive. The watchdog logs why and ends the process with ``STALLED_E
 its supervisor starts a fresh one. The killed worker's open transaction is aborted when
 the next producer with its ``transactional.id`` starts, so nothing is lost or repeated.
 
+Each heartbeat also carries the worker's readiness (``keel.supervision.readiness``), so
+``keel health --ready`` answers from the file without reaching the broker itself.
+
 A supervised worker also watches its supervisor: when that process is gone (SIGKILLed,
 say), the worker stops as on SIGTERM rather than run on unseen beside the next one.
 """
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keel.supervision.progress import Heartbeat, Progress
+from keel.supervision.readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,10 @@ class Watchdog:
 
     def __init__(self, progress: Progress, path: Path, *, role: str, instance: str, bound_s: float,
                  on_stall: Callable[[], None] = exit_stalled, interval_s: float = INTERVAL_S,
-                 parent_pid: int | None = None, on_orphaned: Callable[[], None] = lambda: None) -> None:
+                 parent_pid: int | None = None, on_orphaned: Callable[[], None] = lambda: None,
+                 readiness: Readiness | None = None) -> None:
         self.progress, self.path, self.role, self.instance = progress, path, role, instance
+        self.readiness = readiness
         self.bound_s, self.on_stall, self.interval_s = bound_s, on_stall, interval_s
         self.parent_pid, self.on_orphaned = parent_pid, on_orphaned
         self._stop = threading.Event()
@@ -52,7 +58,9 @@ class Watchdog:
 
     def check(self) -> Heartbeat:
         """Write one heartbeat; on a stall, log why and call ``on_stall``."""
-        beat = Heartbeat.of(self.progress, self.role, self.instance, self.bound_s)
+        verdict = None if self.readiness is None else self.readiness.verdict()
+        not_ready = None if verdict is None or verdict.ready else "; ".join(verdict.reasons)
+        beat = Heartbeat.of(self.progress, self.role, self.instance, self.bound_s, not_ready)
         try:
             beat.write(self.path)
         except OSError as exc:  # a full disk must not stop the watching
