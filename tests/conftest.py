@@ -26,7 +26,7 @@ from keel.kafka.topics import apply_topics, declared_topics
 
 
 pytest_plugins = ["tests.plugins.user_data", "tests.plugins.postgres", "tests.plugins.analytics",
-                  "tests.plugins.trust"]
+                  "tests.plugins.trust", "tests.plugins.spans"]
 
 INFRA = os.environ.get("KEEL_TEST_INFRA", "local")
 

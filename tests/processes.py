@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -76,3 +78,19 @@ def remove_app_state(settings: Settings, app_id: str) -> None:
             future.exception()
     for future in admin.delete_consumer_groups([app_id]).values():
         future.exception()
+
+
+@contextmanager
+def running(services: dict[str, list[str]], settings: Settings, logs: Path,
+            **env: str) -> Iterator[dict[str, KeelProcess]]:
+    """Each ``keel`` service (name -> arguments) as a process with ``env``, logging to ``logs/<name>.log``;
+    stopped, with their faust watchers' local state removed, afterwards."""
+    processes = {name: KeelProcess(args, settings, logs / f"{name}.log", **env) for name, args in services.items()}
+    for process in processes.values():
+        process.start()
+    try:
+        yield processes
+    finally:
+        for process in processes.values():
+            process.stop(grace_s=15)
+        remove_app_state(settings, f"{settings.topic_prefix}.approval-watcher")

@@ -41,7 +41,7 @@ from keel.testing.provider import ProviderSimulator
 from support_desk.messages import CancelSubscription
 from tests.broker_faults import free_port
 from tests.helpers import command, events, refund, send, start
-from tests.processes import KeelProcess, remove_app_state
+from tests.processes import KeelProcess, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -172,16 +172,8 @@ def services(own_settings: Settings, tmp_path: Path) -> Iterator[dict[str, KeelP
     with ProviderSimulator() as provider:
         env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_METRICS_TENANTS": "acme", "KEEL_APPROVALS_TICK_S": "0.5",
                "SUPPORT_DESK_PAYMENTS_URL": provider.url, "SUPPORT_DESK_EMAIL_URL": provider.url}
-        running = {name: KeelProcess(args, own_settings, tmp_path / f"{name}.log", **env)
-                   for name, args in SERVICES.items()}
-        for process in running.values():
-            process.start()
-        try:
-            yield running
-        finally:
-            for process in running.values():
-                process.stop(grace_s=15)
-            remove_app_state(own_settings, f"{own_settings.topic_prefix}.approval-watcher")
+        with running(SERVICES, own_settings, tmp_path, **env) as processes:
+            yield processes
 
 
 def _through_outbox(dsn_path: Path, *commands: Any) -> None:

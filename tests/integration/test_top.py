@@ -32,7 +32,7 @@ from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from support_desk.messages import CancelSubscription
 from tests.helpers import command, refund, send, start
-from tests.processes import KeelProcess, keel_env, remove_app_state
+from tests.processes import KeelProcess, keel_env, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -59,16 +59,8 @@ def services(own_settings: Settings, tmp_path: Path) -> Iterator[dict[str, KeelP
     OutboxStore(open_database(dsn)).migrate()
     env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_METRICS_TENANTS": "acme,globex", "KEEL_METRICS_LAG_INTERVAL_MS": "1000",
            "KEEL_APPROVALS_TICK_S": "0.5"}
-    running = {name: KeelProcess(args, own_settings, tmp_path / f"{name}.log", **env)
-               for name, args in SERVICES.items()}
-    for process in running.values():
-        process.start()
-    try:
-        yield running
-    finally:
-        for process in running.values():
-            process.stop(grace_s=15)
-        remove_app_state(own_settings, f"{own_settings.topic_prefix}.approval-watcher")
+    with running(SERVICES, own_settings, tmp_path, **env) as processes:
+        yield processes
 
 
 def top(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -36,7 +35,6 @@ from keel.domain.envelope import Actor, ActorKind
 from keel.effects.worker import EffectWorker
 from keel.gateway.app import create_app
 from keel.gateway.settings import IngressSettings
-from keel.observability import tracing
 from keel.outbox.models import CommandStatus
 from keel.processor.worker import CommandProcessor
 from keel.projector.clickhouse import connect
@@ -55,20 +53,6 @@ POLICY = {"version": "acme-trace", "roles": {"agent": ["IssueRefund", "StartSubs
           "rules": [{"name": "big", "decision": "approve", "match": {"payload": {"amount_cents": {"gt": 100_000}}}}]}
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """Tracing on in this process, into memory; off again afterwards."""
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    tracing.use(provider)
-    try:
-        yield spans
-    finally:
-        tracing.use(None)
-        provider.shutdown()
 
 
 class _Payments(BaseHTTPRequestHandler):
@@ -133,7 +117,7 @@ def _parent_of(child: ReadableSpan, parent: ReadableSpan) -> bool:
 
 
 def test_one_trace_follows_a_command_from_the_request_through_its_approval_to_the_projected_rows(
-        settings: Settings, tmp_path: Path, exporter: InMemorySpanExporter, payments: list[str | None]) -> None:
+        settings: Settings, tmp_path: Path, spans: InMemorySpanExporter, payments: list[str | None]) -> None:
     processor = CommandProcessor(settings, instance_id="tracing")
     put_in_force(settings, processor, POLICY)
     outbox = sqlite_outbox(tmp_path, "acme")
@@ -175,7 +159,7 @@ def test_one_trace_follows_a_command_from_the_request_through_its_approval_to_th
                 approval = client.approve(refund, comment="known outage").command_id
             until(url, ann, approval, CommandStatus.EXECUTED)
             deadline = time.monotonic() + 60
-            while not any(s.name == "decide CompleteEffect" for s in exporter.get_finished_spans()):
+            while not any(s.name == "decide CompleteEffect" for s in spans.get_finished_spans()):
                 assert time.monotonic() < deadline, "the refund's effect never completed"
                 processor.run_until_caught_up()
                 time.sleep(0.1)
@@ -194,8 +178,8 @@ def test_one_trace_follows_a_command_from_the_request_through_its_approval_to_th
         analytics.close()
         db.close()
 
-    spans = exporter.get_finished_spans()
-    trace = [s for s in spans if s.context is not None and f"{s.context.trace_id:032x}" == CLIENT_TRACE]
+    finished = spans.get_finished_spans()
+    trace = [s for s in finished if s.context is not None and f"{s.context.trace_id:032x}" == CLIENT_TRACE]
     _print_tree(trace)
     ids = {"keel.command_id": str(refund)}
 
@@ -212,7 +196,7 @@ def test_one_trace_follows_a_command_from_the_request_through_its_approval_to_th
     assert [e.name for e in decide.events] == ["approval.requested"]
 
     # The approver's command has its own trace; the refund resumes in the refund's, linked to it.
-    approve = _one(spans, "decide ApproveCommand", **{"keel.command_id": str(approval)})
+    approve = _one(finished, "decide ApproveCommand", **{"keel.command_id": str(approval)})
     assert approve.context is not None and f"{approve.context.trace_id:032x}" != CLIENT_TRACE
     resume = _one(trace, "resume IssueRefund", **ids)
     assert _parent_of(resume, request), "the resumed execution continues the command's own trace"
