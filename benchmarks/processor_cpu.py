@@ -120,7 +120,7 @@ def main() -> None:
     print(f"{len(timed):,} commands, {sum(worker.events.values()):,} events {dict(worker.events)}")
     print(f"{cpu / len(timed) * 1e6:.1f} µs CPU per command{' (profiled)' if profile else ''}")
     if profile is not None:
-        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profile).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(int(os.environ.get("PROFILE_TOP", "25")))
 
 
 if __name__ == "__main__":
