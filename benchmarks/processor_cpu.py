@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=20_000, help="timed commands (about)")
     parser.add_argument("--batch-size", type=int, default=Settings().processor_batch_size)
     parser.add_argument("--story", action="store_true", help="time whole stories (incl. sealed e-mails)")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile top 25 of the timed part")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile top of the timed part")
+    parser.add_argument("--sort", default="tottime", help="the profile's order (pstats key: tottime, cumulative, …)")
+    parser.add_argument("--top", type=int, default=25, help="lines of the profile to print")
     args = parser.parse_args()
     steps = range(STORY_LENGTH) if args.story else REFUND_STEPS
     aggregates = max(1, args.commands // len(steps))
@@ -120,7 +122,7 @@ def main() -> None:
     print(f"{len(timed):,} commands, {sum(worker.events.values()):,} events {dict(worker.events)}")
     print(f"{cpu / len(timed) * 1e6:.1f} µs CPU per command{' (profiled)' if profile else ''}")
     if profile is not None:
-        pstats.Stats(profile).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(int(os.environ.get("PROFILE_TOP", "25")))
+        pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":
