@@ -225,3 +225,23 @@ def test_the_default_policy_parks_large_refunds_for_an_admin_nobody_holds_yet() 
     assert parked.type == "ApprovalRequested"
     assert rejection_code(world.send(cmd(ApproveCommand(command_id=parked.causation_id), actor=ADMIN))) == \
         "not_an_approver"
+
+
+def test_a_policy_answers_from_its_memo_as_it_would_without_one_and_a_copy_answers_for_itself() -> None:
+    policy = parse_policy(json.dumps({**POLICY, "rules": [
+        {"name": "refunds-any-type", "match": {"payload": {"amount_cents": {"gt": 10}}}, "decision": "deny"},
+        *POLICY["rules"]]}))
+    refund, cancel = cmd(IssueRefund(amount_cents=500_000, currency="EUR", reason="x")), cmd(CancelSubscription(reason="x"))
+    sunday = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    for _ in range(2):  # the second round answers from the memo
+        assert policy.permitting_role(AGENT, "IssueRefund") == "support-agent"
+        assert policy.permitting_role(AGENT, "SetPolicy") is None
+        assert policy.evaluate(refund, NOW) == ("deny", "refunds-any-type")  # a rule naming no type applies to all
+        assert policy.evaluate(cancel, sunday) == ("deny", "no-cancellations-on-sunday")
+        assert policy.evaluate(cancel, NOW + timedelta(days=1)) == ("allow", "default")
+    narrowed = policy.model_copy(update={"grants": {}, "rules": ()})
+    assert narrowed.permitting_role(AGENT, "IssueRefund") is None
+    assert narrowed.evaluate(refund, NOW) == ("allow", "default")
+    assert policy == parse_policy(json.dumps({**POLICY, "rules": [
+        {"name": "refunds-any-type", "match": {"payload": {"amount_cents": {"gt": 10}}}, "decision": "deny"},
+        *POLICY["rules"]]}))  # the memo is no part of what a policy is

@@ -15,7 +15,7 @@ import operator
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import pydantic
 from pydantic import Field
@@ -111,11 +111,15 @@ class Policy(Frozen):
 
     def permitting_role(self, actor: Actor, command_type: str) -> str | None:
         """The first (sorted) role of ``actor`` that may send ``command_type``, if any."""
-        for role in sorted(self.roles_of(actor)):
-            allowed = self.roles.get(role, frozenset())
-            if "*" in allowed or command_type in allowed:
-                return role
-        return None
+        memo = self._memo().roles
+        key = (actor.kind, actor.id, command_type)
+        if key not in memo:
+            if len(memo) >= _MEMO_SIZE:  # many actors: start over rather than grow without bound
+                memo.clear()
+            memo[key] = next((role for role in sorted(self.roles_of(actor))
+                              if "*" in (allowed := self.roles.get(role, frozenset())) or command_type in allowed),
+                             None)
+        return memo[key]
 
     def may_approve(self, actor: Actor) -> str | None:
         """The approver role ``actor`` holds, if any."""
@@ -124,10 +128,42 @@ class Policy(Frozen):
 
     def evaluate(self, command: Envelope, now: datetime) -> tuple[Outcome, str]:
         """The outcome for ``command`` and the name of the rule that decided it."""
-        for rule in self.rules:
+        rules = self._memo().rules.get(command.type)
+        if rules is None:  # only the rules that can match this type (few; the type set is bounded)
+            rules = self._memo().rules[command.type] = tuple(
+                rule for rule in self.rules
+                if rule.match.command_types is None or command.type in rule.match.command_types)
+        for rule in rules:
             if rule.match.holds(command, now):
                 return rule.decision, rule.name
         return self.default, DEFAULT_RULE
+
+    def _memo(self) -> _Memo:
+        """This policy's memoised answers (it is immutable, so they hold as long as it does).
+
+        Kept in the instance's ``__dict__`` beside the fields, which pydantic's equality and
+        serialisation ignore; a copy (``model_copy``) brings its source's memo along, so the
+        memo names the policy it belongs to and a copy starts its own.
+        """
+        memo = self.__dict__.get("_keel_memo")
+        if memo is None or memo.policy is not self:
+            memo = self.__dict__["_keel_memo"] = _Memo(self)
+        return cast(_Memo, memo)
+
+
+_MEMO_SIZE = 10_000
+
+
+class _Memo:
+    """What a policy answered before: the permitting role per (actor, command type), the
+    rules that can match per command type."""
+
+    __slots__ = ("policy", "roles", "rules")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.roles: dict[tuple[ActorKind, str, str], str | None] = {}
+        self.rules: dict[str, tuple[Rule, ...]] = {}
 
 
 def parse_policy(document: str) -> Policy:
