@@ -89,9 +89,9 @@ class Envelope(Frozen):
     @classmethod
     def _resolve_payload(cls, data: Any) -> Any:
         """Turn a raw payload mapping into the payload class its ``type`` names."""
-        from keel.domain.messages import payload_class  # registry imports this module
+        if isinstance(data, dict) and isinstance(data.get("payload"), dict):  # decoders pass a model already
+            from keel.domain.messages import payload_class  # registry imports this module
 
-        if isinstance(data, dict) and isinstance(data.get("payload"), dict):
             data = {**data, "payload": payload_class(str(data.get("type")))(**data["payload"])}
         return data
 
