@@ -283,7 +283,7 @@ def _tokens(text: bytes) -> Iterator[tuple[bytes, int, int]]:
 
 
 def _setting_name(name: str) -> str:
-    if not _SETTING_NAME.match(name):
+    if not _SETTING_NAME.fullmatch(name):
         raise _Failure(_BAD_ARGUMENTS, f"{name!r} is not a setting name")
     return name
 

@@ -12,6 +12,8 @@ does), the client talks to that owner over its local HTTP address instead.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import clickhouse_connect
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
@@ -51,12 +53,12 @@ def connect(settings: Settings, *, may_host: bool = True) -> Client:
     except ProgrammingError as exc:
         raise _engine_unavailable(dsn, exc) from exc
     except ClickHouseError as exc:
-        raise InfraError(f"cannot reach ClickHouse at {dsn}: {exc}", code="clickhouse_unavailable") from exc
+        raise InfraError(f"cannot reach ClickHouse at {shown_dsn(dsn)}: {exc}", code="clickhouse_unavailable") from exc
     try:
         client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
     except ClickHouseError as exc:
         client.close()
-        raise InfraError(f"cannot create database {database!r} at {dsn}: {exc}",
+        raise InfraError(f"cannot create database {database!r} at {shown_dsn(dsn)}: {exc}",
                          code="clickhouse_unavailable") from exc
     client.database = database
     if dsn.startswith("chdb:"):
@@ -73,4 +75,14 @@ def _engine_unavailable(dsn: str, exc: Exception) -> InfraError:
             f"KEEL_CLICKHOUSE_DSN at a ClickHouse server. Engine said: {exc}",
             code="chdb_path_in_use",
         )
-    return InfraError(f"cannot build a ClickHouse client for {dsn}: {exc}", code="clickhouse_unavailable")
+    return InfraError(f"cannot build a ClickHouse client for {shown_dsn(dsn)}: {exc}", code="clickhouse_unavailable")
+
+
+def shown_dsn(dsn: str) -> str:
+    """``dsn`` fit for an error message or a log: its password, if it has one, masked."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -74,7 +74,7 @@ def discover(root: Path = PROJECTIONS_DIR) -> list[Migration]:
         raise ConfigError(f"the projections folder {root} does not exist", code="projections_missing")
     found: dict[int, Migration] = {}
     for path in sorted(root.glob("*/*.sql")):
-        match = _FILE_NAME.match(path.name)
+        match = _FILE_NAME.fullmatch(path.name)
         if match is None:
             raise ConfigError(f"{path} is not named NNN_lower_snake.sql", code="bad_migration_name")
         number = int(match["number"])

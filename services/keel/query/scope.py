@@ -65,7 +65,7 @@ def all_tenants_scope(base: str) -> Scope:
 
 def tenant_scope(admin: Client, base: str, tenant: str) -> Scope:
     """``tenant``'s scope, creating its database and views if missing (``admin`` may write)."""
-    if not _TENANT.match(tenant):
+    if not _TENANT.fullmatch(tenant):
         raise QueryError(f"{tenant!r} is not a valid tenant id", code="invalid_tenant")
     database = scoped_database(base, tenant)
     present = _tables(admin, base)

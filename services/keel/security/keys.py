@@ -52,7 +52,7 @@ class KeyStore:
 
     def create_tenant(self, tenant_id: str) -> bool:
         """Register a tenant; False when it already exists."""
-        if not _TENANT.match(tenant_id):
+        if not _TENANT.fullmatch(tenant_id):
             raise ValidationError(f"tenant id {tenant_id!r} is not a valid identifier", field="tenant_id")
         with self.db.transaction() as cursor:
             return bool(cursor.execute("INSERT INTO keel_tenants (tenant_id, created_at) VALUES (?, ?) "
@@ -98,7 +98,7 @@ class KeyStore:
         if not token:
             raise AuthError("no API key: send `Authorization: Bearer <key>`", code="missing_key",
                             field="header.authorization")
-        match = _TOKEN.match(token)
+        match = _TOKEN.fullmatch(token)
         if match is None:
             raise AuthError("the API key is malformed", field="header.authorization")
         key_id, secret = match.groups()
