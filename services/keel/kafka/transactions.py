@@ -39,6 +39,29 @@ def commit(producer: Producer, progress: Progress) -> None:
                 raise
 
 
+def send_offsets(producer: Producer, consumer: Consumer, messages: list[Message], progress: Progress) -> None:
+    """Add the offsets after ``messages`` to the open transaction, retrying what librdkafka calls retriable.
+
+    A broker that dies while it coordinates the group or the transaction answers with a
+    transport failure until the cluster has moved the role elsewhere (seconds): retried
+    for up to ``TIMEOUT_S``, that costs the batch those seconds, where giving up cost the
+    worker a rebuild, a rebalance and a reload (about 30 s on a 3-broker cluster).
+    """
+    progress.enter("send_offsets_to_transaction")
+    offsets, group = next_offsets(messages), consumer.consumer_group_metadata()
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            producer.send_offsets_to_transaction(offsets, group, TIMEOUT_S)
+            return
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if not error.retriable() or error.txn_requires_abort() or time.monotonic() >= deadline:
+                raise
+            log.warning("retrying send_offsets_to_transaction: %s", error)
+            time.sleep(0.1)
+
+
 def abort_and_rewind(producer: Producer, consumer: Consumer, exc: KafkaException, role: str,
                      progress: Progress) -> None:
     """Abort the open transaction and seek back, or raise when only a new producer can go on.

@@ -258,9 +258,7 @@ class CommandProcessor:
         the transaction is under way and partitions register without a refusal.
         """
         self._producer.begin_transaction()
-        self.progress.enter("send_offsets_to_transaction")
-        self._producer.send_offsets_to_transaction(
-            transactions.next_offsets(messages), self._consumer.consumer_group_metadata(), transactions.TIMEOUT_S)
+        transactions.send_offsets(self._producer, self._consumer, messages, self.progress)
         self.progress.enter("deciding")
 
     def _produce(self, records: list[_Record]) -> None:

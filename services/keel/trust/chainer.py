@@ -193,10 +193,7 @@ class Chainer:
                 self._append(message, touched, now)
             self._checkpoint(touched, due_by_time, now)
             if messages:
-                self.progress.enter("send_offsets_to_transaction")
-                self._producer.send_offsets_to_transaction(
-                    transactions.next_offsets(messages), self._consumer.consumer_group_metadata(),
-                    transactions.TIMEOUT_S)
+                transactions.send_offsets(self._producer, self._consumer, messages, self.progress)
             committing = time.perf_counter()
             transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
