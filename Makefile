@@ -1,4 +1,5 @@
-# Keel's entry points. A fresh machine needs python3 (3.11+), Java 17+, Maven and make.
+# Keel's entry points. A fresh machine needs python3 (3.11+), Java 17+, Maven and make
+# (and Rust's cargo for the native Avro core; without it setup warns and Keel uses fastavro).
 #   make demo   set everything up, start the local broker, run the two-tenant demo
 #   make test   set everything up, start the local broker, run the whole test suite
 
@@ -13,10 +14,17 @@ setup: $(VENV)/.installed infra/kafka/libs/.fetched
 
 EXAMPLES := examples/support_desk examples/deploys
 
-$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES))
+NATIVE_AVRO := native/keel-avro
+CARGO ?= $(or $(shell command -v cargo),$(wildcard $(HOME)/.cargo/bin/cargo))
+
+$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES)) \
+		$(addprefix $(NATIVE_AVRO)/,pyproject.toml Cargo.toml Cargo.lock src/lib.rs keel_avro.pyi)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]' $(addprefix -e ,$(EXAMPLES))
+	@# The native Avro core (keel_avro) is optional: without cargo Keel encodes with fastavro.
+	$(if $(CARGO),PATH="$(dir $(CARGO)):$$PATH" $(VENV)/bin/pip install -q ./$(NATIVE_AVRO),\
+		@echo "warning: cargo not found: keel_avro not built; Keel uses fastavro for Avro (slower)")
 	touch $@
 
 infra/kafka/libs/.fetched: infra/kafka/pom.xml

@@ -6,13 +6,25 @@ takes the path ``keel schemas check`` proves: resolved to the first version an u
 starts at, upcast to the next version, and so on up to the newest. Bytes that are not a
 Keel message raise typed ``DecodeError``s, which the processor routes to the DLQ with the
 reason.
+
+The Avro core: ``keel_avro`` (``native/keel-avro``, built by ``make setup`` when cargo is
+there) encodes and decodes records of their type's current schema, the processor's usual
+case, byte for byte and value for value as fastavro does, several times faster
+(``benchmarks/README.md``). Resolution between schema versions, upcasting, schemas the
+native plan does not compile and values it does not write (it defers them to fastavro, which
+writes or rejects them as ever) take fastavro. ``KEEL_AVRO=python`` forces fastavro;
+``KEEL_AVRO=native`` fails at import when the native core is not installed. ``AVRO_CORE``
+says which one runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
-from collections.abc import Mapping
-from typing import Any, cast
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal, Protocol, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
@@ -21,10 +33,71 @@ from keel.domain.envelope import Envelope
 from keel.domain.parsing import parse_envelope
 from keel.errors import DecodeError
 
-__all__ = ["EnvelopeCodec", "parse_envelope", "MAGIC"]
+__all__ = ["EnvelopeCodec", "parse_envelope", "MAGIC", "AVRO_CORE"]
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
+
+log = logging.getLogger(__name__)
+
+
+class NativePlan(Protocol):
+    """``keel_avro.Plan``: one message schema compiled, its single-object header included."""
+
+    def encode(self, record: Mapping[str, Any]) -> bytes | None:
+        """Header and body, or None for a value fastavro must write (or reject)."""
+
+    def decode(self, data: bytes, offset: int) -> dict[str, Any]:
+        """The record from byte ``offset`` on; raises ``keel_avro.CorruptData`` (a ValueError)."""
+
+
+class NativeCore(Protocol):
+    """What the codec uses of the ``keel_avro`` module (typed here: it may not be installed)."""
+
+    Plan: Callable[[dict[str, Any], bytes], NativePlan]
+    """Compiles a parsed schema with its header; raises ``UnsupportedSchema`` for a feature it lacks."""
+    UnsupportedSchema: type[ValueError]
+
+
+def _native_core() -> NativeCore | None:
+    """The native core unless ``KEEL_AVRO=python``; None when it is not installed (and not required)."""
+    choice = os.environ.get("KEEL_AVRO", "")
+    if choice not in ("", "native", "python"):
+        raise ValueError(f"KEEL_AVRO must be 'native' or 'python', not {choice!r}")
+    if choice == "python":
+        return None
+    try:
+        return cast(NativeCore, importlib.import_module("keel_avro"))
+    except ImportError:
+        if choice == "native":
+            raise
+        return None
+
+
+_NATIVE: Final = _native_core()
+AVRO_CORE: Final[Literal["native", "python"]] = "python" if _NATIVE is None else "native"
+"""Which Avro core encodes and decodes current-schema messages: ``native`` (keel_avro) or ``python`` (fastavro)."""
+log.debug("Avro core: %s", AVRO_CORE)
+
+_plans: dict[int, tuple[MessageSchema, NativePlan | None]] = {}
+"""Plans by ``id`` of their schema (a ``MessageSchema`` holds a dict, so it is unhashable);
+each entry keeps its schema alive, so the id cannot be reused. Shared by every codec: a codec
+built per request (the gateway's explain route) compiles nothing."""
+
+
+def native_plan(schema: MessageSchema) -> NativePlan | None:
+    """The native plan of ``schema`` (compiled once per schema object), or None when fastavro handles it."""
+    entry = _plans.get(id(schema))
+    if entry is not None and entry[0] is schema:
+        return entry[1]
+    plan = None
+    if _NATIVE is not None:
+        try:
+            plan = _NATIVE.Plan(schema.parsed, MAGIC + schema.fingerprint)
+        except _NATIVE.UnsupportedSchema as exc:
+            log.debug("%s v%d takes fastavro: %s", schema.message_type, schema.payload_version, exc)
+    _plans[id(schema)] = (schema, plan)
+    return plan
 
 
 class EnvelopeCodec:
@@ -32,13 +105,19 @@ class EnvelopeCodec:
 
     def __init__(self, catalog: Catalog | None = None) -> None:
         self.catalog = catalog or load_catalog()
+        self._current: dict[bytes, tuple[MessageSchema, NativePlan]] = {}
+        """Native plans of current schemas by fingerprint: ``read``'s usual case in one look-up."""
 
     def encode(self, envelope: Envelope) -> bytes:
         """The single-object encoding of ``envelope`` with its type's declared schema version."""
         schema = self.catalog.version(envelope.type, envelope.schema_version)
+        record = to_record(envelope)
+        plan = native_plan(schema)
+        if plan is not None and (data := plan.encode(record)) is not None:
+            return data
         buffer = io.BytesIO()
         buffer.write(MAGIC + schema.fingerprint)
-        schemaless_writer(buffer, schema.parsed, to_record(envelope))
+        schemaless_writer(buffer, schema.parsed, record)
         return buffer.getvalue()
 
     def decode(self, data: bytes) -> Envelope:
@@ -49,7 +128,11 @@ class EnvelopeCodec:
         """The raw (unvalidated) record in ``data``, resolved to its type's current schema."""
         if len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object message (bad magic or too short)")
-        writer = self.catalog.writer(bytes(data[2:HEADER_SIZE]))
+        fingerprint = bytes(data[2:HEADER_SIZE])
+        current = self._current.get(fingerprint)
+        if current is not None and type(data) is bytes:
+            return _read_native(data, *current)
+        writer = self.catalog.writer(fingerprint)
         reader = self.catalog.latest(writer.message_type)
         # Written with the current schema (the usual case): nothing to resolve.
         resolve = None
@@ -58,6 +141,9 @@ class EnvelopeCodec:
             if upcasters and any(writer.payload_version <= v < reader.payload_version for v in upcasters):
                 return self._upcast(data, writer, reader, upcasters)
             resolve = reader.parsed
+        elif type(data) is bytes and (plan := native_plan(writer)) is not None:
+            self._current[fingerprint] = (writer, plan)
+            return _read_native(data, writer, plan)
         try:
             record = cast(dict[str, Any], schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, resolve))
         except Exception as exc:  # fastavro raises many kinds on corrupt input
@@ -96,6 +182,16 @@ class EnvelopeCodec:
                 raise DecodeError(f"the upcaster of {message_type} v{stop} failed: {type(exc).__name__}: {exc}",
                                   code="upcast_failed") from exc
             schema = self.catalog.version(message_type, stop + 1)
+
+
+def _read_native(data: bytes, schema: MessageSchema, plan: NativePlan) -> dict[str, Any]:
+    """The record in ``data``, written with ``schema`` (its type's current one), read by ``plan``."""
+    try:
+        record = plan.decode(data, HEADER_SIZE)
+    except ValueError as exc:  # keel_avro.CorruptData
+        raise DecodeError(f"corrupt {schema.message_type} body: {exc}") from exc
+    record["schema_version"] = schema.payload_version
+    return record
 
 
 def _encode(record: dict[str, Any], schema: MessageSchema, message_type: str) -> bytes:
