@@ -87,6 +87,9 @@ def gateway(settings: Settings, trust_settings: TrustSettings, tmp_path: Path,
     """A gateway that seals personal fields, and keys for the agent, a plain reader and a personal-data reader."""
     monkeypatch.setenv("KEEL_MASTER_KEY_FILE", str(trust_settings.master_key_file))
     monkeypatch.setenv("KEEL_KEYSTORE_DSN", str(trust_settings.keystore_dsn))
+    # Erasures below go through another key store, as `keel subjects erase` would: the gateway sees
+    # them at once only without its data-key cache (else within KEEL_DATA_KEY_CACHE_S: test_key_cache).
+    monkeypatch.setenv("KEEL_DATA_KEY_CACHE_S", "0")
     dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
     db = open_database(dsn)
     store, keys = OutboxStore(db), ApiKeys(db)

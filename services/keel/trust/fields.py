@@ -6,7 +6,8 @@ field, and the tenant, subject, envelope id and field name as associated data, s
 ciphertext moved to another event, field, subject or tenant fails to open. A sealed value
 is the self-describing string ``keel-enc:v1:<key-id>:<base64url(nonce || ciphertext)>``.
 Opening a value whose key was erased gives ``ERASED`` (``⟨erased⟩``), never a silent null.
-Nothing decrypted is cached: plaintext exists only in the envelope ``open`` returns.
+Nothing decrypted is cached: plaintext exists only in the envelope ``open`` returns. Data
+keys are cached, briefly, by the key store (``KeyCache``), with their AES-GCM objects.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import base64
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keel.contracts.catalog import Catalog, load_catalog
 from keel.domain.envelope import Envelope
@@ -59,6 +60,23 @@ class FieldCipher:
             self._personal[message_type] = personal_fields(message_type, self.catalog)
         return self._personal[message_type]
 
+    def prepare(self, envelopes: Iterable[Envelope]) -> None:
+        """Fetch, or create, the keys ``seal`` will need for ``envelopes``, a few statements per tenant for all.
+
+        Sealing a batch whose subjects are new would otherwise create their keys one
+        statement (and one durable commit) at a time. The keys land in the key store's cache,
+        where ``seal`` finds them; without a cache this only creates the missing ones.
+        """
+        subjects: defaultdict[str, set[str]] = defaultdict(set)
+        for envelope in envelopes:
+            names = self.personal(envelope.type)
+            if names and envelope.on_behalf_of and any(
+                    isinstance(value := getattr(envelope.payload, n, None), str) and not is_sealed(value)
+                    for n in names):
+                subjects[envelope.tenant_id].add(envelope.on_behalf_of)
+        for tenant, among in subjects.items():
+            self.keys.keys_for(tenant, among)
+
     def seal(self, envelope: Envelope) -> Envelope:
         """``envelope`` with every plaintext personal field sealed under its subject's key."""
         return self._rewrite(envelope, self.seal_payload)
@@ -91,7 +109,7 @@ class FieldCipher:
             raise TrustError(f"{message_type} carries personal data but names no data subject (on_behalf_of)",
                              code="personal_data_without_subject", field="on_behalf_of")
         key = self.keys.key_for(tenant, subject)
-        cipher = AESGCM(key.key)
+        cipher = key.aead
         for name in names:
             nonce = os.urandom(12)
             ct = cipher.encrypt(nonce, out[name].encode(), field_aad(tenant, subject, envelope_id, name))
@@ -120,7 +138,7 @@ class FieldCipher:
         if len(data) < 12 + 16:
             raise CorruptCiphertext(f"payload.{name} ciphertext is truncated", field=f"payload.{name}")
         try:
-            return AESGCM(key.key).decrypt(data[:12], data[12:], field_aad(tenant, subject, envelope_id, name)).decode()
+            return key.aead.decrypt(data[:12], data[12:], field_aad(tenant, subject, envelope_id, name)).decode()
         except InvalidTag:
             raise CorruptCiphertext(
                 f"payload.{name} does not authenticate under key {key_id!r} for this tenant, subject, "

@@ -13,6 +13,12 @@ Rotating the root: with the old root as ``KEEL_MASTER_KEY_PREVIOUS_FILE``, keys 
 still unwrap (AES-GCM's tag tells which root fits), new keys are wrapped by the new one,
 and ``rotate`` re-wraps the old ones in place, each with a compare-and-set so a
 concurrent erasure wins. The data keys, and so every ciphertext, stay as they are.
+
+Every store keeps recently used data keys in a ``KeyCache`` (bounded in count and age;
+never plaintext), so sealing and opening do not query the store and unwrap per field.
+An erasure through this store drops the subject's keys from its cache at once; another
+process's cache may use them until they expire (``KEEL_DATA_KEY_CACHE_S``, default 5 s;
+see ``keycache``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -38,6 +44,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from keel.config import Settings
 from keel.errors import ConfigError
 from keel.trust.errors import KeyUnwrapFailed, UnknownKey, WrongTenantKey
+from keel.trust.keycache import KeyCache
 from keel.trust.settings import TrustSettings
 
 _LEN = struct.Struct(">I")
@@ -56,6 +63,11 @@ class DataKey:
     tenant: str
     subject: str
     key: bytes
+
+    @cached_property
+    def aead(self) -> AESGCM:
+        """The AES-GCM cipher of this key, built once per key rather than once per field."""
+        return AESGCM(self.key)
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,10 @@ def _tenant_master(root: bytes, tenant: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=b"keel.tenant-master.v1\x00" + tenant.encode()).derive(root)
 
 
+def _foreign(key_id: str, tenant: str) -> WrongTenantKey:
+    return WrongTenantKey(f"data key {key_id!r} belongs to another tenant, not {tenant!r}", field="key_id")
+
+
 @dataclass(frozen=True)
 class RotationReport:
     """What ``KeyStore.rotate`` did: keys re-wrapped, keys already under the current root,
@@ -126,9 +142,10 @@ class RotationReport:
 class KeyStore(ABC):
     """Data keys by subject; adapters store ``KeyRow``s, this class does the cryptography."""
 
-    def __init__(self, master: MasterKey, previous: MasterKey | None = None) -> None:
+    def __init__(self, master: MasterKey, previous: MasterKey | None = None, cache: KeyCache | None = None) -> None:
         self.master = master
         self.previous = previous  # the root being rotated away from: still unwraps
+        self.cache = cache if cache is not None else KeyCache()
 
     # -- what adapters implement ----------------------------------------------------------
 
@@ -136,8 +153,16 @@ class KeyStore(ABC):
     def _active(self, tenant: str, subject: str) -> KeyRow | None: ...
 
     @abstractmethod
+    def _active_among(self, tenant: str, subjects: list[str]) -> list[KeyRow]:
+        """The active rows of those of ``subjects`` (at most ``_IDS_PER_QUERY``) that have one."""
+
+    @abstractmethod
     def _insert(self, row: KeyRow) -> KeyRow:
         """Store ``row`` unless the subject already has an active key; return the active one."""
+
+    @abstractmethod
+    def _insert_new(self, rows: list[KeyRow]) -> list[str]:
+        """Store those of ``rows`` (at most ``_IDS_PER_QUERY // 4``) whose subject has no active key; their ids."""
 
     @abstractmethod
     def _row(self, key_id: str) -> KeyRow | None: ...
@@ -165,24 +190,71 @@ class KeyStore(ABC):
 
     def key_for(self, tenant: str, subject: str) -> DataKey:
         """The subject's active data key, created on first use."""
+        cached = self.cache.active(tenant, subject)
+        if cached is not None:
+            return cached
+        epoch = self.cache.epoch
         row = self._active(tenant, subject)
         if row is None:
-            key = DataKey(uuid.uuid4().hex, tenant, subject, AESGCM.generate_key(bit_length=256))
-            row = self._insert(KeyRow(key.key_id, tenant, subject, self._wrap(key)))
-        return self._unwrap(row)
+            created = self._new_key(tenant, subject)
+            row = self._insert(KeyRow(created.key_id, tenant, subject, self._wrap(created)))
+            key = created if row.key_id == created.key_id else self._unwrap(row)  # another writer won the race
+        else:
+            key = self._unwrap(row)
+        self.cache.put(key, epoch)
+        return key
+
+    def keys_for(self, tenant: str, subjects: Collection[str]) -> dict[str, DataKey]:
+        """The active data key of each of ``subjects``, the missing ones created, in a few statements for all.
+
+        What ``key_for`` does one subject at a time, for a batch: one query per
+        ``_IDS_PER_QUERY`` subjects the cache does not hold, one insert per
+        ``_IDS_PER_QUERY // 4`` subjects without a key. The keys are cached too.
+        """
+        cached = {subject: key for subject in subjects if (key := self.cache.active(tenant, subject)) is not None}
+        epoch = self.cache.epoch
+        read: dict[str, DataKey] = {}  # from the store now: cached from now (a cached key keeps its expiry)
+        unknown = sorted(set(subjects) - cached.keys())
+        for start in range(0, len(unknown), _IDS_PER_QUERY):
+            read.update((row.subject, self._unwrap(row))
+                        for row in self._active_among(tenant, unknown[start:start + _IDS_PER_QUERY]))
+        new = [self._new_key(tenant, subject) for subject in unknown if subject not in read]
+        per_insert = _IDS_PER_QUERY // 4  # four parameters per row
+        for start in range(0, len(new), per_insert):
+            chunk = new[start:start + per_insert]
+            inserted = set(self._insert_new([KeyRow(k.key_id, tenant, k.subject, self._wrap(k)) for k in chunk]))
+            read.update((k.subject, k) for k in chunk if k.key_id in inserted)
+            raced = [k.subject for k in chunk if k.key_id not in inserted]  # another writer created theirs first
+            if raced:
+                read.update((row.subject, self._unwrap(row)) for row in self._active_among(tenant, raced))
+        for key in read.values():
+            self.cache.put(key, epoch)
+        return {**cached, **read}
 
     def lookup(self, tenant: str, key_id: str) -> DataKey | None:
         """The key ``key_id`` of ``tenant``; ``None`` if it was erased; typed errors otherwise."""
-        row = self._row(key_id)
-        if row is None:
-            raise UnknownKey(f"no data key {key_id!r} in the key store", field="key_id")
-        if row.tenant != tenant:
-            raise WrongTenantKey(f"data key {key_id!r} belongs to another tenant, not {tenant!r}", field="key_id")
-        return None if row.wrapped is None else self._unwrap(row)
+        key = self.cache.by_id(key_id)
+        if key is None:
+            epoch = self.cache.epoch
+            row = self._row(key_id)
+            if row is None:
+                raise UnknownKey(f"no data key {key_id!r} in the key store", field="key_id")
+            if row.tenant != tenant:
+                raise _foreign(key_id, tenant)
+            if row.wrapped is None:
+                return None
+            key = self._unwrap(row)
+            self.cache.put(key, epoch)
+        elif key.tenant != tenant:
+            raise _foreign(key_id, tenant)
+        return key
 
     def erase(self, tenant: str, subject: str, erased_by: str) -> list[str]:
-        """Crypto-shred every key of ``subject``; returns the erased key ids."""
-        return self._erase(tenant, subject, erased_by, datetime.now(UTC))
+        """Crypto-shred every key of ``subject``; returns the erased key ids (this store's cache drops them at once)."""
+        try:
+            return self._erase(tenant, subject, erased_by, datetime.now(UTC))
+        finally:
+            self.cache.forget(tenant, subject)
 
     def erased(self, key_ids: Collection[str]) -> frozenset[str]:
         """Which of ``key_ids`` were erased, from their tombstones: no key is unwrapped."""
@@ -212,6 +284,10 @@ class KeyStore(ABC):
                     rewrapped += 1
             after = rows[-1].key_id
         return RotationReport(rewrapped, current, tuple(unreadable))
+
+    @staticmethod
+    def _new_key(tenant: str, subject: str) -> DataKey:
+        return DataKey(uuid.uuid4().hex, tenant, subject, AESGCM.generate_key(bit_length=256))
 
     def _wrap(self, key: DataKey) -> bytes:
         nonce = os.urandom(12)
@@ -269,6 +345,19 @@ class SqlKeyStore(KeyStore):
                           "WHERE tenant = ? AND subject = ? AND wrapped IS NOT NULL", (tenant, subject))
         return None if not rows else KeyRow(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3]))
 
+    def _active_among(self, tenant: str, subjects: list[str]) -> list[KeyRow]:
+        marks = ", ".join("?" * len(subjects))
+        rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
+                          f"WHERE tenant = ? AND wrapped IS NOT NULL AND subject IN ({marks})", (tenant, *subjects))
+        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
+
+    def _insert_new(self, rows: list[KeyRow]) -> list[str]:
+        values = ", ".join(["(?, ?, ?, ?)"] * len(rows))
+        return [r[0] for r in self._rows(
+            f"INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES {values} "
+            "ON CONFLICT DO NOTHING RETURNING key_id",
+            tuple(p for row in rows for p in (row.key_id, row.tenant, row.subject, row.wrapped)))]
+
     def _insert(self, row: KeyRow) -> KeyRow:
         self._rows("INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT DO NOTHING", (row.key_id, row.tenant, row.subject, row.wrapped))
@@ -308,16 +397,17 @@ class SqlKeyStore(KeyStore):
 
 
 def open_keystore(settings: Settings, trust: TrustSettings) -> KeyStore:
-    """The key store named by ``KEEL_KEYSTORE_DSN`` (default: SQLite under ``data_dir``)."""
+    """The key store named by ``KEEL_KEYSTORE_DSN`` (default: SQLite under ``data_dir``), its cache as configured."""
     master, previous = MasterKey.from_settings(trust), MasterKey.previous_from_settings(trust)
+    cache = KeyCache(trust.data_key_cache_keys, trust.data_key_cache_s)
     dsn = trust.keystore_dsn or f"sqlite:///{(settings.data_dir / 'keys.db').resolve()}"
     if dsn.startswith("sqlite:///"):
         from keel.trust.keystore_sqlite import SqliteKeyStore
 
-        return SqliteKeyStore(dsn.removeprefix("sqlite:///"), master, previous)
+        return SqliteKeyStore(dsn.removeprefix("sqlite:///"), master, previous, cache)
     if dsn.startswith(("postgresql://", "postgres://")):
         from keel.trust.keystore_postgres import PostgresKeyStore
 
-        return PostgresKeyStore(dsn, master, previous)
+        return PostgresKeyStore(dsn, master, previous, cache)
     raise ConfigError(f"KEEL_KEYSTORE_DSN must be sqlite:///path or postgresql://..., not {dsn!r}",
                       code="keystore_dsn_invalid")

@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+from keel.trust.keycache import KeyCache
 from keel.trust.keystore import MasterKey, SqlKeyStore
 
 SCHEMA = """
@@ -26,8 +27,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS keel_data_keys_active
 class PostgresKeyStore(SqlKeyStore):
     """Data keys in PostgreSQL (autocommit: every statement is its own transaction)."""
 
-    def __init__(self, dsn: str, master: MasterKey, previous: MasterKey | None = None) -> None:
-        super().__init__(master, previous)
+    def __init__(self, dsn: str, master: MasterKey, previous: MasterKey | None = None,
+                 cache: KeyCache | None = None) -> None:
+        super().__init__(master, previous, cache)
         self._db = psycopg.connect(dsn, autocommit=True)
         self._db.execute(SCHEMA)
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from keel.trust.keycache import KeyCache
 from keel.trust.keystore import MasterKey, SqlKeyStore
 
 SCHEMA = """
@@ -25,10 +26,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS keel_data_keys_active
 
 
 class SqliteKeyStore(SqlKeyStore):
-    """Data keys in a SQLite file (WAL; erasure vacuums so no freed page keeps key bytes)."""
+    """Data keys in a SQLite file; ``secure_delete`` overwrites an erased key's bytes on disk."""
 
-    def __init__(self, path: str | Path, master: MasterKey, previous: MasterKey | None = None) -> None:
-        super().__init__(master, previous)
+    def __init__(self, path: str | Path, master: MasterKey, previous: MasterKey | None = None,
+                 cache: KeyCache | None = None) -> None:
+        super().__init__(master, previous, cache)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA secure_delete = ON")  # overwrite deleted key bytes on disk
         self._db.executescript(SCHEMA)
@@ -41,7 +43,8 @@ class SqliteKeyStore(SqlKeyStore):
 
     def _erase(self, tenant: str, subject: str, erased_by: str, when: datetime) -> list[str]:
         ids = super()._erase(tenant, subject, erased_by, when)
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no copy of the key bytes left in the WAL
+        # A file someone switched to WAL mode keeps copies of pages in its WAL: clear them too (else a no-op).
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return ids
 
     def close(self) -> None:

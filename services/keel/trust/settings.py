@@ -10,6 +10,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DATA_KEY_CACHE_S = 5.0  # short: the longest another process's erasure can take to reach this one
+DATA_KEY_CACHE_KEYS = 10_000
+
 
 class TrustSettings(BaseSettings):
     """Where the signing key, trusted public keys, master key and key store live; checkpoint cadence."""
@@ -31,3 +34,7 @@ class TrustSettings(BaseSettings):
         "until `keel subjects rotate-master` re-wraps them under KEEL_MASTER_KEY_FILE.")
     keystore_dsn: str | None = Field(
         default=None, description="sqlite:///path (default under data_dir) or postgresql://... for data keys.")
+    data_key_cache_s: float = Field(
+        default=DATA_KEY_CACHE_S, ge=0, description="How long a process keeps a data key it read, to seal and open without a "
+        "key-store query; an erasure by another process takes effect here at most this much later. 0: no cache.")
+    data_key_cache_keys: int = Field(default=DATA_KEY_CACHE_KEYS, ge=1, description="Data keys a process keeps at most.")
