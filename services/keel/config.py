@@ -1,17 +1,24 @@
 """The one typed settings object, read from ``KEEL_*`` environment variables.
 
 Nothing here connects to anything: adapters are built from these values in
-``keel.bootstrap``. ``keel config`` prints the effective settings.
+``keel.bootstrap``. ``keel config`` prints the effective settings. The one file read is the
+layout of a local cluster (``LOCAL_CLUSTER_FILE``), whose addresses and replication become
+the defaults.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, computed_field
+from pydantic import Field, SecretStr, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_CLUSTER_FILE = Path("kafka") / "cluster.json"
+"""Under the data dir: the layout of the cluster ``keel up --brokers N`` started there (absent for
+the single broker). Settings read its bootstrap addresses and replication from it."""
 
 
 class Settings(BaseSettings):
@@ -27,7 +34,8 @@ class Settings(BaseSettings):
     kafka_port: int = Field(default=19092, description="Client port of the local broker.")
     kafka_controller_port: int = Field(default=19093, description="KRaft controller port.")
     kafka_bootstrap: str | None = Field(
-        default=None, description="Bootstrap servers; defaults to the local broker."
+        default=None, description="Bootstrap servers; defaults to the local broker (every node of a local "
+        "cluster that `keel up --brokers N` started in the data dir)."
     )
     kafka_home: Path = Field(
         default=PROJECT_ROOT / "infra" / "kafka",
@@ -36,8 +44,12 @@ class Settings(BaseSettings):
     kafka_start_timeout_s: float = Field(default=60.0, description="Bound on waiting for the broker.")
     topic_prefix: str = Field(default="keel", description="Prefix of every Keel topic.")
     topic_partitions: int = Field(default=6, ge=1, description="Partitions per tenant-keyed topic.")
-    replication_factor: int = Field(default=1, ge=1, description="Replication factor of Keel topics.")
-    min_insync_replicas: int = Field(default=1, ge=1, description="min.insync.replicas of Keel topics.")
+    replication_factor: int = Field(
+        default=1, ge=1, description="Replication factor of Keel topics; defaults to min(3, N) under a local "
+        "cluster of N brokers (`keel up --brokers N`). Set it (with the next) for any other cluster.")
+    min_insync_replicas: int = Field(
+        default=1, ge=1, description="min.insync.replicas of Keel topics; defaults to the replication factor "
+        "minus one (at least 1) under a local cluster.")
     kafka_sasl_username: str | None = Field(default=None, description="SASL/SCRAM user (secure brokers).")
     kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL/SCRAM password.")
     kafka_sasl_mechanism: str = Field(default="SCRAM-SHA-512", description="SASL mechanism.")
@@ -73,9 +85,20 @@ class Settings(BaseSettings):
     )
     processor_dedupe_window_s: float = Field(
         default=30 * 24 * 3600, ge=0,
-        description="How long a worker remembers a decided command id (about 100 bytes each), so a re-sent "
+        description="How long a worker remembers a decided command id (about 25 bytes each), so a re-sent "
         "command is acknowledged as a duplicate; keep it longer than KEEL_OUTBOX_RETENTION_S. Commands "
         "created before the window are dead-lettered. 0 remembers every id (memory grows for ever).",
+    )
+    processor_snapshot_events: int = Field(
+        default=50_000, ge=0,
+        description="Events of a partition after which a worker checkpoints its state (the aggregates changed "
+        "and the ids decided since the previous checkpoint) to the snapshots topic, in a batch's transaction: "
+        "a start-up loads the checkpoint and folds at most about this many events. 0 writes no snapshots "
+        "(every start-up folds whole partitions).",
+    )
+    processor_snapshot_interval_s: float = Field(
+        default=300.0, gt=0,
+        description="Longest time between two checkpoints of a partition that changed, however few its events.",
     )
 
     effects_instance: str = Field(default="0", description="Effect worker instance id (its heartbeat's name).")
@@ -127,6 +150,22 @@ class Settings(BaseSettings):
     metrics_lag_interval_ms: int = Field(
         default=5000, ge=0,
         description="How often librdkafka reports consumer lag to the metrics (statistics.interval.ms); 0: never.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _follow_local_cluster(cls, data: Any) -> Any:
+        """Default the bootstrap and replication to those of the local cluster in the data dir, if one is
+        recorded there, so every process of a `keel up --brokers N` installation uses all its nodes and
+        replicates as it can without extra variables; values set explicitly still win."""
+        if not isinstance(data, dict):
+            return data
+        layout = Path(data.get("data_dir") or cls.model_fields["data_dir"].default) / LOCAL_CLUSTER_FILE
+        try:
+            cluster = json.loads(layout.read_text())
+            defaults = {key: cluster[key] for key in ("kafka_bootstrap", "replication_factor", "min_insync_replicas")}
+        except (OSError, ValueError, KeyError, TypeError):
+            return data
+        return {**defaults, **data}
 
     @computed_field  # type: ignore[prop-decorator]
     @property

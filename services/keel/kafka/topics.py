@@ -8,7 +8,7 @@ processor that owns a commands partition owns that aggregate's events too.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from confluent_kafka import KafkaException
@@ -40,6 +40,7 @@ class Topic(StrEnum):
     CONTROLS = "controls"
     DLQ = "dlq"
     EFFECTS = "effects"
+    SNAPSHOTS = "snapshots"
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
              "What effect workers are doing (running, waiting and why), keyed tenant/effect; outcomes are events."),
         spec(Topic.CONTROLS, FOREVER, "Current guardrail switches per tenant; the latest value per key wins.",
              cleanup="compact"),
+        # Partitioned like the events (partition p checkpoints events partition p). Small segments:
+        # the log cleaner never compacts the active one, and a load reads what is not compacted.
+        replace(spec(Topic.SNAPSHOTS, FOREVER, "Processor checkpoints of aggregate state and decided ids, "
+                     "per events partition; the latest value per key wins.", cleanup="compact"),
+                extra={"segment.bytes": str(64 * 1024 * 1024)}),
     ]
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -51,6 +50,8 @@ from keel.observability.batches import DecisionTally, LoopMetrics
 from keel.observability.lag import lag_config
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
+from keel.processor.snapshot_format import SnapshotFormat
+from keel.processor.snapshots import Checkpoints
 from keel.processor.spans import BatchSpans
 from keel.processor.state import BatchView, PartitionState
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
@@ -113,8 +114,11 @@ class CommandProcessor:
         if settings.processor_static_membership:
             membership["group.instance.id"] = f"{self.group_id}.{instance}"
         self._consumer = Consumer(consumer_config(settings, self.group_id, **membership))
-        self._producer = Producer(transactional_producer_config(
-            settings, f"{settings.topic_prefix}.processor.{instance}"))
+        self._checkpoints = Checkpoints(
+            SnapshotFormat(current(), codec), topic_name(settings, Topic.SNAPSHOTS), self.events_topic,
+            every_events=settings.processor_snapshot_events, interval_s=settings.processor_snapshot_interval_s)
+        self._producer = Producer({**transactional_producer_config(
+            settings, f"{settings.topic_prefix}.processor.{instance}"), "on_delivery": self._checkpoints.delivered})
         self._controls = ControlsFollower(settings, self.governance.controls)
         self._idle = IdleCheck(self._consumer, AdminClient(admin_config(settings)), self.group_id)
         try:
@@ -134,13 +138,15 @@ class CommandProcessor:
 
     def _check_partitioning(self) -> None:
         config = consumer_config(self.settings, self.group_id)
-        counts = {t: len(topic_partitions(self._consumer, config, t, 30))
-                  for t in (self.commands_topic, self.events_topic, self.dlq_topic)}
-        if not counts[self.commands_topic] or not counts[self.events_topic] or not counts[self.dlq_topic]:
+        checked = (self.commands_topic, self.events_topic, self.dlq_topic,
+                   *((self._checkpoints.topic,) if self._checkpoints.enabled else ()))
+        counts = {t: len(topic_partitions(self._consumer, config, t, 30)) for t in checked}
+        if not all(counts.values()):
             raise InfraError(f"missing topics: {counts}; run `keel topics apply`", code="topics_missing")
-        if counts[self.commands_topic] != counts[self.events_topic]:
+        if len({counts[t] for t in checked if t != self.dlq_topic}) > 1:
             raise InfraError(
-                f"{self.commands_topic} and {self.events_topic} must have equal partition counts: {counts}",
+                f"{self.commands_topic}, {self.events_topic} and the snapshots must have equal partition counts: "
+                f"{counts}",
                 code="topic_partitions_mismatch",
             )
 
@@ -161,23 +167,28 @@ class CommandProcessor:
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
 
     def _load_partitions(self, partitions: list[int]) -> dict[int, PartitionState]:
-        """Fold the committed events of ``partitions`` into fresh state, all in one pass."""
-        window_s = self.settings.processor_dedupe_window_s
-        states = {p: PartitionState.keeping_ids_for(window_s) for p in partitions}
+        """Each partition's latest snapshot, then its committed events after it, all in one pass.
+
+        A partition without a readable snapshot is folded from its first event.
+        """
         if not partitions:
-            return states
+            return {}
         loader = Consumer(loader_config(self.settings, f"{self.group_id}.loader"))
         try:
-            loader.assign([TopicPartition(self.events_topic, p, OFFSET_BEGINNING) for p in partitions])
+            loaded = self._checkpoints.load(loader, partitions, self.settings.processor_dedupe_window_s,
+                                            time.time(), lambda: self.progress.enter("loading snapshots"))
+            states = {p: state for p, (state, _) in loaded.items()}
+            loader.assign([TopicPartition(self.events_topic, p, start) for p, (_, start) in loaded.items()])
             pending = set(partitions)
             while pending:
                 self.progress.enter("loading partitions")  # a step per chunk: a stalled load is seen
                 for message in loader.consume(10_000, timeout=0.1):
                     error, partition = message.error(), message.partition()
+                    assert partition is not None  # a record and an end of partition have a position
                     if error is None:
-                        assert partition is not None  # a record always has a position
                         states[partition].apply([self.codec.decode(message.value() or b"")])
                     elif error.code() == KafkaError._PARTITION_EOF:
+                        self._checkpoints.folded(partition, states[partition], message.offset() or 0)
                         pending.discard(partition)
                     else:
                         raise KafkaException(error)
@@ -226,6 +237,7 @@ class CommandProcessor:
                 self._open(messages)
             produced += len(records)
             self._produce(records)
+            produced += self._checkpoints.add_to(self._producer, self.partitions, now.timestamp())
             committing = time.perf_counter()
             transactions.commit(self._producer, self.progress)
         except KafkaException as exc:
@@ -241,6 +253,7 @@ class CommandProcessor:
         self.metrics.transaction(len(messages), produced, done - started, done - committing)
         tally.flush()
         self.progress.committed()
+        self._checkpoints.committed(self.partitions)  # before the batch's changes join the state
         view.commit(now.timestamp())
         for key, value in thrown:  # this worker's own switches hold from its next batch on
             self.governance.controls.apply(key, value)
