@@ -5,7 +5,8 @@ real processes on a private broker. Agents' commands go in over HTTP at a steady
 collector follows the events topic. Each cycle kills the broker, keeps it down for a
 while, starts it again and times how long the processors take to decide a command sent
 right after. Used by ``tests/integration/test_broker_restarts.py`` (bounded, in CI) and
-``benchmarks/broker_restarts.py`` (longer).
+``benchmarks/broker_restarts.py`` (longer); ``running_services`` runs the same platform on a
+3-broker cluster for ``tests/integration/test_cluster_failures.py``.
 """
 
 from __future__ import annotations
@@ -238,17 +239,31 @@ class Platform:
 def running_platform(base: Settings, folder: Path, *, rate_per_s: float, partitions: int = 4) -> Iterator[Platform]:
     """A private broker, its topics and keys, the processes and the collector; all stopped afterwards."""
     settings = base.model_copy(update={
-        "data_dir": folder, "kafka_port": free_port(), "kafka_controller_port": free_port(),
-        "kafka_bootstrap": None, "topic_partitions": partitions, "topic_prefix": f"faults-{uuid.uuid4().hex[:8]}",
-        "kafka_transaction_timeout_ms": TRANSACTION_TIMEOUT_MS, "watchdog_stall_s": STALL_S})
+        "data_dir": folder, "kafka_port": free_port(), "kafka_controller_port": free_port(), "kafka_bootstrap": None})
     start_broker(settings)
+    try:
+        with running_services(settings, rate_per_s=rate_per_s, partitions=partitions) as platform:
+            yield platform
+    finally:
+        stop_broker(settings)
+
+
+@contextmanager
+def running_services(base: Settings, *, rate_per_s: float, partitions: int = 4, **env: str) -> Iterator[Platform]:
+    """On the broker (or cluster) ``base`` names, with its data dir: fresh topics and keys, the processes
+    (``env`` adds to or overrides their environment) and the collector; the processes stopped afterwards."""
+    folder = base.data_dir
+    settings = base.model_copy(update={
+        "topic_partitions": partitions, "topic_prefix": f"faults-{uuid.uuid4().hex[:8]}",
+        "kafka_transaction_timeout_ms": TRANSACTION_TIMEOUT_MS, "watchdog_stall_s": STALL_S})
     apply_topics(AdminClient(admin_config(settings)), declared_topics(settings))
     ensure_local_keys(settings)
     port = free_port()
     env = {"KEEL_DATA_DIR": str(folder), "KEEL_OUTBOX_DSN": f"sqlite:///{folder / 'outbox.sqlite3'}",
+           "KEEL_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
            "KEEL_KAFKA_PORT": str(settings.kafka_port), "KEEL_KAFKA_CONTROLLER_PORT": str(settings.kafka_controller_port),
            "KEEL_KAFKA_TRANSACTION_TIMEOUT_MS": str(TRANSACTION_TIMEOUT_MS), "KEEL_WATCHDOG_STALL_S": str(STALL_S),
-           "KEEL_PROCESSOR_SESSION_TIMEOUT_MS": "6000", "KEEL_RELAY_DELIVERY_TIMEOUT_S": "5"}
+           "KEEL_PROCESSOR_SESSION_TIMEOUT_MS": "6000", "KEEL_RELAY_DELIVERY_TIMEOUT_S": "5", **env}
     token = _agent_key(env)
     gateway = KeelProcess(["gateway", "--port", str(port)], settings, folder / "gateway.log", **env)
     relay = KeelProcess(["relay"], settings, folder / "relay.log", **env)
@@ -269,7 +284,6 @@ def running_platform(base: Settings, folder: Path, *, rate_per_s: float, partiti
         for process in processes:
             process.stop(grace_s=40)
         collector.stop()
-        stop_broker(settings)
 
 
 def _agent_key(env: dict[str, str]) -> str:

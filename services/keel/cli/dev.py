@@ -1,7 +1,8 @@
 """``keel dev``: the broker and every service in one command, supervised, with a live status table.
 
 ``keel status`` reports the services ``keel dev`` runs, and ``keel down`` stops them with
-the broker (``keel.supervision.platform``).
+the broker (``keel.supervision.platform``). A data dir that holds a local cluster
+(``keel up --brokers N``) runs on that cluster.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from keel.config import Settings
 from keel.errors import InfraError
 from keel.gateway.settings import IngressSettings
 from keel.kafka.broker import broker_status, platform_auth, start_broker, stop_broker
+from keel.kafka.cluster import ClusterStatus, cluster_status, recorded_cluster, start_cluster, stop_cluster
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
 from keel.outbox.db import open_database
@@ -48,9 +50,13 @@ def dev() -> None:
     if running is not None and alive(running.supervisor_pid):
         raise InfraError(f"keel dev already runs as pid {running.supervisor_pid}; `keel down` stops it",
                          code="platform_running")
-    ours = not broker_status(settings).healthy  # a broker `keel up` started stays up after keel dev
+    cluster = recorded_cluster(settings)
+    # A broker (or cluster) `keel up` started stays up after keel dev.
+    ours = not (broker_status(settings).healthy if cluster is None
+                else any(node.serving for node in cluster_status(settings, cluster).nodes))
     with _out.status("starting the Kafka broker…"):
-        _out.print(f"broker: {start_broker(settings).detail}", soft_wrap=True)
+        started = start_broker(settings).detail if cluster is None else start_cluster(settings, cluster).detail
+        _out.print(f"broker: {started}", soft_wrap=True)
     apply_topics(AdminClient({**admin_config(settings), **platform_auth(settings)}), declared_topics(settings))
     ensure_local_keys(settings)
     outbox = open_database(IngressSettings().dsn(settings))
@@ -72,7 +78,8 @@ def dev() -> None:
         supervisor.run(stop)
     _out.print("[yellow]stopped[/yellow] every service")
     if ours:
-        _out.print(f"[yellow]broker[/yellow]: {stop_broker(settings).detail}", soft_wrap=True)
+        stopped = stop_broker(settings).detail if cluster is None else f"stopped pids {stop_cluster(settings, cluster)}"
+        _out.print(f"[yellow]broker[/yellow]: {stopped}", soft_wrap=True)
 
 
 def _log_to(path: Path) -> None:
@@ -102,6 +109,20 @@ def status_table(settings: Settings, state: PlatformState | None) -> Table:
                       f":{metrics[service.name]}" if service.name in metrics else "")
     table.caption = (f"logs: {log_path(settings, 'dev').parent}/<service>.log; metrics: "
                      f"http://127.0.0.1:<port>/metrics (Prometheus: infra/prometheus/prometheus.yml)")
+    return table
+
+
+def cluster_table(state: ClusterStatus) -> Table:
+    """Each broker of a local cluster: id, address, pid, whether it serves, its role, the partitions it leads."""
+    table = Table(title=f"Kafka cluster: {len(state.nodes)} brokers, quorum needs {state.majority} controllers")
+    for column in ("node", "address", "pid", "state", "role", "leads"):
+        table.add_column(column)
+    for node in state.nodes:
+        table.add_row(str(node.node_id), node.address, str(node.pid or ""),
+                      "[green]up[/green]" if node.serving else "[red]down[/red]",
+                      "active controller" if node.controller else "controller", str(node.leaders))
+    table.caption = (f"{state.under_replicated} of {state.partitions} partitions under-replicated "
+                     f"(in-sync replicas < replicas), {state.offline} without a leader")
     return table
 
 

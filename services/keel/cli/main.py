@@ -17,14 +17,16 @@ from rich.markup import escape
 
 from keel.domains.registry import current
 from keel.cli import analytics, dev, domains, effects, governance, ingress, schemas, trust, watchers, workers
+from keel.cli import clickhouse as clickhouse_cli
 from keel.cli import mcp as mcp_cli
 from keel.cli import replay as replay_cli
 from keel.cli import top as top_cli
 from keel.bootstrap import ensure_local_keys
 from keel.cli.files import read_text
 from keel.config import Settings
-from keel.errors import KeelError, ValidationError
+from keel.errors import InfraError, KeelError, ValidationError
 from keel.kafka.broker import broker_status, platform_auth, reset_broker, start_broker, stop_broker
+from keel.kafka.cluster import cluster_status, layout_path, plan_cluster, recorded_cluster, start_cluster, stop_cluster
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics, topics_admin
 
@@ -46,16 +48,41 @@ def _load_domains(ctx: typer.Context) -> None:
 
 
 @app.command()
-def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker."),
-       secure: bool = typer.Option(False, help="SASL/SCRAM and ACLs (StandardAuthorizer); needs a fresh data dir.")
+def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker(s)."),
+       secure: bool = typer.Option(False, help="SASL/SCRAM and ACLs (StandardAuthorizer); needs a fresh data dir; "
+                                   "single broker only."),
+       brokers: int | None = typer.Option(
+           None, min=1, help="Start a local KRaft cluster of N brokers instead (each also a controller; 3 gives "
+           "RF 3 and min.insync.replicas 2). Node i listens on KEEL_KAFKA_PORT+2(i-1) and "
+           "KEEL_KAFKA_CONTROLLER_PORT+2(i-1) and keeps its data in <data dir>/kafka/node-<i>; every client of this "
+           "data dir then bootstraps from all nodes. Without it: the single broker, or the cluster the data dir "
+           "already holds."),
        ) -> None:
-    """Start the local Kafka broker (a no-op when it already serves) and apply the topics."""
+    """Start the local Kafka broker, or cluster (a no-op when it already serves), and apply the topics.
+
+    `keel up --brokers 3`: three brokers, RF 3, min.insync.replicas 2 (docs/operations.md, "A 3-broker cluster")."""
     settings = Settings()
     if timeout is not None:
         settings = settings.model_copy(update={"kafka_start_timeout_s": timeout})
-    with console.status("starting the Kafka broker…"):
-        status = start_broker(settings, secure=secure)
-    console.print(f"[green]up[/green]: {status.detail}")
+    cluster = recorded_cluster(settings)
+    if cluster is None and brokers in (None, 1):
+        with console.status("starting the Kafka broker…"):
+            status = start_broker(settings, secure=secure)
+        console.print(f"[green]up[/green]: {status.detail}")
+    else:
+        if secure:
+            raise InfraError("--secure starts the single broker only", code="cluster_not_secure")
+        if cluster is not None and brokers not in (None, len(cluster.nodes)):
+            raise InfraError(f"{settings.data_dir} holds a {len(cluster.nodes)}-broker cluster; `keel down --wipe` "
+                             "deletes it first", code="cluster_size_mismatch")
+        layout = cluster or plan_cluster(settings, brokers or 1)
+        with console.status(f"starting {len(layout.nodes)} Kafka brokers…"):
+            state = start_cluster(settings, layout)
+        console.print(f"[green]up[/green]: {state.detail}")
+        settings = Settings()  # now reads the recorded layout: bootstrap and replication
+        console.print(f"cluster: {layout_path(settings)}; clients bootstrap from {settings.bootstrap_servers}; "
+                      f"topics: replication factor {settings.replication_factor}, "
+                      f"min.insync.replicas {settings.min_insync_replicas}", soft_wrap=True)
     auth = platform_auth(settings)
     if auth:
         console.print(f"secure: platform principal User:{auth['sasl.username']}; clients set "
@@ -67,31 +94,49 @@ def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker.
 
 
 @app.command()
-def down(wipe: bool = typer.Option(False, help="Also delete the broker's data (all topics).")) -> None:
-    """Stop `keel dev`'s services, if it runs, and the local Kafka broker started by `keel up` or `keel dev`."""
+def down(wipe: bool = typer.Option(False, help="Also delete the broker's (or cluster's) data (all topics).")) -> None:
+    """Stop `keel dev`'s services, if it runs, and the local Kafka broker, or every broker of the local cluster,
+    started by `keel up` or `keel dev`."""
     from keel.supervision.platform import stop_platform
 
     settings = Settings()
     for stopped in stop_platform(settings):
         console.print(f"[yellow]down[/yellow]: stopped {stopped}")
+    cluster = recorded_cluster(settings)
+    if cluster is not None:
+        pids = stop_cluster(settings, cluster)
+        console.print(f"[yellow]down[/yellow]: stopped {len(pids)} of {len(cluster.nodes)} brokers "
+                      f"(pids {', '.join(map(str, pids)) or 'none'})")
     if wipe:
         reset_broker(settings)
         console.print("[yellow]down[/yellow]: broker stopped and its data deleted")
-    else:
+    elif cluster is None:
         console.print(f"[yellow]down[/yellow]: {stop_broker(settings).detail}")
 
 
 @app.command()
 def status() -> None:
-    """Report the local broker and, under `keel dev`, each service's health; exits 1 when any is not healthy."""
+    """Report the local broker (or each broker of the local cluster) and, under `keel dev`, each service's health;
+    exits 1 when any is not healthy."""
     settings = Settings()
-    state = broker_status(settings)
-    colour = "green" if state.healthy else "red"
-    console.print(f"[{colour}]{'healthy' if state.healthy else 'down'}[/{colour}]: broker: {state.detail}")
+    cluster = recorded_cluster(settings)
+    if cluster is None:
+        state = broker_status(settings)
+        healthy = state.healthy
+        colour = "green" if healthy else "red"
+        console.print(f"[{colour}]{'healthy' if healthy else 'down'}[/{colour}]: broker: {state.detail}")
+    else:
+        brokers = cluster_status(settings, cluster)
+        healthy = brokers.healthy
+        console.print(dev.cluster_table(brokers))
+        word = ("healthy" if healthy else "down" if not any(node.pid for node in brokers.nodes)
+                else "quorum lost" if brokers.quorum_lost else "degraded")
+        colour = "green" if healthy else "red"
+        console.print(f"[{colour}]{word}[/{colour}]: cluster: {brokers.detail}", soft_wrap=True)
     services = dev.services_status(settings)
     if services is None:
         console.print("services: keel dev does not run (each runs on its own; `keel health ROLE` checks a worker)")
-    raise typer.Exit(0 if state.healthy and services is not False else 1)
+    raise typer.Exit(0 if healthy and services is not False else 1)
 
 
 @app.command("config")
@@ -147,6 +192,7 @@ def submit(
 domains.register(app)
 schemas.register(app)
 analytics.register(app)
+clickhouse_cli.register(app)
 replay_cli.register(app)
 governance.register(app)
 watchers.register(app)

@@ -9,6 +9,9 @@ PID file, never a process-name match.
 ``secure=True`` (``keel up --secure``) renders ``server-secure.properties`` instead: SASL/SCRAM
 and the StandardAuthorizer. The platform principal's random password is written, 0600, to
 ``credentials.json`` next to the data; a data folder formatted secure always starts secure.
+
+``keel.kafka.cluster`` (``keel up --brokers N``) runs N such brokers as one KRaft cluster with
+the helpers below (JVM command, launch, storage format, PID files, port and Java checks).
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from keel.errors import InfraError
 _STOP_TIMEOUT_S = 30.0
 PLATFORM_USER = "keel-platform"
 
-# The heap and collector settings of Kafka's own start script (kafka-run-class.sh), which
-# this module replaces: G1 aiming at 20 ms pauses, not its 200 ms default, since every
-# transaction commit waits on the broker.
-_JVM_PERFORMANCE = ["-Xms1g", "-Xmx1g", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+# The collector settings of Kafka's own start script (kafka-run-class.sh), which this module
+# replaces: G1 aiming at 20 ms pauses, not its 200 ms default, since every transaction commit
+# waits on the broker. The heap is the caller's (1 GiB for the single broker, as the script's).
+_JVM_PERFORMANCE = ["-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
                     "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
                     "-Djava.awt.headless=true"]
 
@@ -108,9 +111,9 @@ def platform_auth(settings: Settings) -> dict[str, Any]:
 def broker_status(settings: Settings) -> BrokerStatus:
     """Report whether the PID file's process lives and the broker answers metadata."""
     paths = paths_for(settings)
-    pid = _read_pid(paths.pid_file)
-    running = pid is not None and _pid_alive(pid)
-    healthy = _answers_metadata(settings.bootstrap_servers, timeout_s=3.0, auth=platform_auth(settings))
+    pid = read_pid(paths.pid_file)
+    running = pid is not None and pid_alive(pid)
+    healthy = answers_metadata(settings.bootstrap_servers, timeout_s=3.0, auth=platform_auth(settings))
     if healthy and running:
         detail = f"broker pid {pid} is serving {settings.bootstrap_servers}"
     elif healthy:
@@ -137,45 +140,36 @@ def start_broker(settings: Settings, *, secure: bool = False) -> BrokerStatus:
             f"broker pid {status.pid} is running but not answering; run `keel down` first",
             code="broker_unhealthy",
         )
-    java = _require_java()
-    classpath = _require_jars(settings.kafka_home)
+    java = require_java()
+    classpath = require_jars(settings.kafka_home)
     for port in (settings.kafka_port, settings.kafka_controller_port):
-        _require_free_port(settings.kafka_host, port)
+        require_free_port(settings.kafka_host, port)
 
     paths.logs.mkdir(parents=True, exist_ok=True)
     if secure and not formatted:
         _write_credentials(paths)
     _render_config(settings, paths)
-    jvm = [java, f"-Dkafka.logs.dir={paths.logs}",
-           f"-Dlog4j2.configurationFile={settings.kafka_home / 'log4j2.yaml'}",
-           *_JVM_PERFORMANCE, "-cp", classpath]
+    jvm = jvm_command(settings, paths, java, classpath, heap="1g")
     if not formatted:
-        _format_storage(jvm, paths)
-
-    with paths.console_log.open("ab") as console:
-        process = subprocess.Popen(
-            [*jvm, "kafka.Kafka", str(paths.config)],
-            stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # survives the CLI that started it
-        )
-    paths.pid_file.write_text(str(process.pid))
+        format_storage(jvm, paths, new_cluster_id())
+    process = launch(jvm, paths)
     deadline = time.monotonic() + settings.kafka_start_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             paths.pid_file.unlink(missing_ok=True)
             raise InfraError(
                 f"the broker exited with code {process.returncode} during start-up:\n"
-                + _log_tail(paths),
+                + log_tail(paths),
                 code="broker_start_failed",
             )
-        if _answers_metadata(settings.bootstrap_servers, timeout_s=2.0, auth=platform_auth(settings)):
+        if answers_metadata(settings.bootstrap_servers, timeout_s=2.0, auth=platform_auth(settings)):
             return broker_status(settings)
         time.sleep(0.5)
-    _terminate(process.pid)
+    terminate(process.pid)
     paths.pid_file.unlink(missing_ok=True)
     raise InfraError(
         f"the broker did not answer on {settings.bootstrap_servers} within "
-        f"{settings.kafka_start_timeout_s:.0f}s:\n" + _log_tail(paths),
+        f"{settings.kafka_start_timeout_s:.0f}s:\n" + log_tail(paths),
         code="broker_start_timeout",
     )
 
@@ -186,10 +180,10 @@ def stop_broker(settings: Settings) -> BrokerStatus:
     The status after; its detail names the process stopped, if there was one.
     """
     paths = paths_for(settings)
-    pid = _read_pid(paths.pid_file)
-    stopped = pid if pid is not None and _pid_alive(pid) else None
+    pid = read_pid(paths.pid_file)
+    stopped = pid if pid is not None and pid_alive(pid) else None
     if stopped is not None:
-        _terminate(stopped)
+        terminate(stopped)
     paths.pid_file.unlink(missing_ok=True)
     status = broker_status(settings)
     return replace(status, detail=f"stopped broker pid {stopped}; {status.detail}") if stopped else status
@@ -199,6 +193,26 @@ def reset_broker(settings: Settings) -> None:
     """Stop the broker and delete its storage (every topic and offset)."""
     stop_broker(settings)
     shutil.rmtree(paths_for(settings).root, ignore_errors=True)
+
+
+def jvm_command(settings: Settings, paths: BrokerPaths, java: str, classpath: str, *, heap: str) -> list[str]:
+    """The ``java`` command line (without the main class) of the broker whose files are ``paths``."""
+    return [java, f"-Dkafka.logs.dir={paths.logs}", f"-Dlog4j2.configurationFile={settings.kafka_home / 'log4j2.yaml'}",
+            f"-Xms{heap}", f"-Xmx{heap}", *_JVM_PERFORMANCE, "-cp", classpath]
+
+
+def launch(jvm: list[str], paths: BrokerPaths) -> subprocess.Popen[bytes]:
+    """Start the broker of ``paths`` in its own session (it outlives the CLI) and write its PID file."""
+    with paths.console_log.open("ab") as console:
+        process = subprocess.Popen([*jvm, "kafka.Kafka", str(paths.config)], stdout=console,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    paths.pid_file.write_text(str(process.pid))
+    return process
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (16 bytes, URL-safe base64), shared by every node of a cluster."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
 def _write_credentials(paths: BrokerPaths) -> None:
@@ -223,8 +237,8 @@ def _render_config(settings: Settings, paths: BrokerPaths) -> None:
     ))
 
 
-def _format_storage(jvm: list[str], paths: BrokerPaths) -> None:
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+def format_storage(jvm: list[str], paths: BrokerPaths, cluster_id: str) -> None:
+    """Format the KRaft storage of ``paths`` once, as a node of ``cluster_id``."""
     scram = []
     if paths.credentials.exists():  # the platform principal must exist before the broker can log in
         secret = json.loads(paths.credentials.read_text())
@@ -244,14 +258,14 @@ def _format_storage(jvm: list[str], paths: BrokerPaths) -> None:
         )
 
 
-def _require_java() -> str:
+def require_java() -> str:
     java = shutil.which("java")
     if java is None:
         raise InfraError("java was not found on PATH; install a Java 17+ runtime", code="java_missing")
     return java
 
 
-def _require_jars(kafka_home: Path) -> str:
+def require_jars(kafka_home: Path) -> str:
     libs = kafka_home / "libs"
     if not any(libs.glob("kafka_2.13-*.jar")):
         raise InfraError(
@@ -262,7 +276,7 @@ def _require_jars(kafka_home: Path) -> str:
     return f"{libs}/*"
 
 
-def _require_free_port(host: str, port: int) -> None:
+def require_free_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -275,13 +289,13 @@ def _require_free_port(host: str, port: int) -> None:
             ) from exc
 
 
-def _answers_metadata(bootstrap: str, *, timeout_s: float, auth: dict[str, Any]) -> bool:
+def answers_metadata(bootstrap: str, *, timeout_s: float, auth: dict[str, Any]) -> bool:
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     try:  # a cheap TCP probe first, so a dead port does not cost the full client timeout
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError:
         return False
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **auth}, logger=_SilentLogger())
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **auth}, logger=SilentLogger())
     try:
         admin.list_topics(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - any failure means "not answering"
@@ -289,7 +303,7 @@ def _answers_metadata(bootstrap: str, *, timeout_s: float, auth: dict[str, Any])
     return True
 
 
-class _SilentLogger:
+class SilentLogger:
     """Swallows librdkafka's connection-refused chatter during health probes."""
 
     def log(self, *_args: object, **_kwargs: object) -> None:
@@ -299,14 +313,14 @@ class _SilentLogger:
         return self.log
 
 
-def _read_pid(pid_file: Path) -> int | None:
+def read_pid(pid_file: Path) -> int | None:
     try:
         return int(pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -320,23 +334,25 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _terminate(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def terminate(*pids: int) -> None:
+    """SIGTERM every one of ``pids`` at once, then SIGKILL those still alive after a bound."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
         time.sleep(0.2)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
-def _log_tail(paths: BrokerPaths, lines: int = 30) -> str:
+def log_tail(paths: BrokerPaths, lines: int = 30) -> str:
     for log in (paths.server_log, paths.console_log):
         if log.exists() and log.stat().st_size:
             tail = log.read_text(errors="replace").splitlines()[-lines:]
