@@ -123,6 +123,7 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("KEEL_BENCH_TOKEN")
 local sent = 0
+math.randomseed(tonumber(os.getenv("KEEL_BENCH_SEED")))  -- else every wrk run sends the same ids
 local run = string.format("%08x-%04x-4%03x", math.random(0, 0x7fffffff), math.random(0, 0xffff),
                           math.random(0, 0xfff))
 request = function()
@@ -140,9 +141,10 @@ def closed_loop_wrk(port: int, token: str, connections: int, duration_s: float, 
     """The closed loop with ``wrk``; returns (accepted, errors, seconds)."""
     script = folder / "post.lua"
     script.write_text(WRK_SCRIPT)
+    env = {**os.environ, "KEEL_BENCH_TOKEN": token, "KEEL_BENCH_SEED": str(uuid.uuid4().int % 2**31)}
     done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration_s:.0f}s", "-s", str(script),
-                           f"http://127.0.0.1:{port}/v1/commands"], env={**os.environ, "KEEL_BENCH_TOKEN": token},
-                          capture_output=True, text=True, check=True)
+                           f"http://127.0.0.1:{port}/v1/commands"], env=env, capture_output=True, text=True,
+                          check=True)
     total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", done.stdout)
     if total is None:
         raise RuntimeError(f"unexpected wrk output:\n{done.stdout}{done.stderr}")

@@ -17,7 +17,7 @@ from keel.domain.envelope import Actor, ActorKind
 from keel.domain.principal import Principal
 from keel.errors import KeelError
 from keel.gateway.admission import Admission
-from keel.gateway.writer import BatchWriter
+from keel.gateway.writer import BatchWriter, Write
 from keel.outbox.db import open_database
 from keel.outbox.models import Accepted, NewCommand
 from keel.outbox.store import OutboxStore
@@ -45,9 +45,9 @@ class RecordingWriter(BatchWriter):
 
     handovers: list[int]
 
-    def write(self, commands: Sequence[NewCommand]) -> list[asyncio.Future[Accepted]]:
-        self.handovers.append(len(commands))
-        return super().write(commands)
+    def write(self, writes: Sequence[Write]) -> None:
+        self.handovers.append(len(writes))
+        super().write(writes)
 
 
 def body(aggregate: str, **overrides: object) -> bytes:
@@ -56,8 +56,7 @@ def body(aggregate: str, **overrides: object) -> bytes:
 
 
 async def send(admission: Admission, raw: bytes) -> Accepted:
-    _, written = await admission.admit(raw, BOT)
-    return await written
+    return await admission.admit(raw, BOT)
 
 
 def test_one_turns_requests_are_admitted_together_and_answered_one_by_one(tmp_path: Path) -> None:

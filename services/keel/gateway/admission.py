@@ -13,34 +13,33 @@ from __future__ import annotations
 import asyncio
 
 from keel.contracts.codec import EnvelopeCodec
-from keel.domain.envelope import Envelope
 from keel.domain.principal import Principal
 from keel.gateway.intake import admit
-from keel.gateway.writer import BatchWriter
+from keel.gateway.writer import BatchWriter, Write
 from keel.outbox.models import Accepted
-
-Admitted = tuple[Envelope, asyncio.Future[Accepted]]
 
 
 class Admission:
     """``admit`` for many requests at once, then one hand-over of their rows to the writer.
 
-    Each caller gets its own envelope and the future of its write, or its typed error.
+    Each caller gets the result of its durable write, or its typed error.
     """
 
     def __init__(self, codec: EnvelopeCodec, writer: BatchWriter, max_age_s: float) -> None:
         self.codec = codec
         self.writer = writer
         self.max_age_s = max_age_s
-        self._pending: list[tuple[bytes, Principal, str | None, asyncio.Future[Admitted]]] = []
+        self._pending: list[tuple[bytes, Principal, str | None, asyncio.Future[Accepted]]] = []
 
-    async def admit(self, raw: bytes, caller: Principal, traceparent: str | None = None) -> Admitted:
-        """The validated envelope and its queued write; raises what ``intake.admit`` raises.
+    async def admit(self, raw: bytes, caller: Principal, traceparent: str | None = None) -> Accepted:
+        """The command's ``Accepted`` once it is durable; raises what ``intake.admit`` raises,
+        or the write's error.
 
         ``traceparent`` is the request's span (the batch runs outside every request's context).
+        One future from admission to commit: the request's task wakes once, with its answer.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Admitted] = loop.create_future()
+        future: asyncio.Future[Accepted] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._admit_pending)  # runs after the requests already scheduled this turn
         self._pending.append((raw, caller, traceparent, future))
@@ -48,15 +47,14 @@ class Admission:
 
     def _admit_pending(self) -> None:
         pending, self._pending = self._pending, []
-        admitted = []
+        writes: list[Write] = []
         for raw, caller, traceparent, future in pending:
             if future.cancelled():  # the client went away
                 continue
             try:
-                admitted.append((future, admit(raw, caller, self.codec, max_age_s=self.max_age_s,
-                                                     traceparent=traceparent)))
+                writes.append((admit(raw, caller, self.codec, max_age_s=self.max_age_s,
+                                     traceparent=traceparent)[1], future))
             except Exception as exc:  # noqa: BLE001 - the typed KeelError, or a bug, goes to its own request
                 future.set_exception(exc)
-        writes = self.writer.write([row for _, (_, row) in admitted]) if admitted else []
-        for (future, (envelope, _)), written in zip(admitted, writes, strict=True):
-            future.set_result((envelope, written))
+        if writes:
+            self.writer.write(writes)

@@ -24,6 +24,10 @@ from keel.outbox.enqueue import to_new_command
 from keel.outbox.models import NewCommand
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+"""The request fingerprint's form of a body (``json.dumps``'s, with an encoder built once)."""
+
+
 def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
           max_age_s: float = 0.0, traceparent: str | None = None) -> tuple[Envelope, NewCommand]:
     """Validate a ``POST /v1/commands`` body for ``principal``; raises typed ``KeelError``s.
@@ -43,15 +47,15 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
     if document.get("actor") is not None and document["actor"] != actor:
         raise WrongActor(f"the body names another actor; this key acts as {actor['kind']}:{actor['id']}",
                          field="actor")
-    request_hash = hashlib.sha256(
-        json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    request_hash = hashlib.sha256(_CANONICAL.encode(document).encode()).hexdigest()
     command_id = document["id"] if document.get("id") is not None else str(uuid.uuid4())  # "" is no id
     filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC),
               **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
     if traceparent is not None:
         filled["traceparent"] = traceparent
     envelope = parse_envelope(filled, strict=True)
-    check_within_window(envelope, max_age_s)
+    if "occurred_at" in document:  # else it is now, within every window
+        check_within_window(envelope, max_age_s)
     if payload_class(envelope.type).kind != "command":
         raise ValidationError(f"{envelope.type} is an event; only commands are accepted",
                               code="not_a_command", field="type")

@@ -24,7 +24,8 @@ class IngressSettings(BaseSettings):
     gateway_workers: int = Field(default=1, ge=1, description="Gateway worker processes.")
     gateway_max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Largest accepted body.")
     gateway_key_cache_s: float = Field(
-        default=5.0, ge=0, description="How long a verified API key is trusted before it is looked up again.")
+        default=5.0, ge=0, description="How long a verified API key is trusted before it is looked up again: "
+                                       "a revoked key stops working within this bound.")
     gateway_batch_max: int = Field(default=512, ge=1, description="Commands per outbox transaction (group commit).")
     relay_batch_size: int = Field(default=2000, ge=1, description="Outbox rows per relay round.")
     relay_poll_interval_s: float = Field(default=0.05, gt=0, description="Sleep when the outbox is empty.")

@@ -90,21 +90,22 @@ async def submit(gw: Gateway, headers: dict[bytes, bytes], receive: Receive) -> 
 async def submit_as(gw: Gateway, caller: Principal, raw: bytes) -> bytes:
     """Accept the command ``raw`` from an authenticated ``caller``, as ``submit`` does; the
     approvals routes and the console send their commands through here."""
+    # The request's span continues in the envelope: through the outbox to every later hop.
+    traceparent = tracing.current_traceparent()
     try:
-        # The request's span continues in the envelope: through the outbox to every later hop.
-        envelope, written = await gw.admission.admit(raw, caller, tracing.current_traceparent())
-        result = await written
+        result = await gw.admission.admit(raw, caller, traceparent)
         if result.conflict:
-            raise IdempotencyConflict(f"command id {envelope.id} was used before with another body", field="id")
+            raise IdempotencyConflict(f"command id {result.command_id} was used before with another body", field="id")
     except KeelError as exc:
         await _refused(gw, caller, exc, raw)
         raise
+    command_id = str(result.command_id)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("command accepted", extra={"tenant_id": caller.tenant_id, "actor": actor_name(caller),
-                                            "command_id": str(envelope.id), "replayed": result.replayed,
-                                            "traceparent": envelope.traceparent})
-    return orjson.dumps({"command_id": result.command_id, "status": result.status, "replayed": result.replayed,
-                         "status_url": f"{PATH}/{result.command_id}"})
+                                            "command_id": command_id, "replayed": result.replayed,
+                                            "traceparent": traceparent or _peek(raw, "traceparent")})
+    return orjson.dumps({"command_id": command_id, "status": result.status, "replayed": result.replayed,
+                         "status_url": f"{PATH}/{command_id}"})
 
 
 def error_body(exc: KeelError) -> bytes:

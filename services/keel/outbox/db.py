@@ -46,6 +46,15 @@ class Cursor:
         self._raw.execute(sql.replace("?", "%s") if self._postgres else sql, tuple(params))
         return int(self._raw.rowcount)
 
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement once per row of parameters; returns the affected row count, summed.
+
+        Why: the gateway's batches spent less CPU this way than as one multi-row ``VALUES``
+        statement with ``RETURNING`` (measured on both engines; ``benchmarks/README.md``).
+        """
+        self._raw.executemany(sql.replace("?", "%s") if self._postgres else sql, rows)
+        return int(self._raw.rowcount)
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Run a query and return every row."""
         self._raw.execute(sql.replace("?", "%s") if self._postgres else sql, tuple(params))

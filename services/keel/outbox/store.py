@@ -41,9 +41,20 @@ class OutboxStore:
     # -- acceptance (gateway, SDK) -------------------------------------------------------
 
     def accept(self, commands: Sequence[NewCommand]) -> list[Accepted]:
-        """Write commands in one transaction; a known id answers with its original result."""
+        """Write commands in one transaction; a known id answers with its original result.
+
+        Ids are nearly always new, so the batch is first written as if they all were: one
+        statement run per row, no row sent back. Should any id be known (a client's retry, or
+        a replica racing on the same id), that transaction is rolled back and the batch is
+        written again by ``insert_commands``, which answers known ids.
+        """
         if not commands:
             return []
+        try:
+            with self.db.transaction() as cursor:
+                return _insert_new(cursor, commands)
+        except _KnownId:
+            pass
         with self.db.transaction() as cursor:
             return insert_commands(cursor, commands)
 
@@ -229,24 +240,57 @@ class OutboxStore:
                            (name, holder))
 
 
+_COLUMNS = ("command_id, tenant_id, aggregate_key, command_type, actor, request_hash, value, status, "
+            "created_at, updated_at")
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class _KnownId(Exception):
+    """A batch written as all new held an id the outbox already had: write it again with answers."""
+
+
+def _first(commands: Sequence[NewCommand]) -> dict[uuid.UUID, NewCommand]:
+    first: dict[uuid.UUID, NewCommand] = {}
+    for command in commands:
+        first.setdefault(command.command_id, command)
+    return first
+
+
+def _params(commands: Iterable[NewCommand], now: float) -> list[tuple[object, ...]]:
+    return [(str(c.command_id), c.tenant_id, c.key, c.command_type, c.actor, c.request_hash, c.value,
+             CommandStatus.ACCEPTED.value, now, now) for c in commands]
+
+
+def _insert_new(cursor: Cursor, commands: Sequence[NewCommand]) -> list[Accepted]:
+    """``insert_commands`` for a batch whose ids are all new to the outbox; raises ``_KnownId``
+    (the caller rolls back) if one was not."""
+    first = _first(commands)
+    rows = _params(first.values(), time.time())
+    if cursor.execute_many(f"INSERT INTO keel_outbox ({_COLUMNS}) VALUES {_ROW} "
+                           "ON CONFLICT (command_id) DO NOTHING", rows) != len(rows):
+        raise _KnownId
+    results, answered = [], set()
+    for command in commands:
+        if command.command_id not in answered:
+            answered.add(command.command_id)
+            results.append(Accepted(command_id=command.command_id, status=CommandStatus.ACCEPTED, replayed=False))
+        else:  # the same id again in this batch
+            original = first[command.command_id]
+            results.append(_against(command, original.tenant_id, original.request_hash, CommandStatus.ACCEPTED))
+    return results
+
+
 def insert_commands(cursor: Cursor, commands: Sequence[NewCommand]) -> list[Accepted]:
     """Insert commands inside the caller's transaction: one multi-row INSERT, one look-up of known ids.
 
     Ids seen before (in the table or earlier in ``commands``) answer with the first
     command's status; ``conflict`` when tenant or request fingerprint differ.
     """
-    first: dict[uuid.UUID, NewCommand] = {}
-    for command in commands:
-        first.setdefault(command.command_id, command)
-    now = time.time()
-    params = [value for c in first.values() for value in (
-        str(c.command_id), c.tenant_id, c.key, c.command_type, c.actor, c.request_hash, c.value,
-        CommandStatus.ACCEPTED.value, now, now)]
+    first = _first(commands)
     inserted = {row[0] for row in cursor.query(
-        "INSERT INTO keel_outbox (command_id, tenant_id, aggregate_key, command_type, actor, request_hash, "
-        "value, status, created_at, updated_at) VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(first))
-        + " ON CONFLICT (command_id) DO NOTHING RETURNING command_id", params)}
+        f"INSERT INTO keel_outbox ({_COLUMNS}) VALUES " + ", ".join([_ROW] * len(first))
+        + " ON CONFLICT (command_id) DO NOTHING RETURNING command_id",
+        [value for row in _params(first.values(), time.time()) for value in row])}
     known = [str(i) for i in first if str(i) not in inserted]
     stored = {row[0]: (row[1], row[2], CommandStatus(row[3])) for row in cursor.query(
         f"SELECT command_id, tenant_id, request_hash, status FROM keel_outbox WHERE command_id IN "
@@ -261,9 +305,15 @@ def insert_commands(cursor: Cursor, commands: Sequence[NewCommand]) -> list[Acce
         original = first[command.command_id]
         tenant, request_hash, status = stored.get(key, (original.tenant_id, original.request_hash,
                                                         CommandStatus.ACCEPTED))
-        same = tenant == command.tenant_id and request_hash == command.request_hash
-        results.append(Accepted(command_id=command.command_id, status=status, replayed=same, conflict=not same))
+        results.append(_against(command, tenant, request_hash, status))
     return results
+
+
+def _against(command: NewCommand, tenant: str, request_hash: str, status: CommandStatus) -> Accepted:
+    """The answer to ``command`` whose id is held by ``tenant``'s request ``request_hash``: a
+    replay when both match, else a conflict."""
+    same = tenant == command.tenant_id and request_hash == command.request_hash
+    return Accepted(command_id=command.command_id, status=status, replayed=same, conflict=not same)
 
 
 def _apply(cursor: Cursor, outcome: Outcome) -> int:
