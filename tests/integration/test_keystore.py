@@ -126,3 +126,24 @@ def test_rotating_the_master_key_rewraps_old_keys_and_leaves_erasures_and_strang
         assert after.lookup("acme", gone.key_id) is None
     with open_store(location) as retired, pytest.raises(KeyUnwrapFailed):
         retired.lookup("acme", kept.key_id)
+
+
+def test_a_reader_is_not_held_up_by_another_process_writing_the_sqlite_store(tmp_path: Path) -> None:
+    """The projector asks which keys are erased while the gateway and processor commit new keys:
+    a write in progress elsewhere (here one that holds its lock) must not make that read wait or fail."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "keys.db"
+    with SqliteKeyStore(path, MASTER) as writer_side, SqliteKeyStore(path, MASTER) as reader:
+        known = writer_side.key_for("acme", "cust-1")
+        other = sqlite3.connect(path, isolation_level=None)  # another process, mid-commit
+        other.execute("BEGIN EXCLUSIVE")
+        other.execute("INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES ('k', 'acme', 's', x'00')")
+        try:
+            started = time.monotonic()
+            assert reader.erased([known.key_id]) == frozenset()
+            assert time.monotonic() - started < 1.0
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
