@@ -283,6 +283,48 @@ def stage_result(stage: str, label: str, expected: int, clock: BatchClock, *, me
                          detail=detail, anomalies=anomalies)
 
 
+# -- CPU of other processes ---------------------------------------------------------------
+
+
+def process_tree_cpu(roots: dict[str, int]) -> dict[str, float]:
+    """User plus system CPU seconds of each named process and all its descendants, from ``/proc``.
+
+    One scan of ``/proc`` serves every root, so samples of several services are taken at the
+    same moment. A descendant that is itself one of the roots counts only under its own name
+    (a harness that started the services it measures counts only itself). A process that
+    exited (or a root that is gone) counts as what is left of it.
+    """
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    totals, named = {}, set(roots.values())
+    for name, root in roots.items():
+        total, pending = 0.0, [root]
+        while pending:
+            pid = pending.pop()
+            total += times.get(pid, 0.0)
+            pending += [child for child in children.get(pid, []) if child not in named]
+        totals[name] = total
+    return totals
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 # -- output -----------------------------------------------------------------------------
 
 
