@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,6 +233,29 @@ class Platform:
             if settled or time.monotonic() > deadline:
                 return health
             time.sleep(0.5)
+
+
+    def assert_every_command_decided_once(self, missing: list[uuid.UUID],
+                                          health: dict[str, tuple[str | None, int]], bound_s: float) -> None:
+        """The oracle of a fault run: every acknowledged command decided exactly once (no event written
+        twice), each aggregate's versions in order, every worker live and deciding, the audit chain whole."""
+        logs = "\n".join(w.output()[-4000:] for w in self.workers)
+        assert missing == [], f"{len(missing)} acknowledged commands were never decided:\n{logs}"
+        events = self.collector.events
+        assert all(len(events[c]) == 1 for c in self.load.accepted), "a command was decided twice"
+        ids = Counter(e.id for decided in events.values() for e in decided)
+        assert ids.most_common(1)[0][1] == 1, "an event was written twice"
+        for key, in_order in self.collector.by_key.items():
+            versions = [e.version for e in in_order if e.version is not None]
+            assert versions == list(range(1, len(versions) + 1)), f"{key} lost its order: {versions}"
+        for name, (problem, partitions) in health.items():
+            assert problem is None and partitions > 0, f"worker {name} is not deciding ({problem}):\n{logs}"
+        for worker in [*self.workers, self.chainer]:
+            worker.assert_alive()
+            assert "Traceback" not in worker.output(), worker.output()[-4000:]
+        chain = self.chained("acme", bound_s)
+        assert chain.ok, chain.summary()
+        assert chain.records == sum(len(decided) for decided in events.values()), chain.summary()
 
 
 @contextmanager

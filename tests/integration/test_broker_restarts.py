@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,26 +46,10 @@ def test_broker_restarts_under_load_leave_every_command_decided_once_and_every_w
         platform.load.stop()
         missing = platform.wait_until_decided(RESUME_BOUND_S)
         health = platform.settled_health(RESUME_BOUND_S)
-        logs = "\n".join(w.output()[-4000:] for w in platform.workers)
         print(f"resumed after {[round(s, 1) for s in platform.resumes_s]} s; health {health}; "
               f"{len(platform.load.accepted)} commands")
 
-        assert missing == [], f"{len(missing)} acknowledged commands were never decided:\n{logs}"
-        events = platform.collector.events
-        assert all(len(events[c]) == 1 for c in platform.load.accepted), "a command was decided twice"
-        ids = Counter(e.id for decided in events.values() for e in decided)
-        assert ids.most_common(1)[0][1] == 1, "an event was written twice"
-        for key, in_order in platform.collector.by_key.items():
-            versions = [e.version for e in in_order if e.version is not None]
-            assert versions == list(range(1, len(versions) + 1)), f"{key} lost its order: {versions}"
-        for name, (problem, partitions) in health.items():
-            assert problem is None and partitions > 0, f"worker {name} is not deciding ({problem}):\n{logs}"
-        for worker in [*platform.workers, platform.chainer]:
-            worker.assert_alive()
-            assert "Traceback" not in worker.output(), worker.output()[-4000:]
-        chain = platform.chained("acme", RESUME_BOUND_S)
-        assert chain.ok, chain.summary()
-        assert chain.records == sum(len(decided) for decided in events.values()), chain.summary()
+        platform.assert_every_command_decided_once(missing, health, RESUME_BOUND_S)
 
 
 def test_a_processor_started_before_its_broker_says_so_and_decides_once_the_broker_is_up(

@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,22 +151,7 @@ def test_node_kills_under_load_lose_nothing_decide_nothing_twice_and_keep_each_a
         assert any(controller for _, controller, _ in figures), "the active controller was never killed"
         for node_id, _, measured in figures:
             assert measured and None not in measured.values(), f"after killing node {node_id}: {measured}\n{logs}"
-        assert missing == [], f"{len(missing)} acknowledged commands were never decided:\n{logs}"
-        events = platform.collector.events
-        assert all(len(events[c]) == 1 for c in platform.load.accepted), "a command was decided twice"
-        ids = Counter(e.id for decided in events.values() for e in decided)
-        assert ids.most_common(1)[0][1] == 1, "an event was written twice"
-        for key, in_order in platform.collector.by_key.items():
-            versions = [e.version for e in in_order if e.version is not None]
-            assert versions == list(range(1, len(versions) + 1)), f"{key} lost its order: {versions}"
-        for name, (problem, partitions) in health.items():
-            assert problem is None and partitions > 0, f"worker {name} is not deciding ({problem}):\n{logs}"
-        for worker in [*platform.workers, platform.chainer]:
-            worker.assert_alive()
-            assert "Traceback" not in worker.output(), worker.output()[-4000:]
-        chain = platform.chained("acme", RESUME_BOUND_S)
-        assert chain.ok, chain.summary()
-        assert chain.records == sum(len(decided) for decided in events.values()), chain.summary()
+        platform.assert_every_command_decided_once(missing, health, RESUME_BOUND_S)
 
 
 def test_keel_reports_each_node_and_a_lost_controller_quorum(
