@@ -3,7 +3,7 @@
 ``running_platform`` gives one tenant (``acme``) a published policy and an API key per
 actor, starts a provider simulator as its payments and e-mail providers, runs every service
 (and any ``extra`` ones, which may use the gateway's URL) as ``keel`` processes on the
-test's topics, and waits until the gateway answers.
+test's topics, and waits until the gateway answers under the policy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import uvicorn
 from keel.config import Settings
 from keel.domain.commands import SetPolicy
 from keel.domain.envelope import Actor
-from keel.domain.governance.policy import SYSTEM_ACTOR
+from keel.domain.governance.policy import SYSTEM_ACTOR, Policy, parse_policy
+from keel.gateway.actions import allowed_actions
 from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.security.keys import KeyStore
@@ -70,10 +71,27 @@ def running_platform(settings: Settings, tmp: Path, actors: Iterable[Actor], pol
             service.start()
         try:
             wait_until(lambda: answers(f"{gateway}/healthz"), "the gateway answering /healthz")
+            in_force = parse_policy(json.dumps(policy))
+            for actor in actors:  # the processor decided the policy and the gateway follows it
+                wait_until(lambda: _actions(gateway, tokens[actor.id]) == _allowed(in_force, actor),
+                           f"the gateway listing {actor.id}'s actions under policy {in_force.version}")
             yield RunningPlatform(gateway, tokens, provider)
         finally:
             for service in services:
                 service.stop(grace_s=10)
+
+
+def _actions(gateway: str, token: str) -> set[str] | None:
+    """The action types the gateway lists for ``token``'s actor (None if it does not answer yet)."""
+    try:
+        listed = httpx.get(f"{gateway}/v1/actions", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    except httpx.HTTPError:
+        return None
+    return {action["type"] for action in listed.json()["actions"]} if listed.status_code == 200 else None
+
+
+def _allowed(policy: Policy, actor: Actor) -> set[str]:
+    return {action.type for action in allowed_actions(policy, actor)}
 
 
 def answers(url: str) -> bool:
