@@ -8,8 +8,10 @@ unique name and is deleted at the end, so runs can overlap with tests and with e
 
 from __future__ import annotations
 
+import cProfile
 import json
 import os
+import pstats
 import platform
 import re
 import sys
@@ -19,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import confluent_kafka
@@ -363,6 +366,25 @@ def print_json_line(benchmark: str, env: dict[str, Any], params: dict[str, Any],
     }
     sys.stdout.write(json.dumps(document, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+def conclude(benchmark: str, out: Console, status: Console, env: dict[str, Any], params: dict[str, Any],
+             results: Sequence[StageResult], ratios: dict[str, float], *, failure: str,
+             profiler: cProfile.Profile | None = None, profile: Path | None = None, profiled: str = "",
+             json_only: bool = False, top: int = 20) -> None:
+    """End a run: write and print the profile (if one was taken), the JSON line, and exit 1 naming
+    the stages that failed their checks (``failure`` says what failed, e.g. "lost messages")."""
+    if profiler is not None and profile is not None:
+        profiler.dump_stats(profile)
+        out.print(f"  profile of {profiled} written to {profile} (their figures are slowed by it)")
+        if not json_only:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    failed = [r for r in results if not r.ok]
+    ok = bool(results) and not failed
+    print_json_line(benchmark, env, params, results, ratios, ok=ok)
+    if not ok:
+        status.log(f"[red]{failure} in: {', '.join(r.stage for r in failed) or 'setup'}[/red]")
+        raise SystemExit(1)
 
 
 def status_console(quiet: bool) -> Console:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import cProfile
 import os
-import pstats
 import sys
 import threading
 import time
@@ -50,7 +49,7 @@ from _common import (
     mismatches,
     next_offsets,
     now_mark,
-    print_json_line,
+    conclude,
     record_types,
     reference_commands,
     results_table,
@@ -386,17 +385,8 @@ def main(
     env["load_avg_1m_end"] = os.getloadavg()[0]
     figures = ratios({r.stage: r for r in results})
     report(out, env, params, results, figures)
-    if profiler is not None and profile is not None:
-        profiler.dump_stats(profile)
-        out.print(f"  profile of the processor stage written to {profile} (the figures above are slowed by it)")
-        if not json_only:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-    failed = [r for r in results if not r.ok]
-    ok = bool(results) and not failed
-    print_json_line("kafka_baseline", env, params, results, figures, ok=ok)
-    if not ok:
-        status.log(f"[red]lost or unaccounted messages in: {', '.join(r.stage for r in failed) or 'setup'}[/red]")
-        raise typer.Exit(1)
+    conclude("kafka_baseline", out, status, env, params, results, figures, failure="lost or unaccounted messages",
+             profiler=profiler, profile=profile, profiled="the processor stage", json_only=json_only)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import cProfile
 import gc
 import os
-import pstats
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -55,7 +54,7 @@ from _common import (
     high_watermarks_total,
     mismatches,
     now_mark,
-    print_json_line,
+    conclude,
     reference_commands,
     results_table,
     status_console,
@@ -258,17 +257,8 @@ def main(
                   + "".join(f"\n    [red]{a}[/red]" for a in r.anomalies))
     for name, value in ratios({r.stage: r for r in results}).items():
         out.print(f"  ratio {name}: [bold]{value:.3f}[/bold]")
-    if profiler is not None and profile is not None:
-        profiler.dump_stats(profile)
-        out.print(f"  profile of the sealed SDK stages written to {profile} (their figures are slowed by it)")
-        if not json_only:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    failed = [r for r in results if not r.ok]
-    ok = bool(results) and not failed
-    print_json_line("sdk", env, params, results, figures, ok=ok)
-    if not ok:
-        status.log(f"[red]missing or unacknowledged records in: {', '.join(r.stage for r in failed) or 'setup'}[/red]")
-        raise typer.Exit(1)
+    conclude("sdk", out, status, env, params, results, figures, failure="missing or unacknowledged records",
+             profiler=profiler, profile=profile, profiled="the sealed SDK stages", json_only=json_only, top=25)
 
 
 if __name__ == "__main__":
