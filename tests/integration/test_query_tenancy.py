@@ -21,9 +21,11 @@ from keel.domain.outcomes import to_events
 from keel.domain.aggregate import EMPTY as INITIAL, evolve_aggregate as evolve
 from keel.domain.deciding import decide
 from keel.errors import QueryError
+from keel.projector.clickhouse import connect
 from keel.projector.rows import Position, event_row
 from keel.projector.store import Batch, insert_batch
 from keel.query.run import QueryResult
+from keel.query.scope import prepared_scope, scoped_database
 from keel.query.service import QueryGate, execute
 from tests.plugins.analytics import migrated_database
 
@@ -218,3 +220,15 @@ def test_a_full_gate_refuses_instead_of_queueing(seeded: Settings) -> None:
 
     assert refused.value.code == "too_many_queries"
     assert execute(seeded, "SELECT 1", tenant="acme", limit=1, timeout_s=5, gate=gate).rows == ((1,),)
+
+
+def test_a_prepared_scope_is_reused_and_prepared_again_when_its_views_were_dropped(seeded: Settings) -> None:
+    key = (seeded.analytics_dsn, seeded.clickhouse_database, "acme")
+    as_acme(seeded, "SELECT 1")
+    with connect(seeded) as client:
+        assert prepared_scope(client, key)[1], "a second query prepared the tenant's scope again"
+        client.command(f"DROP DATABASE {scoped_database(seeded.clickhouse_database, 'acme')}")
+
+    again = as_acme(seeded, "SELECT DISTINCT tenant_id FROM events")
+
+    assert again.rows == (("acme",),)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 from clickhouse_connect.driver.binding import format_query_value, quote_identifier
@@ -82,6 +84,36 @@ def tenant_scope(admin: Client, base: str, tenant: str) -> Scope:
         raise InfraError(f"cannot prepare the query scope of tenant {tenant}: {exc}",
                          code="scope_unavailable") from exc
     return Scope(database=database, tables=tables, tenant=tenant)
+
+
+SCOPE_REUSE_S = 30.0
+"""How long a process reuses a tenant's prepared scope before it lists the projections and ensures the
+views again: a projection added meanwhile becomes queryable within this bound."""
+ScopeKey = tuple[str, str, str]
+"""The engine (its DSN), the base database and the tenant."""
+_prepared: dict[ScopeKey, tuple[float, Scope]] = {}
+_prepared_lock = threading.Lock()
+
+
+def prepared_scope(admin: Client, key: ScopeKey) -> tuple[Scope, bool]:
+    """The scope of ``key``'s tenant, and whether it was reused: ``tenant_scope`` asks the engine about
+    ten times (tables, database, a view per projection), which would otherwise cost every query."""
+    now = time.monotonic()
+    with _prepared_lock:
+        known = _prepared.get(key)
+    if known is not None and now - known[0] < SCOPE_REUSE_S:
+        return known[1], True
+    _, base, tenant = key
+    scope = tenant_scope(admin, base, tenant)
+    with _prepared_lock:
+        _prepared[key] = (now, scope)
+    return scope, False
+
+
+def forget_scope(key: ScopeKey) -> None:
+    """Prepare ``key``'s scope afresh next time (its database or views were dropped)."""
+    with _prepared_lock:
+        _prepared.pop(key, None)
 
 
 def _tables(client: Client, database: str) -> set[str]:
