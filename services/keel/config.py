@@ -8,17 +8,66 @@ the defaults.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field, model_validator
+from pydantic import ValidationError as PydanticError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from keel.errors import InfraError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CLUSTER_FILE = Path("kafka") / "cluster.json"
 """Under the data dir: the layout of the cluster ``keel up --brokers N`` started there (absent for
 the single broker). Settings read its bootstrap addresses and replication from it."""
+
+
+class RecordedNode(BaseModel):
+    """One node in ``cluster.json``."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    node_id: int = Field(ge=1)
+    port: int = Field(ge=1, le=65535)
+    controller_port: int = Field(ge=1, le=65535)
+
+
+class RecordedCluster(BaseModel):
+    """``cluster.json`` as ``keel.kafka.cluster`` writes it: the nodes, and the client settings they imply."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    host: str = Field(min_length=1)
+    cluster_id: str = Field(min_length=1)
+    nodes: tuple[RecordedNode, ...] = Field(min_length=1)
+    kafka_bootstrap: str = Field(min_length=1)
+    replication_factor: int = Field(ge=1)
+    min_insync_replicas: int = Field(ge=1)
+
+
+def recorded_cluster_file(data_dir: Path) -> RecordedCluster | None:
+    """The local cluster recorded under ``data_dir``, or ``None`` when there is none (the single broker).
+
+    Why a broken file is an error, not "no cluster": ignoring it would point every client and
+    ``keel up`` / ``status`` / ``down`` at the single broker while the cluster's nodes run on.
+    """
+    path = data_dir / LOCAL_CLUSTER_FILE
+    try:
+        return RecordedCluster.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = f"cannot be read ({exc.strerror})"
+    except PydanticError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        why = f"is not the layout of a local cluster ({where + ': ' if where else ''}{first['msg']})"
+    raise InfraError(
+        f"{path} {why}. It records the cluster `keel up --brokers N` started in {data_dir}: restore it, or stop "
+        f"the cluster's nodes (their PIDs are in {data_dir / 'kafka'}/node-*/broker.pid) and remove it (then "
+        "`keel down --wipe` deletes the nodes' data and `keel up --brokers N` starts a new cluster)",
+        code="cluster_layout_broken")
 
 
 class Settings(BaseSettings):
@@ -159,13 +208,11 @@ class Settings(BaseSettings):
         replicates as it can without extra variables; values set explicitly still win."""
         if not isinstance(data, dict):
             return data
-        layout = Path(data.get("data_dir") or cls.model_fields["data_dir"].default) / LOCAL_CLUSTER_FILE
-        try:
-            cluster = json.loads(layout.read_text())
-            defaults = {key: cluster[key] for key in ("kafka_bootstrap", "replication_factor", "min_insync_replicas")}
-        except (OSError, ValueError, KeyError, TypeError):
+        cluster = recorded_cluster_file(Path(data.get("data_dir") or cls.model_fields["data_dir"].default))
+        if cluster is None:
             return data
-        return {**defaults, **data}
+        return {**cluster.model_dump(include={"kafka_bootstrap", "replication_factor", "min_insync_replicas"}),
+                **data}
 
     @computed_field  # type: ignore[prop-decorator]
     @property

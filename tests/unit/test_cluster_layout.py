@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from keel.cli.main import main
 from keel.config import Settings
 from keel.errors import InfraError
 from keel.kafka.cluster import ClusterStatus, NodeStatus, layout_path, plan_cluster, recorded_cluster
@@ -34,6 +36,63 @@ def test_overlapping_ports_and_a_one_node_cluster_are_refused(tmp_path: Path) ->
     with pytest.raises(InfraError) as caught:
         plan_cluster(Settings(data_dir=tmp_path), 1)
     assert caught.value.code == "cluster_size"
+
+
+@pytest.mark.parametrize(("brokers", "advice"), [(2, "use --brokers 3,"), (4, "use --brokers 3 or 5,")])
+def test_an_even_cluster_is_refused_for_its_quorum(tmp_path: Path, brokers: int, advice: str) -> None:
+    with pytest.raises(InfraError) as caught:
+        plan_cluster(Settings(data_dir=tmp_path), brokers)
+    assert caught.value.code == "cluster_size"
+    assert f"need {brokers // 2 + 1} of them up to elect a leader" in caught.value.message
+    assert advice in caught.value.message
+    assert ("replication factor 3" in caught.value.message) is (brokers == 2)
+    assert len(plan_cluster(Settings(data_dir=tmp_path), 5).nodes) == 5
+
+
+def test_keel_up_refuses_two_brokers_before_starting_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KEEL_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["keel", "up", "--brokers", "2"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    assert "[cluster_size] 2 brokers" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("content", "what"), [
+    ("{\"host\": \"127.0.0.1\", ", "is not the layout of a local cluster (Invalid JSON"),
+    ("[]", "is not the layout of a local cluster (Input should be an object"),
+    ("{\"host\": \"127.0.0.1\", \"cluster_id\": \"x\", \"nodes\": []}",
+     "is not the layout of a local cluster (nodes: Tuple should have at least 1 item"),
+])
+def test_a_broken_cluster_file_is_a_clear_error(tmp_path: Path, content: str, what: str) -> None:
+    path = layout_path(Settings(data_dir=tmp_path))
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    for read in (lambda: Settings(data_dir=tmp_path), lambda: recorded_cluster(Settings.model_construct(
+            data_dir=tmp_path))):
+        with pytest.raises(InfraError) as caught:
+            read()
+        assert caught.value.code == "cluster_layout_broken"
+        assert caught.value.message.startswith(f"{path} {what}"), caught.value.message
+        assert "node-*/broker.pid) and remove it" in caught.value.message
+
+
+@pytest.mark.parametrize("command", [["status"], ["down"]])
+def test_keel_status_and_down_say_the_cluster_file_is_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             command: list[str]) -> None:
+    path = tmp_path / "kafka" / "cluster.json"
+    path.parent.mkdir()
+    path.write_text("{not json")
+    monkeypatch.setenv("KEEL_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["keel", *command])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "Traceback" not in err
+    assert err.startswith(f"error [cluster_layout_broken] {path} is not the layout of a local cluster"), err
 
 
 def test_settings_follow_a_recorded_cluster_unless_set_explicitly(tmp_path: Path) -> None:

@@ -90,8 +90,9 @@ def relay(track: Annotated[bool, typer.Option(help="Also track command statuses 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     metrics.start(settings, "relay")
-    readiness.install(readiness.Readiness({"outbox": readiness.outbox(store.db),
-                                           "broker": readiness.broker(settings.bootstrap_servers)}))
+    readiness.install(readiness.Readiness({  # with the broker away, /readyz also tells what waits in the outbox
+        "outbox": readiness.outbox(store.db),
+        "broker": readiness.broker(settings.bootstrap_servers, readiness.outbox_backlog(store.db))}))
     workers: list[Any] = [Relay(store, settings, ingress)]
     if track:
         workers.append(StatusTracker(store, settings))

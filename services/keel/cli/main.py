@@ -26,7 +26,15 @@ from keel.cli.files import read_text
 from keel.config import Settings
 from keel.errors import InfraError, KeelError, ValidationError
 from keel.kafka.broker import broker_status, platform_auth, reset_broker, start_broker, stop_broker
-from keel.kafka.cluster import cluster_status, layout_path, plan_cluster, recorded_cluster, start_cluster, stop_cluster
+from keel.kafka.cluster import (
+    cluster_status,
+    layout_path,
+    plan_cluster,
+    recorded_cluster,
+    require_quorum_size,
+    start_cluster,
+    stop_cluster,
+)
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics, topics_admin
 
@@ -52,8 +60,9 @@ def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker(
        secure: bool = typer.Option(False, help="SASL/SCRAM and ACLs (StandardAuthorizer); needs a fresh data dir; "
                                    "single broker only."),
        brokers: int | None = typer.Option(
-           None, min=1, help="Start a local KRaft cluster of N brokers instead (each also a controller; 3 gives "
-           "RF 3 and min.insync.replicas 2). Node i listens on KEEL_KAFKA_PORT+2(i-1) and "
+           None, min=1, help="Start a local KRaft cluster of N brokers instead: 3, 5, 7… (each also a controller, "
+           "so an even N survives no more lost nodes than N-1; 3 gives RF 3 and min.insync.replicas 2); 1 is the "
+           "single broker. Node i listens on KEEL_KAFKA_PORT+2(i-1) and "
            "KEEL_KAFKA_CONTROLLER_PORT+2(i-1) and keeps its data in <data dir>/kafka/node-<i>; every client of this "
            "data dir then bootstraps from all nodes. Without it: the single broker, or the cluster the data dir "
            "already holds."),
@@ -61,6 +70,8 @@ def up(timeout: float = typer.Option(None, help="Seconds to wait for the broker(
     """Start the local Kafka broker, or cluster (a no-op when it already serves), and apply the topics.
 
     `keel up --brokers 3`: three brokers, RF 3, min.insync.replicas 2 (docs/operations.md, "A 3-broker cluster")."""
+    if brokers is not None and brokers != 1:
+        require_quorum_size(brokers)  # before anything starts
     settings = Settings()
     if timeout is not None:
         settings = settings.model_copy(update={"kafka_start_timeout_s": timeout})

@@ -159,7 +159,8 @@ def create_app(settings: Settings, ingress: IngressSettings) -> Metered:
                                   name="controls-start", daemon=True)
         reader.start()
         app.state.readiness = readiness.install(readiness.Readiness({  # /readyz: what a command needs
-            "outbox": readiness.outbox(db), "broker": readiness.broker(settings.bootstrap_servers),
+            "outbox": readiness.outbox(db), "broker": readiness.broker(settings.bootstrap_servers,
+                                                                       readiness.outbox_backlog(db)),
             "controls": readiness.flag(app.state.controls_read, "the controls topic is not read to its end yet")}))
         catalog()  # the domains' command schemas, built once before the first GET /v1/actions
         gc.freeze()  # start-up objects live as long as the process: full collections skip them

@@ -33,7 +33,7 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata  # type: ignore[attr-defined]
 
-from keel.config import LOCAL_CLUSTER_FILE, Settings
+from keel.config import LOCAL_CLUSTER_FILE, Settings, recorded_cluster_file
 from keel.errors import InfraError
 from keel.kafka.broker import (
     BrokerPaths,
@@ -168,25 +168,41 @@ def node_paths(settings: Settings, node_id: int) -> BrokerPaths:
 
 
 def recorded_cluster(settings: Settings) -> ClusterLayout | None:
-    """The cluster recorded in the data dir, or ``None`` when it holds (at most) the single broker."""
-    try:
-        document = json.loads(layout_path(settings).read_text())
-    except FileNotFoundError:
+    """The cluster recorded in the data dir, or ``None`` when it holds (at most) the single broker; a broken
+    record is an ``InfraError`` (``cluster_layout_broken``) saying what is wrong and what to do."""
+    recorded = recorded_cluster_file(settings.data_dir)
+    if recorded is None:
         return None
-    except ValueError as exc:
-        raise InfraError(f"{layout_path(settings)} is not JSON ({exc}); `keel down --wipe` deletes the cluster",
-                         code="cluster_layout_broken") from exc
-    return ClusterLayout(document["host"], document["cluster_id"],
-                         tuple(Node(n["node_id"], n["port"], n["controller_port"]) for n in document["nodes"]))
+    return ClusterLayout(recorded.host, recorded.cluster_id,
+                         tuple(Node(n.node_id, n.port, n.controller_port) for n in recorded.nodes))
+
+
+def require_quorum_size(brokers: int) -> None:
+    """Refuse a cluster whose size buys nothing: every node is a controller, and the quorum needs a majority.
+
+    An even count survives no more lost nodes than one node fewer (2 survives none, 4 one, as 3 does),
+    and on 2 nodes replication factor 3 and ``min.insync.replicas`` 2 cannot hold: one node down
+    stops every write. So a local cluster has 3, 5, 7… nodes; 1 is the single broker.
+    """
+    if brokers >= 3 and brokers % 2 == 1:
+        return
+    if brokers < 2:
+        raise InfraError(f"a cluster has 3, 5, 7… brokers, not {brokers}; `keel up` alone starts the single broker",
+                         code="cluster_size")
+    survives = (brokers - 1) // 2
+    odd = " or ".join(str(n) for n in sorted({max(3, brokers - 1), brokers + 1}))
+    raise InfraError(
+        f"{brokers} brokers (each also a KRaft controller) need {brokers // 2 + 1} of them up to elect a leader, so "
+        f"they survive the loss of {survives} node{'' if survives == 1 else 's'}, no more than {brokers - 1} would"
+        + (", and replication factor 3 with min.insync.replicas 2 needs 3 nodes" if brokers == 2 else "")
+        + f"; use --brokers {odd}, or leave --brokers out for the single broker", code="cluster_size")
 
 
 def plan_cluster(settings: Settings, brokers: int,
                  ports: Sequence[tuple[int, int]] | None = None) -> ClusterLayout:
     """A new layout of ``brokers`` nodes: ``ports`` (client, controller) per node, or the defaults from
     ``KEEL_KAFKA_PORT`` and ``KEEL_KAFKA_CONTROLLER_PORT`` in steps of two."""
-    if brokers < 2:
-        raise InfraError("a cluster has at least 2 brokers; `keel up` alone starts the single broker",
-                         code="cluster_size")
+    require_quorum_size(brokers)
     ports = list(ports) if ports is not None else [
         (settings.kafka_port + 2 * i, settings.kafka_controller_port + 2 * i) for i in range(brokers)]
     if len(ports) != brokers:

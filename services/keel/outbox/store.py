@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import groupby
 
 from keel.effects.progress import EffectState
@@ -161,6 +162,11 @@ class OutboxStore:
                 "WHERE published_at IS NULL ORDER BY seq LIMIT ?", (limit,))
         return [PendingRow(seq=r[0], command_id=uuid.UUID(r[1]), key=r[2], value=bytes(r[3])) for r in rows]
 
+    def backlog(self) -> Backlog:
+        """What waits for Kafka now (``backlog``)."""
+        with self.db.transaction() as cursor:
+            return backlog(cursor)
+
     def mark_published(self, command_ids: Iterable[uuid.UUID]) -> int:
         """Record Kafka's acknowledgement; an outcome already tracked keeps its status."""
         ids = [str(i) for i in command_ids]
@@ -238,6 +244,37 @@ class OutboxStore:
         with self.db.transaction() as cursor:
             cursor.execute("UPDATE keel_leases SET expires_at = 0 WHERE name = ? AND holder = ?",
                            (name, holder))
+
+
+BACKLOG_CAP = 100_000
+"""Unsent rows a backlog counts at most: counting stays cheap however long an outage lasts."""
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The commands accepted but not yet acknowledged by Kafka: what an outage holds back."""
+
+    unsent: int
+    """Counted up to ``BACKLOG_CAP``; more when ``capped``."""
+    capped: bool
+    oldest_at: float | None
+    """When the first of them in relay order was accepted (epoch seconds)."""
+
+    def describe(self, now: float) -> str:
+        """One phrase for logs and probes, e.g. ``37 commands wait in the outbox, the oldest for 12 s``."""
+        if not self.unsent or self.oldest_at is None:
+            return "no command waits in the outbox"
+        count = f"more than {self.unsent}" if self.capped else str(self.unsent)
+        waits = "command waits" if count == "1" else "commands wait"
+        return f"{count} {waits} in the outbox, the oldest for {max(0.0, now - self.oldest_at):.0f} s"
+
+
+def backlog(cursor: Cursor) -> Backlog:
+    """The outbox's backlog, read on ``cursor``: both queries walk the partial index of unsent rows."""
+    counted = int(cursor.query("SELECT count(*) FROM (SELECT 1 FROM keel_outbox WHERE published_at IS NULL "
+                               "LIMIT ?) AS unsent", (BACKLOG_CAP + 1,))[0][0])
+    oldest = cursor.query("SELECT created_at FROM keel_outbox WHERE published_at IS NULL ORDER BY seq LIMIT 1")
+    return Backlog(min(counted, BACKLOG_CAP), counted > BACKLOG_CAP, float(oldest[0][0]) if oldest else None)
 
 
 _COLUMNS = ("command_id, tenant_id, aggregate_key, command_type, actor, request_hash, value, status, "

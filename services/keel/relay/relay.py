@@ -11,6 +11,12 @@ holder that wakes after a takeover may publish rows again; they are exact duplic
 commands the processor dedupes by id, and each aggregate's order is kept because a relay
 always publishes an aggregate's unpublished rows in ``seq`` order on one idempotent producer.
 
+Why an outage is a state, not a stream of warnings: while Kafka does not acknowledge, every
+round fails after ``KEEL_RELAY_DELIVERY_TIMEOUT_S`` and its rows stay unpublished for the next.
+The relay says so once (what failed, how many commands wait in the outbox, how often it
+retries), reminds every ``REMIND_S``, and says once when Kafka acknowledges again;
+librdkafka's own line per refused or dropped connection, several a second, is left out.
+
 The lease holder also applies the outbox's retention (``KEEL_OUTBOX_RETENTION_S``): once a
 minute it deletes published commands older than that, one batch per round while a backlog lasts.
 """
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 LEASE = "relay"
 PRUNE_BATCH = 5_000  # rows per retention transaction: short, so the gateway's inserts never wait long
 PRUNE_EVERY_S = 60.0
+RETRY_S = 1.0  # pause after a round Kafka did not acknowledge (the round itself waited the delivery timeout)
+REMIND_S = 60.0  # while Kafka stays away, how often the relay says so again
 
 
 @dataclass
@@ -58,6 +66,8 @@ class RelayStats:
     standby_rounds: int = 0
     pruned: int = 0
     last_error: str | None = None
+    outage_since: float | None = None
+    """When the current run of rounds Kafka did not acknowledge began (monotonic), if one runs."""
 
 
 class Relay:
@@ -75,7 +85,9 @@ class Relay:
         self.metrics = LoopMetrics("relay")
         timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
         self._producer = Producer(producer_config(
-            settings, **{"message.timeout.ms": timeout_ms}))
+            settings, **{"message.timeout.ms": timeout_ms, "logger": _KAFKA_LOG}))
+        self._bootstrap = settings.bootstrap_servers
+        self._reminded = 0.0  # monotonic time the outage was last reported
         # Traced: one publish span per row, in the trace its envelope's ``traceparent`` names.
         self._spans = PublishSpans(self.topic, EnvelopeCodec()) if tracing.enabled() else None
 
@@ -96,12 +108,42 @@ class Relay:
         rows = self.store.unsent(self.ingress.relay_batch_size)
         if not rows:
             return 0
-        delivered = self._publish(rows)
+        delivered, failure = self._publish(rows)
         self.store.mark_published(delivered)
         self.stats.published += len(delivered)
         self.metrics.batch(len(rows), time.perf_counter() - started)
         RELAYED.inc(len(delivered))
+        if failure is not None:
+            self._undelivered(*failure)
+        elif self.stats.outage_since is not None:
+            self._delivered_again(self.stats.outage_since)
         return len(delivered)
+
+    def _undelivered(self, first: PendingRow, error: str) -> None:
+        """Report a round Kafka did not acknowledge (``first`` failed row, its error): at the outage's
+        start, then every ``REMIND_S``."""
+        now = time.monotonic()
+        if self.stats.outage_since is not None and now - self._reminded < REMIND_S:
+            return
+        started, self._reminded = self.stats.outage_since, now
+        backlog = self.store.backlog().describe(time.time())
+        retry = f"retrying every {self.ingress.relay_delivery_timeout_s + RETRY_S:.0f} s"
+        first_failed = {"holder": self.holder, "tenant_id": first.key.split("/", 1)[0],
+                        "command_id": str(first.command_id)}
+        if started is None:
+            self.stats.outage_since = now
+            log.warning("Kafka at %s does not acknowledge the outbox's commands (%s): %s; they stay there, %s",
+                        self._bootstrap, error, backlog, retry, extra=first_failed)
+        else:
+            log.warning("Kafka at %s still does not acknowledge the outbox's commands after %.0f s (%s): %s; %s",
+                        self._bootstrap, now - started, error, backlog, retry, extra=first_failed)
+
+    def _delivered_again(self, since: float) -> None:
+        """End the outage that began at ``since``: say how long it lasted and what is left to catch up on."""
+        self.stats.outage_since = None
+        log.info("Kafka at %s acknowledges the outbox's commands again after %.0f s; catching up: %s",
+                 self._bootstrap, time.monotonic() - since, self.store.backlog().describe(time.time()),
+                 extra={"holder": self.holder})
 
     def _prune(self) -> None:
         """One batch of what the retention lets go; a full batch means more, next round."""
@@ -118,7 +160,8 @@ class Relay:
             while not stop.is_set():
                 try:
                     if self.run_once() == 0:
-                        stop.wait(self.ingress.relay_poll_interval_s)
+                        stop.wait(RETRY_S if self.stats.outage_since is not None
+                                  else self.ingress.relay_poll_interval_s)
                 except Exception as exc:  # noqa: BLE001 - an outage must not kill the relay
                     log.warning("relay round failed: %s", exc, extra={"holder": self.holder})
                     self.stats.last_error = str(exc)
@@ -128,8 +171,9 @@ class Relay:
             self.store.release_lease(LEASE, self.holder)
             self._producer.flush(self.ingress.relay_delivery_timeout_s)
 
-    def _publish(self, rows: list[PendingRow]) -> list[uuid.UUID]:
-        """Produce rows in ``seq`` order and wait for every report; returns the acknowledged ids.
+    def _publish(self, rows: list[PendingRow]) -> tuple[list[uuid.UUID], tuple[PendingRow, str] | None]:
+        """Produce rows in ``seq`` order and wait for every report; returns the acknowledged ids and,
+        if any row failed, the first of them with its error.
 
         A row after a failed row of the same aggregate is not marked either: the next round
         sends both again in order, and the processor drops the duplicate by command id.
@@ -163,12 +207,11 @@ class Relay:
             self._producer.flush(1.0)
             self.store.acquire_lease(LEASE, self.holder, self.ingress.relay_lease_ttl_s)  # slow Kafka: keep it
         if not failed:
-            return [row.command_id for row in rows]
+            return [row.command_id for row in rows], None
         self.stats.failed += len(failed)
         RELAY_FAILED.inc(len(failed))
         first = next(row for row in rows if row.command_id in failed)
-        log.warning("%d outbox row(s) were not delivered; first: %s", len(failed), failed[first.command_id],
-                    extra={"tenant_id": first.key.split("/", 1)[0], "command_id": str(first.command_id)})
+        self.stats.last_error = failed[first.command_id]
         blocked: set[str] = set()
         delivered = []
         for row in rows:
@@ -176,8 +219,20 @@ class Relay:
                 blocked.add(row.key)
             else:
                 delivered.append(row.command_id)
-        return delivered
+        return delivered, (first, failed[first.command_id])
 
     def close(self) -> None:
         """Flush what is in flight (its rows stay unpublished if it fails)."""
         self._producer.flush(self.ingress.relay_delivery_timeout_s)
+
+
+class _WithoutRefusals(logging.Filter):
+    """Drops librdkafka's line per refused or dropped broker connection: the relay reports the outage itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Connection refused" in message or "Disconnected" in message or "brokers are down" in message)
+
+
+_KAFKA_LOG = logging.getLogger("keel.relay.kafka")
+_KAFKA_LOG.addFilter(_WithoutRefusals())

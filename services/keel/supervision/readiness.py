@@ -14,10 +14,12 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
-from keel.outbox.db import Database, SQLiteDatabase
+from keel.outbox.db import Cursor, Database, SQLiteDatabase
+from keel.outbox.store import Backlog, backlog
 from keel.supervision.progress import Progress
 from keel.supervision.resilient import broker_answers
 
@@ -60,12 +62,13 @@ class Readiness:
                  stale_after_s: float = STALE_AFTER_S) -> None:
         self.checks, self.interval_s, self.stale_after_s = dict(checks), interval_s, stale_after_s
         self._last = NOT_CHECKED
+        self._failing: list[str] | None = None  # the checks that failed when a verdict was last logged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> Verdict:
         """Run every check now (a check that raises is a reason too) and keep the result."""
-        reasons = []
+        reasons, failing = [], []
         for name, check in self.checks.items():
             try:
                 why = check()
@@ -73,11 +76,14 @@ class Readiness:
                 why = f"check failed: {exc}"
             if why is not None:
                 reasons.append(f"{name}: {why}")
+                failing.append(name)
         verdict = Verdict(tuple(reasons), time.monotonic())
-        if verdict.reasons != self._last.reasons and verdict.ready:
-            log.info("ready")
-        elif verdict.reasons != self._last.reasons:
-            log.info("not ready: %s", "; ".join(verdict.reasons))
+        if failing != self._failing:  # a reason's moving figures (an outage's backlog) are no new state
+            self._failing = failing
+            if failing:
+                log.info("not ready: %s", "; ".join(verdict.reasons))
+            else:
+                log.info("ready")
         self._last = verdict
         return verdict
 
@@ -110,32 +116,60 @@ class Readiness:
 # -- checks -------------------------------------------------------------------------------
 
 
-def broker(bootstrap: str) -> Check:
-    """Some bootstrap server accepts a connection (cheap: no Kafka request, no client state)."""
-    return lambda: None if broker_answers(bootstrap, CHECK_TIMEOUT_S) else f"no broker answers at {bootstrap}"
+def broker(bootstrap: str, waiting: Callable[[], Backlog] | None = None) -> Check:
+    """Some bootstrap server accepts a connection (cheap: no Kafka request, no client state).
+
+    While none does, the reason also tells what the outage holds back in the outbox
+    (``waiting``, read only then), so a probe shows whether commands pile up behind it.
+    """
+    def check() -> str | None:
+        if broker_answers(bootstrap, CHECK_TIMEOUT_S):
+            return None
+        why = f"no broker answers at {bootstrap}"
+        if waiting is None:
+            return why
+        try:
+            return f"{why}; {waiting().describe(time.time())}"
+        except Exception:  # noqa: BLE001 - the outbox check reports its own failure
+            return why
+    return check
 
 
 def outbox(db: Database) -> Check:
     """The outbox database answers a query (on this thread's own connection, so no request waits for it)."""
+    sqlite = db.path if isinstance(db, SQLiteDatabase) else None
+
     def check() -> str | None:
-        if isinstance(db, SQLiteDatabase):  # a read on a fresh connection: never the writers' lock
-            try:
-                connection = sqlite3.connect(f"{db.path.absolute().as_uri()}?mode=rw", uri=True,
-                                             timeout=CHECK_TIMEOUT_S)
-                try:
-                    connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                finally:
-                    connection.close()
-            except sqlite3.Error as exc:
-                return f"the outbox database {db.path} cannot be read: {exc}"
-            return None
         try:
-            with db.transaction() as cursor:
-                cursor.query("SELECT 1")
+            with _reading(db) as cursor:
+                cursor.query("SELECT 1" if sqlite is None else "SELECT count(*) FROM sqlite_master")
+        except sqlite3.Error as exc:  # the fresh SQLite connection's own error, untranslated
+            return f"the outbox database {sqlite} cannot be read: {exc}"
         except Exception as exc:  # noqa: BLE001 - InfraError, or any driver error: not ready
             return str(exc).splitlines()[0]
         return None
     return check
+
+
+def outbox_backlog(db: Database) -> Callable[[], Backlog]:
+    """What waits in the outbox for Kafka, read as the outbox check reads (never behind the writers)."""
+    def read() -> Backlog:
+        with _reading(db) as cursor:
+            return backlog(cursor)
+    return read
+
+
+@contextmanager
+def _reading(db: Database) -> Iterator[Cursor]:
+    """A cursor for reads: on SQLite a fresh connection, which never takes the writers' lock; else the
+    checker thread's own transaction."""
+    if not isinstance(db, SQLiteDatabase):
+        with db.transaction() as cursor:
+            yield cursor
+        return
+    with closing(sqlite3.connect(f"{db.path.absolute().as_uri()}?mode=rw", uri=True,
+                                 timeout=CHECK_TIMEOUT_S)) as connection:
+        yield Cursor(connection.cursor(), postgres=False)
 
 
 def flag(is_set: threading.Event, why_not: str) -> Check:
