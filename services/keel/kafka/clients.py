@@ -7,6 +7,8 @@ as the configured SASL principal when one is set (``keel up --secure``).
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any
 
 from keel.config import Settings
@@ -82,4 +84,22 @@ def follower_config(settings: Settings, group_id: str) -> dict[str, Any]:
     worker, forever (~13 % of a broker core). 100 ms bounds what the first read of an
     empty topic waits for its end-of-partition events.
     """
-    return consumer_config(settings, group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 100})
+    return consumer_config(settings, group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 100,
+                                                  "logger": outage_quiet_logger("keel.kafka.follower")})
+
+
+class _WithoutRefusals(logging.Filter):
+    """Drops librdkafka's line per refused or dropped broker connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Connection refused" in message or "Disconnected" in message or "brokers are down" in message)
+
+
+def outage_quiet_logger(name: str) -> logging.Logger:
+    """The logger ``name`` for a client's librdkafka lines, without its line per refused or dropped connection:
+    several a second through an outage, which the service reports once itself (its log, ``/readyz``)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _WithoutRefusals) for f in logger.filters):
+        logger.addFilter(_WithoutRefusals())
+    return logger

@@ -15,7 +15,8 @@ Why an outage is a state, not a stream of warnings: while Kafka does not acknowl
 round fails after ``KEEL_RELAY_DELIVERY_TIMEOUT_S`` and its rows stay unpublished for the next.
 The relay says so once (what failed, how many commands wait in the outbox, how often it
 retries), reminds every ``REMIND_S``, and says once when Kafka acknowledges again;
-librdkafka's own line per refused or dropped connection, several a second, is left out.
+librdkafka's own line per refused or dropped connection, several a second, is left out
+(``keel.kafka.clients.outage_quiet_logger``).
 
 The lease holder also applies the outbox's retention (``KEEL_OUTBOX_RETENTION_S``): once a
 minute it deletes published commands older than that, one batch per round while a backlog lasts.
@@ -37,7 +38,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.gateway.settings import IngressSettings
-from keel.kafka.clients import producer_config
+from keel.kafka.clients import outage_quiet_logger, producer_config
 from keel.kafka.topics import Topic, topic_name
 from keel.observability import tracing
 from keel.observability.batches import LoopMetrics
@@ -85,7 +86,7 @@ class Relay:
         self.metrics = LoopMetrics("relay")
         timeout_ms = int(ingress.relay_delivery_timeout_s * 1000)
         self._producer = Producer(producer_config(
-            settings, **{"message.timeout.ms": timeout_ms, "logger": _KAFKA_LOG}))
+            settings, **{"message.timeout.ms": timeout_ms, "logger": outage_quiet_logger("keel.relay.kafka")}))
         self._bootstrap = settings.bootstrap_servers
         self._reminded = 0.0  # monotonic time the outage was last reported
         # Traced: one publish span per row, in the trace its envelope's ``traceparent`` names.
@@ -225,14 +226,3 @@ class Relay:
         """Flush what is in flight (its rows stay unpublished if it fails)."""
         self._producer.flush(self.ingress.relay_delivery_timeout_s)
 
-
-class _WithoutRefusals(logging.Filter):
-    """Drops librdkafka's line per refused or dropped broker connection: the relay reports the outage itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("Connection refused" in message or "Disconnected" in message or "brokers are down" in message)
-
-
-_KAFKA_LOG = logging.getLogger("keel.relay.kafka")
-_KAFKA_LOG.addFilter(_WithoutRefusals())
