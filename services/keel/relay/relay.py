@@ -89,6 +89,7 @@ class Relay:
             settings, **{"message.timeout.ms": timeout_ms, "logger": outage_quiet_logger("keel.relay.kafka")}))
         self._bootstrap = settings.bootstrap_servers
         self._reminded = 0.0  # monotonic time the outage was last reported
+        self._failure_reported = 0.0  # monotonic time a failed round was last reported
         # Traced: one publish span per row, in the trace its envelope's ``traceparent`` names.
         self._spans = PublishSpans(self.topic, EnvelopeCodec()) if tracing.enabled() else None
 
@@ -164,13 +165,21 @@ class Relay:
                         stop.wait(RETRY_S if self.stats.outage_since is not None
                                   else self.ingress.relay_poll_interval_s)
                 except Exception as exc:  # noqa: BLE001 - an outage must not kill the relay
-                    log.warning("relay round failed: %s", exc, extra={"holder": self.holder})
-                    self.stats.last_error = str(exc)
-                    stop.wait(1.0)
+                    self._round_failed(exc)
+                    stop.wait(RETRY_S)
         finally:
             RELAY_LEASE.set(0)
             self.store.release_lease(LEASE, self.holder)
             self._producer.flush(self.ingress.relay_delivery_timeout_s)
+
+    def _round_failed(self, exc: Exception) -> None:
+        """Report a round that failed before Kafka (the outbox away, most often): when the error changes,
+        then every ``REMIND_S``, not once a second."""
+        now, error = time.monotonic(), str(exc)
+        if error != self.stats.last_error or now - self._failure_reported >= REMIND_S:
+            self._failure_reported = now
+            log.warning("relay round failed: %s; retrying every %.0f s", error, RETRY_S, extra={"holder": self.holder})
+        self.stats.last_error = error
 
     def _publish(self, rows: list[PendingRow]) -> tuple[list[uuid.UUID], tuple[PendingRow, str] | None]:
         """Produce rows in ``seq`` order and wait for every report; returns the acknowledged ids and,
