@@ -86,9 +86,9 @@ def compose(envelope: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]
     """The envelope schema with its payload field typed by ``payload``."""
     message = copy.deepcopy(envelope)
     message["name"] = f"{payload['name']}Message"
-    for field in message["fields"]:
-        if field["name"] == "payload":
-            field["type"] = payload
+    for entry in message["fields"]:
+        if entry["name"] == "payload":
+            entry["type"] = payload
     return message
 
 
