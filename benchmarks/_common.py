@@ -123,9 +123,12 @@ def environment(settings: Settings, admin: AdminClient) -> dict[str, Any]:
 # -- topics and groups ------------------------------------------------------------------
 
 
-def create_topics(admin: AdminClient, names: Iterable[str], partitions: int) -> None:
-    """Create fresh topics (replication factor 1, the local broker has one node)."""
-    futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names], operation_timeout=30)
+def create_topics(admin: AdminClient, names: Iterable[str], partitions: int, replication_factor: int = 1) -> None:
+    """Create fresh topics; replication factor 1 suits the single local broker, a cluster's run
+    passes its own so the raw baseline replicates like Keel's topics (``min.insync.replicas``
+    is the broker's default)."""
+    futures = admin.create_topics([NewTopic(n, partitions, replication_factor) for n in names],
+                                  operation_timeout=30)
     for future in futures.values():
         future.result()
 
