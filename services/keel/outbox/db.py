@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
 
@@ -206,21 +206,25 @@ class SQLiteDatabase(Database):
                 connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _lock_file(self) -> int:
-        """This thread's descriptor of ``<db>.lock`` (``flock`` excludes per open file, so per thread)."""
-        descriptor: int | None = getattr(self._local, "lock", None)
-        if descriptor is None:
-            descriptor = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            self._local.lock = descriptor
-        return descriptor
+        """This thread's descriptor of ``<db>.lock`` (``flock`` excludes per open file, so per thread).
+
+        Held as a file object, which closes its descriptor when the thread ends and its locals go:
+        a bare descriptor outlived every pool thread that wrote once, one per thread for ever.
+        """
+        lock: BinaryIO | None = getattr(self._local, "lock", None)
+        if lock is None:
+            lock = open(os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+b", buffering=0)
+            self._local.lock = lock
+        return lock.fileno()
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.close()
             self._local.connection = None
-        descriptor = getattr(self._local, "lock", None)
-        if descriptor is not None:
-            os.close(descriptor)
+        lock = getattr(self._local, "lock", None)
+        if lock is not None:
+            lock.close()
             self._local.lock = None
 
 
