@@ -99,6 +99,10 @@ console = status_console(False)
 # -- the workload -----------------------------------------------------------------------
 
 
+Tokens = dict[tuple[str, str], str]
+"""API keys by (tenant, actor id)."""
+
+
 class Workload:
     """The commands of one stage: command i is a step of some subscription's story, for some tenant.
 
@@ -106,7 +110,7 @@ class Workload:
     causation id back to its command without a lookup table, and bodies are built when sent.
     """
 
-    def __init__(self, count: int, rate: float, tokens: dict[tuple[str, str], str]) -> None:
+    def __init__(self, count: int, rate: float, tokens: Tokens) -> None:
         self.count = count
         self.group = max(100, int(rate * GROUP_SECONDS))
         self.prefix = uuid.uuid4().hex[:8] + "-" + uuid.uuid4().hex[:4] + "-4" + uuid.uuid4().hex[:3]
@@ -153,6 +157,10 @@ class Workload:
             payload = payloads[step]
             kind = ("", "IssueRefund", "IssueRefund", "SendEmail", "CancelSubscription")[step]
             body = {**by_agent, "type": kind, "payload": payload}
+        return self.post(tenant, actor, body)
+
+    def post(self, tenant: str, actor: str, body: dict[str, Any]) -> bytes:
+        """The whole HTTP request posting ``body`` with the key of ``actor`` of ``tenant``."""
         data = json.dumps(body, separators=(",", ":")).encode()
         return (b"POST /v1/commands HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
                 b"Authorization: Bearer " + self.tokens[(tenant, actor)].encode()
@@ -435,6 +443,8 @@ class Deployment:
     """Services that ended during the run (and were started again), with the error they logged last."""
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     analyst_tokens: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """``KEEL_*`` settings every service gets on top of the run's own."""
 
     @property
     def dsn(self) -> str:
@@ -461,7 +471,8 @@ class Deployment:
         env = {**os.environ, "KEEL_TOPIC_PREFIX": self.settings.topic_prefix,
                "KEEL_TOPIC_PARTITIONS": str(self.settings.topic_partitions),
                "KEEL_KAFKA_BOOTSTRAP": self.settings.bootstrap_servers, "KEEL_DATA_DIR": str(self.settings.data_dir),
-               "KEEL_OUTBOX_DSN": self.dsn, "KEEL_GATEWAY_KEY_CACHE_S": "30", "KEEL_LOG_LEVEL": "WARNING"}
+               "KEEL_OUTBOX_DSN": self.dsn, "KEEL_GATEWAY_KEY_CACHE_S": "30", "KEEL_LOG_LEVEL": "WARNING",
+               **self.extra_env}
         services = {"gateway": ["gateway", "--port", str(self.port), "--workers", str(self.gateway_workers)],
                     "relay": ["relay"], "projector": ["project", "--follow"],
                     # supervised, as in production: a worker its watchdog ends is started again
@@ -694,8 +705,9 @@ class Harness:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-    def _new_run(self, count: int, rate: float) -> StageRun:
-        run = StageRun(Workload(count, rate, self.deployment.tokens), rate, tuple(p.name for p in self.pollers))
+    def new_run(self, count: int, rate: float, workload: Callable[[int, float, Tokens], Workload] = Workload
+                ) -> StageRun:
+        run = StageRun(workload(count, rate, self.deployment.tokens), rate, tuple(p.name for p in self.pollers))
         for poller in self.pollers:
             poller.watch(run)
         self.runs.append(run)
@@ -714,7 +726,7 @@ class Harness:
 
     def warm_up(self, commands: int) -> None:
         """Send a few stories slowly and wait until each is queryable: every hop works, scopes exist."""
-        run = self._new_run(commands, 200.0)
+        run = self.new_run(commands, 200.0)
         asyncio.run_coroutine_threadsafe(open_loop(self.deployment.port, run, 4, self.stop), self.loop).result()
         accepted = run.accepted()
         if accepted < commands:
@@ -732,7 +744,7 @@ class Harness:
         """Offer ``rate`` commands/s for ``seconds``, polling the engine every ``poll_s``; rates and CPU
         over the window after the first 20 %."""
         self.pollers[0].interval_s = poll_s
-        run = self._new_run(int(rate * seconds), rate)
+        run = self.new_run(int(rate * seconds), rate)
         pids = self._pids
         os.sync()  # the writeback of what came before would land in the window
         marks, marked = [(len(p.cycles), len(p.spans)) for p in self.pollers], time.perf_counter()
