@@ -8,13 +8,16 @@ unique name and is deleted at the end, so runs can overlap with tests and with e
 
 from __future__ import annotations
 
+import atexit
 import cProfile
 import json
 import os
 import pstats
 import platform
 import re
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -48,6 +51,25 @@ LEAD = DelegationLink(actor=Actor(kind=ActorKind.HUMAN, id="jane.lead"), reason=
 def unique_prefix(benchmark: str) -> str:
     """A topic/group prefix no other run uses."""
     return f"bench-{benchmark}-{uuid.uuid4().hex[:8]}"
+
+
+def private_keys() -> None:
+    """Give this benchmark, and every process it starts, a throwaway master key and key store.
+
+    The processor and the SDK seal personal fields as in production, so they create data keys;
+    without this they would go to the user's ``.keel/keys.db`` (and trip the test suite's guard on
+    it). Set through the ``KEEL_*`` variables child processes inherit; a key setting the user made
+    wins. The folder is removed when the benchmark ends.
+    """
+    if os.environ.get("KEEL_MASTER_KEY_FILE") or os.environ.get("KEEL_KEYSTORE_DSN"):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="bench-keys-"))
+    atexit.register(shutil.rmtree, folder, True)
+    master = folder / "master.key"
+    master.write_bytes(os.urandom(32))
+    master.chmod(0o600)
+    os.environ["KEEL_MASTER_KEY_FILE"] = str(master)
+    os.environ["KEEL_KEYSTORE_DSN"] = f"sqlite:///{folder / 'keys.db'}"
 
 
 # -- the reference workload -------------------------------------------------------------

@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _common import (
+    private_keys,
     AGENT,
     BILLING,
     LEAD,
@@ -694,6 +695,7 @@ def main(
                                                    "(slows it)."),
 ) -> None:
     """Measure the effect worker against the processor and a raw HTTP client; print the figures."""
+    private_keys()
     folder = register_domains()
     settings = Settings()
     admin = AdminClient(admin_config(settings))

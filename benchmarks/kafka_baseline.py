@@ -35,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
 from _common import (
+    private_keys,
     STORY_LENGTH,
     TENANTS,
     BatchClock,
@@ -360,6 +361,7 @@ def main(
                                 "batch span processor, every span sampled, exported to nowhere (no network)."),
 ) -> None:
     """Measure raw Kafka rates and the command processor on the local broker; print them."""
+    private_keys()
     settings = Settings()
     admin = AdminClient(admin_config(settings))
     status = status_console(json_only)

@@ -54,6 +54,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _common import (
+    private_keys,
     STORY_LENGTH,
     TENANTS,
     Mark,
@@ -639,6 +640,7 @@ def main(
     json_only: bool = typer.Option(False, "--json-only", help="Print only the final JSON line."),
 ) -> None:
     """Measure governed, exactly-once processing against the raw exactly-once passthrough; print it."""
+    private_keys()
     counts = worker_counts(workers)
     if any(n > partitions for n in counts):
         # A worker beyond the partition count gets no partition and never decides a batch.

@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
-from _common import environment, status_console, unique_prefix
+from _common import environment, private_keys, status_console, unique_prefix
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, DelegationLink, new_command
@@ -164,6 +164,7 @@ def main(
     json_only: bool = typer.Option(False, "--json-only", help="Print only the final JSON line."),
 ) -> None:
     """Measure rebuild throughput and projection lag; print them with a raw-consume baseline."""
+    private_keys()
     status = status_console(json_only)
     base = Settings()
     admin = AdminClient(admin_config(base))

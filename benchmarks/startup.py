@@ -41,6 +41,7 @@ from confluent_kafka.admin import AdminClient
 from rich.table import Table
 
 from _common import (
+    private_keys,
     TENANTS,
     delete_groups,
     delete_topics,
@@ -256,6 +257,7 @@ def main(
     checkpoint: bool = typer.Option(False, hidden=True, help="The worker decides a command after its load."),
 ) -> None:
     """Load one events partition from a snapshot and by a full fold; print time and memory of each."""
+    private_keys()
     if worker is not None:  # a child process: its figures as one JSON line
         sys.stdout.write(json.dumps(run_worker(Settings(), worker, checkpoint)) + "\n")
         return
