@@ -483,6 +483,19 @@ class Deployment:
         for name, args in services.items():
             self._start(name, args)
 
+    def launch(self, engine_timeout_s: float = 60) -> None:
+        """Prepare, start every service, and wait until each answers and the projector serves the engine."""
+        self.prepare()
+        self.start()
+        self.wait_ready()
+        deadline = time.monotonic() + engine_timeout_s
+        while served_dsn(self.settings) is None:  # the projector serves the engine once migrated
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the projector did not serve the engine in {engine_timeout_s:.0f} s:\n"
+                                   f"{self.log_tail('projector')}")
+            time.sleep(0.3)
+
     def _start(self, name: str, args: list[str]) -> None:
         with (self.root / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen([sys.executable, "-m", "keel.cli", *args], env=self.env,
@@ -1037,16 +1050,7 @@ def main(
     try:
         with interrupted_as_exit():
             console.print(f"deployment under {root}, topics {settings.topic_prefix}.*")
-            deployment.prepare()
-            deployment.start()
-            deployment.wait_ready()
-            deadline = time.monotonic() + 60
-            while served_dsn(settings) is None:  # the projector serves the engine once migrated
-                deployment.check_alive()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the projector did not serve the engine in 60 s:\n"
-                                       f"{deployment.log_tail('projector')}")
-                time.sleep(0.3)
+            deployment.launch()
             harness = Harness(deployment, connections, poll_ms, analyst_poll_ms)
             console.print("warming up: every hop, until the first commands are queryable…")
             harness.warm_up(200)

@@ -56,7 +56,6 @@ from end_to_end import (
     AGENT, ENGINE, GROUP_SECONDS, NOT_YET, CpuSample, Deployment, Harness, StageRun, Tokens, Workload, cpu_sample,
     cpu_shares, exactly_once, interrupted_as_exit, kafka_raw, open_loop, query_view_counts, remove_kafka_state,
 )
-from keel.analytics.owner import served_dsn
 from keel.config import Settings
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import Topic, topic_name
@@ -382,16 +381,7 @@ def main(
     try:
         with interrupted_as_exit():
             console.print(f"deployment under {root}, topics {settings.topic_prefix}.*; output to {out}")
-            deployment.prepare()
-            deployment.start()
-            deployment.wait_ready()
-            deadline = time.monotonic() + 60
-            while served_dsn(settings) is None:  # the projector serves the engine once migrated
-                deployment.check_alive()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the projector did not serve the engine in 60 s:\n"
-                                       f"{deployment.log_tail('projector')}")
-                time.sleep(0.3)
+            deployment.launch()
             harness = Harness(deployment, connections, poll_ms, analyst_poll_ms)
             console.print("every hop answers: the first commands, until queryable…")
             harness.warm_up(200)
