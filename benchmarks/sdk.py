@@ -33,7 +33,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,6 @@ from _common import (
     TENANTS,
     StageResult,
     create_topics,
-    delete_groups,
-    delete_topics,
     environment,
     environment_table,
     high_watermarks_total,
@@ -61,6 +59,7 @@ from _common import (
     unique_prefix,
     window_result,
 )
+from kafka_baseline import Cleanup
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
@@ -73,18 +72,6 @@ from keel.trust.keystore import MasterKey
 from keel.trust.keystore_sqlite import SqliteKeyStore
 
 FROM_SEND = "first send to flush"
-
-
-@dataclass
-class Cleanup:
-    """Every topic and probe group this run created, deleted at the end whatever happened."""
-
-    topics: list[str] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)
-
-    def run(self, admin: AdminClient) -> list[str]:
-        """Delete the groups, then the topics; returns what could not be deleted."""
-        return delete_groups(admin, self.groups) + delete_topics(admin, self.topics)
 
 
 @contextmanager
