@@ -57,9 +57,9 @@ def running_platform(settings: Settings, tmp: Path, actors: Iterable[Actor], pol
     keys.create_tenant(TENANT)
     tokens = {actor.id: keys.create_key(TENANT, actor, frozenset())[1] for actor in actors}
     db.close()
-    port = free_port()
-    gateway = f"http://127.0.0.1:{port}"
     with ProviderSimulator() as provider:
+        port = free_port()  # after the simulator took its own: the two never get the same port
+        gateway = f"http://127.0.0.1:{port}"
         env = {"KEEL_OUTBOX_DSN": dsn, "KEEL_GATEWAY_PORT": str(port), "KEEL_GATEWAY_KEY_CACHE_S": "0",
                "SUPPORT_DESK_PAYMENTS_URL": provider.url, "SUPPORT_DESK_EMAIL_URL": provider.url}
         named = {"gateway": ["gateway"], "relay": ["relay"], "processor": ["process", "--no-supervise", "--instance",
@@ -87,7 +87,12 @@ def _actions(gateway: str, token: str) -> set[str] | None:
         listed = httpx.get(f"{gateway}/v1/actions", headers={"Authorization": f"Bearer {token}"}, timeout=5)
     except httpx.HTTPError:
         return None
-    return {action["type"] for action in listed.json()["actions"]} if listed.status_code == 200 else None
+    if listed.status_code != 200:
+        return None
+    assert listed.headers.get("content-type") == "application/json", (
+        f"GET /v1/actions answered 200 with {listed.headers.get('content-type')}: {listed.text[:300]!r} "
+        "(another server on the gateway's port?)")
+    return {action["type"] for action in listed.json()["actions"]}
 
 
 def _allowed(policy: Policy, actor: Actor) -> set[str]:
