@@ -180,3 +180,10 @@ def test_each_change_of_verdict_is_logged_once(caplog: pytest.LogCaptureFixture)
         answers[0] = None
         ready.refresh()
     assert [r.getMessage() for r in caplog.records] == ["not ready: broker: away", "ready"]
+
+
+def test_a_probe_before_the_first_checks_is_valid_json() -> None:
+    body = readiness.NOT_CHECKED.as_dict()
+
+    assert json.loads(json.dumps(body, allow_nan=False)) == {
+        "ready": False, "reasons": ["starting: not checked yet"], "checked_s_ago": None}

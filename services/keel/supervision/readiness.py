@@ -11,6 +11,7 @@ that stopped being refreshed (a check that hangs) counts as not ready.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -47,9 +48,11 @@ class Verdict:
         return not self.reasons
 
     def as_dict(self, now: float | None = None) -> dict[str, object]:
-        """The JSON body of a probe."""
+        """The JSON body of a probe; ``checked_s_ago`` is null until a first round of checks ends (JSON has
+        no infinity: a probe before it answered 500 instead of 503)."""
         age = (time.monotonic() if now is None else now) - self.checked_at
-        return {"ready": self.ready, "reasons": list(self.reasons), "checked_s_ago": round(age, 3)}
+        return {"ready": self.ready, "reasons": list(self.reasons),
+                "checked_s_ago": round(age, 3) if math.isfinite(age) else None}
 
 
 NOT_CHECKED = Verdict(("starting: not checked yet",), float("-inf"))
