@@ -496,6 +496,16 @@ class Deployment:
                                    f"{self.log_tail('projector')}")
             time.sleep(0.3)
 
+    def remove(self, keep: bool) -> None:
+        """Delete the run's topics and groups and, unless ``keep``, its data dir; say what could not go."""
+        leftovers = remove_kafka_state(self.settings)
+        if leftovers:
+            console.print(f"[yellow]cleanup: {leftovers}[/yellow]")
+        if keep:
+            console.print(f"data dir kept: {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
     def _start(self, name: str, args: list[str]) -> None:
         with (self.root / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen([sys.executable, "-m", "keel.cli", *args], env=self.env,
@@ -1107,13 +1117,7 @@ def main(
             harness.close()
         deployment.stop()
         restarts = deployment.restarts()
-        leftovers = remove_kafka_state(settings)
-        if leftovers:
-            console.print(f"[yellow]cleanup: {leftovers}[/yellow]")
-        if keep:
-            console.print(f"data dir kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        deployment.remove(keep)
     env["load_avg_1m_end"] = os.getloadavg()[0]
     ok = not problems and not failed
     throughput = [s for s in stages if s.name != "latency"]

@@ -54,7 +54,7 @@ from _common import (
 )
 from end_to_end import (
     AGENT, ENGINE, GROUP_SECONDS, NOT_YET, CpuSample, Deployment, Harness, StageRun, Tokens, Workload, cpu_sample,
-    cpu_shares, exactly_once, interrupted_as_exit, kafka_raw, open_loop, query_view_counts, remove_kafka_state,
+    cpu_shares, exactly_once, interrupted_as_exit, kafka_raw, open_loop, query_view_counts,
 )
 from keel.config import Settings
 from keel.kafka.clients import admin_config
@@ -455,13 +455,7 @@ def main(
         (out / "logs").mkdir(exist_ok=True)
         for name in services:
             shutil.copy(root / f"{name}.log", out / "logs" / f"{name}.log")
-        leftovers = remove_kafka_state(settings)
-        if leftovers:
-            console.print(f"[yellow]cleanup: {leftovers}[/yellow]")
-        if keep:
-            console.print(f"data dir kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        deployment.remove(keep)
     env["load_avg_1m_end"] = os.getloadavg()[0]
     measured = [n for n in ("gateway", "relay", *sorted(n for n in services if n.startswith("processor")),
                             "chainer", "projector", "broker", "harness") if any(n in s.rss for s in samples)]
