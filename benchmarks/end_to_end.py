@@ -709,6 +709,15 @@ class Harness:
     async def _start(poller: Poller) -> asyncio.Task[None]:
         return asyncio.create_task(poller.run())
 
+    @classmethod
+    def warmed_up(cls, deployment: Deployment, connections: int, poll_ms: float, analyst_poll_ms: float) -> Harness:
+        """Launch ``deployment``, then a harness on it once its first commands are queryable (every hop answers)."""
+        deployment.launch()
+        harness = cls(deployment, connections, poll_ms, analyst_poll_ms)
+        console.print("warming up: every hop, until the first commands are queryable…")
+        harness.warm_up(200)
+        return harness
+
     def check_pollers(self) -> None:
         """Raise a poller's failure here, in the main thread."""
         for poller, task in zip(self.pollers, self.tasks):
@@ -1060,10 +1069,7 @@ def main(
     try:
         with interrupted_as_exit():
             console.print(f"deployment under {root}, topics {settings.topic_prefix}.*")
-            deployment.launch()
-            harness = Harness(deployment, connections, poll_ms, analyst_poll_ms)
-            console.print("warming up: every hop, until the first commands are queryable…")
-            harness.warm_up(200)
+            harness = Harness.warmed_up(deployment, connections, poll_ms, analyst_poll_ms)
             console.print("idle: 10 s with the pollers only, to know the instrument's own cost…")
             idle = harness.idle(10.0)
             plan = ([("latency", rate)] if rate > 0 else []) + [(f"offered-{r:.0f}", r) for r in rates]

@@ -381,10 +381,7 @@ def main(
     try:
         with interrupted_as_exit():
             console.print(f"deployment under {root}, topics {settings.topic_prefix}.*; output to {out}")
-            deployment.launch()
-            harness = Harness(deployment, connections, poll_ms, analyst_poll_ms)
-            console.print("every hop answers: the first commands, until queryable…")
-            harness.warm_up(200)
+            harness = Harness.warmed_up(deployment, connections, poll_ms, analyst_poll_ms)
             lag = GroupLag(settings)
             soak = Soak(deployment, harness, lag, broker_pid)
             run = harness.new_run(int(rate * load_s), rate, PoolWorkload)
