@@ -85,6 +85,21 @@ def abort_and_rewind(producer: Producer, consumer: Consumer, exc: KafkaException
     progress.enter(IDLE)
 
 
+def release(producer: Producer) -> None:
+    """Shut a transactional producer down without waiting on the broker.
+
+    What is queued belongs to a transaction that is not committed, so it is dropped: the
+    broker aborts that transaction, and the batch is processed again by whoever owns the
+    partitions next. ``close()`` alone would first try to abort and flush, which waits up
+    to the request timeout when the broker is away. Releasing twice is harmless.
+    """
+    try:
+        producer.purge()
+    except RuntimeError:  # confluent-kafka's "Producer has been closed"
+        return
+    producer.close()
+
+
 def next_offsets(messages: list[Message]) -> list[TopicPartition]:
     """The offsets to commit with a batch: one past the last record of each partition."""
     last: dict[tuple[str, int], int] = {}

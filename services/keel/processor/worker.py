@@ -383,10 +383,11 @@ class CommandProcessor:
         return self.stats
 
     def close(self) -> None:
-        """Leave the group; an open transaction (if any) is aborted by the broker."""
+        """Leave the group and release the producer; an open transaction is aborted by the broker."""
         try:
             self._controls.close()
             self._consumer.close()
+            transactions.release(self._producer)
         finally:
             self._release_codec()
 

@@ -311,8 +311,9 @@ class Chainer:
         raise KafkaException(error)
 
     def close(self) -> None:
-        """Leave the group; an open transaction is aborted by the broker."""
+        """Leave the group and release the producer; an open transaction is aborted by the broker."""
         self._consumer.close()
+        transactions.release(self._producer)
 
 
 def _partition(message: Message) -> int:
