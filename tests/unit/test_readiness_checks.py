@@ -187,3 +187,23 @@ def test_a_probe_before_the_first_checks_is_valid_json() -> None:
 
     assert json.loads(json.dumps(body, allow_nan=False)) == {
         "ready": False, "reasons": ["starting: not checked yet"], "checked_s_ago": None}
+
+
+def test_the_default_check_is_installed_by_the_first_probe_not_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readiness, "_current", None)
+    built: list[Readiness] = []
+
+    def default() -> Readiness:
+        built.append(Readiness({"broker": lambda: "no broker answers at x:1"}, interval_s=60))
+        return built[-1]
+
+    application = probes.with_probes(lambda _environ, _start: [], default)
+    assert readiness.current() is None and not built  # a service may still install the checks it means
+    try:
+        status, body = _get(application, "/readyz")
+        assert status.startswith("503") and isinstance(body, dict) and body["ready"] is False
+        assert readiness.current() is built[0]
+        _get(application, "/readyz")
+        assert len(built) == 1
+    finally:
+        built[0].stop()

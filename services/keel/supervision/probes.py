@@ -6,7 +6,8 @@ answering the probes on that port gives Kubernetes-style HTTP probes to every se
 without a second listener. ``/healthz`` answers 200 while the process serves (a stalled
 worker ends itself: ``keel.supervision.watchdog``); ``/readyz`` answers 200 or 503 with
 the installed ``Readiness``'s last verdict, never waiting on a check. A process that
-installed none gets a broker check.
+installed none by its first ``/readyz`` gets a broker check then: installed earlier, it would
+judge (and log) "ready" in the moment before the service installs the checks it means.
 """
 
 from __future__ import annotations
@@ -32,22 +33,23 @@ class WsgiServer(Protocol):
 
 
 def attach(server: WsgiServer, bootstrap: str) -> None:
-    """Answer the probes on ``server`` (a metrics server), installing a broker check if none is."""
-    if readiness.current() is None:
-        readiness.install(readiness.Readiness({"broker": readiness.broker(bootstrap)}))
+    """Answer the probes on ``server`` (a metrics server); a broker check unless the service installs checks."""
     metrics = server.get_app()
     assert metrics is not None, "the metrics server has an application"
-    server.set_app(with_probes(metrics))
+    server.set_app(with_probes(metrics, lambda: readiness.Readiness({"broker": readiness.broker(bootstrap)})))
 
 
-def with_probes(metrics: WsgiApp) -> WsgiApp:
-    """``metrics`` with ``/healthz`` and ``/readyz`` answered first."""
+def with_probes(metrics: WsgiApp, default: Callable[[], readiness.Readiness] | None = None) -> WsgiApp:
+    """``metrics`` with ``/healthz`` and ``/readyz`` answered first; ``default`` is installed by the
+    first ``/readyz`` when the process has installed no readiness by then."""
     def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             return _json(start_response, 200, {"live": True})
         if path == "/readyz":
             installed = readiness.current()
+            if installed is None and default is not None:
+                installed = readiness.install(default())
             verdict = readiness.NOT_CHECKED if installed is None else installed.verdict()
             return _json(start_response, 200 if verdict.ready else 503, verdict.as_dict())
         return metrics(environ, start_response)
