@@ -59,15 +59,16 @@ from email.parser import BytesHeaderParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import lz4.frame  # type: ignore[import-untyped]
-from chdb.state.sqlitelike import Connection as Handle
-from chdb.state.sqlitelike import connect as open_handle
 from clickhouse_connect.driver.binding import quote_identifier
 
 from keel.errors import InfraError, KeelError
+
+if TYPE_CHECKING:
+    from chdb.state.sqlitelike import Connection as Handle
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -152,6 +153,15 @@ class _Outcome:
     body: bytes
     fmt: str | None
     summary: dict[str, str]
+
+
+def open_handle(path: str) -> Handle:
+    """A new handle onto the engine at ``path``. chDB is imported here, by the one process that hosts
+    the engine: loading its library costs a process ~340 MiB of resident memory, which every other
+    Keel service (they all import this module through the CLI) would otherwise carry for nothing."""
+    from chdb.state.sqlitelike import connect  # noqa: PLC0415 (deferred on purpose)
+
+    return connect(path)
 
 
 class _Engine:
