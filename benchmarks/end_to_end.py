@@ -75,7 +75,10 @@ from keel.bootstrap import ensure_local_keys
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind
+from keel.domain.effects import outcome_command_id
+from keel.domain.events import EffectCancelled, EffectFailed, EffectRetried, EffectSucceeded
 from keel.domain.outcomes import event_id
+from keel.domains.registry import current
 from keel.kafka.broker import broker_status
 from keel.kafka.clients import admin_config, producer_config
 from keel.kafka.topics import apply_topics, declared_topics
@@ -445,6 +448,8 @@ class Deployment:
     analyst_tokens: dict[str, str] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     """``KEEL_*`` settings every service gets on top of the run's own."""
+    provider_url: str | None = None
+    """A provider simulator's URL: an effect worker (``keel effects run``) runs the decided effects against it."""
 
     @property
     def dsn(self) -> str:
@@ -479,6 +484,9 @@ class Deployment:
                     "chainer": ["chain", "--instance", "bench"],
                     **{f"processor-{n}": ["process", "--instance", f"bench{n}"]
                        for n in range(1, self.processors + 1)}}
+        if self.provider_url is not None:
+            services["effects"] = ["effects", "run", "--instance", "bench"]
+            env |= {"SUPPORT_DESK_PAYMENTS_URL": self.provider_url, "SUPPORT_DESK_EMAIL_URL": self.provider_url}
         self.env, self.args = env, services
         for name, args in services.items():
             self._start(name, args)
@@ -847,13 +855,17 @@ class Harness:
 # -- exactly once -----------------------------------------------------------------------
 
 
-def exactly_once(settings: Settings, runs: list[StageRun]) -> tuple[list[str], Counter[str]]:
+def exactly_once(settings: Settings, runs: list[StageRun],
+                 effects: bool = False) -> tuple[list[str], Counter[str]]:
     """Every accepted command has exactly its events in ClickHouse's raw rows; refused ones none.
 
     Reads the events table itself (no FINAL: a row written twice shows) through the ops path
     (the projector's engine server). A command's events are ``event_id(command, 0..n-1)``. A
     command sent but never answered may have been accepted: it may have no events or its own
-    events once, nothing else. Returns the problems and the event types seen.
+    events once, nothing else. With ``effects`` (an effect worker ran), every effect an event
+    opened has exactly one outcome event, once, caused by its outcome command
+    (``outcome_command_id``); those are the only events no command of the run caused.
+    Returns the problems and the event types seen.
     """
     client = connect(settings, may_host=False)
     try:
@@ -882,7 +894,14 @@ def exactly_once(settings: Settings, runs: list[StageRun]) -> tuple[list[str], C
             twice += sum(1 for _, copies in events if copies > 1)
             expected = {event_id(uuid.UUID(command), k) for k in range(len(events))}
             wrong += {e for e, _ in events} != expected
+    unsettled = 0
+    if effects:  # an effect's id is the id of the event that opened it
+        for effect_id in {event for _, event, kind, _ in rows if kind in current().effect_of}:
+            outcome = by_command.pop(str(outcome_command_id(effect_id, 0)), [])
+            unsettled += not outcome
+            twice += sum(1 for _, copies in outcome if copies > 1)
     for what, n in (("accepted commands with no event", lost), ("events stored more than once", twice),
+                    ("effects with no outcome", unsettled),
                     ("commands whose event ids are not their own 0..n-1", wrong),
                     ("refused commands with events", stray),
                     ("events caused by no command of the run", sum(len(v) for v in by_command.values()))):
@@ -891,11 +910,18 @@ def exactly_once(settings: Settings, runs: list[StageRun]) -> tuple[list[str], C
     return problems, types
 
 
+OUTCOME_EVENTS = (EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried)
+"""Events about an effect's outcome, caused by the effect worker's commands."""
+
+
 def query_view_counts(port: int, tokens: dict[str, str]) -> dict[str, tuple[int, int]]:
-    """Per tenant, through ``GET /v1/query`` (the FINAL views): (events, distinct causing commands)."""
+    """Per tenant, through ``GET /v1/query`` (the FINAL views): (events, distinct causing commands), leaving
+    out the outcomes of effects (an effect worker's commands, not the generator's)."""
     counts = {}
+    sql = ("SELECT count(), uniqExact(causation_id) FROM events WHERE type NOT IN "
+           f"({', '.join(repr(t.__name__) for t in OUTCOME_EVENTS)})")
     for tenant, token in tokens.items():
-        target = "/v1/query?" + urllib.parse.urlencode({"sql": "SELECT count(), uniqExact(causation_id) FROM events"})
+        target = "/v1/query?" + urllib.parse.urlencode({"sql": sql})
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
             s.sendall(f"GET {target} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\nConnection: close"
                       "\r\n\r\n".encode())
