@@ -27,6 +27,7 @@ from keel.outbox.models import (
     TrackedEvent,
 )
 from keel.outbox.schema import migrate
+from keel.sqlmarks import in_lists
 
 
 class OutboxStore:
@@ -145,12 +146,11 @@ class OutboxStore:
                 "SELECT command_id FROM keel_outbox WHERE created_at < ? AND published_at IS NOT NULL "
                 "AND status <> ? ORDER BY created_at LIMIT ?",
                 (accepted_before, CommandStatus.PENDING_APPROVAL.value, limit))]
-            if not ids:
-                return 0
-            marks = ", ".join("?" * len(ids))
-            cursor.execute(f"DELETE FROM keel_command_events WHERE command_id IN ({marks})", ids)
-            cursor.execute(f"DELETE FROM keel_effects WHERE origin_command_id IN ({marks})", ids)
-            return cursor.execute(f"DELETE FROM keel_outbox WHERE command_id IN ({marks})", ids)
+            for marks, chunk in in_lists(ids):
+                cursor.execute(f"DELETE FROM keel_command_events WHERE command_id IN ({marks})", chunk)
+                cursor.execute(f"DELETE FROM keel_effects WHERE origin_command_id IN ({marks})", chunk)
+                cursor.execute(f"DELETE FROM keel_outbox WHERE command_id IN ({marks})", chunk)
+            return len(ids)
 
     # -- the relay's queue ---------------------------------------------------------------
 
@@ -174,10 +174,10 @@ class OutboxStore:
             return 0
         now = time.time()
         with self.db.transaction() as cursor:
-            return cursor.execute(
+            return sum(cursor.execute(
                 "UPDATE keel_outbox SET published_at = ?, updated_at = ?, status = CASE WHEN "
-                f"status = 'accepted' THEN 'published' ELSE status END WHERE command_id IN "
-                f"({', '.join('?' * len(ids))}) AND published_at IS NULL", (now, now, *ids))
+                f"status = 'accepted' THEN 'published' ELSE status END WHERE command_id IN ({marks}) "
+                "AND published_at IS NULL", (now, now, *chunk)) for marks, chunk in in_lists(ids))
 
     # -- status tracking -----------------------------------------------------------------
 

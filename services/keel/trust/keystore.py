@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keel.config import Settings
 from keel.errors import ConfigError
+from keel.sqlmarks import in_lists
 from keel.trust.errors import KeyUnwrapFailed, UnknownKey, WrongTenantKey
 from keel.trust.keycache import KeyCache
 from keel.trust.settings import TrustSettings
@@ -346,9 +347,9 @@ class SqlKeyStore(KeyStore):
         return None if not rows else KeyRow(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3]))
 
     def _active_among(self, tenant: str, subjects: list[str]) -> list[KeyRow]:
-        marks = ", ".join("?" * len(subjects))
-        rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
-                          f"WHERE tenant = ? AND wrapped IS NOT NULL AND subject IN ({marks})", (tenant, *subjects))
+        rows = [row for marks, chunk in in_lists(subjects) for row in self._rows(
+            "SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
+            f"WHERE tenant = ? AND wrapped IS NOT NULL AND subject IN ({marks})", (tenant, *chunk))]
         return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
 
     def _insert_new(self, rows: list[KeyRow]) -> list[str]:
@@ -376,9 +377,8 @@ class SqlKeyStore(KeyStore):
         return KeyRow(key, tenant, subject, None if wrapped is None else bytes(wrapped), erased_at, erased_by)
 
     def _erased_among(self, key_ids: list[str]) -> list[str]:
-        marks = ", ".join("?" * len(key_ids))
-        return [row[0] for row in self._rows(
-            f"SELECT key_id FROM keel_data_keys WHERE wrapped IS NULL AND key_id IN ({marks})", tuple(key_ids))]
+        return [row[0] for marks, chunk in in_lists(key_ids) for row in self._rows(
+            f"SELECT key_id FROM keel_data_keys WHERE wrapped IS NULL AND key_id IN ({marks})", tuple(chunk))]
 
     def _wrapped_after(self, key_id: str, limit: int) -> list[KeyRow]:
         rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
