@@ -78,3 +78,13 @@ def test_commands_topic_is_projected_into_the_commands_table(settings: Settings,
 
     rows = migrated.query("SELECT command_id, command_type, submitted_at, status FROM command_lifecycle").result_rows
     assert sorted(rows) == sorted((c.id, "IssueRefund", c.occurred_at, "submitted") for c in commands)
+
+
+def test_the_native_path_leaves_no_schema_cache_entry_behind(settings: Settings, migrated: Client) -> None:
+    """Each batch file is read once; a cache entry per file grew the projector for its first 4,096 batches."""
+    events = [e for i in range(6) for e in subscription_story("t0", f"sub-{i}")]
+    produce(settings, events)
+    with EventProjector(settings, migrated, native=True, batch_size=4) as native:
+        assert native.catch_up() == len(events)
+    assert migrated.command(
+        "SELECT count() FROM system.schema_inference_cache WHERE source LIKE '%keel-native-%'") == 0

@@ -41,6 +41,10 @@ _POSITION = struct.Struct(">IQ")
 _PACK = _POSITION.pack
 _JSON_SETTINGS = {"output_format_json_quote_64bit_integers": 0, "output_format_json_escape_forward_slashes": 0,
                   "output_format_json_quote_decimals": 0}
+_ONE_USE_FILES = {"schema_inference_use_cache_for_file": 0, "use_cache_for_count_from_files": 0}
+"""Each batch's file has a new name and is read once: the engine's schema inference cache would keep an
+entry per file (its schema and row count) up to 4,096, which grew the projector by ~150 MiB over its
+first 14 minutes of steady load (found by the soak)."""
 
 _COLUMNS = {
     "tenant_id": "e.tenant_id", "aggregate_id": "e.aggregate_id", "version": "e.version", "event_id": "e.id",
@@ -119,7 +123,7 @@ class NativeInserter:
             client.command(f"INSERT INTO {quote_identifier(table)} ({names}) " + " UNION ALL ".join(selects),
                            settings={**_JSON_SETTINGS, "insert_deduplication_token": token,
                                      "deduplicate_blocks_in_dependent_materialized_views": 1,
-                                     "max_insert_threads": 1})
+                                     "max_insert_threads": 1, **_ONE_USE_FILES})
         finally:
             for path in files:
                 path.unlink(missing_ok=True)
