@@ -96,6 +96,9 @@ groups of rate × this many aggregates, so that requests queued behind one anoth
 connections rarely reorder them. A command that overtakes its aggregate's earlier one is
 rejected by the domain: still exactly one event, but the mix of event types shifts."""
 NOT_YET = -1.0
+OUTCOME_EVENTS = (EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried)
+"""Events about an effect's outcome, caused by the effect worker's commands, not the generator's."""
+OUTCOME_TYPES = frozenset(t.__name__ for t in OUTCOME_EVENTS)
 console = status_console(False)
 
 
@@ -324,7 +327,7 @@ class Poller:
         else:
             where = " OR ".join([f"(_partition = {p} AND _offset > {o})" for p, o in sorted(seen.items())]
                                 + [f"_partition NOT IN ({', '.join(str(p) for p in sorted(seen))})"])
-        return (f"SELECT toString(causation_id), _partition, _offset FROM events WHERE {where} "
+        return (f"SELECT toString(causation_id), _partition, _offset, type FROM events WHERE {where} "
                 "ORDER BY _partition, _offset LIMIT 100000")
 
     async def _ask(self, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -340,9 +343,11 @@ class Poller:
             return sent
         self.spans.append(answered - since)
         seen = self.positions[target]
-        for cause, partition, offset in self.rows(body):
+        for cause, partition, offset, kind in self.rows(body):
             partition, offset = int(partition), int(offset)
             seen[partition] = max(seen.get(partition, -1), offset)
+            if kind in OUTCOME_TYPES:  # an effect's outcome: the effect worker's command, checked by the soak
+                continue
             for run in self.runs:
                 index = run.workload.index_of(cause or "")
                 if index is not None:
@@ -567,7 +572,8 @@ class Deployment:
     def stop(self) -> None:
         """SIGTERM in order (intake first), SIGKILL to each session still alive after 15 s."""
         order = ["gateway", "relay", *[n for n in self.processes if n.startswith("processor")], "chainer",
-                 "projector"]
+                 "effects", "projector"]
+        order += [name for name in self.processes if name not in order]  # none is left running
         for name in order:
             process = self.processes.get(name)
             if process is not None and process.poll() is None:
@@ -910,16 +916,12 @@ def exactly_once(settings: Settings, runs: list[StageRun],
     return problems, types
 
 
-OUTCOME_EVENTS = (EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried)
-"""Events about an effect's outcome, caused by the effect worker's commands."""
-
-
 def query_view_counts(port: int, tokens: dict[str, str]) -> dict[str, tuple[int, int]]:
     """Per tenant, through ``GET /v1/query`` (the FINAL views): (events, distinct causing commands), leaving
     out the outcomes of effects (an effect worker's commands, not the generator's)."""
     counts = {}
     sql = ("SELECT count(), uniqExact(causation_id) FROM events WHERE type NOT IN "
-           f"({', '.join(repr(t.__name__) for t in OUTCOME_EVENTS)})")
+           f"({', '.join(map(repr, sorted(OUTCOME_TYPES)))})")
     for tenant, token in tokens.items():
         target = "/v1/query?" + urllib.parse.urlencode({"sql": sql})
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:

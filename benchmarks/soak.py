@@ -55,7 +55,7 @@ from _common import (
     STORY_LENGTH, TENANTS, committed_total, environment, environment_table, high_watermarks_total, unique_prefix,
 )
 from end_to_end import (
-    AGENT, ENGINE, GROUP_SECONDS, NOT_YET, OUTCOME_EVENTS, CpuSample, Deployment, Harness, StageRun, Tokens, Workload,
+    AGENT, ENGINE, GROUP_SECONDS, NOT_YET, OUTCOME_TYPES, CpuSample, Deployment, Harness, StageRun, Tokens, Workload,
     cpu_sample, cpu_shares, exactly_once, interrupted_as_exit, kafka_raw, open_loop, query_view_counts,
 )
 from keel.config import Settings
@@ -70,8 +70,7 @@ WARMUP_SHARE = 1 / 3
 """Share of the run that is warm-up. State that fills by design is full before growth counts: the
 processors' dedupe window (``--dedupe-window-s``, 4 min), and the outdated parts the embedded ClickHouse
 keeps for 8 min after each merge (``old_parts_lifetime``), whose memory levels off only after it. A
-third of the published 30 minutes is 10; in the 30-minute run of 2026-12-05 judged after 6 minutes,
-the projector grew until minute 14 and then held (docs/reliability.md)."""
+third of the published 30 minutes is 10."""
 MEDIAN_OF = 3
 """Samples whose median is a service's RSS at either end of the steady window (one sample is noisy)."""
 GROUPS = {"processor": Topic.COMMANDS, "projector.events": Topic.EVENTS,
@@ -364,7 +363,7 @@ def outcome_count(settings: Settings) -> int:
     """Effect outcome events in ClickHouse's raw rows."""
     client = connect(settings, may_host=False)
     try:
-        names = ", ".join(repr(t.__name__) for t in OUTCOME_EVENTS)
+        names = ", ".join(map(repr, sorted(OUTCOME_TYPES)))
         return int(client.command(f"SELECT count() FROM events WHERE type IN ({names})"))
     finally:
         client.close()

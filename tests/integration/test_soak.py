@@ -37,8 +37,21 @@ def test_a_short_soak_passes_and_writes_its_table_plot_and_figures(broker_settin
     assert done.returncode == 0, done.stderr[-6000:]
     figures = json.loads(done.stdout.splitlines()[-1])
     assert figures["ok"] and not figures["problems"]
-    assert {"gateway", "relay", "processor-1", "chainer", "projector"} <= figures["memory"].keys()
+    assert {"gateway", "relay", "processor-1", "chainer", "effects", "projector"} <= figures["memory"].keys()
+    assert still_running(f"KEEL_TOPIC_PREFIX={figures['params']['topic_prefix']}") == []
     assert (out / "soak.png").read_bytes().startswith(b"\x89PNG")
     table = (out / "table.txt").read_text()
     assert "steady" in table and "drain" in table
     assert json.loads((out / "soak.json").read_text()) == figures
+
+
+def still_running(variable: str) -> list[str]:
+    """Command lines of the processes whose environment holds ``variable`` (``NAME=value``)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable.encode() in environ.read_bytes().split(b"\0"):
+                found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
