@@ -353,11 +353,14 @@ class SqlKeyStore(KeyStore):
         return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
 
     def _insert_new(self, rows: list[KeyRow]) -> list[str]:
-        values = ", ".join(["(?, ?, ?, ?)"] * len(rows))
-        return [r[0] for r in self._rows(
-            f"INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES {values} "
-            "ON CONFLICT DO NOTHING RETURNING key_id",
-            tuple(p for row in rows for p in (row.key_id, row.tenant, row.subject, row.wrapped)))]
+        inserted = []
+        for _, chunk in in_lists(rows):  # a repeated last row conflicts with itself: nothing more is inserted
+            values = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
+            inserted += [r[0] for r in self._rows(
+                f"INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES {values} "
+                "ON CONFLICT DO NOTHING RETURNING key_id",
+                tuple(p for row in chunk for p in (row.key_id, row.tenant, row.subject, row.wrapped)))]
+        return inserted
 
     def _insert(self, row: KeyRow) -> KeyRow:
         self._rows("INSERT INTO keel_data_keys (key_id, tenant, subject, wrapped) VALUES (?, ?, ?, ?) "
