@@ -16,7 +16,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 LENGTHS = (1, 8, 64, 512)
-"""The list lengths used; a batch is cut into the longest that fit, the rest padded up to the next."""
+"""The list lengths used: a batch is cut into lists of the longest, and what is left is padded up to the
+shortest length that holds it."""
 
 
 def in_lists(values: Sequence[T]) -> Iterator[tuple[str, list[T]]]:
