@@ -16,11 +16,12 @@ logged a traceback or an error, a poll was answered with an HTTP error (a droppe
 connection, which the poller opens again, is only reported), the gateway refused or never
 answered a command, an accepted command's events are not in ClickHouse exactly once
 (``end_to_end.exactly_once``), an effect has no outcome or two, or the provider performed one
-twice, or a service's memory grew by more than 10 % after the
-warm-up: its RSS at the end (median of the last three samples under load) against its RSS
-after the warm-up (median of the first three samples after it; the warm-up is the first third
-of the run unless ``--warmup-minutes`` says otherwise, ``WARMUP_SHARE``). The broker and the harness are reported, not judged. Last, the raw
-baseline of ``end_to_end.py`` (idempotent produce of the same encoded commands).
+twice, or a service's memory grew by more than 10 % after the warm-up: its RSS at the end
+(median of the last three samples under load) against its RSS after the warm-up (median of
+the first three samples after it; the warm-up is the first third of the run unless
+``--warmup-minutes`` says otherwise, ``WARMUP_SHARE``). The broker and the harness (with the
+provider simulator, which keeps every action it performed) are reported, not judged. Last,
+the raw baseline of ``end_to_end.py`` (idempotent produce of the same encoded commands).
 
 Writes the table (``table.txt``), the plot (``soak.png``), the JSON line (``soak.json``) and
 the services' logs to ``--out``; the JSON line is also the last line on stdout.
