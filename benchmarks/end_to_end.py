@@ -902,7 +902,8 @@ def exactly_once(settings: Settings, runs: list[StageRun],
             wrong += {e for e, _ in events} != expected
     unsettled = 0
     if effects:  # an effect's id is the id of the event that opened it
-        for effect_id in {event for _, event, kind, _ in rows if kind in current().effect_of}:
+        opening = current().effect_of
+        for effect_id in {event for _, event, kind, _ in rows if kind in opening}:
             outcome = by_command.pop(str(outcome_command_id(effect_id, 0)), [])
             unsettled += not outcome
             twice += sum(1 for _, copies in outcome if copies > 1)
