@@ -8,6 +8,7 @@ path only, and the session's is another.
 from __future__ import annotations
 
 import http.client
+import os
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
 
+from keel.analytics.server import ENGINE_ALLOCATOR, ENGINE_ALLOCATOR_ENV
 from keel.config import Settings
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import apply_migrations
@@ -284,3 +286,26 @@ def test_a_second_process_cannot_serve_the_same_path(served: Served) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert "chdb_path_in_use" in err
+
+
+def allocator_options(stats: str) -> dict[str, str]:
+    """jemalloc's ``opt.<name>: <value>`` lines from ``system.jemalloc_stats``."""
+    found = (line.strip().removeprefix("opt.").split(": ", 1) for line in stats.splitlines()
+             if line.strip().startswith("opt."))
+    return {name: value.split(" ")[0] for name, value in found}
+
+
+def test_the_engine_bounds_its_allocator_thread_caches(client: Client) -> None:
+    options = allocator_options(str(client.query("SELECT stats FROM system.jemalloc_stats").result_rows[0][0]))
+    wanted = dict(option.split(":") for option in ENGINE_ALLOCATOR.split(","))
+    assert {name: options.get(name) for name in wanted} == wanted
+
+
+def test_the_operators_allocator_options_win(tmp_path: Path) -> None:
+    script = ("import sys; from keel.analytics.server import open_handle; "
+              "print(open_handle(sys.argv[1]).query('SELECT stats FROM system.jemalloc_stats', 'TSVRaw').bytes().decode())")
+    env = {**os.environ, ENGINE_ALLOCATOR_ENV: "tcache_max:2048"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    options = allocator_options(done.stdout)
+    assert (options["tcache_max"], options["tcache_nslots_small_max"]) == ("2048", "200")
