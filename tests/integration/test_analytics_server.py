@@ -26,7 +26,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
 
-from keel.analytics.server import ENGINE_ALLOCATOR, ENGINE_ALLOCATOR_ENV
+from keel.analytics import allocator
 from keel.config import Settings
 from keel.projector.clickhouse import connect
 from keel.projector.migrations import apply_migrations
@@ -288,6 +288,7 @@ def test_a_second_process_cannot_serve_the_same_path(served: Served) -> None:
     assert "chdb_path_in_use" in err
 
 
+
 def allocator_options(stats: str) -> dict[str, str]:
     """jemalloc's ``opt.<name>: <value>`` lines from ``system.jemalloc_stats``."""
     found = (line.strip().removeprefix("opt.").split(": ", 1) for line in stats.splitlines()
@@ -295,17 +296,33 @@ def allocator_options(stats: str) -> dict[str, str]:
     return {name: value.split(" ")[0] for name, value in found}
 
 
-def test_the_engine_bounds_its_allocator_thread_caches(client: Client) -> None:
+WANTED = dict(option.split(":") for option in allocator.OPTIONS.split(","))
+
+
+def test_the_served_engine_bounds_its_allocator_thread_caches(client: Client) -> None:
     options = allocator_options(str(client.query("SELECT stats FROM system.jemalloc_stats").result_rows[0][0]))
-    wanted = dict(option.split(":") for option in ENGINE_ALLOCATOR.split(","))
-    assert {name: options.get(name) for name in wanted} == wanted
+    assert {name: options.get(name) for name in WANTED} == WANTED
 
 
-def test_the_operators_allocator_options_win(tmp_path: Path) -> None:
-    script = ("import sys; from keel.analytics.server import open_handle; "
-              "print(open_handle(sys.argv[1]).query('SELECT stats FROM system.jemalloc_stats', 'TSVRaw').bytes().decode())")
-    env = {**os.environ, ENGINE_ALLOCATOR_ENV: "tcache_max:2048"}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=120, check=True)
+ENTRY_POINTS = {  # how a process comes to load chDB: each prints the engine's allocator statistics
+    "open_handle": "from keel.analytics.server import open_handle; "
+                   "print(open_handle(sys.argv[1]).query('SELECT stats FROM system.jemalloc_stats', 'TSVRaw').bytes().decode())",
+    "projector client": "from keel.config import Settings; from keel.projector.clickhouse import connect; "
+                        "client = connect(Settings(data_dir=sys.argv[1], clickhouse_dsn='chdb://' + sys.argv[1] + '/chdb')); "
+                        "print(client.query('SELECT stats FROM system.jemalloc_stats').result_rows[0][0])",
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("operator_sets", [None, "tcache_max:2048"])
+def test_a_process_hosting_the_engine_bounds_its_allocator_unless_the_operator_chose(
+        tmp_path: Path, entry: str, operator_sets: str | None) -> None:
+    env = {name: value for name, value in os.environ.items() if name != allocator.ENV}
+    if operator_sets is not None:
+        env[allocator.ENV] = operator_sets
+    done = subprocess.run([sys.executable, "-c", "import sys; " + ENTRY_POINTS[entry], str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     options = allocator_options(done.stdout)
-    assert (options["tcache_max"], options["tcache_nslots_small_max"]) == ("2048", "200")
+    expected = WANTED if operator_sets is None else {"tcache_max": "2048", "tcache_nslots_small_max": "200"}
+    assert {name: options.get(name) for name in expected} == expected

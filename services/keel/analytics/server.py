@@ -65,6 +65,7 @@ from urllib.parse import parse_qsl, urlsplit
 import lz4.frame  # type: ignore[import-untyped]
 from clickhouse_connect.driver.binding import quote_identifier
 
+from keel.analytics import allocator
 from keel.errors import InfraError, KeelError
 
 if TYPE_CHECKING:
@@ -155,24 +156,12 @@ class _Outcome:
     summary: dict[str, str]
 
 
-ENGINE_ALLOCATOR_ENV = "JE_MALLOC_CONF"
-ENGINE_ALLOCATOR = "tcache_max:1024,tcache_nslots_small_max:16"
-"""Options of the embedded engine's allocator (jemalloc), unless the environment already sets them.
-
-jemalloc keeps a cache of freed blocks per thread (up to 32 KiB blocks, 200 of a size: MiBs a
-thread) and trims it only when that thread allocates again. The engine keeps 100+ idle pool
-threads after bursts of concurrent queries, so their caches grew for the projector's whole life:
-65 MiB after 15 minutes of the soak (``tcache_bytes`` in ``system.jemalloc_stats``), the growth that
-failed it. Caching blocks up to 1 KiB, 16 of a size, bounds a thread's cache to ~140 KiB; the
-rebuild rate of ``benchmarks/replay.py`` did not move (no cache at all cost it 7 %)."""
-
-
 def open_handle(path: str) -> Handle:
     """A new handle onto the engine at ``path``. chDB is imported here, by the one process that hosts
     the engine: loading its library costs a process ~340 MiB of resident memory, which every other
     Keel service (they all import this module through the CLI) would otherwise carry for nothing.
-    jemalloc reads its options once, when the library loads, so they are set before the import."""
-    os.environ.setdefault(ENGINE_ALLOCATOR_ENV, ENGINE_ALLOCATOR)
+    The allocator's options (``keel.analytics.allocator``) are set before the import."""
+    allocator.configure()
     from chdb.state.sqlitelike import connect  # noqa: PLC0415 (deferred on purpose)
 
     return connect(path)

@@ -19,6 +19,7 @@ from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, ProgrammingError
 
+from keel.analytics import allocator
 from keel.analytics.owner import served_dsn
 from keel.config import Settings
 from keel.errors import InfraError
@@ -45,6 +46,8 @@ def connect(settings: Settings, *, may_host: bool = True) -> Client:
         elif not may_host:
             raise InfraError("the embedded ClickHouse is served by the projector and none is running; start "
                              "`keel dev` or `keel project --follow`", code="analytics_unavailable")
+        else:
+            allocator.configure()  # this process loads chDB and hosts the engine
     try:
         # "schema": DateTime64(6, 'UTC') columns come back as aware UTC datetimes, like the domain's
         client = (clickhouse_connect.get_client(dsn=dsn, tz_mode="schema") if served is None else
