@@ -288,7 +288,6 @@ def test_a_second_process_cannot_serve_the_same_path(served: Served) -> None:
     assert "chdb_path_in_use" in err
 
 
-
 def allocator_options(stats: str) -> dict[str, str]:
     """jemalloc's ``opt.<name>: <value>`` lines from ``system.jemalloc_stats``."""
     found = (line.strip().removeprefix("opt.").split(": ", 1) for line in stats.splitlines()
