@@ -45,18 +45,26 @@ def withdraw(settings: Settings) -> None:
 
 def served_dsn(settings: Settings) -> str | None:
     """The owner's HTTP DSN when another live process serves ``settings``' chDB path, else ``None``."""
+    dsn = published_dsn(settings)
+    if dsn is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{dsn}/ping", timeout=2) as answer:  # noqa: S310 (a local address we wrote)
+            return dsn if answer.status == 200 else None
+    except OSError:
+        return None
+
+
+def published_dsn(settings: Settings) -> str | None:
+    """The address another live process published for ``settings``' chDB path, without asking it
+    (``served_dsn`` also checks that it answers): cheap enough to check before every query."""
     owner = _read(address_file(settings))
     if owner is None or owner.get("pid") == os.getpid() or owner.get("dsn") != settings.analytics_dsn:
         return None
     pid, port = owner.get("pid"), owner.get("port")
     if not isinstance(pid, int) or not isinstance(port, int) or not alive(pid):
         return None
-    dsn = f"http://127.0.0.1:{port}"
-    try:
-        with urllib.request.urlopen(f"{dsn}/ping", timeout=2) as answer:  # noqa: S310 (a local address we wrote)
-            return dsn if answer.status == 200 else None
-    except OSError:
-        return None
+    return f"http://127.0.0.1:{port}"
 
 
 def _read(path: Path) -> dict[str, object] | None:

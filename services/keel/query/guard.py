@@ -54,11 +54,10 @@ def admit(client: Client, sql: str, scope: Scope, parameters: Mapping[str, Any] 
     """
     if not sql.strip():
         raise QueryError("the query is empty", code="empty_query")
-    formatted = _canonical(client, sql)
+    formatted, databases = _canonical(client, sql)
     bound = dict(parameters or {})
     try:
         ast = str(client.command(f"EXPLAIN AST {formatted}", parameters=bound))
-        databases = {str(row[0]).lower() for row in client.query("SELECT name FROM system.databases").result_rows}
     except ClickHouseError as exc:
         raise QueryError(f"the query could not be analysed: {exc}", code="query_failed") from exc
     check_ast(ast.splitlines(), databases | _ALWAYS_DATABASES)
@@ -74,9 +73,13 @@ def admit(client: Client, sql: str, scope: Scope, parameters: Mapping[str, Any] 
     return formatted
 
 
-def _canonical(client: Client, sql: str) -> str:
+def _canonical(client: Client, sql: str) -> tuple[str, set[str]]:
+    """The canonical text of ``sql`` and the names of the engine's databases, in one round trip."""
     try:
-        return str(client.query("SELECT formatQuery({sql:String})", parameters={"sql": sql}).result_rows[0][0])
+        text, databases = client.query(
+            "SELECT formatQuery({sql:String}), (SELECT groupArray(lower(name)) FROM system.databases)",
+            parameters={"sql": sql}).result_rows[0]
+        return str(text), {str(name) for name in databases}
     except DatabaseError as exc:
         if exc.code != _SYNTAX_ERROR:
             raise QueryError(f"the query could not be parsed: {exc}", code="query_failed") from exc

@@ -1,10 +1,12 @@
 """Opens a query session for a caller: their scope, a client bound to it, a bounded slot.
 
-Shared by ``keel query`` and ``GET /v1/query``. Each query gets its own client (cheap on
-chDB, its own session), so an analyst's session never touches the projector's; a tenant's
-scope is prepared once per ``SCOPE_REUSE_S`` in a process, not on every query. A
-``QueryGate`` caps concurrent queries: a caller beyond the cap is told to retry instead
-of queueing, so analyst load can never starve the projector of the engine.
+Shared by ``keel query`` and ``GET /v1/query``. Each query holds a client of its own, so an
+analyst's session never touches the projector's. Clients of an engine reached over HTTP (the
+projector's served chDB, a ClickHouse server) are kept between queries (``ClientPool``): a
+new one asks the engine three questions before its first query. A tenant's scope is prepared
+once per ``SCOPE_REUSE_S`` in a process, not on every query. A ``QueryGate`` caps concurrent
+queries: a caller beyond the cap is told to retry instead of queueing, so analyst load can
+never starve the projector of the engine.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
+from clickhouse_connect.driver.httpclient import HttpClient
 
+from keel.analytics.owner import published_dsn
 from keel.config import Settings
 from keel.errors import QueryError
 from keel.projector.clickhouse import connect
@@ -49,6 +53,80 @@ class QueryGate:
             self._slots.release()
 
 
+class ClientPool:
+    """Idle clients of HTTP engines, reused by later queries of this process.
+
+    A new clickhouse-connect client reads the engine's version and every setting, and the
+    database is created if missing, before its first query: more than the guard and the query
+    together cost the engine. A client goes back to the pool after its query ran or was refused
+    (``QueryError``), and is closed after any other failure; clients of a projector that has
+    since moved to another address, or stopped, are closed when the next query looks. Clients of a chDB engine this process hosts are
+    not kept: they are cheap, and bound to the engine's session.
+    """
+
+    def __init__(self, idle_per_engine: int = 8) -> None:
+        self.idle_per_engine = idle_per_engine
+        self._idle: dict[tuple[str, str], list[HttpClient]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lease(self, settings: Settings, *, may_host: bool) -> Iterator[Client]:
+        """A client on ``settings``' engine and database, for this caller alone until the block ends."""
+        key = (settings.analytics_dsn, settings.clickhouse_database)
+        client = self._take(key, settings)
+        if client is None:
+            client = connect(settings, may_host=may_host)
+        else:
+            client.database = settings.clickhouse_database  # the last query left it in a tenant's scope
+        try:
+            yield client
+        except QueryError:  # the engine answered: the client is as good as before
+            self._give(key, client)
+            raise
+        except BaseException:
+            client.close()
+            raise
+        self._give(key, client)
+
+    def idle(self) -> int:
+        """How many clients wait for a query."""
+        with self._lock:
+            return sum(len(clients) for clients in self._idle.values())
+
+    def close(self) -> None:
+        """Close every idle client."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for clients in idle.values():
+            for client in clients:
+                client.close()
+
+    def _take(self, key: tuple[str, str], settings: Settings) -> Client | None:
+        served = settings.analytics_dsn.startswith("chdb:")
+        address = published_dsn(settings) if served else None  # where the projector serves now, if any
+        with self._lock:
+            clients = self._idle.get(key, [])
+            moved = [client for client in clients if served and client.url != address]
+            clients[:] = [client for client in clients if client not in moved]
+            client = clients.pop() if clients else None
+        for old in moved:
+            old.close()
+        return client
+
+    def _give(self, key: tuple[str, str], client: Client) -> None:
+        if isinstance(client, HttpClient):
+            with self._lock:
+                clients = self._idle.setdefault(key, [])
+                if len(clients) < self.idle_per_engine:
+                    clients.append(client)
+                    return
+        client.close()
+
+
+CLIENTS = ClientPool()
+"""The process's pool: the gateway's analyst queries share it."""
+
+
 def execute(
     settings: Settings, sql: str, *, tenant: str | None, limit: int, timeout_s: float,
     gate: QueryGate | None = None, parameters: Mapping[str, Any] | None = None, may_host: bool = True,
@@ -59,35 +137,21 @@ def execute(
     (a one-shot CLI may; the gateway may not: ``keel.projector.clickhouse.connect``).
     One client prepares the scope (once per ``SCOPE_REUSE_S``, see ``prepared_scope``) and runs the query.
     """
-    with (gate or QueryGate(1)).slot():
-        client = connect(settings, may_host=may_host)
+    with (gate or QueryGate(1)).slot(), CLIENTS.lease(settings, may_host=may_host) as client:
+        if tenant is None:
+            return _run(client, all_tenants_scope(settings.clickhouse_database), sql, limit=limit,
+                        timeout_s=timeout_s, parameters=parameters)
+        key = (settings.analytics_dsn, settings.clickhouse_database, tenant)
+        scope, reused = prepared_scope(client, key)
         try:
-            if tenant is None:
-                return _run(client, all_tenants_scope(settings.clickhouse_database), sql, limit=limit,
-                            timeout_s=timeout_s, parameters=parameters)
-            key = (settings.analytics_dsn, settings.clickhouse_database, tenant)
-            scope, reused = prepared_scope(client, key)
-            try:
-                return _run(client, scope, sql, limit=limit, timeout_s=timeout_s, parameters=parameters)
-            except QueryError as exc:
-                if not (reused and _scope_vanished(exc)):
-                    raise
-            forget_scope(key)  # its database or views were dropped since: prepare them again, once
-            client.database = settings.clickhouse_database  # the session left the vanished database
-            scope, _ = prepared_scope(client, key)
             return _run(client, scope, sql, limit=limit, timeout_s=timeout_s, parameters=parameters)
-        finally:
-            client.close()
-
-
-def run_in_scope(settings: Settings, scope: Scope, sql: str, *, limit: int, timeout_s: float,
-                 parameters: Mapping[str, Any] | None = None, may_host: bool = True) -> QueryResult:
-    """Run ``sql`` on a fresh client whose default database is the scope's."""
-    client = connect(settings, may_host=may_host)
-    try:
+        except QueryError as exc:
+            if not (reused and _scope_vanished(exc)):
+                raise
+        forget_scope(key)  # its database or views were dropped since: prepare them again, once
+        client.database = settings.clickhouse_database  # the session left the vanished database
+        scope, _ = prepared_scope(client, key)
         return _run(client, scope, sql, limit=limit, timeout_s=timeout_s, parameters=parameters)
-    finally:
-        client.close()
 
 
 def _run(client: Client, scope: Scope, sql: str, *, limit: int, timeout_s: float,
