@@ -1,12 +1,17 @@
 """The gateway's batching on a real SQLite outbox: one loop turn's requests are admitted
 together and written in arrival order, each gets its own answer, and a transaction never
-holds more than ``gateway_batch_max`` commands."""
+holds more than ``gateway_batch_max`` commands. The data keys a turn's personal fields need
+are created together, off the event loop, in a real SQLite key store."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sqlite3
+import threading
 import uuid
+from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +26,10 @@ from keel.gateway.writer import BatchWriter, Write
 from keel.outbox.db import open_database
 from keel.outbox.models import Accepted, NewCommand
 from keel.outbox.store import OutboxStore
+from keel.trust.codec import SealingCodec
+from keel.trust.fields import FieldCipher
+from keel.trust.keystore import MasterKey
+from keel.trust.keystore_sqlite import SqliteKeyStore
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +112,76 @@ def test_a_transaction_never_holds_more_than_the_batch_limit(tmp_path: Path) -> 
     assert len(answers) == 44 and len({a.command_id for a in answers}) == 44
     assert max(store.transactions) <= 7 and sum(store.transactions) == 44
     assert [r.command_id for r in store.unsent(100)] == [a.command_id for a in answers]
+
+
+class RecordingKeyStore(SqliteKeyStore):
+    """The real key store, noting the thread of every statement that writes a key."""
+
+    writers: list[str]
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        if sql.startswith("INSERT"):
+            self.writers.append(threading.current_thread().name)
+        return super()._rows(sql, params)
+
+
+def email(aggregate: str, customer: str) -> bytes:
+    return json.dumps({"id": str(uuid.uuid4()), "type": "SendEmail", "aggregate_id": aggregate,
+                       "on_behalf_of": customer, "payload": {"to_address": f"{customer}@example.com",
+                                                             "template": "welcome"}}).encode()
+
+
+def test_a_turns_new_data_subjects_get_their_keys_together_off_the_event_loop(tmp_path: Path) -> None:
+    store = RecordingStore(tmp_path / "outbox.sqlite3")
+    writer = BatchWriter(store, max_batch=512)
+    keys = RecordingKeyStore(tmp_path / "keys.sqlite3", MasterKey(os.urandom(32)))
+    keys.writers = []
+    codec = SealingCodec(FieldCipher(keys))
+    admission = Admission(codec, writer, max_age_s=0)
+    customers = [f"cust-{i}" for i in range(25)]
+
+    async def burst() -> list[Accepted | BaseException]:
+        return await asyncio.gather(*(send(admission, email(f"sub-{i}", c)) for i, c in enumerate(customers)),
+                                    send(admission, b"{not json"), return_exceptions=True)
+
+    try:
+        first = asyncio.run(burst())
+        written_first = list(keys.writers)
+        second = asyncio.run(burst())  # the same subjects again: their keys are cached
+    finally:
+        admission.close()
+        writer.close()
+    for answers in (first, second):
+        assert isinstance(answers[-1], KeelError) and answers[-1].code == "malformed_json"
+        assert all(isinstance(a, Accepted) for a in answers[:-1]), answers
+    assert written_first and all(name.startswith("data-keys") for name in written_first)
+    assert len(written_first) == 1  # every new subject's key in one statement
+    assert keys.writers == written_first  # nothing more for subjects already keyed
+    rows = store.unsent(100)
+    assert len(rows) == 50
+    assert b"@example.com" not in b"".join(row.value for row in rows)
+    opened = [codec.decode(row.value) for row in rows]
+    assert [c.payload.to_address for c in opened] == [f"{c}@example.com" for c in customers] * 2
+    keys.close()
+
+
+def test_a_key_store_that_fails_refuses_each_command_with_its_error(tmp_path: Path) -> None:
+    store = RecordingStore(tmp_path / "outbox.sqlite3")
+    writer = BatchWriter(store, max_batch=512)
+    keys = RecordingKeyStore(tmp_path / "keys.sqlite3", MasterKey(os.urandom(32)))
+    keys.writers = []
+    keys.close()  # every statement now fails
+    admission = Admission(SealingCodec(FieldCipher(keys)), writer, max_age_s=0)
+
+    async def burst() -> list[Accepted | BaseException]:
+        return await asyncio.gather(send(admission, email("sub-1", "cust-1")), send(admission, body("sub-2")),
+                                    return_exceptions=True)
+
+    try:
+        mail, refund = asyncio.run(burst())
+    finally:
+        admission.close()
+        writer.close()
+    assert isinstance(refund, Accepted)  # no personal field: no key needed
+    assert isinstance(mail, sqlite3.ProgrammingError)  # the closed store, as before
+    assert [r.command_id for r in store.unsent(10)] == [refund.command_id]

@@ -6,17 +6,29 @@ at once: between requests the CPU caches lose the validator's code and data. The
 requests whose bodies arrived in the same turn of the loop are therefore admitted
 together, in arrival order. Nobody waits for a timer or a batch size: a request alone
 is admitted in the next turn.
+
+Sealing a personal field needs its subject's data key. A key the cache does not hold is
+read from the key store, and a new subject's key is created there with a durable write:
+done one command at a time on the event loop, every such write stalled every request of
+the worker for a disk sync. The keys a turn's commands lack are therefore fetched and
+created together (``FieldCipher.prepare``), on a thread of their own, and the turn is
+encoded and handed to the writer when they are there.
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Envelope
 from keel.domain.principal import Principal
-from keel.gateway.intake import admit
+from keel.gateway.intake import check, encode
 from keel.gateway.writer import BatchWriter, Write
 from keel.outbox.models import Accepted
+from keel.trust.codec import SealingCodec
+
+_Checked = tuple[Envelope, str, "asyncio.Future[Accepted]"]
 
 
 class Admission:
@@ -30,6 +42,7 @@ class Admission:
         self.writer = writer
         self.max_age_s = max_age_s
         self._pending: list[tuple[bytes, Principal, str | None, asyncio.Future[Accepted]]] = []
+        self._keys = ThreadPoolExecutor(1, thread_name_prefix="data-keys")  # one: the store's writes queue anyway
 
     async def admit(self, raw: bytes, caller: Principal, traceparent: str | None = None) -> Accepted:
         """The command's ``Accepted`` once it is durable; raises what ``intake.admit`` raises,
@@ -45,16 +58,45 @@ class Admission:
         self._pending.append((raw, caller, traceparent, future))
         return await future
 
+    def close(self) -> None:
+        """Stop the key thread once what it runs is done."""
+        self._keys.shutdown()
+
     def _admit_pending(self) -> None:
         pending, self._pending = self._pending, []
-        writes: list[Write] = []
+        checked: list[_Checked] = []
         for raw, caller, traceparent, future in pending:
             if future.cancelled():  # the client went away
                 continue
             try:
-                writes.append((admit(raw, caller, self.codec, max_age_s=self.max_age_s,
-                                     traceparent=traceparent)[1], future))
+                envelope, request_hash = check(raw, caller, max_age_s=self.max_age_s, traceparent=traceparent)
             except Exception as exc:  # noqa: BLE001 - the typed KeelError, or a bug, goes to its own request
+                future.set_exception(exc)
+                continue
+            checked.append((envelope, request_hash, future))
+        if not checked:
+            return
+        codec = self.codec
+        if isinstance(codec, SealingCodec) and not codec.cipher.prepared(e for e, _, _ in checked):
+            envelopes = [e for e, _, _ in checked]
+            keys = asyncio.get_running_loop().run_in_executor(self._keys, codec.cipher.prepare, envelopes)
+            keys.add_done_callback(lambda done: self._keys_fetched(done, checked))
+        else:
+            self._encode(checked)
+
+    def _keys_fetched(self, done: asyncio.Future[None], checked: list[_Checked]) -> None:
+        if not done.cancelled():
+            done.exception()  # seen: whatever the store raised, each command's own seal raises again, to its caller
+        self._encode(checked)
+
+    def _encode(self, checked: list[_Checked]) -> None:
+        writes: list[Write] = []
+        for envelope, request_hash, future in checked:
+            if future.cancelled():
+                continue
+            try:
+                writes.append((encode(envelope, request_hash, self.codec), future))
+            except Exception as exc:  # noqa: BLE001 - as in _admit_pending
                 future.set_exception(exc)
         if writes:
             self.writer.write(writes)

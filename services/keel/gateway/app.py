@@ -169,6 +169,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> Metered:
         stopping.set()
         reader.join(timeout=CONTROLS_READ_S + 5)
         follower.close()
+        app.state.gateway.admission.close()
         app.state.gateway.writer.close()
         release_codec()
 

@@ -1,6 +1,7 @@
 """From raw request bytes and the caller's principal to an outbox row, or a precise refusal.
 
-Pure: no I/O, so the property test can throw any bytes at it. Tenant and actor come from
+``check`` is pure: no I/O, so the property test can throw any bytes at it. ``encode`` seals
+personal fields, which reads (and for a new data subject, writes) the key store. Tenant and actor come from
 the principal; a body may repeat them, but a body that disagrees is refused.
 """
 
@@ -30,7 +31,18 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
           max_age_s: float = 0.0, traceparent: str | None = None) -> tuple[Envelope, NewCommand]:
-    """Validate a ``POST /v1/commands`` body for ``principal``; raises typed ``KeelError``s.
+    """Validate a ``POST /v1/commands`` body for ``principal`` and encode it; raises typed ``KeelError``s.
+
+    ``check`` then ``encode``: see them for the arguments.
+    """
+    envelope, request_hash = check(raw, principal, max_age_s=max_age_s, traceparent=traceparent)
+    return envelope, encode(envelope, request_hash, codec)
+
+
+def check(raw: bytes, principal: Principal, *, max_age_s: float = 0.0,
+          traceparent: str | None = None) -> tuple[Envelope, str]:
+    """The validated command of a ``POST /v1/commands`` body for ``principal``, and the body's
+    fingerprint; raises typed ``KeelError``s.
 
     ``max_age_s`` (0: no limit) refuses a body whose own ``occurred_at`` is older: the
     processor's dedupe window, past which it would dead-letter the command anyway.
@@ -59,13 +71,19 @@ def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
     if payload_class(envelope.type).kind != "command":
         raise ValidationError(f"{envelope.type} is an event; only commands are accepted",
                               code="not_a_command", field="type")
+    return envelope, request_hash
+
+
+def encode(envelope: Envelope, request_hash: str, codec: EnvelopeCodec) -> NewCommand:
+    """The outbox row of a checked command; a sealing ``codec`` seals its personal fields, which may
+    create the subject's data key (``FieldCipher.prepare`` does that for many commands at once)."""
     try:
         value = codec.encode(envelope)
     except KeelError as exc:  # e.g. a schema_version the catalog does not have
         raise ValidationError(exc.message, code=exc.code, field=exc.field or "schema_version") from None
     except (ValueError, TypeError, UnicodeError, OverflowError) as exc:
         raise ValidationError(f"the command cannot be encoded: {exc}", field="payload") from None
-    return envelope, to_new_command(envelope, value, request_hash)
+    return to_new_command(envelope, value, request_hash)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

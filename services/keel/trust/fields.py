@@ -67,6 +67,17 @@ class FieldCipher:
         statement (and one durable commit) at a time. The keys land in the key store's cache,
         where ``seal`` finds them; without a cache this only creates the missing ones.
         """
+        for tenant, among in self._subjects(envelopes).items():
+            self.keys.keys_for(tenant, among)
+
+    def prepared(self, envelopes: Iterable[Envelope]) -> bool:
+        """Whether ``seal`` finds every key ``envelopes`` need in the key store's cache: if not, it
+        would ask the store, and create the keys of new subjects (a durable write each)."""
+        return all(self.keys.cache.active(tenant, subject) is not None
+                   for tenant, among in self._subjects(envelopes).items() for subject in among)
+
+    def _subjects(self, envelopes: Iterable[Envelope]) -> defaultdict[str, set[str]]:
+        """Per tenant, the data subjects of the plaintext personal fields of ``envelopes``."""
         subjects: defaultdict[str, set[str]] = defaultdict(set)
         for envelope in envelopes:
             names = self.personal(envelope.type)
@@ -74,8 +85,7 @@ class FieldCipher:
                     isinstance(value := getattr(envelope.payload, n, None), str) and not is_sealed(value)
                     for n in names):
                 subjects[envelope.tenant_id].add(envelope.on_behalf_of)
-        for tenant, among in subjects.items():
-            self.keys.keys_for(tenant, among)
+        return subjects
 
     def seal(self, envelope: Envelope) -> Envelope:
         """``envelope`` with every plaintext personal field sealed under its subject's key."""
