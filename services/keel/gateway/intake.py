@@ -1,8 +1,8 @@
 """From raw request bytes and the caller's principal to an outbox row, or a precise refusal.
 
 ``check`` is pure: no I/O, so the property test can throw any bytes at it. ``encode`` seals
-personal fields, which reads (and for a new data subject, writes) the key store. Tenant and actor come from
-the principal; a body may repeat them, but a body that disagrees is refused.
+personal fields, which reads (and for a new data subject, writes) the key store. Tenant and
+actor come from the principal; a body may repeat them, but a body that disagrees is refused.
 """
 
 from __future__ import annotations

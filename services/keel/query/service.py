@@ -58,10 +58,11 @@ class ClientPool:
 
     A new clickhouse-connect client reads the engine's version and every setting, and the
     database is created if missing, before its first query: more than the guard and the query
-    together cost the engine. A client goes back to the pool after its query ran or was refused
-    (``QueryError``), and is closed after any other failure; clients of a projector that has
-    since moved to another address, or stopped, are closed when the next query looks. Clients of a chDB engine this process hosts are
-    not kept: they are cheap, and bound to the engine's session.
+    together cost the engine. A client goes back to the pool after its query ran or was
+    refused (``QueryError``), and is closed after any other failure; clients of a projector
+    that has since moved to another address, or stopped, are closed when the next query looks.
+    Clients of a chDB engine this process hosts are not kept: they are cheap, and bound to the
+    engine's session.
     """
 
     def __init__(self, idle_per_engine: int = 8) -> None:
@@ -107,7 +108,8 @@ class ClientPool:
         with self._lock:
             clients = self._idle.get(key, [])
             moved = [client for client in clients if served and client.url != address]
-            clients[:] = [client for client in clients if client not in moved]
+            for old in moved:
+                clients.remove(old)
             client = clients.pop() if clients else None
         for old in moved:
             old.close()
