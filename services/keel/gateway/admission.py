@@ -76,9 +76,8 @@ class Admission:
             checked.append((envelope, request_hash, future))
         if not checked:
             return
-        codec = self.codec
-        if isinstance(codec, SealingCodec) and not codec.cipher.prepared(e for e, _, _ in checked):
-            envelopes = [e for e, _, _ in checked]
+        codec, envelopes = self.codec, [envelope for envelope, _, _ in checked]
+        if isinstance(codec, SealingCodec) and not codec.cipher.prepared(envelopes):
             keys = asyncio.get_running_loop().run_in_executor(self._keys, codec.cipher.prepare, envelopes)
             keys.add_done_callback(lambda done: self._keys_fetched(done, checked))
         else:
