@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from typing import Any
 from collections.abc import Sequence
@@ -115,13 +116,16 @@ def test_a_transaction_never_holds_more_than_the_batch_limit(tmp_path: Path) -> 
 
 
 class RecordingKeyStore(SqliteKeyStore):
-    """The real key store, noting the thread of every statement that writes a key."""
+    """The real key store, noting the thread of every statement that writes a key; ``sync_s``
+    makes each such write take that long, as a slow disk's sync would."""
 
     writers: list[str]
+    sync_s = 0.0
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         if sql.startswith("INSERT"):
             self.writers.append(threading.current_thread().name)
+            time.sleep(self.sync_s)
         return super()._rows(sql, params)
 
 
@@ -163,6 +167,32 @@ def test_a_turns_new_data_subjects_get_their_keys_together_off_the_event_loop(tm
     opened = [codec.decode(row.value) for row in rows]
     assert [c.payload.to_address for c in opened] == [f"{c}@example.com" for c in customers] * 2
     keys.close()
+
+
+def test_turns_that_need_keys_while_the_key_thread_is_busy_get_them_together(tmp_path: Path) -> None:
+    store = RecordingStore(tmp_path / "outbox.sqlite3")
+    writer = BatchWriter(store, max_batch=512)
+    keys = RecordingKeyStore(tmp_path / "keys.sqlite3", MasterKey(os.urandom(32)))
+    keys.writers, keys.sync_s = [], 0.3
+    admission = Admission(SealingCodec(FieldCipher(keys)), writer, max_age_s=0)
+
+    async def turns() -> list[Accepted]:
+        first = [asyncio.ensure_future(send(admission, email(f"sub-a{i}", f"cust-a{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)  # the first turn's keys are being written
+        later = [asyncio.ensure_future(send(admission, email(f"sub-b{i}", f"cust-b{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        later += [asyncio.ensure_future(send(admission, email(f"sub-c{i}", f"cust-c{i}"))) for i in range(3)]
+        return list(await asyncio.gather(*first, *later))
+
+    try:
+        answers = asyncio.run(turns())
+    finally:
+        admission.close()
+        writer.close()
+        keys.close()
+    assert len(answers) == 9 and all(isinstance(a, Accepted) for a in answers)
+    assert len(keys.writers) == 2  # the first turn's keys, then the two later turns' together
+    assert [r.command_id for r in store.unsent(20)] == [a.command_id for a in answers]
 
 
 def test_a_key_store_that_fails_refuses_each_command_with_its_error(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ read from the key store, and a new subject's key is created there with a durable
 done one command at a time on the event loop, every such write stalled every request of
 the worker for a disk sync. The keys a turn's commands lack are therefore fetched and
 created together (``FieldCipher.prepare``), on a thread of their own, and the turn is
-encoded and handed to the writer when they are there.
+encoded and handed to the writer when they are there. Turns that need keys while that
+thread is busy wait for it together, and their keys are then created in one go: like the
+outbox writer's group commit, one disk sync serves them all.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Admission:
         self.max_age_s = max_age_s
         self._pending: list[tuple[bytes, Principal, str | None, asyncio.Future[Accepted]]] = []
         self._keys = ThreadPoolExecutor(1, thread_name_prefix="data-keys")  # one: the store's writes queue anyway
+        self._need_keys: list[_Checked] = []  # commands of the turns waiting for the key thread
+        self._fetching = False
 
     async def admit(self, raw: bytes, caller: Principal, traceparent: str | None = None) -> Accepted:
         """The command's ``Accepted`` once it is durable; raises what ``intake.admit`` raises,
@@ -76,17 +80,29 @@ class Admission:
             checked.append((envelope, request_hash, future))
         if not checked:
             return
-        codec, envelopes = self.codec, [envelope for envelope, _, _ in checked]
-        if isinstance(codec, SealingCodec) and not codec.cipher.prepared(envelopes):
-            keys = asyncio.get_running_loop().run_in_executor(self._keys, codec.cipher.prepare, envelopes)
-            keys.add_done_callback(lambda done: self._keys_fetched(done, checked))
+        codec = self.codec
+        if isinstance(codec, SealingCodec) and not codec.cipher.prepared(envelope for envelope, _, _ in checked):
+            self._need_keys += checked
+            if not self._fetching:
+                self._fetch_keys(codec)
         else:
             self._encode(checked)
 
-    def _keys_fetched(self, done: asyncio.Future[None], checked: list[_Checked]) -> None:
+    def _fetch_keys(self, codec: SealingCodec) -> None:
+        """Fetch and create the keys of every command waiting for them, on the key thread."""
+        waiting, self._need_keys = self._need_keys, []
+        self._fetching = True
+        keys = asyncio.get_running_loop().run_in_executor(
+            self._keys, codec.cipher.prepare, [envelope for envelope, _, _ in waiting])
+        keys.add_done_callback(lambda done: self._keys_fetched(done, waiting, codec))
+
+    def _keys_fetched(self, done: asyncio.Future[None], waiting: list[_Checked], codec: SealingCodec) -> None:
         if not done.cancelled():
             done.exception()  # seen: whatever the store raised, each command's own seal raises again, to its caller
-        self._encode(checked)
+        self._fetching = False
+        self._encode(waiting)
+        if self._need_keys:  # turns that came meanwhile: their keys together, now
+            self._fetch_keys(codec)
 
     def _encode(self, checked: list[_Checked]) -> None:
         writes: list[Write] = []
