@@ -33,7 +33,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from _common import TENANTS, story
+from _common import TENANTS, process_tree_cpu, story
 from keel.analytics.owner import address_file
 from keel.config import Settings
 from keel.projector.clickhouse import connect
@@ -47,21 +47,19 @@ from keel.supervision.progress import replace_json
 SQL = "SELECT type, count() AS n FROM events WHERE _offset > {offset:UInt64} GROUP BY type ORDER BY type"
 
 
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def timed(name: str, queries: int, engine_pid: int, run: Callable[[int], None]) -> dict[str, Any]:
     for index in range(min(20, queries)):  # warm: scopes prepared, caches filled
         run(index)
-    engine, caller, wall = process_cpu_s(engine_pid), time.process_time(), time.perf_counter()
+    def engine_cpu_s() -> float:
+        return process_tree_cpu({"engine": engine_pid})["engine"]
+
+    engine, caller, wall = engine_cpu_s(), time.process_time(), time.perf_counter()
     for index in range(queries):
         run(index)
     return {"stage": name, "queries": queries,
             "wall_ms": (time.perf_counter() - wall) / queries * 1e3,
             "caller_cpu_ms": (time.process_time() - caller) / queries * 1e3,
-            "engine_cpu_ms": (process_cpu_s(engine_pid) - engine) / queries * 1e3}
+            "engine_cpu_ms": (engine_cpu_s() - engine) / queries * 1e3}
 
 
 def load(settings: Settings, events: int) -> int:
