@@ -50,6 +50,7 @@ SQL = "SELECT type, count() AS n FROM events WHERE _offset > {offset:UInt64} GRO
 def timed(name: str, queries: int, engine_pid: int, run: Callable[[int], None]) -> dict[str, Any]:
     for index in range(min(20, queries)):  # warm: scopes prepared, caches filled
         run(index)
+
     def engine_cpu_s() -> float:
         return process_tree_cpu({"engine": engine_pid})["engine"]
 
