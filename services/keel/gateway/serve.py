@@ -28,6 +28,7 @@ from types import FrameType
 import uvicorn
 
 from keel.errors import ConfigError
+from keel.gateway.transport import PROTOCOL
 
 log = logging.getLogger("keel.gateway")
 
@@ -38,7 +39,7 @@ def serve(host: str, port: int, workers: int) -> None:
     """Serve until SIGINT/SIGTERM; blocks."""
     _check_free(host, port)
     if workers == 1:
-        uvicorn.run(APP, factory=True, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(APP, factory=True, host=host, port=port, http=PROTOCOL, log_level="warning", access_log=False)
         return
     stopping = False
 
@@ -93,7 +94,7 @@ class _Server(uvicorn.Server):
 def _worker(host: str, port: int, ready: EventType) -> None:
     """One uvicorn server on its own ``SO_REUSEPORT`` socket (runs in a spawned process)."""
     listener = _listener(host, port)
-    config = uvicorn.Config(APP, factory=True, log_level="warning", access_log=False)
+    config = uvicorn.Config(APP, factory=True, http=PROTOCOL, log_level="warning", access_log=False)
     _Server(config, ready).run(sockets=[listener])
 
 
