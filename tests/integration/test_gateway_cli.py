@@ -61,6 +61,7 @@ def test_keys_are_created_listed_used_and_revoked_through_the_cli(tmp_path: Path
         headers = {"Authorization": f"Bearer {token}"}
         accepted = httpx.post(f"{base}/v1/commands", json=command, headers=headers)
         assert accepted.status_code == 202, accepted.text
+        assert "server" not in accepted.headers and "date" in accepted.headers  # no software named; a clock
         status = httpx.get(f"{base}/v1/commands/{command['id']}", headers=headers).json()
         assert status["status"] == "accepted" and status["key"] == "acme/sub-1"
         assert status["command_type"] == "CancelSubscription"

@@ -136,6 +136,47 @@ def test_retention_prunes_old_published_commands_with_their_events_but_not_pendi
     assert again.status is CommandStatus.ACCEPTED and not again.replayed
 
 
+def test_the_approvers_list_holds_the_tenants_parked_commands_only(store: OutboxStore) -> None:
+    parked, other_tenant, executed, moved_on = new(), new(tenant="globex"), new(), new()
+    store.accept([parked, other_tenant, executed, moved_on])
+
+    def event(kind: str) -> TrackedEvent:
+        return TrackedEvent(event_id=uuid.uuid4(), type=kind, occurred_at="2026-01-01T00:00:00+00:00", payload={})
+
+    store.apply_outcomes([
+        Outcome(command_id=c.command_id, status=CommandStatus.PENDING_APPROVAL, event=event("ApprovalRequested"))
+        for c in (parked, other_tenant, moved_on)]
+        + [Outcome(command_id=executed.command_id, status=CommandStatus.EXECUTED, event=event("SubscriptionStarted")),
+           Outcome(command_id=moved_on.command_id, status=CommandStatus.EXECUTED)])
+    assert [r.command_id for r in store.pending_approvals("acme")] == [parked.command_id]
+    assert [r.command_id for r in store.pending_approvals("globex")] == [other_tenant.command_id]
+
+
+def test_an_older_sqlite_outbox_gets_the_parked_index_in_place_of_the_index_of_every_status(
+        tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with sqlite3.connect(path) as older:  # the index older versions made, on a table they filled
+        older.execute("CREATE TABLE keel_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, command_id TEXT NOT NULL "
+                      "UNIQUE, tenant_id TEXT NOT NULL, aggregate_key TEXT NOT NULL, command_type TEXT NOT NULL, "
+                      "actor TEXT NOT NULL, request_hash TEXT NOT NULL, value BLOB NOT NULL, status TEXT NOT NULL, "
+                      "reason_code TEXT, reason TEXT, created_at DOUBLE PRECISION NOT NULL, "
+                      "updated_at DOUBLE PRECISION NOT NULL, published_at DOUBLE PRECISION)")
+        older.execute("CREATE INDEX keel_outbox_tenant_status ON keel_outbox (tenant_id, status)")
+    store = OutboxStore(open_database(f"sqlite:///{path}"))
+    try:
+        store.migrate()
+        with store.db.transaction() as cursor:
+            indexes = {name for (name,) in cursor.query(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keel_outbox'")}
+            plan = " ".join(str(row) for row in cursor.query(
+                "EXPLAIN QUERY PLAN SELECT command_id FROM keel_outbox "
+                "WHERE tenant_id = 'acme' AND status = 'pending_approval'"))
+    finally:
+        store.db.close()
+    assert "keel_outbox_tenant_status" not in indexes and "keel_outbox_parked" in indexes
+    assert "keel_outbox_parked" in plan
+
+
 def test_a_rejection_keeps_its_code_and_reason(store: OutboxStore) -> None:
     row = new()
     store.accept([row])

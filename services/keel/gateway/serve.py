@@ -24,6 +24,7 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -33,13 +34,15 @@ from keel.gateway.transport import PROTOCOL
 log = logging.getLogger("keel.gateway")
 
 APP = "keel.gateway.app:app_from_env"
+# No ``Server`` header: it names the software to every caller, and costs a header per answer.
+_SERVING: dict[str, Any] = {"http": PROTOCOL, "server_header": False, "log_level": "warning", "access_log": False}
 
 
 def serve(host: str, port: int, workers: int) -> None:
     """Serve until SIGINT/SIGTERM; blocks."""
     _check_free(host, port)
     if workers == 1:
-        uvicorn.run(APP, factory=True, host=host, port=port, http=PROTOCOL, log_level="warning", access_log=False)
+        uvicorn.run(APP, factory=True, host=host, port=port, **_SERVING)
         return
     stopping = False
 
@@ -94,7 +97,7 @@ class _Server(uvicorn.Server):
 def _worker(host: str, port: int, ready: EventType) -> None:
     """One uvicorn server on its own ``SO_REUSEPORT`` socket (runs in a spawned process)."""
     listener = _listener(host, port)
-    config = uvicorn.Config(APP, factory=True, http=PROTOCOL, log_level="warning", access_log=False)
+    config = uvicorn.Config(APP, factory=True, **_SERVING)
     _Server(config, ready).run(sockets=[listener])
 
 

@@ -10,10 +10,13 @@ effect, found by its origin command or by tenant and state.
 from __future__ import annotations
 
 from keel.outbox.db import Database
+from keel.outbox.models import CommandStatus
+
+PARKED = CommandStatus.PENDING_APPROVAL.value
 
 
 def ddl(db: Database) -> list[str]:
-    """Every CREATE statement, idempotent."""
+    """Every CREATE statement (and the DROP of an index replaced), idempotent."""
     return [
         f"""CREATE TABLE IF NOT EXISTS keel_outbox (
             seq {db.serial},
@@ -33,7 +36,10 @@ def ddl(db: Database) -> list[str]:
         "CREATE INDEX IF NOT EXISTS keel_outbox_unsent ON keel_outbox (seq) WHERE published_at IS NULL",
         # Retention prunes by age: a range over this index, never a scan of the whole table.
         "CREATE INDEX IF NOT EXISTS keel_outbox_created ON keel_outbox (created_at)",
-        "CREATE INDEX IF NOT EXISTS keel_outbox_tenant_status ON keel_outbox (tenant_id, status)",  # approvals
+        # Approvers list a tenant's parked commands. Only parked rows are in the index, so
+        # accepting a command and every other status change leave it alone.
+        f"CREATE INDEX IF NOT EXISTS keel_outbox_parked ON keel_outbox (tenant_id) WHERE status = '{PARKED}'",
+        "DROP INDEX IF EXISTS keel_outbox_tenant_status",  # what indexed every row for that list before
         """CREATE TABLE IF NOT EXISTS keel_command_events (
             event_id TEXT PRIMARY KEY,
             command_id TEXT NOT NULL,

@@ -26,7 +26,7 @@ from keel.outbox.models import (
     PendingRow,
     TrackedEvent,
 )
-from keel.outbox.schema import migrate
+from keel.outbox.schema import PARKED, migrate
 from keel.sqlmarks import in_lists
 
 
@@ -92,8 +92,8 @@ class OutboxStore:
                 "SELECT o.command_id, o.command_type, o.aggregate_key, o.created_at, o.updated_at, "
                 "e.event_id, e.occurred_at, e.payload FROM keel_outbox o JOIN keel_command_events e "
                 "ON e.command_id = o.command_id AND e.event_type = 'ApprovalRequested' "
-                "WHERE o.tenant_id = ? AND o.status = ? ORDER BY e.occurred_at, o.command_id LIMIT ?",
-                (tenant_id, CommandStatus.PENDING_APPROVAL.value, limit))
+                f"WHERE o.tenant_id = ? AND o.status = '{PARKED}' ORDER BY e.occurred_at, o.command_id LIMIT ?",
+                (tenant_id, limit))  # the status as a literal: only then may the partial index serve it
         return [CommandRecord(
             command_id=uuid.UUID(row[0]), tenant_id=tenant_id, command_type=row[1], key=row[2],
             status=CommandStatus.PENDING_APPROVAL, created_at=row[3], updated_at=row[4],
