@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind
 from keel.domain.principal import Principal
 from keel.errors import KeelError
-from keel.gateway.intake import admit
+from keel.gateway.intake import admit, fingerprint
 
 CODEC = EnvelopeCodec()
 BOT = Principal(tenant_id="acme", actor=Actor(kind=ActorKind.AGENT, id="bot"), roles=frozenset({"agent"}))
@@ -37,6 +41,30 @@ def test_the_request_hash_ignores_key_order_but_not_content() -> None:
     b = admit(json.dumps(dict(reversed(list({"id": command_id, **REFUND}.items())))).encode(), BOT, CODEC)[1]
     c = admit(raw(id=command_id, aggregate_id="sub-2"), BOT, CODEC)[1]
     assert a.request_hash == b.request_hash != c.request_hash
+
+
+def canonical_hash(document: Any) -> str:
+    """What the fingerprint has always been: the sha256 of json's sorted, compact form."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+TEXT = st.text(st.characters(exclude_categories=()), max_size=12)  # control characters and lone surrogates too
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(document=st.dictionaries(TEXT, JSON, max_size=6))
+def test_the_fingerprint_is_the_sha256_of_jsons_canonical_form_whatever_the_body(document: dict[str, Any]) -> None:
+    assert fingerprint(document) == canonical_hash(document)
+
+
+@pytest.mark.parametrize("value", ["café", "\x7f", "tab\tnew\nline\x00\x1f", "\ud800", 1e16, 1.5e-07, 0.1, 2**64, -2**63,
+                                   [1.0], {"é": 1}, {"b": 1, "a": 2, "A": 3}])
+def test_the_fingerprint_takes_jsons_form_where_orjson_would_write_other_bytes(value: object) -> None:
+    assert fingerprint({"payload": value}) == canonical_hash({"payload": value})
 
 
 @pytest.mark.parametrize(("body", "code", "field"), [
