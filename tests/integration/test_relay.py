@@ -166,6 +166,28 @@ def test_only_the_lease_holder_publishes_and_a_standby_takes_over(
     assert [i for _, i in published(settings)] == [a, b]
 
 
+def lease_expiry(store: OutboxStore) -> float:
+    with store.db.transaction() as cursor:
+        return float(cursor.query("SELECT expires_at FROM keel_leases WHERE name = 'relay'")[0][0])
+
+
+def test_the_holder_renews_its_lease_once_a_third_of_it_has_passed_not_every_round(
+        settings: Settings, sqlite_store: OutboxStore) -> None:
+    relay = Relay(sqlite_store, settings, IngressSettings(relay_lease_ttl_s=0.6, relay_batch_size=50))
+    accept(sqlite_store, "acme", "sub-1")
+    assert relay.run_once() == 1
+    taken = lease_expiry(sqlite_store)
+    for i in range(3):  # rounds within the first third: no write to the lease
+        accept(sqlite_store, "acme", f"sub-{i}")
+        assert relay.run_once() == 1
+    assert lease_expiry(sqlite_store) == taken
+    time.sleep(0.25)  # past a third of the TTL: the next round renews it
+    accept(sqlite_store, "acme", "sub-9")
+    assert relay.run_once() == 1
+    assert lease_expiry(sqlite_store) > taken
+    relay.close()
+
+
 def test_two_relays_at_once_publish_everything_in_order_deduplicable_by_id(
         settings: Settings, pg_store: OutboxStore) -> None:
     ingress = IngressSettings(relay_lease_ttl_s=0.2, relay_poll_interval_s=0.01, relay_batch_size=7)
