@@ -362,15 +362,17 @@ def _apply(cursor: Cursor, outcome: Outcome) -> int:
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
             (str(event.event_id), command_id, event.type, event.occurred_at,
              json.dumps(event.payload, default=str)))
-    if outcome.status is None:
-        return 0
-    rows = cursor.query("SELECT status FROM keel_outbox WHERE command_id = ?", (command_id,))
-    if not rows or RANK[CommandStatus(rows[0][0])] >= RANK[outcome.status]:
+    if outcome.status is None or not (behind := _BEHIND[outcome.status]):
         return 0
     return cursor.execute(
         "UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
-        "WHERE command_id = ?",
+        f"WHERE command_id = ? AND status IN ({behind})",
         (outcome.status.value, outcome.reason_code, outcome.reason, time.time(), command_id))
+
+
+_BEHIND = {status: ", ".join(f"'{s.value}'" for s, rank in RANK.items() if rank < RANK[status]) for status in RANK}
+"""Per status, the statuses a command moves forward from to reach it, as SQL literals: the update
+checks the rank itself (one statement an outcome, not a read and then a write)."""
 
 
 _EFFECT_NAMES = tuple(EffectRecord.model_fields)
