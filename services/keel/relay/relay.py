@@ -95,7 +95,7 @@ class Relay:
         self._spans = PublishSpans(self.topic, EnvelopeCodec()) if tracing.enabled() else None
 
     def run_once(self) -> int:
-        """One round: renew the lease, publish a batch, mark what Kafka acknowledged."""
+        """One round: keep the lease, publish a batch, mark what Kafka acknowledged."""
         self.stats.rounds += 1
         epoch = self._lease()
         if epoch is None:
@@ -126,9 +126,9 @@ class Relay:
         """The lease's epoch while this relay holds it, else ``None``.
 
         A held lease is renewed once a third of its TTL has passed, not every round: a renewal
-        is a durable write, and at a round per Kafka acknowledgement it was one more commit
-        (and fsync) on the outbox for every batch the gateways wrote. Nobody else takes the
-        lease before it expires, and it is renewed while two thirds of it are left.
+        is a durable write, and renewing at each round's start and after its flush made a round
+        three commits (and fsyncs) on the outbox the gateways write to, not one. Nobody else
+        takes the lease before it expires, and it is renewed while two thirds of it are left.
         """
         if self._epoch is not None and time.monotonic() < self._renew_at:
             return self._epoch
