@@ -11,7 +11,8 @@ import pytest
 
 from keel.errors import ConfigError
 from keel.trust.errors import WrongTenantKey
-from keel.trust.fields import ERASED, FieldCipher
+from keel.trust.codec import SealingCodec
+from keel.trust.fields import ERASED, PREFIX, FieldCipher
 from keel.trust.keycache import KeyCache
 from keel.trust.keystore import DataKey, MasterKey
 from keel.trust.keystore_sqlite import SqliteKeyStore
@@ -156,3 +157,32 @@ def test_a_batch_served_from_the_cache_does_not_extend_the_keys_lifetime(keys: C
     assert keys.keys_for("acme", ["cust-1"]) == {"cust-1": first}
     clock.now += 1.0
     assert keys.cache.active("acme", "cust-1") is None
+
+
+def test_prefetching_encoded_records_reads_their_keys_in_one_statement_and_opening_asks_no_more(
+        tmp_path: Path, keys: CountingStore, clock: Clock) -> None:
+    keys.cache = KeyCache(1000, 5.0, clock)
+    writer = SealingCodec(FieldCipher(keys))
+    records = [writer.encode(email(f"cust-{n}")) for n in range(300)] + [b"not a record", b""]
+    with CountingStore(tmp_path / "keys.db", keys.master, cache=KeyCache(1000, 5.0, clock)) as elsewhere:
+        reader = SealingCodec(FieldCipher(elsewhere))  # another process: none of these keys cached
+        reader.prefetch(records)
+        assert elsewhere.statements == 1  # 300 key ids in one IN list
+        opened = [reader.decode(r) for r in records[:300]]
+        assert elsewhere.statements == 1
+    assert {e.payload.to_address for e in opened} == {"ann@example.com"}
+
+
+def test_a_prefetch_leaves_erased_unknown_and_foreign_keys_to_the_open_that_reports_them(
+        keys: CountingStore, clock: Clock) -> None:
+    keys.cache = KeyCache(1000, 5.0, clock)
+    codec = SealingCodec(FieldCipher(keys))
+    erased, foreign = codec.encode(email("cust-1")), codec.encode(email("cust-2", tenant="globex"))
+    keys.erase("acme", "cust-1", "human:dpo")
+    looks_sealed = f"{PREFIX}{'f' * 32}:AAAA".encode()  # text shaped like a sealed value, no such key
+    keys.cache = KeyCache(1000, 5.0, clock)
+    codec.prefetch([erased, foreign, looks_sealed])
+    assert len(keys.cache) == 1  # only the live key, cached under its own tenant
+    assert codec.decode(erased).payload.to_address == ERASED
+    with pytest.raises(WrongTenantKey):
+        keys.lookup("acme", codec.read(foreign)["payload"]["to_address"].split(":")[2])

@@ -23,7 +23,7 @@ import importlib
 import io
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Literal, Protocol, cast
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -119,6 +119,9 @@ class EnvelopeCodec:
         buffer.write(MAGIC + schema.fingerprint)
         schemaless_writer(buffer, schema.parsed, record)
         return buffer.getvalue()
+
+    def prefetch(self, records: Iterable[bytes | None]) -> None:
+        """Get ready to decode ``records`` as a batch: nothing to do here (``SealingCodec`` reads keys)."""
 
     def decode(self, data: bytes) -> Envelope:
         """The envelope in ``data``; raises ``DecodeError`` or ``ValidationError`` if it is not one."""

@@ -11,6 +11,7 @@ events are re-sealed under their event ids. Consumers that must never see plaint
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from keel.contracts.catalog import Catalog
 from keel.contracts.codec import EnvelopeCodec, parse_envelope
@@ -41,6 +42,10 @@ class SealingCodec(EnvelopeCodec):
                 sealed = sealed.model_copy(update={"payload": sealed.payload.model_copy(
                     update={"command": inner.model_dump_json()})})
         return super().encode(sealed)
+
+    def prefetch(self, records: Iterable[bytes | None]) -> None:
+        """Read the keys that opening ``records`` needs, a few statements for all of them."""
+        self.cipher.prefetch(records)
 
     def decode(self, data: bytes) -> Envelope:
         """Decode the raw record, open its personal fields (or mark them erased), then validate."""

@@ -28,7 +28,7 @@ import os
 import struct
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
@@ -169,6 +169,10 @@ class KeyStore(ABC):
     def _row(self, key_id: str) -> KeyRow | None: ...
 
     @abstractmethod
+    def _wrapped_among(self, key_ids: list[str]) -> list[KeyRow]:
+        """The unerased rows of those of ``key_ids`` (at most ``_IDS_PER_QUERY``) the store holds."""
+
+    @abstractmethod
     def _erase(self, tenant: str, subject: str, erased_by: str, when: datetime) -> list[str]:
         """Delete the subject's wrapped keys, keep tombstones; return the erased key ids."""
 
@@ -249,6 +253,24 @@ class KeyStore(ABC):
         elif key.tenant != tenant:
             raise _foreign(key_id, tenant)
         return key
+
+    def prefetch(self, key_ids: Iterable[str]) -> None:
+        """Read the keys among ``key_ids`` the cache lacks into it, one statement per ``_IDS_PER_QUERY``.
+
+        A batch about to open the values of many subjects would otherwise ask the store once
+        per key. Only a hint: an erased, unknown or unreadable key is left to ``lookup``, which
+        reports it where the value is opened; at most half the cache is filled at once.
+        """
+        missing = [key_id for key_id in dict.fromkeys(key_ids) if self.cache.by_id(key_id) is None]
+        missing = missing[:max(1, self.cache.max_keys // 2)]
+        epoch = self.cache.epoch
+        for start in range(0, len(missing), _IDS_PER_QUERY):
+            for row in self._wrapped_among(missing[start:start + _IDS_PER_QUERY]):
+                try:
+                    key = self._unwrap(row)
+                except KeyUnwrapFailed:
+                    continue
+                self.cache.put(key, epoch)
 
     def erase(self, tenant: str, subject: str, erased_by: str) -> list[str]:
         """Crypto-shred every key of ``subject``; returns the erased key ids (this store's cache drops them at once)."""
@@ -378,6 +400,12 @@ class SqlKeyStore(KeyStore):
         if isinstance(erased_at, str):  # SQLite keeps timestamps as ISO text
             erased_at = datetime.fromisoformat(erased_at)
         return KeyRow(key, tenant, subject, None if wrapped is None else bytes(wrapped), erased_at, erased_by)
+
+    def _wrapped_among(self, key_ids: list[str]) -> list[KeyRow]:
+        rows = [row for marks, chunk in in_lists(key_ids) for row in self._rows(
+            "SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
+            f"WHERE wrapped IS NOT NULL AND key_id IN ({marks})", tuple(chunk))]
+        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
 
     def _erased_among(self, key_ids: list[str]) -> list[str]:
         return [row[0] for marks, chunk in in_lists(key_ids) for row in self._rows(

@@ -17,6 +17,9 @@ from keel.domain.parsing import parse_envelope
 from keel.domain.events import ApprovalExpired, ApprovalGranted, ApprovalKind, ApprovalRejected, ApprovalRequested
 
 
+_SETTLING = frozenset({ApprovalGranted, ApprovalRejected, ApprovalExpired})
+
+
 @dataclass(frozen=True)
 class Parked:
     """A command waiting for approval or confirmation."""
@@ -30,6 +33,9 @@ class Parked:
 
 def fold_pending(pending: dict[uuid.UUID, Parked], event: Envelope) -> dict[uuid.UUID, Parked]:
     """The pending approvals after ``event`` (a new dict when it changes)."""
+    kind = type(event.payload)  # most events touch no approval: one look-up, not four class checks
+    if kind is not ApprovalRequested and (not pending or kind not in _SETTLING):
+        return pending
     match event.payload:
         case ApprovalRequested() as requested:
             command = parse_envelope(json.loads(requested.command))

@@ -11,6 +11,7 @@ Pure: the processor supplies the state, the controls, the limiter and the clock.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -91,19 +92,14 @@ def govern(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
 
 
 def _decide(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
+    # Keel's own commands by their class (one look-up, not a dozen class checks); a team's go to _governed.
+    route = _ROUTES.get(type(command.payload), _governed)
     refusal = _isolation(command, ctx)
-    if refusal is None and isinstance(command.payload, CONTROL_COMMANDS) \
-            and command.aggregate_id != CONTROLS_AGGREGATE:
+    if refusal is None and route is _control and command.aggregate_id != CONTROLS_AGGREGATE:
         refusal = Refusal("wrong_aggregate", f"{command.type} goes to the '{CONTROLS_AGGREGATE}' aggregate")
     if refusal is not None:
         return _refused(command, state, ctx, refusal)
-    if isinstance(command.payload, APPROVAL_COMMANDS):
-        return _approval(command, state, ctx)
-    if isinstance(command.payload, CONTROL_COMMANDS):
-        return _control(command, state, ctx)
-    if isinstance(command.payload, EFFECT_COMMANDS):
-        return _effect(command, state, ctx)
-    return _governed(command, state, ctx)
+    return route(command, state, ctx)
 
 
 def _isolation(command: Envelope, ctx: Context) -> Refusal | None:
@@ -269,6 +265,13 @@ def _effect(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
         return _refused(command, state, ctx, Refusal(*settled))
     return Decision(to_events(command, [settled], version=state.version, now=ctx.now,
                               authority=_authority(command.authority, role=role)))
+
+
+_ROUTES: dict[type[Payload], Callable[[Envelope, AggregateState, Context], Decision]] = {
+    **dict.fromkeys(APPROVAL_COMMANDS, _approval),
+    **dict.fromkeys(CONTROL_COMMANDS, _control),
+    **dict.fromkeys(EFFECT_COMMANDS, _effect),
+}
 
 
 def _authority(base: Authority, **decided: str | None) -> Authority:
