@@ -19,7 +19,7 @@ from support_desk.messages import ReverseRefund
 from keel.gateway.settings import IngressSettings
 from keel.outbox.db import open_database
 from keel.outbox.enqueue import to_new_command
-from keel.outbox.models import CommandRecord, CommandStatus
+from keel.outbox.models import CommandRecord, CommandStatus, Outcome, TrackedEvent
 from keel.outbox.store import OutboxStore
 from keel.processor.worker import CommandProcessor, new_instance_id
 from keel.relay.relay import Relay
@@ -148,3 +148,28 @@ def test_approvals_and_compensations_reach_a_final_status_naming_their_subject(
     assert [e.type for e in undone.events] == ["RefundReversed"]
     assert undone.events[0].payload["reverses"] == str(big.id)
     assert undone.reason == f"command {big.id} undone: disputed"
+
+
+def test_a_batch_whose_outcomes_interleave_statuses_ends_each_command_at_its_furthest_one(store: OutboxStore) -> None:
+    first, second = command("acme", "sub-1", start()), command("acme", "sub-2", start())
+    store.accept([to_new_command(c, CODEC.encode(c)) for c in (first, second)])
+
+    def tracked(n: int) -> TrackedEvent:
+        return TrackedEvent(event_id=uuid.UUID(int=n), type="SubscriptionStarted",
+                            occurred_at="2026-12-05T00:00:00+00:00", payload={"n": n})
+
+    outcomes = [
+        Outcome(command_id=first.id, status=CommandStatus.PENDING_APPROVAL, event=tracked(1)),
+        Outcome(command_id=second.id, status=CommandStatus.REJECTED, reason_code="no_role", reason="no",
+                event=tracked(2)),
+        Outcome(command_id=first.id, status=CommandStatus.EXECUTED, event=tracked(3)),
+        Outcome(command_id=second.id, status=CommandStatus.EXECUTED, event=tracked(4)),  # behind a rejection: kept out
+        Outcome(command_id=first.id, status=CommandStatus.PENDING_APPROVAL, event=tracked(3)),  # the same event again
+    ]
+    assert store.apply_outcomes(outcomes) == 3  # first: pending, then executed; second: rejected
+    assert store.apply_outcomes(outcomes) == 0  # a replayed batch changes nothing
+    one, two = store.get("acme", first.id), store.get("acme", second.id)
+    assert one is not None and two is not None
+    assert one.status is CommandStatus.EXECUTED and [e.payload["n"] for e in one.events] == [1, 3]
+    assert (two.status, two.reason_code, two.reason) == (CommandStatus.REJECTED, "no_role", "no")
+    assert [e.payload["n"] for e in two.events] == [2, 4]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 from keel.effects.progress import EffectState
 from keel.effects.status import EffectChange, EffectRecord, fold
@@ -187,10 +189,8 @@ class OutboxStore:
         Statuses only move forward, events are kept once, effects fold as ``keel.effects.status``
         says, in effect id order (so trackers lock effect rows in one order and never deadlock).
         """
-        changed = 0
         with self.db.transaction() as cursor:
-            for outcome in outcomes:
-                changed += _apply(cursor, outcome)
+            changed = _apply(cursor, outcomes)
             for _, changes in groupby(sorted(effects, key=lambda c: c.effect_id.bytes), key=lambda c: c.effect_id):
                 changed += self._fold(cursor, list(changes))
         return changed
@@ -353,21 +353,26 @@ def _against(command: NewCommand, tenant: str, request_hash: str, status: Comman
     return Accepted(command_id=command.command_id, status=status, replayed=same, conflict=not same)
 
 
-def _apply(cursor: Cursor, outcome: Outcome) -> int:
-    command_id = str(outcome.command_id)
-    if outcome.event is not None:
-        event = outcome.event
-        cursor.execute(
-            "INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-            (str(event.event_id), command_id, event.type, event.occurred_at,
-             json.dumps(event.payload, default=str)))
-    if outcome.status is None or not (behind := _BEHIND[outcome.status]):
-        return 0
-    return cursor.execute(
-        "UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
-        f"WHERE command_id = ? AND status IN ({behind})",
-        (outcome.status.value, outcome.reason_code, outcome.reason, time.time(), command_id))
+def _apply(cursor: Cursor, outcomes: Sequence[Outcome]) -> int:
+    """Keep the outcomes' events and move their commands' statuses: a statement per kind of change, not per outcome.
+
+    Each status's update runs over its commands in the outcomes' order. Updates of one command to
+    different statuses may so run out of order, with the same result: a status only replaces
+    those ranked behind it.
+    """
+    events = [(str(outcome.event.event_id), str(outcome.command_id), outcome.event.type, outcome.event.occurred_at,
+               json.dumps(outcome.event.payload, default=str)) for outcome in outcomes if outcome.event is not None]
+    if events:
+        cursor.execute_many("INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload) "
+                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING", events)
+    now, moves = time.time(), defaultdict[CommandStatus, list[tuple[Any, ...]]](list)
+    for outcome in outcomes:
+        if outcome.status is not None and _BEHIND[outcome.status]:
+            moves[outcome.status].append(
+                (outcome.status.value, outcome.reason_code, outcome.reason, now, str(outcome.command_id)))
+    return sum(cursor.execute_many("UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
+                                   f"WHERE command_id = ? AND status IN ({_BEHIND[status]})", rows)
+               for status, rows in moves.items())
 
 
 _BEHIND = {status: ", ".join(f"'{s.value}'" for s, rank in RANK.items() if rank < RANK[status]) for status in RANK}
