@@ -30,12 +30,17 @@ class EffectMark:
     """True while its outcome is not recorded; False once it failed or was cancelled."""
 
 
+_SETTLING = frozenset({EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried})
+
+
 def fold_effects(effects: dict[uuid.UUID, EffectMark], event: Envelope,
                  registry: Registry) -> dict[uuid.UUID, EffectMark]:
     """The aggregate's effects after ``event`` (a new dict when it changes)."""
     payload = event.payload
     if event.type in registry.effect_of and event.causation_id is not None:
         return {**effects, event.id: EffectMark(event.causation_id, 0, True)}
+    if not effects or type(payload) not in _SETTLING:  # most events settle none: no four class checks
+        return effects
     match payload:
         case EffectSucceeded(effect_id=effect_id) if effect_id in effects:
             return {k: v for k, v in effects.items() if k != effect_id}
