@@ -171,6 +171,10 @@ def test_prefetching_encoded_records_reads_their_keys_in_one_statement_and_openi
         opened = [reader.decode(r) for r in records[:300]]
         assert elsewhere.statements == 1
     assert {e.payload.to_address for e in opened} == {"ann@example.com"}
+    keys.cache = KeyCache(1000, 0.0, clock)  # no cache: a prefetch would read keys for nothing
+    before = keys.statements
+    SealingCodec(FieldCipher(keys)).prefetch(records)
+    assert keys.statements == before
 
 
 def test_a_prefetch_leaves_erased_unknown_and_foreign_keys_to_the_open_that_reports_them(

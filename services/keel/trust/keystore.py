@@ -261,6 +261,8 @@ class KeyStore(ABC):
         per key. Only a hint: an erased, unknown or unreadable key is left to ``lookup``, which
         reports it where the value is opened; at most half the cache is filled at once.
         """
+        if not self.cache.ttl_s:  # no cache: nothing read now would be kept for the open
+            return
         missing = [key_id for key_id in dict.fromkeys(key_ids) if self.cache.by_id(key_id) is None]
         missing = missing[:max(1, self.cache.max_keys // 2)]
         epoch = self.cache.epoch
