@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -15,6 +19,7 @@ from keel.domain.envelope import Actor, ActorKind, new_command
 from support_desk.messages import IssueRefund
 from keel.kafka.clients import producer_config
 from keel.kafka.topics import Topic, topic_name
+from keel.projector.native import NativeInserter
 from keel.projector.projector import EventProjector
 from tests.integration.test_projector import produce, subscription_story
 
@@ -87,4 +92,21 @@ def test_the_native_path_leaves_no_schema_cache_entry_behind(settings: Settings,
     with EventProjector(settings, migrated, native=True, batch_size=4) as native:
         assert native.catch_up() == len(events)
     assert migrated.command(
-        "SELECT count() FROM system.schema_inference_cache WHERE source LIKE '%keel-native-%'") == 0
+        "SELECT count() FROM system.schema_inference_cache WHERE source LIKE '%native-scratch%'") == 0
+
+
+def test_scratch_folders_of_processes_that_no_longer_run_are_removed_and_ours_goes_at_close(tmp_path: Path) -> None:
+    root = tmp_path / "native-scratch"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    killed = root / f"{ended.stdout.strip()}-abc123"  # as a SIGKILLed projector leaves it, a batch file inside
+    killed.mkdir(parents=True)
+    (killed / "batch.avro").write_bytes(b"x" * 1000)
+    alive = root / f"{os.getppid()}-def456"  # our parent runs: not ours to remove
+    alive.mkdir()
+    inserter = NativeInserter(EnvelopeCodec(), root)
+    assert not killed.exists() and alive.is_dir()
+    [ours] = [folder for folder in root.iterdir() if folder != alive]
+    assert ours.name.startswith(f"{os.getpid()}-")
+    inserter.close()
+    assert sorted(root.iterdir()) == [alive]

@@ -13,11 +13,16 @@ with the newest one first, so Avro schema resolution applies exactly as in ``Env
 Only chDB reads the files the process writes; a server keeps the Python path. If the
 engine refuses a batch (a corrupt body), the caller falls back to the Python path.
 Values sealed under erased keys are replaced in the payload JSON by the same statement.
+
+The container files live in a folder of this process under ``<data dir>/native-scratch``,
+removed on close. A process that is killed cannot remove its folder, so each inserter first
+removes the folders of processes that no longer run.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import tempfile
@@ -84,11 +89,13 @@ class NativeBatch:
 class NativeInserter:
     """Builds container files for a batch and inserts them in one statement."""
 
-    def __init__(self, codec: EnvelopeCodec) -> None:
+    def __init__(self, codec: EnvelopeCodec, scratch_root: Path) -> None:
         self._codec = codec
         self._headers: dict[bytes, bytes] = {}
         self._newest: dict[bytes, bool] = {}  # fingerprint -> is it its type's newest schema
-        self._scratch = Path(tempfile.mkdtemp(prefix="keel-native-"))
+        scratch_root.mkdir(parents=True, exist_ok=True)
+        remove_orphans(scratch_root)
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=scratch_root))
 
     def accept(self, batch: NativeBatch, value: bytes, partition: int, offset: int) -> None:
         """Add ``value`` to ``batch``; raises ``DecodeError`` when it is not a Keel message."""
@@ -142,6 +149,24 @@ class NativeInserter:
         if header is None:
             header = self._headers[fingerprint] = _container_header(self._codec.catalog.writer(fingerprint))
         return header
+
+
+def remove_orphans(scratch_root: Path) -> None:
+    """Remove the scratch folders (``<pid>-…``) under ``scratch_root`` of processes that no longer run."""
+    for folder in scratch_root.iterdir():
+        pid = folder.name.partition("-")[0]
+        if folder.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
 
 
 def _container_header(schema: MessageSchema) -> bytes:

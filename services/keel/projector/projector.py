@@ -92,7 +92,7 @@ class EventProjector:
         self._codec = codec or EnvelopeCodec()
         # the engine decodes batches itself where it can read this process's files (chDB)
         use_native = settings.analytics_dsn.startswith("chdb:") if native is None else native
-        self._native = NativeInserter(self._codec) if use_native else None
+        self._native = NativeInserter(self._codec, settings.data_dir / "native-scratch") if use_native else None
         self._batch_size = batch_size
         self._linger_s = linger_s
         self._on_batch = on_batch
