@@ -37,6 +37,7 @@ from keel.config import Settings
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope, Payload, new_command
 from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.kafka.broker import broker_status, paths_for
+from keel.kafka.cluster import node_paths, recorded_cluster
 from keel.kafka.reader import read_to_end
 
 _VERSION_LINE = re.compile(rb"Kafka version: (\S+)")
@@ -112,17 +113,28 @@ def reference_commands(aggregates: int) -> list[Envelope]:
 
 
 def broker_version(settings: Settings) -> str:
-    """The broker's version: from its start-up log when `keel up` runs it, else from the jars."""
-    if broker_status(settings).running:
-        log = paths_for(settings).server_log
-        if log.exists():
-            found = _VERSION_LINE.findall(log.read_bytes())
-            if found:
-                return f"{found[-1].decode()} (broker log)"
+    """The brokers' version: from their start-up logs when `keel up` runs them (one broker, or the
+    private cluster the data dir records when the run uses it), else from the jars."""
+    cluster = recorded_cluster(settings)
+    if cluster is not None and settings.bootstrap_servers == cluster.bootstrap:
+        versions = {version for node in cluster.nodes if (version := _logged_version(
+            node_paths(settings, node.node_id).server_log)) is not None}
+        if versions:
+            return f"{', '.join(sorted(versions))} (logs of a {len(cluster.nodes)}-node cluster)"
+    elif broker_status(settings).running:
+        version = _logged_version(paths_for(settings).server_log)
+        if version is not None:
+            return f"{version} (broker log)"
     jars = sorted((settings.kafka_home / "libs").glob("kafka_2.13-*.jar"))
     if jars:
         return f"{jars[-1].stem.removeprefix('kafka_2.13-')} (local jars; broker not started by keel)"
     return "unknown"
+
+
+def _logged_version(log: Path) -> str | None:
+    """The version the broker's latest start wrote into ``log``."""
+    found = _VERSION_LINE.findall(log.read_bytes()) if log.exists() else []
+    return found[-1].decode() if found else None
 
 
 def environment(settings: Settings, admin: AdminClient) -> dict[str, Any]:
