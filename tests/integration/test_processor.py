@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
@@ -194,3 +195,21 @@ def test_a_worker_remembers_ids_for_the_dedupe_window_and_refuses_commands_older
     dead = {EnvelopeCodec().decode(m.value() or b"").id: dict(m.headers() or [])["keel-error-code"]
             for m in read_to_end(settings, topic_name(settings, Topic.DLQ))}
     assert dead == {old.id: b"beyond_dedupe_window", stale.id: b"beyond_dedupe_window"}
+
+
+def test_a_worker_counts_the_partitions_it_is_given_and_gives_back(settings: Settings) -> None:
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"loop": "processor", **labels}) or 0.0
+
+    assigned = value("keel_partition_rebalances_total", change="assigned")
+    revoked = value("keel_partition_rebalances_total", change="revoked")
+    worker = CommandProcessor(settings, instance_id="counted")
+    try:
+        send(settings, command("acme", "sub-1", start()))
+        worker.run_until_caught_up()
+        assert value("keel_partition_rebalances_total", change="assigned") == assigned + 1
+        assert value("keel_owned_partitions") == settings.topic_partitions
+    finally:
+        worker.close()  # leaves the group: its partitions are handed back
+    assert value("keel_partition_rebalances_total", change="revoked") == revoked + 1
+    assert value("keel_owned_partitions") == 0

@@ -50,6 +50,7 @@ from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
 from keel.observability import tracing
 from keel.observability.lag import lag_config
+from keel.observability.metrics import partitions_changed
 from keel.processor.controls import ControlsFollower
 from keel.processor.worker import COMMAND_TYPE_HEADER, EFFECT_HEADER, TYPE_HEADER, new_instance_id
 from keel.supervision.progress import Progress
@@ -324,15 +325,18 @@ class EffectWorker:
             self._committed.pop(tp.partition, None)
         self._assigned = True
         self.progress.partitions = len(self._partitions)
+        partitions_changed("effects", "assigned", len(partitions), len(self._partitions))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions), extra={"worker": self.instance})
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit([tp.partition for tp in partitions], asynchronous=False)
         self._release_partitions(partitions)
+        partitions_changed("effects", "revoked", len(partitions), len(self._partitions))
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions), extra={"worker": self.instance})
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release_partitions(partitions)
+        partitions_changed("effects", "lost", len(partitions), len(self._partitions))
         log.warning("lost partitions %s", sorted(tp.partition for tp in partitions), extra={"worker": self.instance})
 
     def _release_partitions(self, partitions: list[TopicPartition]) -> None:

@@ -48,6 +48,24 @@ TRANSACTIONS = Counter("keel_transactions", "Kafka transactions ended, by outcom
 CONSUMER_LAG = Gauge("keel_consumer_lag_records", "Records on a partition past the consumer's position "
                      "(read_committed: up to the last stable offset).", ["group", "topic", "partition"])
 
+# -- group membership (the members that own partitions: processor, chainer, effect workers) -
+REBALANCES = Counter("keel_partition_rebalances", "Changes of the partitions a consumer group member owns, by "
+                     "change: assigned, revoked (handed over cleanly), lost (taken away, e.g. after a missed "
+                     "session).", ["loop", "change"])
+OWNED_PARTITIONS = Gauge("keel_owned_partitions", "Partitions a consumer group member owns.", ["loop"])
+
+
+def partitions_changed(loop: str, change: str, moved: int, owned: int) -> None:
+    """Count a change of ``moved`` partitions of ``loop``'s member, which now owns ``owned``.
+
+    A cooperative rebalance calls every member back, most with no partition of theirs moved:
+    those are not counted, so the counter says how often a member's work moved.
+    """
+    if moved:
+        REBALANCES.labels(loop, change).inc()
+    OWNED_PARTITIONS.labels(loop).set(owned)
+
+
 # -- outbox relay --------------------------------------------------------------------------
 RELAYED = Counter("keel_outbox_published", "Outbox rows the relay published and marked.")
 RELAY_FAILED = Counter("keel_outbox_publish_failures", "Outbox rows Kafka did not acknowledge (sent again).")

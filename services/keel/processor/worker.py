@@ -48,6 +48,7 @@ from keel.logs import command_fields
 from keel.observability import tracing
 from keel.observability.batches import DecisionTally, LoopMetrics
 from keel.observability.lag import lag_config
+from keel.observability.metrics import partitions_changed
 from keel.processor.controls import ControlsFollower
 from keel.processor.handler import DeadLetter, Decided, Duplicate, Governance, handle
 from keel.processor.snapshot_format import SnapshotFormat
@@ -132,7 +133,7 @@ class CommandProcessor:
             self.close()
             raise
         self._consumer.subscribe([self.commands_topic], on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     # -- partition ownership ------------------------------------------------------------
 
@@ -158,13 +159,18 @@ class CommandProcessor:
         # The state just loaded (and all else made at start-up) lives as long as the worker
         # does: exempt it from the full collections that would otherwise rescan all of it.
         gc.freeze()
+        partitions_changed("processor", "assigned", len(partitions), len(self.partitions))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition], change: str = "revoked") -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
         self.progress.partitions = len(self.partitions)
-        log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+        partitions_changed("processor", change, len(partitions), len(self.partitions))
+        log.info("%s partitions %s", change, sorted(tp.partition for tp in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_revoke(consumer, partitions, "lost")
 
     def _load_partitions(self, partitions: list[int]) -> dict[int, PartitionState]:
         """Each partition's latest snapshot, then its committed events after it, all in one pass.

@@ -37,6 +37,7 @@ from keel.observability.metrics import (
     UNSIGNED,
     Values,
     bounded,
+    partitions_changed,
     tenant_label,
 )
 from keel.supervision.progress import IDLE, Progress
@@ -106,7 +107,7 @@ class Chainer:
             self._consumer.close()
             raise
         self._consumer.subscribe([self.intake_topic], on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     # -- partition ownership ------------------------------------------------------------
 
@@ -124,13 +125,18 @@ class Chainer:
         self.partitions.update(self._fold([tp.partition for tp in partitions]))
         self.progress.partitions = len(self.partitions)
         self.progress.enter(IDLE)
+        partitions_changed("chainer", "assigned", len(partitions), len(self.partitions))
         log.info("chainer assigned partitions %s", sorted(tp.partition for tp in partitions))
 
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition], change: str = "revoked") -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
             self._ends.pop(tp.partition, None)
         self.progress.partitions = len(self.partitions)
+        partitions_changed("chainer", change, len(partitions), len(self.partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_revoke(consumer, partitions, "lost")
 
     def _fold(self, partitions: list[int], timeout_s: float = 120.0) -> dict[int, dict[str, TenantHead]]:
         """Every tenant's head in the committed audit ``partitions``, once no transaction is open on them."""
