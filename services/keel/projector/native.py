@@ -38,6 +38,7 @@ from fastavro import parse_schema, writer
 from keel.contracts.catalog import MessageSchema
 from keel.contracts.codec import HEADER_SIZE, MAGIC, EnvelopeCodec
 from keel.errors import DecodeError
+from keel.kafka.broker import pid_alive
 from keel.projector.rows import EVENT_COLUMNS
 from keel.trust.erased import Erased
 
@@ -155,18 +156,8 @@ def remove_orphans(scratch_root: Path) -> None:
     """Remove the scratch folders (``<pid>-…``) under ``scratch_root`` of processes that no longer run."""
     for folder in scratch_root.iterdir():
         pid = folder.name.partition("-")[0]
-        if folder.is_dir() and pid.isdigit() and not _running(int(pid)):
+        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: running
-        return True
-    return True
 
 
 def _container_header(schema: MessageSchema) -> bytes:

@@ -365,16 +365,19 @@ class SqlKeyStore(KeyStore):
         """``when`` as the engine stores it."""
         return when
 
-    def _active(self, tenant: str, subject: str) -> KeyRow | None:
+    def _wrapped(self, condition: str, params: tuple[Any, ...]) -> list[KeyRow]:
+        """The unerased rows that also meet ``condition`` (SQL after ``AND``, ``ORDER BY`` and ``LIMIT`` too)."""
         rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
-                          "WHERE tenant = ? AND subject = ? AND wrapped IS NOT NULL", (tenant, subject))
-        return None if not rows else KeyRow(rows[0][0], rows[0][1], rows[0][2], bytes(rows[0][3]))
+                          f"WHERE wrapped IS NOT NULL AND {condition}", params)
+        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
+
+    def _active(self, tenant: str, subject: str) -> KeyRow | None:
+        rows = self._wrapped("tenant = ? AND subject = ?", (tenant, subject))
+        return rows[0] if rows else None
 
     def _active_among(self, tenant: str, subjects: list[str]) -> list[KeyRow]:
-        rows = [row for marks, chunk in in_lists(subjects) for row in self._rows(
-            "SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
-            f"WHERE tenant = ? AND wrapped IS NOT NULL AND subject IN ({marks})", (tenant, *chunk))]
-        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
+        return [row for marks, chunk in in_lists(subjects)
+                for row in self._wrapped(f"tenant = ? AND subject IN ({marks})", (tenant, *chunk))]
 
     def _insert_new(self, rows: list[KeyRow]) -> list[str]:
         inserted = []
@@ -404,19 +407,15 @@ class SqlKeyStore(KeyStore):
         return KeyRow(key, tenant, subject, None if wrapped is None else bytes(wrapped), erased_at, erased_by)
 
     def _wrapped_among(self, key_ids: list[str]) -> list[KeyRow]:
-        rows = [row for marks, chunk in in_lists(key_ids) for row in self._rows(
-            "SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
-            f"WHERE wrapped IS NOT NULL AND key_id IN ({marks})", tuple(chunk))]
-        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
+        return [row for marks, chunk in in_lists(key_ids)
+                for row in self._wrapped(f"key_id IN ({marks})", tuple(chunk))]
 
     def _erased_among(self, key_ids: list[str]) -> list[str]:
         return [row[0] for marks, chunk in in_lists(key_ids) for row in self._rows(
             f"SELECT key_id FROM keel_data_keys WHERE wrapped IS NULL AND key_id IN ({marks})", tuple(chunk))]
 
     def _wrapped_after(self, key_id: str, limit: int) -> list[KeyRow]:
-        rows = self._rows("SELECT key_id, tenant, subject, wrapped FROM keel_data_keys "
-                          "WHERE wrapped IS NOT NULL AND key_id > ? ORDER BY key_id LIMIT ?", (key_id, limit))
-        return [KeyRow(key, tenant, subject, bytes(wrapped)) for key, tenant, subject, wrapped in rows]
+        return self._wrapped("key_id > ? ORDER BY key_id LIMIT ?", (key_id, limit))
 
     def _rewrap(self, key_id: str, old: bytes, new: bytes) -> bool:
         return bool(self._rows("UPDATE keel_data_keys SET wrapped = ? WHERE key_id = ? AND wrapped = ? "
