@@ -325,18 +325,18 @@ class EffectWorker:
             self._committed.pop(tp.partition, None)
         self._assigned = True
         self.progress.partitions = len(self._partitions)
-        partitions_changed("effects", "assigned", len(partitions), len(self._partitions))
+        partitions_changed("effects", self.instance, "assigned", len(partitions), len(self._partitions))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions), extra={"worker": self.instance})
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit([tp.partition for tp in partitions], asynchronous=False)
         self._release_partitions(partitions)
-        partitions_changed("effects", "revoked", len(partitions), len(self._partitions))
+        partitions_changed("effects", self.instance, "revoked", len(partitions), len(self._partitions))
         log.info("revoked partitions %s", sorted(tp.partition for tp in partitions), extra={"worker": self.instance})
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release_partitions(partitions)
-        partitions_changed("effects", "lost", len(partitions), len(self._partitions))
+        partitions_changed("effects", self.instance, "lost", len(partitions), len(self._partitions))
         log.warning("lost partitions %s", sorted(tp.partition for tp in partitions), extra={"worker": self.instance})
 
     def _release_partitions(self, partitions: list[TopicPartition]) -> None:

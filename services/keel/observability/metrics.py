@@ -52,18 +52,19 @@ CONSUMER_LAG = Gauge("keel_consumer_lag_records", "Records on a partition past t
 REBALANCES = Counter("keel_partition_rebalances", "Changes of the partitions a consumer group member owns, by "
                      "change: assigned, revoked (handed over cleanly), lost (taken away, e.g. after a missed "
                      "session).", ["loop", "change"])
-OWNED_PARTITIONS = Gauge("keel_owned_partitions", "Partitions a consumer group member owns.", ["loop"])
+OWNED_PARTITIONS = Gauge("keel_owned_partitions", "Partitions a consumer group member owns (several effect "
+                         "workers share a process).", ["loop", "member"])
 
 
-def partitions_changed(loop: str, change: str, moved: int, owned: int) -> None:
-    """Count a change of ``moved`` partitions of ``loop``'s member, which now owns ``owned``.
+def partitions_changed(loop: str, member: str, change: str, moved: int, owned: int) -> None:
+    """Count a change of ``moved`` partitions of ``loop``'s ``member``, which now owns ``owned``.
 
     A cooperative rebalance calls every member back, most with no partition of theirs moved:
     those are not counted, so the counter says how often a member's work moved.
     """
     if moved:
         REBALANCES.labels(loop, change).inc()
-    OWNED_PARTITIONS.labels(loop).set(owned)
+    OWNED_PARTITIONS.labels(loop, member).set(owned)
 
 
 # -- outbox relay --------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class CommandProcessor:
         self.outputs = Outputs.of(settings)
         self.governance = Governance(Controls(), RateLimiter())
         self.group_id = f"{settings.topic_prefix}.processor"
-        instance = instance_id or settings.processor_instance
+        self.instance = instance = instance_id or settings.processor_instance
         self.partitions: dict[int, PartitionState] = {}
         self.metrics = LoopMetrics("processor")
         self._tracing = tracing.enabled()  # read once: the loop tests a bool, never the SDK
@@ -159,14 +159,14 @@ class CommandProcessor:
         # The state just loaded (and all else made at start-up) lives as long as the worker
         # does: exempt it from the full collections that would otherwise rescan all of it.
         gc.freeze()
-        partitions_changed("processor", "assigned", len(partitions), len(self.partitions))
+        partitions_changed("processor", self.instance, "assigned", len(partitions), len(self.partitions))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition], change: str = "revoked") -> None:
         for tp in partitions:
             self.partitions.pop(tp.partition, None)
         self.progress.partitions = len(self.partitions)
-        partitions_changed("processor", change, len(partitions), len(self.partitions))
+        partitions_changed("processor", self.instance, change, len(partitions), len(self.partitions))
         log.info("%s partitions %s", change, sorted(tp.partition for tp in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

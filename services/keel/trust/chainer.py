@@ -75,7 +75,7 @@ class Chainer:
     def __init__(self, settings: Settings, signer: CheckpointSigner, *, instance_id: str = "0",
                  checkpoint_every: int = 1000, checkpoint_interval_s: float = 10.0,
                  batch_size: int = 5000, progress: Progress | None = None) -> None:
-        self.settings, self.signer = settings, signer
+        self.settings, self.signer, self.instance = settings, signer, instance_id
         self.progress = progress or Progress()
         self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
         self.batch_size = batch_size
@@ -125,7 +125,7 @@ class Chainer:
         self.partitions.update(self._fold([tp.partition for tp in partitions]))
         self.progress.partitions = len(self.partitions)
         self.progress.enter(IDLE)
-        partitions_changed("chainer", "assigned", len(partitions), len(self.partitions))
+        partitions_changed("chainer", self.instance, "assigned", len(partitions), len(self.partitions))
         log.info("chainer assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition], change: str = "revoked") -> None:
@@ -133,7 +133,7 @@ class Chainer:
             self.partitions.pop(tp.partition, None)
             self._ends.pop(tp.partition, None)
         self.progress.partitions = len(self.partitions)
-        partitions_changed("chainer", change, len(partitions), len(self.partitions))
+        partitions_changed("chainer", self.instance, change, len(partitions), len(self.partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._on_revoke(consumer, partitions, "lost")
