@@ -30,7 +30,8 @@ class EffectMark:
     """True while its outcome is not recorded; False once it failed or was cancelled."""
 
 
-_SETTLING = frozenset({EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried})
+EFFECT_OUTCOME_EVENTS = frozenset({EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried})
+"""Keel's events about an effect already opened (each names it by ``effect_id``)."""
 
 
 def fold_effects(effects: dict[uuid.UUID, EffectMark], event: Envelope,
@@ -39,7 +40,7 @@ def fold_effects(effects: dict[uuid.UUID, EffectMark], event: Envelope,
     payload = event.payload
     if event.type in registry.effect_of and event.causation_id is not None:
         return {**effects, event.id: EffectMark(event.causation_id, 0, True)}
-    if not effects or type(payload) not in _SETTLING:  # most events settle none: no four class checks
+    if not effects or type(payload) not in EFFECT_OUTCOME_EVENTS:  # most events settle none: no four class checks
         return effects
     match payload:
         case EffectSucceeded(effect_id=effect_id) if effect_id in effects:

@@ -30,8 +30,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from keel.domain.effects import EFFECT_OUTCOME_EVENTS
 from keel.domain.envelope import Envelope
-from keel.domain.events import EffectCancelled, EffectFailed, EffectRetried, EffectSucceeded
 from keel.domains.registry import current
 from keel.outbox.models import CommandStatus, Outcome, TrackedEvent
 
@@ -62,7 +62,6 @@ SUBJECT_SUMMARY: dict[str, Callable[[uuid.UUID, dict[str, Any]], str]] = {
     "EffectRetried": lambda subject, p: f"effect {p.get('effect_id')} of command {subject} retried as "
                                         f"generation {p.get('generation')}: {p.get('reason')}",
 }
-EFFECT_EVENTS = frozenset({EffectSucceeded, EffectFailed, EffectCancelled, EffectRetried})
 
 
 def event_outcomes(event: Envelope) -> list[Outcome]:
@@ -73,7 +72,7 @@ def event_outcomes(event: Envelope) -> list[Outcome]:
     # A field, read from the instance's own values: ``getattr`` on a model without the field
     # raises inside pydantic's ``__getattr__`` first (1.9 µs against 0.06 µs an event).
     values = vars(event.payload)
-    named = values["origin_command_id"] if type(event.payload) in EFFECT_EVENTS else values.get("command_id")
+    named = values["origin_command_id"] if type(event.payload) in EFFECT_OUTCOME_EVENTS else values.get("command_id")
     if named is not None:  # an approval or effect event: the subject command first, with the event
         subject = uuid.UUID(str(named))
         outcomes = [_named_outcome(subject, event.type, payload, tracked)]
