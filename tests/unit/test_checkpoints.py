@@ -141,6 +141,23 @@ def test_a_checkpoint_is_due_after_enough_events_or_time_and_only_if_something_c
     assert not checkpoint(checkpoints, state)
 
 
+def test_a_partition_that_starts_empty_checkpoints_after_enough_events_or_time(
+        checkpoints: Checkpoints) -> None:
+    state = tracked(checkpoints, covered=0)  # nothing folded, nothing to delete
+    change(state, "acme/a", 1)
+    assert not checkpoint(checkpoints, state, delivered=(0, 1, 2))  # its own first events: not yet
+    assert not checkpoint(checkpoints, state, delivered=(9,))  # 3 events
+    assert MANIFEST_KEY in checkpoint(checkpoints, state)  # 10 events: due
+    assert checkpoints.tracks[0].checkpointed == 10
+
+    later = tracked(checkpoints, covered=0)
+    change(later, "acme/b", 1)
+    assert not checkpoint(checkpoints, later, delivered=(0,))
+    checkpoints.tracks[0].checkpoint_time -= 61
+    written = checkpoint(checkpoints, later)  # 1 event, but late enough
+    assert MANIFEST_KEY in written and b"a/acme/b" in written
+
+
 def test_id_records_past_the_dedupe_window_are_deleted(checkpoints: Checkpoints) -> None:
     state = tracked(checkpoints, covered=1)
     change(state, "acme/a", 1)

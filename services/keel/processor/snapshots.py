@@ -22,7 +22,8 @@ A generation names a consistent set of records: after a full fold (no readable s
 the next checkpoint writes every aggregate and id under a new one and deletes every other
 key it saw. A checkpoint is due after ``KEEL_PROCESSOR_SNAPSHOT_EVENTS`` events of a
 partition, or ``KEEL_PROCESSOR_SNAPSHOT_INTERVAL_S`` after the previous one if anything
-changed. Snapshots hold domain state as ``evolve`` left it; keep personal plaintext out of
+changed; the first after a full fold at once, unless the fold found nothing to save or delete
+(a partition that starts empty counts from its start like any other). Snapshots hold domain state as ``evolve`` left it; keep personal plaintext out of
 aggregate state (it belongs in the sealed events).
 """
 
@@ -71,10 +72,14 @@ class Track:
     """Aggregate keys written in more than one part -> how many."""
     stale: set[bytes] = field(default_factory=set)
     """Keys seen at load that the first checkpoint of a new generation deletes."""
+    unsaved_fold: bool = False
+    """The load folded events that no checkpoint holds: the first checkpoint is due at once."""
 
     @classmethod
     def fresh(cls, covered: int, stale: set[bytes]) -> Track:
-        return cls(generation=os.urandom(8), covered=covered, stale=stale)
+        """A new generation; its first checkpoint is due at once if there is anything to save or
+        delete, else (an empty partition) after as many events or as long as any other."""
+        return cls(generation=os.urandom(8), covered=covered, stale=stale, checkpoint_time=time.monotonic())
 
 
 @dataclass
@@ -165,9 +170,9 @@ class Checkpoints:
         self._delivered.clear()
 
     def _due(self, track: Track, clock: float) -> bool:
-        if track.checkpointed < 0:
-            return track.covered > 0 or bool(track.stale)
-        moved = track.covered - track.checkpointed
+        if track.checkpointed < 0 and (track.unsaved_fold or track.stale):
+            return True
+        moved = track.covered - max(track.checkpointed, 0)
         return moved >= self.every_events or (moved > 0 and clock - track.checkpoint_time >= self.interval_s)
 
     def _checkpoint(self, partition: int, state: PartitionState, track: Track,
@@ -254,6 +259,7 @@ class Checkpoints:
         """
         track = self.tracks[partition]
         track.covered = max(track.covered, end)
+        track.unsaved_fold = track.unsaved_fold or (track.checkpointed < 0 and end > 0)
         if self.enabled and state.changed is None:
             state.changed = set()
             state.decided.journal = IdJournal()
