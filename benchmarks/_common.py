@@ -29,7 +29,8 @@ from typing import Any, NamedTuple
 
 import confluent_kafka
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
 from rich.table import Table
 
@@ -38,7 +39,7 @@ from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, En
 from support_desk.messages import CancelSubscription, IssueRefund, SendEmail, StartSubscription
 from keel.kafka.broker import broker_status, paths_for
 from keel.kafka.cluster import node_paths, recorded_cluster
-from keel.kafka.reader import read_to_end
+from keel.kafka.reader import read_to_end, record_headers
 
 _VERSION_LINE = re.compile(rb"Kafka version: (\S+)")
 
@@ -210,7 +211,7 @@ def high_watermarks_total(consumer: confluent_kafka.Consumer, topic: str) -> int
 
 def record_types(settings: Settings, topic: str) -> Counter[str]:
     """How many committed records of each ``keel-type`` header ``topic`` holds."""
-    return Counter(dict(m.headers() or []).get("keel-type", b"?").decode() for m in read_to_end(settings, topic))
+    return Counter((dict(record_headers(m)).get("keel-type") or b"?").decode() for m in read_to_end(settings, topic))
 
 
 def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
