@@ -118,8 +118,7 @@ class CommandProcessor:
         self._checkpoints = Checkpoints(
             SnapshotFormat(current(), codec), topic_name(settings, Topic.SNAPSHOTS), self.events_topic,
             every_events=settings.processor_snapshot_events, interval_s=settings.processor_snapshot_interval_s)
-        self._producer = Producer({**transactional_producer_config(
-            settings, f"{settings.topic_prefix}.processor.{instance}"), "on_delivery": self._checkpoints.delivered})
+        self._producer = Producer(transactional_producer_config(settings, f"{settings.topic_prefix}.processor.{instance}"))
         self._controls = ControlsFollower(settings, self.governance.controls)
         self._idle = IdleCheck(self._consumer, AdminClient(admin_config(settings)), self.group_id)
         try:
@@ -284,9 +283,22 @@ class CommandProcessor:
         self.progress.enter("deciding")
 
     def _produce(self, records: list[_Record]) -> None:
-        """Hand the decided ``records`` to the open transaction."""
-        for topic, value, key, partition, headers in records:
-            self._producer.produce(topic, value, key, partition=partition, headers=headers)
+        """Hand the decided ``records`` to the open transaction.
+
+        Only the last events record of each partition asks for its delivery report: the
+        checkpoints need how far each events partition got, and a partition's offsets only
+        grow. A report costs the commit a call into Python; one per record was 3 % of the
+        processor's time. (A record that fails fails the transaction's commit, report or not.)
+        """
+        last = {partition: index for index, (topic, _, _, partition, _) in enumerate(records)
+                if topic == self.events_topic}
+        reported = set(last.values())
+        produce, delivered = self._producer.produce, self._checkpoints.delivered
+        for index, (topic, value, key, partition, headers) in enumerate(records):
+            if index in reported:
+                produce(topic, value, key, partition=partition, headers=headers, on_delivery=delivered)
+            else:
+                produce(topic, value, key, partition=partition, headers=headers)
         records.clear()
 
     def _poll(self, timeout_s: float) -> list[Message]:
