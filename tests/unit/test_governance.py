@@ -16,6 +16,7 @@ from keel.domain.governance.pipeline import Context, govern
 from keel.domain.governance.policy import SYSTEM_ACTOR, parse_policy
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.messages import ApproveCommand, CommandRejected, ExpireApproval, RejectCommand, SetKillSwitch, SetPolicy, SwitchScope, TripBreaker
+from keel.processor.handler import Governance
 from support_desk.messages import CancelSubscription, IssueRefund, StartSubscription
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -245,3 +246,18 @@ def test_a_policy_answers_from_its_memo_as_it_would_without_one_and_a_copy_answe
     assert policy == parse_policy(json.dumps({**POLICY, "rules": [
         {"name": "refunds-any-type", "match": {"payload": {"amount_cents": {"gt": 10}}}, "decision": "deny"},
         *POLICY["rules"]]}))  # the memo is no part of what a policy is
+
+
+def test_the_processor_reads_a_tenants_controls_once_per_decision_time() -> None:
+    controls = Controls()
+    governance = Governance(controls, RateLimiter())
+    first = governance.context("acme", b"acme", NOW)
+    assert governance.context("acme", b"acme", NOW) is first
+    assert first.principal_tenant == "acme" and first.now is NOW
+    assert governance.context("acme", None, NOW).principal_tenant is None
+    assert governance.context("globex", b"acme", NOW).controls is not first.controls
+
+    controls.apply("acme/policy", json.dumps(POLICY).encode())  # another worker's switch, mid-batch
+    assert governance.context("acme", b"acme", NOW).controls.policy.version != "v7"  # from the next batch on
+    later = NOW + timedelta(seconds=1)
+    assert governance.context("acme", b"acme", later).controls.policy.version == "v7"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -65,6 +65,25 @@ class Governance:
 
     controls: Controls
     limiter: RateLimiter
+    _contexts: dict[tuple[str, bytes | None], Context] = field(default_factory=dict, repr=False)
+    _at: datetime | None = field(default=None, repr=False)
+
+    def context(self, tenant_id: str, principal: bytes | None, now: datetime) -> Context:
+        """The context of a decision for ``tenant_id``'s command, sent by a producer of ``principal``'s tenant.
+
+        Built once per tenant and producer tenant for each decision time (the processor's is
+        its batch's): a tenant's controls are read at its first command of a batch, as
+        another worker's switch applies from this worker's next batch on.
+        """
+        if now is not self._at:
+            self._contexts.clear()
+            self._at = now
+        context = self._contexts.get((tenant_id, principal))
+        if context is None:
+            context = self._contexts[(tenant_id, principal)] = Context(
+                self.controls.of(tenant_id), self.limiter, now,
+                principal_tenant=principal.decode() if principal is not None else None)
+        return context
 
 
 def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], partition: int,
@@ -95,9 +114,7 @@ def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], pa
     now = now or datetime.now(UTC)
     if not view.remembers_ids_from(partition, command.occurred_at.timestamp(), now.timestamp()):
         return DeadLetter(BEYOND_WINDOW, beyond_window_reason(command, view.dedupe_window_s(partition)))
-    principal = headers.get(PRINCIPAL_TENANT_HEADER)
-    context = Context(governance.controls.of(command.tenant_id), governance.limiter, now,
-                      principal_tenant=principal.decode() if principal is not None else None)
+    context = governance.context(command.tenant_id, headers.get(PRINCIPAL_TENANT_HEADER), now)
     try:
         decision = govern(command, view.state(partition, command.key), context)
     except Exception as exc:  # noqa: BLE001 - a crashing handler must not stop the partition

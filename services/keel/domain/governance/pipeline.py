@@ -65,7 +65,8 @@ class Decision:
     controls: list[tuple[str, bytes | None]] = field(default_factory=list)
     origin_type: str | None = None
     """The type of the command the events are about: the decided command's, or the parked
-    command's when an approval resumes it (effect workers check its kill switch)."""
+    command's when an approval resumes it (effect workers check its kill switch). ``govern``
+    always sets it."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,6 @@ class Context:
 
 def govern(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
     """Decide ``command`` against its aggregate under the tenant's current controls."""
-    decision = _decide(command, state, ctx)
-    return decision if decision.origin_type else Decision(decision.events, decision.controls, command.type)
-
-
-def _decide(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
     # Keel's own commands by their class (one look-up, not a dozen class checks); a team's go to _governed.
     route = _ROUTES.get(type(command.payload), _governed)
     refusal = _isolation(command, ctx)
@@ -153,9 +149,10 @@ def _governed(command: Envelope, state: AggregateState, ctx: Context) -> Decisio
             policy_rule=rule, policy_version=policy.version,
             expires_at=ctx.now + timedelta(seconds=policy.approval_ttl_seconds),
             command=command.model_dump_json())
-        return Decision(to_events(command, [parked], version=state.version, now=ctx.now, authority=authority))
+        return Decision(to_events(command, [parked], version=state.version, now=ctx.now, authority=authority),
+                        origin_type=command.type)
     return Decision(to_events(command, decide(command, state), version=state.version,
-                              now=ctx.now, authority=authority))
+                              now=ctx.now, authority=authority), origin_type=command.type)
 
 
 def _approval(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
@@ -253,7 +250,8 @@ def _control(command: Envelope, state: AggregateState, ctx: Context) -> Decision
                 policy_record(tenant, canonical)]
         case _:
             raise AssertionError(command.type)
-    return Decision(to_events(command, events, version=state.version, now=ctx.now, authority=authority), records)
+    return Decision(to_events(command, events, version=state.version, now=ctx.now, authority=authority), records,
+                    command.type)
 
 
 def _effect(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
@@ -264,7 +262,7 @@ def _effect(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
     if isinstance(settled, tuple):
         return _refused(command, state, ctx, Refusal(*settled))
     return Decision(to_events(command, [settled], version=state.version, now=ctx.now,
-                              authority=_authority(command.authority, role=role)))
+                              authority=_authority(command.authority, role=role)), origin_type=command.type)
 
 
 _ROUTES: dict[type[Payload], Callable[[Envelope, AggregateState, Context], Decision]] = {
@@ -289,10 +287,10 @@ def _authority_of(fields: tuple[tuple[str, Any], ...]) -> Authority:
 
 
 def _emit(command: Envelope, state: AggregateState, ctx: Context, payloads: list[Payload]) -> Decision:
-    return Decision(to_events(command, payloads, version=state.version, now=ctx.now))
+    return Decision(to_events(command, payloads, version=state.version, now=ctx.now), origin_type=command.type)
 
 
 def _refused(command: Envelope, state: AggregateState, ctx: Context, refusal: Refusal,
              authority: Authority | None = None) -> Decision:
     return Decision(to_events(command, [reject(command, refusal.code, refusal.reason)], version=state.version,
-                              now=ctx.now, authority=authority))
+                              now=ctx.now, authority=authority), origin_type=command.type)
