@@ -22,6 +22,7 @@ import zlib
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from _common import STORY_LENGTH, reference_commands
 from processor import policy_commands
@@ -69,7 +70,7 @@ class Worker:
         for start in range(0, len(records), self.batch_size):
             view = BatchView(self.partitions)
             now = datetime.now(UTC)
-            produced: list = []
+            produced: list[Any] = []
             thrown: list[tuple[str, bytes | None]] = []
             for value, key, headers, partition in records[start:start + self.batch_size]:
                 outcome = handle(value, key, headers, partition, view, self.codec, self.governance, now)

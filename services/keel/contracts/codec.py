@@ -107,12 +107,17 @@ class EnvelopeCodec:
         self.catalog = catalog or load_catalog()
         self._current: dict[bytes, tuple[MessageSchema, NativePlan]] = {}
         """Native plans of current schemas by fingerprint: ``read``'s usual case in one look-up."""
+        self._writers: dict[tuple[str, int], tuple[MessageSchema, NativePlan | None]] = {}
+        """Schemas and plans by type and payload version: ``encode``'s in one look-up."""
 
     def encode(self, envelope: Envelope) -> bytes:
         """The single-object encoding of ``envelope`` with its type's declared schema version."""
-        schema = self.catalog.version(envelope.type, envelope.schema_version)
+        writer = self._writers.get((envelope.type, envelope.schema_version))
+        if writer is None:
+            schema = self.catalog.version(envelope.type, envelope.schema_version)  # raises for an unknown one
+            writer = self._writers[(envelope.type, envelope.schema_version)] = schema, native_plan(schema)
+        schema, plan = writer
         record = to_record(envelope)
-        plan = native_plan(schema)
         if plan is not None and (data := plan.encode(record)) is not None:
             return data
         buffer = io.BytesIO()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -86,7 +87,7 @@ class Governance:
         return context
 
 
-def handle(value: bytes | None, key: bytes | None, headers: dict[str, bytes], partition: int,
+def handle(value: bytes | None, key: bytes | None, headers: Mapping[str, bytes | None], partition: int,
            view: BatchView, codec: EnvelopeCodec, governance: Governance, now: datetime | None = None) -> Outcome:
     """Decode, check and decide one commands-topic record against the batch's state.
 

@@ -317,7 +317,7 @@ class CommandProcessor:
         """Decide one record and append its outcome's records; returns the controls it threw."""
         partition = message.partition()
         assert partition is not None  # a record always has a position (process_batch took out the errors)
-        headers = {k: v for k, v in record_headers(message) if v is not None}
+        headers = dict(record_headers(message))
         outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance,
                          now)
         match outcome:

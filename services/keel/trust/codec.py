@@ -35,7 +35,7 @@ class SealingCodec(EnvelopeCodec):
     def encode(self, envelope: Envelope) -> bytes:
         """Seal, then encode."""
         sealed = self.cipher.seal(envelope)
-        if isinstance(sealed.payload, ApprovalRequested):
+        if type(sealed.payload) is ApprovalRequested:  # identity: a failed class check on a model goes through ABCMeta
             parked = parse_envelope(json.loads(sealed.payload.command))
             inner = self.cipher.seal(parked)
             if inner is not parked:
