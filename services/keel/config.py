@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         description="chdb:///path (embedded, the default under data_dir) or http://host:8123.",
     )
     clickhouse_database: str = Field(default="keel", description="Database holding projections.")
+    projector_linger_s: float = Field(
+        default=0.5, gt=0, le=60,
+        description="Longest a projected record waits for others to share its insert (a full batch goes at "
+        "once). Each insert costs the engine a fixed share beside its rows: at 2,500-3,000 events/s a 0.1 s "
+        "linger cost the projector about 30 % more CPU per event than 0.5 s. Lower it for fresher queries.",
+    )
     processor_batch_size: int = Field(default=5000, ge=1, description="Commands per transaction.")
     processor_instance: str = Field(
         default="0", description="Worker instance id; part of the transactional.id."

@@ -77,7 +77,7 @@ class EventProjector:
         *,
         codec: EnvelopeCodec | None = None,
         batch_size: int = 20_000,
-        linger_s: float = 0.1,
+        linger_s: float | None = None,
         on_batch: Callable[[ProjectorStats], None] | None = None,
         source: Topic = Topic.EVENTS,
         table: str | None = None,
@@ -94,7 +94,7 @@ class EventProjector:
         use_native = settings.analytics_dsn.startswith("chdb:") if native is None else native
         self._native = NativeInserter(self._codec, settings.data_dir / "native-scratch") if use_native else None
         self._batch_size = batch_size
-        self._linger_s = linger_s
+        self._linger_s = settings.projector_linger_s if linger_s is None else linger_s
         self._on_batch = on_batch
         self._stats = ProjectorStats()
         self._stats_lock = threading.Lock()
