@@ -23,8 +23,9 @@ the next checkpoint writes every aggregate and id under a new one and deletes ev
 key it saw. A checkpoint is due after ``KEEL_PROCESSOR_SNAPSHOT_EVENTS`` events of a
 partition, or ``KEEL_PROCESSOR_SNAPSHOT_INTERVAL_S`` after the previous one if anything
 changed; the first after a full fold at once, unless the fold found nothing to save or delete
-(a partition that starts empty counts from its start like any other). Snapshots hold domain state as ``evolve`` left it; keep personal plaintext out of
-aggregate state (it belongs in the sealed events).
+(a partition that starts empty counts from its start like any other). Snapshots hold domain
+state as ``evolve`` left it; keep personal plaintext out of aggregate state (it belongs in
+the sealed events).
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def _control(command: Envelope, state: AggregateState, ctx: Context) -> Decision
         case _:
             raise AssertionError(command.type)
     return Decision(to_events(command, events, version=state.version, now=ctx.now, authority=authority), records,
-                    command.type)
+                    origin_type=command.type)
 
 
 def _effect(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
