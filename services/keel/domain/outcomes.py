@@ -13,7 +13,9 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from keel.domain.envelope import Authority, Envelope, Payload
 from keel.domain.messages import CommandRejected
@@ -25,6 +27,7 @@ _VERSION_5 = (5 << 76) | (0x8000 << 48)
 _ENVELOPE_FIELDS = frozenset(Envelope.model_fields)
 _new = object.__new__
 _set = object.__setattr__
+M = TypeVar("M", bound=BaseModel)
 
 
 def event_id(command_id: uuid.UUID, index: int) -> uuid.UUID:
@@ -50,12 +53,18 @@ def derived_envelope(origin: Envelope, changes: dict[str, Any]) -> Envelope:
     """
     fields = origin.__dict__.copy()
     fields.update(changes)
-    derived = _new(Envelope)
-    _set(derived, "__dict__", fields)
-    _set(derived, "__pydantic_fields_set__", set(_ENVELOPE_FIELDS))  # pydantic updates it in place
-    _set(derived, "__pydantic_extra__", None)
-    _set(derived, "__pydantic_private__", None)
-    return derived
+    return unvalidated_copy(origin, fields, set(_ENVELOPE_FIELDS))  # pydantic updates the set in place
+
+
+def unvalidated_copy(model: M, fields: dict[str, Any], fields_set: set[str]) -> M:
+    """A model of ``model``'s class holding ``fields`` as they are, as ``model_copy`` builds one
+    (no validation) but without its generic copying; only for values Keel made or validated."""
+    copied = _new(type(model))
+    _set(copied, "__dict__", fields)
+    _set(copied, "__pydantic_fields_set__", fields_set)
+    _set(copied, "__pydantic_extra__", model.__pydantic_extra__)
+    _set(copied, "__pydantic_private__", model.__pydantic_private__)
+    return copied
 
 
 def to_events(

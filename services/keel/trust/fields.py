@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 
 from keel.contracts.catalog import Catalog, load_catalog
 from keel.domain.envelope import Envelope
-from keel.domain.outcomes import derived_envelope
+from keel.domain.outcomes import derived_envelope, unvalidated_copy
 from keel.domain.personal import ERASED, SEALED_PREFIX, is_sealed
 
 __all__ = ["ERASED", "PREFIX", "FieldCipher", "is_sealed", "field_aad", "personal_fields"]
@@ -33,8 +33,6 @@ from keel.trust.keystore import KeyStore
 
 PREFIX = SEALED_PREFIX
 _LEN = struct.Struct(">I")
-_new = object.__new__
-_set = object.__setattr__
 _SEALED_KEY_ID = re.compile(re.escape(PREFIX.encode()) + rb"([0-9a-f]{32}):")
 """A sealed value's key id, as it stands in an encoded record (Avro writes a string's UTF-8 as is)."""
 
@@ -125,11 +123,7 @@ class FieldCipher:
             return envelope
         # Copies without validation, as ``model_copy`` would make them at a quarter of its cost: a
         # ciphertext need not match the plaintext's format rule.
-        rewritten = _new(type(envelope.payload))
-        _set(rewritten, "__dict__", changed)
-        _set(rewritten, "__pydantic_fields_set__", set(changed))
-        _set(rewritten, "__pydantic_extra__", envelope.payload.__pydantic_extra__)
-        _set(rewritten, "__pydantic_private__", envelope.payload.__pydantic_private__)
+        rewritten = unvalidated_copy(envelope.payload, changed, set(changed))
         return derived_envelope(envelope, {"payload": rewritten})
 
     def seal_payload(self, payload: Mapping[str, Any], *, tenant: str, subject: str | None, envelope_id: str,
