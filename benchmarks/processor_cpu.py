@@ -27,6 +27,7 @@ from typing import Any
 from _common import STORY_LENGTH, reference_commands
 from processor import policy_commands
 from keel.config import Settings
+from keel.supervision import collector
 from keel.domain.envelope import Envelope
 from keel.domain.governance.controls import Controls
 from keel.domain.governance.ratelimit import RateLimiter
@@ -72,7 +73,9 @@ class Worker:
             now = datetime.now(UTC)
             produced: list[Any] = []
             thrown: list[tuple[str, bytes | None]] = []
-            for value, key, headers, partition in records[start:start + self.batch_size]:
+            batch = records[start:start + self.batch_size]
+            self.codec.prefetch(value for value, _, _, _ in batch)  # as the worker reads a batch's keys
+            for value, key, headers, partition in batch:
                 outcome = handle(value, key, headers, partition, view, self.codec, self.governance, now)
                 if not isinstance(outcome, Decided):
                     raise SystemExit(f"expected a decision, got {outcome}")
@@ -112,7 +115,7 @@ def main() -> None:
         timed = [worker.record(c) for s in steps for c in by_step[s]]
         worker.events.clear()
         gc.collect()
-        gc.freeze()  # as the worker does after loading its partitions
+        collector.settle()  # as the worker does after loading its partitions
         profile = cProfile.Profile() if args.profile else None
         started = time.process_time()
         if profile is not None:

@@ -40,6 +40,7 @@ from keel.projector.projector import PROJECTED_TOPICS, EventProjector, Projector
 from keel.query.render import to_csv, to_json, to_table
 from keel.query.service import execute
 from keel.replay.rebuild import rebuild, rebuildable, rollback
+from keel.supervision import collector
 
 _out = Console()
 _err = Console(stderr=True)
@@ -249,6 +250,7 @@ def _follow(settings: Settings, status: Status) -> dict[Topic, ProjectorStats]:
     previous_term = signal.signal(signal.SIGTERM, request_stop)  # keel dev and keel down stop it so
     threads = [threading.Thread(target=follow, args=(source,), name=f"project-{source.value}")
                for source in PROJECTED_TOPICS]
+    collector.settle()
     try:
         for thread in threads:
             thread.start()

@@ -9,7 +9,6 @@ producer; for more CPU, run more processes (every one joins the same group).
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from keel.config import Settings
 from keel.logs import configure_logging
 from keel.observability import exporter as metrics
 from keel.observability.tracing import configure_tracing
+from keel.supervision import collector
 from keel.supervision.progress import Progress
 from keel.supervision.supervisor import run_watched, supervise
 
@@ -60,8 +60,7 @@ def run(
         group = EffectWorkerGroup(settings, name, workers, progress)
         # A worker holds thousands of buffered effects alive: full collections walking them took a
         # third of its loop at the default thresholds (benchmarks/effects.py).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        collector.settle()
         return group
 
     metrics.start(settings, "effects", name)

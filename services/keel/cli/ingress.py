@@ -33,7 +33,7 @@ from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.security.acl import create_tenant_principal, tenant_prefix, tenant_username
 from keel.security.keys import KeyStore
-from keel.supervision import readiness
+from keel.supervision import collector, readiness
 
 _out = Console()
 
@@ -97,6 +97,7 @@ def relay(track: Annotated[bool, typer.Option(help="Also track command statuses 
     if track:
         workers.append(StatusTracker(store, settings))
     threads = [threading.Thread(target=worker.run, args=(stop,), name=type(worker).__name__) for worker in workers]
+    collector.settle()
     for thread in threads:
         thread.start()
     while not stop.is_set():

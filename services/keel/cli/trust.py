@@ -38,6 +38,7 @@ from keel.domain.envelope import Actor
 from keel.errors import ValidationError
 from keel.logs import configure_logging
 from keel.observability import exporter as metrics
+from keel.supervision import collector
 
 if TYPE_CHECKING:
     from keel.supervision.progress import Progress
@@ -105,9 +106,11 @@ def chain(
     trust = trust_settings(settings)
 
     def build(progress: Progress | None = None) -> Chainer:
-        return Chainer(settings, CheckpointSigner.from_settings(trust), instance_id=instance,
-                       checkpoint_every=trust.audit_checkpoint_every,
-                       checkpoint_interval_s=trust.audit_checkpoint_interval_s, progress=progress)
+        chainer = Chainer(settings, CheckpointSigner.from_settings(trust), instance_id=instance,
+                          checkpoint_every=trust.audit_checkpoint_every,
+                          checkpoint_interval_s=trust.audit_checkpoint_interval_s, progress=progress)
+        collector.settle()
+        return chainer
 
     if not caught_up:
         metrics.start(settings, "chainer", instance)

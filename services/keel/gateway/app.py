@@ -16,7 +16,6 @@ recorded in the tenant's audit chain (if it cannot be, the answer shows no plain
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -61,7 +60,7 @@ from keel.outbox.store import OutboxStore
 from keel.processor.controls import ControlsFollower
 from keel.query.http import build_query_router
 from keel.security.keys import KeyStore
-from keel.supervision import readiness
+from keel.supervision import collector, readiness
 from keel.trust.reveal import Reader, holds_sealed
 
 log = logging.getLogger("keel.gateway")
@@ -163,7 +162,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> Metered:
                                                                        readiness.outbox_backlog(db)),
             "controls": readiness.flag(app.state.controls_read, "the controls topic is not read to its end yet")}))
         catalog()  # the domains' command schemas, built once before the first GET /v1/actions
-        gc.freeze()  # start-up objects live as long as the process: full collections skip them
+        collector.settle()  # start-up objects live as long as the process; requests' garbage is young
         yield
         app.state.readiness.stop()
         stopping.set()

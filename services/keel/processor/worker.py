@@ -10,7 +10,6 @@ worker instance plus the consumer group metadata sent with the offsets fence zom
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import threading
 import time
@@ -56,6 +55,7 @@ from keel.processor.snapshots import Checkpoints
 from keel.processor.spans import BatchSpans
 from keel.processor.state import BatchView, PartitionState
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
+from keel.supervision import collector
 from keel.supervision.progress import IDLE, Progress
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class CommandProcessor:
         self.progress.enter(IDLE)
         # The state just loaded (and all else made at start-up) lives as long as the worker
         # does: exempt it from the full collections that would otherwise rescan all of it.
-        gc.freeze()
+        collector.settle()
         partitions_changed("processor", self.instance, "assigned", len(partitions), len(self.partitions))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
