@@ -35,7 +35,7 @@ from keel.bootstrap import known_erasures
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.errors import ConfigError, InfraError, KeelError
-from keel.kafka.clients import consumer_config
+from keel.kafka.clients import BATCHED_FETCH, consumer_config
 from keel.kafka.errors import topic_partitions
 from keel.kafka.reader import record_headers, watermarks
 from keel.kafka.topics import Topic, topic_name
@@ -99,7 +99,7 @@ class EventProjector:
         self._stats = ProjectorStats()
         self._stats_lock = threading.Lock()
         group = f"{settings.topic_prefix}.projector.{source.value}"
-        self._config = consumer_config(settings, group, **{"enable.partition.eof": True})
+        self._config = consumer_config(settings, group, **{"enable.partition.eof": True, **BATCHED_FETCH})
         self._consumer = Consumer({**self._config, **lag_config(settings, group)} if table is None else self._config)
         view = source.value if table is None else "rebuild"  # a rebuild's shadow tables: one label
         self._metrics = LoopMetrics(f"projector.{view}")

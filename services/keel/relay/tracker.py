@@ -23,7 +23,7 @@ from keel.domains.registry import current
 from keel.effects.progress import EffectReport
 from keel.effects.status import EffectChange, from_event, from_report
 from keel.errors import KeelError
-from keel.kafka.clients import consumer_config
+from keel.kafka.clients import BATCHED_FETCH, consumer_config
 from keel.kafka.reader import record_headers
 from keel.kafka.topics import Topic, topic_name
 from keel.outbox.models import Outcome
@@ -48,7 +48,7 @@ class StatusTracker:
         self.effects_topic = topic_name(settings, Topic.EFFECTS)
         self.applied = 0
         self._consumer = Consumer(consumer_config(
-            settings, f"{settings.topic_prefix}.tracker"))
+            settings, f"{settings.topic_prefix}.tracker", **BATCHED_FETCH))
         self._consumer.subscribe([self.events_topic, self.dlq_topic, self.effects_topic])
 
     def run_once(self, timeout_s: float = 0.5) -> int:

@@ -23,7 +23,7 @@ from keel.config import Settings
 from keel.contracts.catalog import load_catalog
 from keel.errors import InfraError
 from keel.kafka import transactions
-from keel.kafka.clients import admin_config, consumer_config, transactional_producer_config
+from keel.kafka.clients import BATCHED_FETCH, admin_config, consumer_config, transactional_producer_config
 from keel.kafka.idle import IdleCheck
 from keel.kafka.topics import Topic, topic_name
 from keel.observability.batches import LoopMetrics
@@ -90,7 +90,8 @@ class Chainer:
         # waiting for the dead incarnation's session to time out.
         self._consumer = Consumer(consumer_config(
             settings, self.group_id, **{"group.instance.id": f"{settings.topic_prefix}.chainer.{instance_id}",
-                                        "enable.partition.eof": True, **lag_config(settings, self.group_id)}))
+                                        "enable.partition.eof": True, **BATCHED_FETCH,
+                                        **lag_config(settings, self.group_id)}))
         self.metrics = LoopMetrics("chainer")
         CHAIN_HEAD.source, UNSIGNED.source, CHECKPOINT_AGE.source = self._heads, self._unsigned, self._waiting
         self._ends: dict[int, int] = {}  # partition -> offset where the consumer last hit its end
