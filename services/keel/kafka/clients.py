@@ -71,8 +71,8 @@ BATCHED_FETCH: dict[str, Any] = {"fetch.min.bytes": 262_144, "fetch.wait.max.ms"
 """Consumer overrides for a reader that writes in batches anyway (the projector, the audit
 chainer, the status tracker): the broker answers a fetch once 256 KiB are there or 100 ms
 have passed, not as soon as one record is. Under load each of them otherwise fetched a few
-records at a time: in ``end_to_end.py`` at 5,000 offered (2026-12-06) the broker's CPU per
-command went 108 → 67 µs and the projector's 132 → 97 µs with these. The price is at most
+records at a time: in a pair of ``end_to_end.py`` runs at 5,000 offered (2026-12-06) the
+broker's CPU per command went 108 → 67 µs and the projector's 132 → 97 µs with these. The price is at most
 100 ms more before a record is read; the processor, whose latency is a target, keeps the
 defaults."""
 

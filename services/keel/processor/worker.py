@@ -156,7 +156,7 @@ class CommandProcessor:
         self.progress.partitions = len(self.partitions)
         self.progress.enter(IDLE)
         # The state just loaded (and all else made at start-up) lives as long as the worker
-        # does: exempt it from the full collections that would otherwise rescan all of it.
+        # does: frozen out of the collections that would otherwise rescan all of it.
         collector.settle()
         partitions_changed("processor", self.instance, "assigned", len(partitions), len(self.partitions))
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))

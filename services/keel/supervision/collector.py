@@ -2,8 +2,8 @@
 
 Why: a service that decides, relays or answers thousands of messages a second allocates
 containers far faster than CPython's default thresholds (700, 10, 10) expect. At those the
-processor ran a young collection every few commands and a full one every few thousand,
-walking every aggregate state it held: 6 µs of its ~80 µs a command went to the collector
+processor ran a young collection every ~80 commands and a full one every ~13,000, walking
+every aggregate state it held: 6 µs of its ~80 µs a command went to the collector
 (``benchmarks/README.md``, 2026-12-06). Nearly all of a hot loop's objects are freed by
 reference counting the moment they are done; what outlives them is state the service keeps.
 So the young generation is collected every 50,000 net allocations rather than 700, and what
