@@ -1,14 +1,19 @@
 """Threads that wrote to the SQLite outbox once and ended leave no descriptors behind (a gateway's
-thread pool starts and ends threads all day)."""
+thread pool starts and ends threads all day), under the collector settings of a service, whose
+collections come seldom."""
 
 from __future__ import annotations
 
 import gc
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from keel.outbox.db import open_database
+from keel.supervision import collector
 
 
 def descriptors_of(path: Path) -> int:
@@ -22,6 +27,17 @@ def descriptors_of(path: Path) -> int:
     return found
 
 
+@pytest.fixture
+def settled_collector() -> Iterator[None]:
+    """The collector as a service settles it; restored afterwards."""
+    thresholds = gc.get_threshold()
+    collector.settle()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("settled_collector")
 def test_a_thread_that_wrote_and_ended_leaves_no_descriptor_open(tmp_path: Path) -> None:
     db = open_database(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
     with db.transaction() as cursor:
@@ -36,7 +52,6 @@ def test_a_thread_that_wrote_and_ended_leaves_no_descriptor_open(tmp_path: Path)
             thread = threading.Thread(target=write, args=(n,))
             thread.start()
             thread.join()
-        gc.collect()
 
     threads_write(60)
     database_after_60 = descriptors_of(tmp_path / "outbox.sqlite3")

@@ -124,11 +124,10 @@ class SQLiteDatabase(Database):
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def _connection(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._connect()
-            self._local.connection = connection
-        return connection
+        held: _ThreadConnection | None = getattr(self._local, "connection", None)
+        if held is None:
+            held = self._local.connection = _ThreadConnection(self._connect())
+        return held.connection
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
@@ -218,14 +217,34 @@ class SQLiteDatabase(Database):
         return lock.fileno()
 
     def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection.close()
+        held: _ThreadConnection | None = getattr(self._local, "connection", None)
+        if held is not None:
+            held.connection.close()
             self._local.connection = None
         lock = getattr(self._local, "lock", None)
         if lock is not None:
             lock.close()
             self._local.lock = None
+
+
+class _ThreadConnection:
+    """A thread's SQLite connection, closed as soon as the thread ends and its locals go.
+
+    A ``sqlite3.Connection`` refers to itself through its statement cache, so a dropped one
+    waits for the cyclic garbage collector, and a service's collector runs seldom
+    (``keel.supervision.collector``). SQLite keeps the descriptor of a connection closed while
+    another connection of the process holds locks on the file, and reuses it for the next
+    open: closed one at a time, the pool threads' connections share a few descriptors; closed
+    together by a late collection, each kept one.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __del__(self) -> None:
+        self.connection.close()
 
 
 class PostgresDatabase(Database):
