@@ -8,6 +8,7 @@ The default, ``local``, needs no Docker: it starts the broker from the Maven jar
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 import warnings
@@ -23,6 +24,7 @@ from keel.config import Settings
 from keel.kafka.broker import start_broker
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import apply_topics, declared_topics
+from keel.supervision import collector
 
 
 pytest_plugins = ["tests.plugins.user_data", "tests.plugins.postgres", "tests.plugins.analytics",
@@ -93,3 +95,13 @@ def own_topics(broker_settings: Settings) -> Iterator[Settings]:
             future.result()
         except KafkaException as exc:  # cleanup only: never fail the test that already ran
             warnings.warn(f"could not delete test topic {name}: {exc}", stacklevel=1)
+
+
+@pytest.fixture
+def settled_collector() -> Iterator[None]:
+    """The collector as a service settles it; restored afterwards."""
+    thresholds = gc.get_threshold()
+    collector.settle()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)

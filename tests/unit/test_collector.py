@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 
 import pytest
 
 from keel.supervision import collector
 
 
-@pytest.fixture
-def restored_collector() -> Iterator[None]:
-    thresholds = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*thresholds)
-
-
-@pytest.mark.usefixtures("restored_collector")
+@pytest.mark.usefixtures("settled_collector")
 def test_settling_freezes_what_exists_and_spaces_young_collections() -> None:
     kept = [{"state": n} for n in range(1_000)]
     gc.unfreeze()
@@ -29,7 +20,7 @@ def test_settling_freezes_what_exists_and_spaces_young_collections() -> None:
     assert gc.get_threshold() == (collector.YOUNG_THRESHOLD, *collector.OLDER_THRESHOLDS)
 
 
-@pytest.mark.usefixtures("restored_collector")
+@pytest.mark.usefixtures("settled_collector")
 def test_cyclic_garbage_made_after_settling_is_still_collected() -> None:
     collector.settle()
 

@@ -4,16 +4,13 @@ collections come seldom."""
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from keel.outbox.db import open_database
-from keel.supervision import collector
 
 
 def descriptors_of(path: Path) -> int:
@@ -25,16 +22,6 @@ def descriptors_of(path: Path) -> int:
         except OSError:  # the listing's own descriptor, closed meanwhile
             continue
     return found
-
-
-@pytest.fixture
-def settled_collector() -> Iterator[None]:
-    """The collector as a service settles it; restored afterwards."""
-    thresholds = gc.get_threshold()
-    collector.settle()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*thresholds)
 
 
 @pytest.mark.usefixtures("settled_collector")
