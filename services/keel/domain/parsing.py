@@ -23,21 +23,23 @@ def parse_envelope(data: Mapping[str, Any], *, strict: bool = False) -> Envelope
     there, strictly: keep payload models declarative.) Decoded records are trusted and
     validated as they are.
     """
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise ValidationError("a message must be an object", field="")
     raw = {name: _whole(value) for name, value in data.items()} if strict else dict(data)
-    if isinstance(raw.get("payload"), Mapping):
+    payload = raw.get("payload")
+    if type(payload) is dict or isinstance(payload, Mapping):
         cls = payload_class(str(raw.get("type")))
-        text = _json(raw["payload"]) if strict else None
+        text = _json(payload) if strict else None
         try:
             raw["payload"] = (cls.model_validate_json(text, strict=True) if text is not None
-                              else cls.model_validate(raw["payload"]))
+                              else cls.__pydantic_validator__.validate_python(payload))
         except pydantic.ValidationError as exc:
             raise _typed(exc, prefix="payload") from None
-    try:
-        return Envelope.model_validate(raw)
+    try:  # the validators themselves: ``model_validate``'s Python frame cost half a microsecond a call
+        envelope: Envelope = Envelope.__pydantic_validator__.validate_python(raw)
     except pydantic.ValidationError as exc:
         raise _typed(exc) from None
+    return envelope
 
 
 def _json(payload: Any) -> bytes | None:

