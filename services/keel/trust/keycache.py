@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,10 @@ class KeyCache:
         self.max_keys, self.ttl_s = max_keys, ttl_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._keys: dict[str, tuple[float, DataKey]] = {}  # by key id, oldest first: expiry order
+        # By key id, oldest first (expiry order). Ordered: a plain dict emptied from the front
+        # scans the holes its pops leave on every look at its first entry (measured: 9 µs a
+        # put into a full cache of 10,000 keys, 3 µs ordered).
+        self._keys: OrderedDict[str, tuple[float, DataKey]] = OrderedDict()
         self._active: dict[tuple[str, str], str] = {}  # (tenant, subject) -> key id of an entry in _keys
         self._epoch = 0  # bumped by every forget
 
@@ -74,10 +78,14 @@ class KeyCache:
             if epoch != self._epoch:
                 return
             now = self._clock()
-            self._keys.pop(key.key_id, None)  # re-inserted last, with a new expiry
-            while self._keys and (len(self._keys) >= self.max_keys or next(iter(self._keys.values()))[0] <= now):
-                self._drop(next(iter(self._keys)))
-            self._keys[key.key_id] = (now + self.ttl_s, key)
+            keys = self._keys
+            keys.pop(key.key_id, None)  # re-inserted last, with a new expiry
+            while keys:
+                expiry, oldest = next(iter(keys.values()))
+                if len(keys) < self.max_keys and expiry > now:
+                    break
+                self._drop(oldest.key_id)
+            keys[key.key_id] = (now + self.ttl_s, key)
             self._active[(key.tenant, key.subject)] = key.key_id
 
     def forget(self, tenant: str, subject: str) -> None:
