@@ -43,6 +43,17 @@ def test_the_request_hash_ignores_key_order_but_not_content() -> None:
     assert a.request_hash == b.request_hash != c.request_hash
 
 
+def test_an_integral_float_is_the_integer_and_keeps_its_own_fingerprint() -> None:
+    """As in JSON Schema, 5.0 is the integer 5; the request is still told apart by its bytes' form."""
+    command_id = str(uuid.uuid4())
+    whole, row = admit(raw(id=command_id, payload={"amount_cents": 5.0, "currency": "EUR", "reason": "r"}), BOT, CODEC)
+    assert type(whole.payload.amount_cents) is int and whole.payload.amount_cents == 5  # type: ignore[attr-defined]
+    assert row.request_hash != admit(raw(id=command_id), BOT, CODEC)[1].request_hash
+    with pytest.raises(KeelError) as caught:
+        admit(raw(payload={"amount_cents": 5.5, "currency": "EUR", "reason": "r"}), BOT, CODEC)
+    assert (caught.value.code, caught.value.field) == ("schema_violation", "payload.amount_cents")
+
+
 def canonical_hash(document: Any) -> str:
     """What the fingerprint has always been: the sha256 of json's sorted, compact form."""
     return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -13,7 +13,7 @@ from keel.domain.messages import payload_class
 from keel.errors import ValidationError
 
 
-def parse_envelope(data: Mapping[str, Any], *, strict: bool = False) -> Envelope:
+def parse_envelope(data: Mapping[str, Any], *, strict: bool = False, floats: bool = True) -> Envelope:
     """Validate a mapping as an envelope; errors name the offending field path.
 
     ``strict``, for a body a client sent as JSON: its payload is validated as JSON in pydantic's
@@ -21,11 +21,12 @@ def parse_envelope(data: Mapping[str, Any], *, strict: bool = False) -> Envelope
     schema of ``GET /v1/actions`` and the OpenAPI document say; as in JSON Schema, ``5.0`` is
     the integer 5. (A payload model with a ``before`` validator is validated from Python values
     there, strictly: keep payload models declarative.) Decoded records are trusted and
-    validated as they are.
+    validated as they are. ``floats=False`` says ``data`` holds no float (a caller that looked
+    already), so the walk that makes integral floats integers is skipped.
     """
     if type(data) is not dict and not isinstance(data, Mapping):
         raise ValidationError("a message must be an object", field="")
-    raw = {name: _whole(value) for name, value in data.items()} if strict else dict(data)
+    raw = {name: _whole(value) for name, value in data.items()} if strict and floats else dict(data)
     payload = raw.get("payload")
     if type(payload) is dict or isinstance(payload, Mapping):
         cls = payload_class(str(raw.get("type")))

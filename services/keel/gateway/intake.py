@@ -60,13 +60,14 @@ def check(raw: bytes, principal: Principal, *, max_age_s: float = 0.0,
     if document.get("actor") is not None and document["actor"] != actor:
         raise WrongActor(f"the body names another actor; this key acts as {actor['kind']}:{actor['id']}",
                          field="actor")
-    request_hash = fingerprint(document)
+    floats = _holds_float(document)  # one look, for the fingerprint and the validation; most bodies hold none
+    request_hash = fingerprint(document, floats=floats)
     command_id = document["id"] if document.get("id") is not None else str(uuid.uuid4())  # "" is no id
     filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC),
               **document, "id": command_id, "tenant_id": principal.tenant_id, "actor": actor}
     if traceparent is not None:
         filled["traceparent"] = traceparent
-    envelope = parse_envelope(filled, strict=True)
+    envelope = parse_envelope(filled, strict=True, floats=floats)
     if "occurred_at" in document:  # else it is now, within every window
         check_within_window(envelope, max_age_s)
     if payload_class(envelope.type).kind != "command":
@@ -75,31 +76,38 @@ def check(raw: bytes, principal: Principal, *, max_age_s: float = 0.0,
     return envelope, request_hash
 
 
-def fingerprint(document: dict[str, Any]) -> str:
+def fingerprint(document: dict[str, Any], *, floats: bool | None = None) -> str:
     """The sha256 of ``document``'s canonical form, ``json.dumps(sort_keys=True, separators=(",", ":"))``,
     which the outbox keeps to tell a retried request from another one under the same id.
 
     orjson writes the same bytes several times faster (measured: 3.9 → 1.8 µs a body) for a
     document of ASCII text without floats; otherwise (non-ASCII text, which json escapes;
-    floats, whose notation differs; integers past 64 bits) json writes them.
+    floats, whose notation differs; integers past 64 bits) json writes them. ``floats``: whether
+    ``document`` holds a float, if the caller knows.
     """
     try:
         text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:
         text = b""
-    if not text or not text.isascii() or _DEL in text or _holds_float(document):
+    if not text or not text.isascii() or _DEL in text or (_holds_float(document) if floats is None else floats):
         text = _CANONICAL.encode(document).encode()
     return hashlib.sha256(text).hexdigest()
 
 
 def _holds_float(value: Any) -> bool:
-    kind = type(value)
-    if kind is float:
+    """Whether ``value`` is or holds a float: a walk without recursion (half the cost of a
+    recursive one, measured on a command body)."""
+    if type(value) is float:
         return True
-    if kind is dict:
-        return any(_holds_float(item) for item in value.values())
-    if kind is list:
-        return any(_holds_float(item) for item in value)
+    stack = [value] if type(value) is dict or type(value) is list else []
+    while stack:
+        node = stack.pop()
+        for item in node.values() if type(node) is dict else node:
+            kind = type(item)
+            if kind is float:
+                return True
+            if kind is dict or kind is list:
+                stack.append(item)
     return False
 
 
