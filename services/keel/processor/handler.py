@@ -104,7 +104,8 @@ def handle(value: bytes | None, key: bytes | None, headers: Mapping[str, bytes |
         return DeadLetter(exc.code, exc.message)
     if command.payload.kind != "command":  # decoding gave the payload the class its type names
         return DeadLetter("not_a_command", f"{command.type} is an event, not a command")
-    if key != command.key.encode():
+    aggregate_key = command.key  # a property that formats the key: once, not twice
+    if key != aggregate_key.encode():
         # The key decides the partition, and so which worker owns the aggregate and under
         # which key its events are written: a record keyed for another aggregate, or for
         # the same aggregate id of another tenant, would split one aggregate's state or
@@ -116,7 +117,7 @@ def handle(value: bytes | None, key: bytes | None, headers: Mapping[str, bytes |
     if not view.remembers_ids_from(partition, command.occurred_at.timestamp(), context.now_s):
         return DeadLetter(BEYOND_WINDOW, beyond_window_reason(command, view.dedupe_window_s(partition)))
     try:
-        decision = govern(command, view.state(partition, command.key), context)
+        decision = govern(command, view.state(partition, aggregate_key), context)
     except Exception as exc:  # noqa: BLE001 - a crashing handler must not stop the partition
         log.exception("handler crashed on command %s", command.id, extra=command_fields(command))
         return DeadLetter("handler_error", f"{type(exc).__name__}: {exc}")

@@ -267,7 +267,8 @@ class BatchView:
     def record(self, partition: int, command_id: uuid.UUID, events: Iterable[Envelope]) -> None:
         """Stage the command's events."""
         for event in events:
-            self.aggregates[(partition, event.key)] = evolve_aggregate(self.state(partition, event.key), event)
+            key = event.key  # a property that formats the key: once, not twice
+            self.aggregates[(partition, key)] = evolve_aggregate(self.state(partition, key), event)
         self.decided[(partition, command_id.int)] = command_id
 
     def commit(self, decided_at: float) -> None:

@@ -69,8 +69,11 @@ class Match(Frozen):
             return False
         for field, conditions in self.payload.items():
             value = getattr(payload, field, None)
-            if value is None or not all(_OPERATORS[op](value, arg) for op, arg in conditions.items()):
+            if value is None:
                 return False
+            for op, arg in conditions.items():  # a loop, not ``all`` over a generator: a rule per command
+                if not _OPERATORS[op](value, arg):
+                    return False
         if self.confidence_below is not None:
             confidence = getattr(payload, "confidence", None)
             if confidence is None or confidence >= self.confidence_below:
