@@ -20,6 +20,8 @@ import tempfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,27 @@ def _label(event: Envelope) -> str:
     return event.payload.code if isinstance(event.payload, CommandRejected) else event.type
 
 
+@contextmanager
+def workload(commands: int, *, story: bool, batch_size: int) -> Iterator[tuple[Worker, list[Record]]]:
+    """A worker with the policies and (unless ``story``) the subscriptions decided, and the records
+    to time: about ``commands`` refunds, or whole stories (sealed e-mails included)."""
+    steps = range(STORY_LENGTH) if story else REFUND_STEPS
+    aggregates = max(1, commands // len(steps))
+    reference = reference_commands(aggregates)
+    by_step = [reference[s * aggregates:(s + 1) * aggregates] for s in range(STORY_LENGTH)]
+    with tempfile.TemporaryDirectory() as folder, \
+            SqliteKeyStore(Path(folder) / "keys.db", MasterKey(os.urandom(32))) as keys:
+        worker = Worker(SealingCodec(FieldCipher(keys)), batch_size)
+        worker.run([worker.record(c) for c in policy_commands()])
+        if not story:
+            worker.run([worker.record(c) for c in by_step[0]])
+        timed = [worker.record(c) for s in steps for c in by_step[s]]
+        worker.events.clear()
+        gc.collect()
+        collector.settle()  # as the worker does after loading its partitions
+        yield worker, timed
+
+
 def main() -> None:
     """Set up policies and subscriptions, then time the refunds (or whole stories) and print µs/command."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -102,20 +125,7 @@ def main() -> None:
     parser.add_argument("--sort", default="tottime", help="the profile's order (pstats key: tottime, cumulative, …)")
     parser.add_argument("--top", type=int, default=25, help="lines of the profile to print")
     args = parser.parse_args()
-    steps = range(STORY_LENGTH) if args.story else REFUND_STEPS
-    aggregates = max(1, args.commands // len(steps))
-    commands = reference_commands(aggregates)
-    by_step = [commands[s * aggregates:(s + 1) * aggregates] for s in range(STORY_LENGTH)]
-    with tempfile.TemporaryDirectory() as folder, \
-            SqliteKeyStore(Path(folder) / "keys.db", MasterKey(os.urandom(32))) as keys:
-        worker = Worker(SealingCodec(FieldCipher(keys)), args.batch_size)
-        worker.run([worker.record(c) for c in policy_commands()])
-        if not args.story:
-            worker.run([worker.record(c) for c in by_step[0]])
-        timed = [worker.record(c) for s in steps for c in by_step[s]]
-        worker.events.clear()
-        gc.collect()
-        collector.settle()  # as the worker does after loading its partitions
+    with workload(args.commands, story=args.story, batch_size=args.batch_size) as (worker, timed):
         profile = cProfile.Profile() if args.profile else None
         started = time.process_time()
         if profile is not None:
