@@ -318,16 +318,15 @@ class CommandProcessor:
         """Decide one record and append its outcome's records; returns the controls it threw."""
         partition = message.partition()
         assert partition is not None  # a record always has a position (process_batch took out the errors)
-        headers = dict(record_headers(message))
-        outcome = handle(message.value(), message.key(), headers, partition, view, self.codec, self.governance,
-                         now)
+        headers, key = dict(record_headers(message)), message.key()  # each call copies out of librdkafka
+        outcome = handle(message.value(), key, headers, partition, view, self.codec, self.governance, now)
         match outcome:
             case Decided(command, decision):
                 events = decision.events
                 verdict, rejection = decision_outcome(decision)
                 traces = None if spans is None else spans.decided(
                     headers.get(tracing.HEADER), command, decision, verdict, rejection)
-                decided_records(decision, self.codec, self.outputs, message.key(), partition, records, traces)
+                decided_records(decision, self.codec, self.outputs, key, partition, records, traces)
                 counts.events += len(events)
                 if verdict == "rejected":  # else none is: no walk of the events
                     counts.rejected += sum(type(e.payload) is CommandRejected for e in events)
