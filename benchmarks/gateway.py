@@ -262,32 +262,43 @@ async def open_loop(port: int, token: str, rate: int, duration_s: float) -> tupl
     return sorted(latencies), errors
 
 
-def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, workers: int, connections: int,
-                  duration_s: float, rate: int) -> list[Figures]:
-    """Run ``keel gateway`` on ``dsn`` and measure it."""
+def agent_token(dsn: str) -> str:
+    """A migrated outbox at ``dsn`` with tenant ``acme`` and an API key of the benchmark's agent; its token."""
     db = open_database(dsn)
     OutboxStore(db).migrate()
     keys = KeyStore(db)
     keys.create_tenant("acme")
     _, token = keys.create_key("acme", AGENT)
     db.close()
+    return token
+
+
+def wait_until_listening(port: int, server: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    """Return once the gateway ``server`` accepts connections on ``port``; its log's end if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"the gateway did not start (exit {server.poll()}):\n"
+                                   f"{log.read_text(errors='replace')[-2000:]}") from None
+            time.sleep(0.2)
+
+
+def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, workers: int, connections: int,
+                  duration_s: float, rate: int) -> list[Figures]:
+    """Run ``keel gateway`` on ``dsn`` and measure it."""
+    token = agent_token(dsn)
     port = _free_port()
     env = {**os.environ, "KEEL_OUTBOX_DSN": dsn, "KEEL_DATA_DIR": str(data_dir),
            "KEEL_GATEWAY_KEY_CACHE_S": "30", "KEEL_LOG_LEVEL": "WARNING"}
+    log = data_dir / f"gateway-{name}.log"
     server = subprocess.Popen([sys.executable, "-m", "keel.cli", "gateway", "--port", str(port),
-                               "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=(data_dir / f"gateway-{name}.log").open("wb"))
+                               "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    log = (data_dir / f"gateway-{name}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"the gateway did not start (exit {server.poll()}):\n{log}") from None
-                time.sleep(0.2)
+        wait_until_listening(port, server, log, 30)
         uvloop.run(closed_loop(port, token, connections, 2.0))  # warm-up: imports, caches, connections
         generator = "wrk" if shutil.which("wrk") else "python"
         os.sync()
