@@ -80,7 +80,7 @@ class Figures:
     disk_sync_max_ms: float | None = None  # the worst sync of a probe on the same disk, during the stage
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -291,7 +291,7 @@ def gateway_stage(name: str, dsn: str, data_dir: Path, settings: Settings, *, wo
                   duration_s: float, rate: int) -> list[Figures]:
     """Run ``keel gateway`` on ``dsn`` and measure it."""
     token = agent_token(dsn)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KEEL_OUTBOX_DSN": dsn, "KEEL_DATA_DIR": str(data_dir),
            "KEEL_GATEWAY_KEY_CACHE_S": "30", "KEEL_LOG_LEVEL": "WARNING"}
     log = data_dir / f"gateway-{name}.log"
@@ -340,7 +340,7 @@ def main(duration: float = typer.Option(10.0, help="Seconds per measured stage."
         figures += gateway_stage("sqlite", f"sqlite:///{root / 'outbox.sqlite3'}", root, settings,
                                  workers=workers, connections=connections, duration_s=duration, rate=rate)
         if postgres:
-            server = start_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")), _free_port(), find_binaries())
+            server = start_postgres(Path(tempfile.mkdtemp(prefix="bench-pg-")), free_port(), find_binaries())
             try:
                 with psycopg.connect(server.dsn, autocommit=True) as admin:
                     admin.execute("CREATE DATABASE bench")

@@ -75,7 +75,7 @@ def gateway_stage(requests: int, connections: int, folder: Path) -> dict[str, fl
     """A one-worker gateway under callgrind; instructions per accepted request of the closed loop."""
     dsn = f"sqlite:///{folder}/outbox.db"
     token = gateway_bench.agent_token(dsn)
-    port = gateway_bench._free_port()
+    port = gateway_bench.free_port()
     env = {**os.environ, "KEEL_OUTBOX_DSN": dsn, "KEEL_DATA_DIR": str(folder), "KEEL_GATEWAY_KEY_CACHE_S": "3600",
            "KEEL_LOG_LEVEL": "WARNING", "PYTHONHASHSEED": "0"}
     log = folder / "gateway.log"
