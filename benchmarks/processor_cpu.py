@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from _common import STORY_LENGTH, reference_commands
 from processor import policy_commands
@@ -36,7 +35,7 @@ from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.messages import CommandRejected
 from keel.processor.handler import Decided, Governance, handle
 from keel.processor.state import BatchView, PartitionState
-from keel.processor.worker import Outputs, decided_records
+from keel.processor.worker import Chunk, Outputs, decided_records
 from keel.sdk.producer import PRINCIPAL_TENANT_HEADER
 from keel.trust.codec import SealingCodec
 from keel.trust.fields import FieldCipher
@@ -73,7 +72,7 @@ class Worker:
         for start in range(0, len(records), self.batch_size):
             view = BatchView(self.partitions)
             now = datetime.now(UTC)
-            produced: list[Any] = []
+            chunk = Chunk()
             thrown: list[tuple[str, bytes | None]] = []
             batch = records[start:start + self.batch_size]
             self.codec.prefetch(value for value, _, _, _ in batch)  # as the worker reads a batch's keys
@@ -81,9 +80,10 @@ class Worker:
                 outcome = handle(value, key, headers, partition, view, self.codec, self.governance, now)
                 if not isinstance(outcome, Decided):
                     raise SystemExit(f"expected a decision, got {outcome}")
-                decided_records(outcome.decision, self.codec, self.outputs, key, partition, produced)
+                decided_records(outcome.decision, self.codec, self.outputs, key, partition, chunk)
                 thrown += outcome.decision.controls
                 self.events.update(_label(e) for e in outcome.decision.events)
+            chunk.take(self.outputs.audit_intake)  # the intake bundled, as the worker hands it on
             view.commit(now.timestamp())
             for control_key, control_value in thrown:
                 self.governance.controls.apply(control_key, control_value)

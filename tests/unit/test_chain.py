@@ -18,7 +18,7 @@ from keel.domain.envelope import Authority
 from support_desk.messages import EmailQueued, RefundIssued
 from keel.domain.outcomes import to_events
 from keel.trust.checkpoints import Checkpoint, CheckpointSigner, TrustedKeys
-from keel.trust.entries import encode_receipt, entry_from_intake
+from keel.trust.entries import BUNDLE_BYTES, BUNDLE_MAGIC, bundles, encode_receipt, entries_from_intake, entry_from_intake
 from keel.trust.errors import AuditFormatError
 from keel.trust.record import GENESIS, AuditEntry, parse_record, record_hash, seal_record
 from keel.trust.verify import FailureKind, verify_chain
@@ -158,6 +158,33 @@ def test_receipts_and_unrecognised_bytes_are_chained_not_dropped() -> None:
     cmd = command("acme", "sub-1", refund(1))
     [event] = to_events(cmd, [sealed], version=0, now=cmd.occurred_at)
     assert entry_from_intake(CODEC.encode(event), "acme").type == "EmailQueued"
+
+
+def test_a_bundle_is_chained_as_its_events_in_order_and_a_lone_event_goes_as_it_is() -> None:
+    values = event_bytes("acme", 5)
+    [bundle] = bundles(values)
+    assert bundle.startswith(BUNDLE_MAGIC)
+    assert entries_from_intake(bundle, "acme") == [entry_from_intake(value, "acme") for value in values]
+    assert list(bundles(values[:1])) == values[:1]  # the event's own bytes: a record limit it met already
+    assert list(bundles([])) == []
+
+
+def test_bundles_stay_within_their_bound_and_lose_nothing() -> None:
+    values = event_bytes("acme", 3) * (BUNDLE_BYTES // 600)
+    made = list(bundles(values))
+    assert len(made) > 1 and all(len(bundle) <= BUNDLE_BYTES + len(BUNDLE_MAGIC) for bundle in made)
+    assert [entry.body for bundle in made for entry in entries_from_intake(bundle, "acme")] == values
+    huge = b"x" * (BUNDLE_BYTES + 1)
+    assert list(bundles([values[0], huge, values[1]])) == [values[0], huge, values[1]]
+
+
+def test_a_bundle_whose_framing_breaks_is_chained_whole_and_another_tenants_event_in_it_is_not_let_in() -> None:
+    [bundle] = bundles(event_bytes("acme", 2))
+    for broken in (bundle[:-1], bundle + b"\x00", BUNDLE_MAGIC, BUNDLE_MAGIC + bytes(4) + bundle[4:]):
+        [entry] = entries_from_intake(broken, "acme")
+        assert (entry.kind, entry.type, entry.body) == ("opaque", "Undecodable", broken)
+    [mixed] = bundles([*event_bytes("acme", 1), *event_bytes("globex", 1)])
+    assert [entry.type for entry in entries_from_intake(mixed, "acme")] == ["RefundIssued", "TenantMismatch"]
 
 
 @pytest.mark.skipif(AVRO_CORE != "native", reason="compares the native core's entries with fastavro's")

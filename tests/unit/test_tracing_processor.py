@@ -16,7 +16,7 @@ from keel.domain.governance.pipeline import Decision
 from keel.domain.outcomes import to_events
 from keel.observability import tracing
 from keel.processor.spans import BatchSpans
-from keel.processor.worker import Outputs, decided_records
+from keel.processor.worker import Chunk, Outputs, decided_records
 from support_desk.messages import RefundIssued
 from tests.helpers import command, refund
 
@@ -58,8 +58,8 @@ def test_an_approval_resumes_the_parked_command_in_its_own_trace_linked_both_way
     decision = Decision(granted + executed, origin_type="IssueRefund")
     batch = BatchSpans("t.commands", 1)
     headers = batch.decided(None, approval, decision, "accepted", "")
-    records: list = []
-    decided_records(decision, EnvelopeCodec(), Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, records,
+    chunk = Chunk()
+    decided_records(decision, EnvelopeCodec(), Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, chunk,
                     headers)
     batch.end()
     finished = {s.name: s for s in spans.get_finished_spans()}
@@ -71,7 +71,7 @@ def test_an_approval_resumes_the_parked_command_in_its_own_trace_linked_both_way
     assert decide.context.span_id in {link.context.span_id for link in resume.links}
     assert resume.context.span_id in {link.context.span_id for link in decide.links}
     assert [e.name for e in resume.events] == ["approval.granted"]
-    traced = [dict(h)[tracing.HEADER] for _, _, _, _, h in records if h]
+    traced = [dict(h)[tracing.HEADER] for _, _, _, _, h in chunk.take("intake") if h]
     assert traced == [headers[approval.id], headers[parked.id]]  # the events topic's; the audit intake has no headers
 
 
@@ -91,12 +91,13 @@ def test_without_tracing_the_event_records_keep_their_shared_headers() -> None:
     cmd = command("acme", "sub-1", refund(5), traceparent=AGENT_TRACE)
     [event] = to_events(cmd, [RefundIssued(amount_cents=5, currency="EUR", reason="test")], version=1,
                         now=cmd.occurred_at)
-    records: list = []
+    chunk = Chunk()
     decided_records(Decision([event], origin_type="IssueRefund"), EnvelopeCodec(),
-                    Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, records)
+                    Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, chunk)
+    decided_records(Decision([event], origin_type="IssueRefund"), EnvelopeCodec(),
+                    Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, chunk)
+    records = chunk.take("intake")
     shared = records[0][4]
-    assert tracing.HEADER not in dict(shared) and records[1][4] is None  # the audit intake's: none
-    decided_records(Decision([event], origin_type="IssueRefund"), EnvelopeCodec(),
-                    Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, records)
-    assert records[2][4] is shared  # one list per pair of types, not one per record
+    assert tracing.HEADER not in dict(shared) and records[2][4] is None  # the audit intake's: none
+    assert records[1][4] is shared  # one list per pair of types, not one per record
     assert not tracing.enabled()

@@ -42,7 +42,7 @@ from keel.observability.metrics import (
 )
 from keel.supervision.progress import IDLE, Progress
 from keel.trust.checkpoints import CheckpointSigner
-from keel.trust.entries import entry_from_intake
+from keel.trust.entries import entries_from_intake
 from keel.trust.record import GENESIS, peek, seal_record
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class ChainerStats:
     """Counters since start."""
 
     batches: int = 0
-    records: int = 0
+    records: int = 0  # audit records appended (one intake bundle gives many)
     checkpoints: int = 0
     aborted_batches: int = 0
     heads: dict[str, int] = field(default_factory=dict)
@@ -195,9 +195,10 @@ class Chainer:
         started, signed_before = time.perf_counter(), self.stats.checkpoints
         self.progress.enter("chaining")
         self._producer.begin_transaction()
+        chained = 0
         try:
             for message in messages:
-                self._append(message, touched, now)
+                chained += self._append(message, touched, now)
             self._checkpoint(touched, due_by_time, now)
             if messages:
                 transactions.send_offsets(self._producer, self._consumer, messages, self.progress)
@@ -209,28 +210,31 @@ class Chainer:
             self.metrics.aborted.inc()
             return 0
         self.progress.committed()
-        self._count(len(messages), len(touched), self.stats.checkpoints - signed_before, started, committing)
+        self._count(len(messages), chained, self.stats.checkpoints - signed_before, started, committing)
         for (partition, tenant), head in touched.items():
             if partition in self.partitions:
                 tenant_label(tenant, head.seq - self.partitions[partition].get(tenant, TenantHead()).seq)
                 self.partitions[partition][tenant] = head
                 self.stats.heads[tenant] = head.seq
         self.stats.batches += 1
-        self.stats.records += len(messages)
+        self.stats.records += chained
         return len(messages)
 
-    def _append(self, message: Message, touched: dict[tuple[int, str], TenantHead], now: float) -> None:
+    def _append(self, message: Message, touched: dict[tuple[int, str], TenantHead], now: float) -> int:
+        """Chain the entries of one intake record (a bundle holds many) in their order; returns how many."""
         partition = _partition(message)
         key_tenant = (message.key() or b"").decode(errors="replace")
-        entry = entry_from_intake(message.value() or b"", key_tenant, self.catalog)
-        slot = (partition, entry.tenant)
-        current = touched.get(slot) or self.partitions[partition].get(entry.tenant) or TenantHead()
-        raw = seal_record(current.seq + 1, current.head, entry)
-        self._producer.produce(self.audit_topic, raw, entry.tenant.encode(), partition=partition)
-        unsigned_since = current.unsigned_since if current.seq > current.signed_seq else now
-        touched[slot] = TenantHead(current.seq + 1, raw[-32:], current.signed_seq, unsigned_since)
-        if current.seq + 1 - current.signed_seq >= self.checkpoint_every:
-            self._sign(touched, slot, now)
+        entries = entries_from_intake(message.value() or b"", key_tenant, self.catalog)
+        for entry in entries:
+            slot = (partition, entry.tenant)
+            current = touched.get(slot) or self.partitions[partition].get(entry.tenant) or TenantHead()
+            raw = seal_record(current.seq + 1, current.head, entry)
+            self._producer.produce(self.audit_topic, raw, entry.tenant.encode(), partition=partition)
+            unsigned_since = current.unsigned_since if current.seq > current.signed_seq else now
+            touched[slot] = TenantHead(current.seq + 1, raw[-32:], current.signed_seq, unsigned_since)
+            if current.seq + 1 - current.signed_seq >= self.checkpoint_every:
+                self._sign(touched, slot, now)
+        return len(entries)
 
     def _checkpoint(self, touched: dict[tuple[int, str], TenantHead], due_by_time: list[tuple[int, str]],
                     now: float) -> None:
@@ -250,11 +254,11 @@ class Chainer:
 
     # -- metrics ------------------------------------------------------------------------
 
-    def _count(self, records: int, touched: int, signed: int, started: float, committing: float) -> None:
-        """One committed batch: its records, transaction and checkpoints."""
+    def _count(self, consumed: int, chained: int, signed: int, started: float, committing: float) -> None:
+        """One committed batch: the intake records it consumed, the audit records and checkpoints it wrote."""
         done = time.perf_counter()
-        self.metrics.transaction(records, records + signed, done - started, done - committing)
-        CHAINED.inc(records)
+        self.metrics.transaction(consumed, chained + signed, done - started, done - committing)
+        CHAINED.inc(chained)
         if signed:
             CHECKPOINTS.inc(signed)
             LAST_CHECKPOINT.set(time.time())
