@@ -18,7 +18,7 @@ NATIVE_AVRO := native/keel-avro
 CARGO ?= $(or $(shell command -v cargo),$(wildcard $(HOME)/.cargo/bin/cargo))
 
 $(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES)) \
-		$(addprefix $(NATIVE_AVRO)/,pyproject.toml Cargo.toml Cargo.lock src/lib.rs keel_avro.pyi)
+		$(addprefix $(NATIVE_AVRO)/,pyproject.toml Cargo.toml Cargo.lock keel_avro.pyi) $(wildcard $(NATIVE_AVRO)/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]' $(addprefix -e ,$(EXAMPLES))

@@ -16,6 +16,8 @@
 
 use std::collections::HashMap;
 
+mod envelope;
+
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -731,6 +733,8 @@ impl<'a> Reader<'a> {
 #[pymodule]
 fn keel_avro(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Plan>()?;
+    module.add_class::<envelope::EnvelopeBuilder>()?;
+    module.add("ID_PATTERN", envelope::ID_PATTERN)?;
     module.add("UnsupportedSchema", module.py().get_type::<UnsupportedSchema>())?;
     module.add("CorruptData", module.py().get_type::<CorruptData>())?;
     Ok(())

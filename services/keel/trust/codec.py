@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 
 from keel.contracts.catalog import Catalog
-from keel.contracts.codec import EnvelopeCodec, parse_envelope
+from keel.contracts.codec import ENVELOPE_BUILDER, EnvelopeCodec, parse_envelope
 from keel.domain.envelope import Envelope
 from keel.domain.events import ApprovalRequested
 from keel.trust.fields import FieldCipher
@@ -61,4 +61,4 @@ class SealingCodec(EnvelopeCodec):
                     parked["payload"], tenant=parked["tenant_id"], subject=parked.get("on_behalf_of"),
                     envelope_id=str(parked["id"]), message_type=parked["type"])
                 record["payload"] = {**record["payload"], "command": json.dumps(parked, separators=(",", ":"))}
-        return parse_envelope(record)
+        return parse_envelope(record, builder=ENVELOPE_BUILDER)
