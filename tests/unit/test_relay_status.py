@@ -17,6 +17,7 @@ from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.messages import ApproveCommand, CommandRejected, Event, ExpireApproval, RejectCommand
 from support_desk.messages import ReverseRefund, SubscriptionStarted
 from keel.outbox.models import CommandStatus, Outcome
+from keel.outbox.store import payload_text
 from keel.relay.status import dead_letter_outcome, event_outcomes
 from tests.helpers import AGENT, command, refund, start
 
@@ -180,3 +181,17 @@ def test_a_dead_letter_keeps_the_processors_reason() -> None:
     outcome = dead_letter_outcome(cmd, "handler_error", "boom")
     assert (outcome.command_id, outcome.status, outcome.reason_code) == (cmd.id, CommandStatus.DEAD_LETTERED,
                                                                         "handler_error")
+
+
+def test_payload_text_reads_back_as_json_dumps_wrote_it() -> None:
+    """The kept payload text loads to what ``json.dumps(default=str)`` wrote, on orjson's path and on its fallback."""
+    when = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    payloads = [
+        {"plan": "pro", "amount_cents": 1200, "ratio": 0.5, "flags": [True, None], "nested": {"k": "v"}},
+        {"name": "Zoë \u00e9\u4e2d", "control": "a\x00b\x1f", "quote": '"\\'},
+        {"big": 2**70},  # past 64 bits: orjson refuses, json.dumps writes it
+        {"lone": "\ud800"},  # a lone surrogate: the same
+        {"id": uuid.UUID(int=7), "at": when, "day": when.date()},  # no JSON form: their str, as before
+    ]
+    for payload in payloads:
+        assert json.loads(payload_text(payload)) == json.loads(json.dumps(payload, default=str))

@@ -95,19 +95,28 @@ class StatusTracker:
         except KeelError as exc:  # not ours to fail on: unknown schemas, foreign bytes
             log.info("tracker skipped a record of %s: %s", message.topic(), exc)
             return [], []
-        headers = {name: _text(value) for name, value in record_headers(message)}
         if message.topic() == self.dlq_topic:
+            headers = _headers(message)
             code = headers.get("keel-error-code") or "dead_lettered"
             reason = headers.get("keel-error-reason") or ""
             return [dead_letter_outcome(envelope, code, reason)], []
         effect = current().effect_of.get(envelope.type)
-        change = from_event(envelope, partition=message.partition(), offset=message.offset(),
-                            provider=effect.provider if effect else headers.get(EFFECT_HEADER) or None)
+        provider = effect.provider if effect else _header(message, EFFECT_HEADER) or None
+        change = from_event(envelope, partition=message.partition(), offset=message.offset(), provider=provider)
         return event_outcomes(envelope), [change] if change else []
 
     def close(self) -> None:
         """Leave the group."""
         self._consumer.close()
+
+
+def _headers(message: Message) -> dict[str, str]:
+    return {name: _text(value) for name, value in record_headers(message)}
+
+
+def _header(message: Message, wanted: str) -> str:
+    """One header's text ("" when absent), without decoding the others."""
+    return next((_text(value) for name, value in record_headers(message) if name == wanted), "")
 
 
 def _text(value: str | bytes | None) -> str:
