@@ -42,6 +42,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,6 +58,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -138,36 +140,46 @@ class Workload:
         return TENANTS[aggregate % len(TENANTS)], aggregate, step
 
     def request(self, index: int) -> bytes:
-        """The whole HTTP request posting command ``index``."""
+        """The whole HTTP request posting command ``index``: its story step's body template filled in
+        (json.dumps per request cost the generator 6.3 µs a command, the template 2.4)."""
         tenant, aggregate, step = self.step(index)
-        sub, price = f"sub-{self._base}-{aggregate}", 1000 + aggregate % 9000
-        customer = f"cust-{self._base}-{aggregate}"
-        head: dict[str, Any] = {"id": self.command_id(index), "aggregate_id": sub}
-        if step == 0:
-            actor = BILLING.id
-            body = {**head, "type": "StartSubscription", "authority": {"role": "billing-service"},
-                    "payload": {"customer_id": customer, "plan": "pro", "monthly_price_cents": price,
-                                "currency": "EUR"}}
-        else:
-            actor = AGENT.id
-            by_agent = {**head, "on_behalf_of": customer, "authority": {"role": "support-agent"},
-                        "delegation": [{"actor": {"kind": "human", "id": "jane.lead"},
-                                        "reason": "customer asked to cancel"}]}
-            payloads: list[dict[str, Any]] = [
-                {},
-                {"amount_cents": price // 2, "currency": "EUR", "reason": "unused half month", "confidence": 0.93},
-                {"amount_cents": price * 2, "currency": "EUR", "reason": "goodwill", "confidence": 0.8},
-                {"to_address": f"{customer}@example.com", "template": "refund-issued"},
-                {"reason": "customer request"},
-            ]
-            payload = payloads[step]
-            kind = ("", "IssueRefund", "IssueRefund", "SendEmail", "CancelSubscription")[step]
-            body = {**by_agent, "type": kind, "payload": payload}
-        return self.post(tenant, actor, body)
+        actor, template = self._templates[step]
+        price = 1000 + aggregate % 9000
+        data = (template % {"id": self.command_id(index), "sub": f"sub-{self._base}-{aggregate}",
+                            "customer": f"cust-{self._base}-{aggregate}", "price": price,
+                            "half": price // 2, "double": price * 2}).encode()
+        return self.head(tenant, actor, data)
+
+    @cached_property
+    def _templates(self) -> list[tuple[str, str]]:
+        """Per story step, its actor and its JSON body with ``%(name)`` fields, as ``json.dumps`` writes it."""
+        head: dict[str, Any] = {"id": "%(id)s", "aggregate_id": "%(sub)s"}
+        start = {**head, "type": "StartSubscription", "authority": {"role": "billing-service"},
+                 "payload": {"customer_id": "%(customer)s", "plan": "pro", "monthly_price_cents": "%(price)d",
+                             "currency": "EUR"}}
+        by_agent = {**head, "on_behalf_of": "%(customer)s", "authority": {"role": "support-agent"},
+                    "delegation": [{"actor": {"kind": "human", "id": "jane.lead"},
+                                    "reason": "customer asked to cancel"}]}
+        steps: list[tuple[str, dict[str, Any]]] = [
+            ("IssueRefund", {"amount_cents": "%(half)d", "currency": "EUR", "reason": "unused half month",
+                             "confidence": 0.93}),
+            ("IssueRefund", {"amount_cents": "%(double)d", "currency": "EUR", "reason": "goodwill",
+                             "confidence": 0.8}),
+            ("SendEmail", {"to_address": "%(customer)s@example.com", "template": "refund-issued"}),
+            ("CancelSubscription", {"reason": "customer request"}),
+        ]
+        bodies = [(BILLING.id, start)] + [(AGENT.id, {**by_agent, "type": kind, "payload": payload})
+                                          for kind, payload in steps]
+        # The integer fields were written as strings: unquote them (no other text holds a '%').
+        return [(actor, re.sub(r'"(%\(\w+\)d)"', r"\1", json.dumps(body, separators=(",", ":"))))
+                for actor, body in bodies]
 
     def post(self, tenant: str, actor: str, body: dict[str, Any]) -> bytes:
         """The whole HTTP request posting ``body`` with the key of ``actor`` of ``tenant``."""
-        data = json.dumps(body, separators=(",", ":")).encode()
+        return self.head(tenant, actor, json.dumps(body, separators=(",", ":")).encode())
+
+    def head(self, tenant: str, actor: str, data: bytes) -> bytes:
+        """The whole HTTP request posting the JSON ``data`` with the key of ``actor`` of ``tenant``."""
         return (b"POST /v1/commands HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
                 b"Authorization: Bearer " + self.tokens[(tenant, actor)].encode()
                 + b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
