@@ -74,29 +74,14 @@ impl Model {
         }
         // SAFETY: a live set; `PySet_New` copies it (hashes kept) or returns NULL with an exception set.
         let fields_set = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PySet_New(self.fields_set.as_ptr()))? };
-        let class = self.class.bind(py);
-        // SAFETY: the GIL is held; `tp_alloc` is how `object.__new__(cls)` allocates a model
-        // (pydantic's models define no `__new__`), and it returns a new reference or NULL with
-        // an exception set, which `from_owned_ptr_or_err` turns into `Err`.
-        let instance = unsafe {
-            let tp = class.as_type_ptr();
-            let alloc = (*tp).tp_alloc.unwrap_or(ffi::PyType_GenericAlloc);
-            Bound::from_owned_ptr_or_err(py, alloc(tp, 0))?
-        };
         let none = py.None().into_bound(py);
-        for (name, value) in [
+        // As `object.__setattr__`: a frozen model's own `__setattr__` refuses every write.
+        crate::objects::instance(self.class.bind(py), &[
             (intern!(py, "__dict__"), dict.as_any()),
             (intern!(py, "__pydantic_fields_set__"), &fields_set),
             (intern!(py, "__pydantic_extra__"), &none),
             (intern!(py, "__pydantic_private__"), &none),
-        ] {
-            // SAFETY: live objects for the call; -1 with an exception set on failure. As
-            // `object.__setattr__`: a frozen model's own `__setattr__` refuses every write.
-            if unsafe { ffi::PyObject_GenericSetAttr(instance.as_ptr(), name.as_ptr(), value.as_ptr()) } < 0 {
-                return Err(PyErr::fetch(py));
-            }
-        }
-        Ok(instance)
+        ])
     }
 }
 

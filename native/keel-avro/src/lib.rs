@@ -17,10 +17,10 @@
 use std::collections::HashMap;
 
 mod envelope;
+mod objects;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
-use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -532,22 +532,8 @@ impl Plan {
     /// `object.__setattr__` would).
     fn new_uuid<'py>(&self, py: Python<'py>, n: u128) -> PyResult<Bound<'py, PyAny>> {
         let int = n.into_pyobject(py)?;
-        let class = self.uuid_type.bind(py);
-        // SAFETY: the GIL is held; `tp_alloc` is how `object.__new__(uuid.UUID)` allocates
-        // (UUID is not abstract and defines no `__new__`), and it returns a new reference or
-        // NULL with an exception set, which `from_owned_ptr_or_err` turns into `Err`.
-        let uuid = unsafe {
-            let tp = class.as_type_ptr();
-            let alloc = (*tp).tp_alloc.unwrap_or(ffi::PyType_GenericAlloc);
-            Bound::from_owned_ptr_or_err(py, alloc(tp, 0))?
-        };
-        for (name, value) in [(intern!(py, "int"), int.as_any()), (intern!(py, "is_safe"), self.uuid_safe_unknown.bind(py))] {
-            // SAFETY: all three are live objects for the call; it returns -1 with an exception set on failure.
-            if unsafe { ffi::PyObject_GenericSetAttr(uuid.as_ptr(), name.as_ptr(), value.as_ptr()) } < 0 {
-                return Err(PyErr::fetch(py));
-            }
-        }
-        Ok(uuid)
+        objects::instance(self.uuid_type.bind(py), &[(intern!(py, "int"), int.as_any()),
+                                                    (intern!(py, "is_safe"), self.uuid_safe_unknown.bind(py))])
     }
 
     /// `1970-01-01T00:00:00+00:00` plus `micros`, as fastavro adds a timedelta to its epoch.
