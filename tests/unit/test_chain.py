@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import uuid
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastavro import schemaless_writer
 from fastavro.utils import generate_many
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import keel.trust.entries
 from keel.contracts.catalog import load_catalog
@@ -18,7 +23,9 @@ from keel.domain.envelope import Authority
 from support_desk.messages import EmailQueued, RefundIssued
 from keel.domain.outcomes import to_events
 from keel.trust.checkpoints import Checkpoint, CheckpointSigner, TrustedKeys
-from keel.trust.entries import BUNDLE_BYTES, BUNDLE_MAGIC, bundles, encode_receipt, entries_from_intake, entry_from_intake
+from keel.trust.entries import (
+    BUNDLE_BYTES, BUNDLE_MAGIC, bundles, canonical_json, encode_receipt, entries_from_intake, entry_from_intake,
+)
 from keel.trust.errors import AuditFormatError
 from keel.trust.record import GENESIS, AuditEntry, parse_record, record_hash, seal_record
 from keel.trust.verify import FailureKind, verify_chain
@@ -247,3 +254,34 @@ def test_an_anchor_reveals_a_tail_cut_together_with_its_checkpoints(records: lis
     report = verify_chain("acme", cut, [checkpoint(cut)], TRUSTED, anchors=[checkpoint(records)])
     assert report.failure is not None and (report.failure.seq, report.failure.kind) == (7, FailureKind.TRUNCATED)
     assert report.summary().startswith("FAIL tenant=acme seq=7 kind=truncated: ")
+
+
+def _json_dumps_text(value: Any) -> str:
+    """What ``canonical_json`` has always written."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON_VALUES)
+def test_canonical_json_writes_json_dumps_text(value: Any) -> None:
+    """The chained text of any JSON value (floats, big integers, lone surrogates, control
+    characters included) is exactly ``json.dumps``'s, whichever writer made it."""
+    assert canonical_json(value) == _json_dumps_text(value)
+
+
+@pytest.mark.parametrize("value", [
+    {"role": "support-agent", "grant": None, "policy_rule": "r", "policy_version": "v1", "approval_id": None},
+    [{"actor": {"kind": "human", "id": "jane.lead"}, "reason": "Zoë asked \u2028 \x00\x7f"}],
+    {"z": 1, "a": [2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, True, False]},
+    {1: "an integer key", 2: (1, 2)},  # not plain: json.dumps writes them
+    {"at": datetime(2026, 12, 6, tzinfo=UTC), "id": uuid.UUID(int=5), "lone": "\ud800", "f": 1e16},
+])
+def test_canonical_json_edges(value: Any) -> None:
+    assert canonical_json(value) == _json_dumps_text(value)

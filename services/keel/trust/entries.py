@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import orjson
 from fastavro import schemaless_reader
 
 from keel.contracts.catalog import Catalog, load_catalog
@@ -35,8 +36,45 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def canonical_json(value: Any) -> str:
-    """Stable JSON text (sorted keys, no spaces): the same value always hashes the same."""
+    """Stable JSON text (sorted keys, no spaces): the same value always hashes the same.
+
+    ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)``'s text.
+    orjson writes the same text for plain JSON values (what an event's authority and delegation
+    hold) in a tenth of the time; anything else (a float, whose notation may differ; a value with
+    no JSON form; a lone surrogate) goes to ``json.dumps``.
+    """
+    if _plain(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        except orjson.JSONEncodeError:  # a lone surrogate
+            pass
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only dicts with text keys, lists, text, 64-bit integers, booleans and None
+    (a walk without recursion)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            for key, item in node.items():
+                if type(key) is not str:
+                    return False
+                stack.append(item)
+        elif kind is list:
+            stack.extend(node)
+        elif kind is int:
+            if not _INT64_MIN <= node <= _UINT64_MAX:
+                return False
+        elif not (kind is str or kind is bool or node is None):
+            return False
+    return True
+
+
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+"""The integers orjson writes."""
 
 
 def encode_receipt(*, tenant: str, type: str, receipt_id: uuid.UUID, actor: str, details: dict[str, Any],
