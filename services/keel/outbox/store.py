@@ -7,6 +7,7 @@ SQLite and on a real PostgreSQL. Every write is one short transaction.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections import defaultdict
@@ -385,13 +386,31 @@ def payload_text(payload: dict[str, Any]) -> str:
     """An event's payload as the JSON text its row keeps.
 
     orjson writes it in a twentieth of ``json.dumps``'s time (measured: 0.24 against 4.8 µs a
-    payload); a value with no JSON form becomes its ``str`` as there, and a payload orjson refuses
-    (a lone surrogate, an integer past 64 bits) goes through ``json.dumps`` as before.
+    payload); a value with no JSON form becomes its ``str`` as there. A payload orjson refuses (a
+    lone surrogate, an integer past 64 bits) or would change (it writes NaN and infinities as
+    ``null``) goes through ``json.dumps`` as before.
     """
     try:
-        return orjson.dumps(payload, default=str, option=_AS_JSON_DUMPS).decode()
+        text = orjson.dumps(payload, default=str, option=_AS_JSON_DUMPS)
     except orjson.JSONEncodeError:
         return json.dumps(payload, default=str)
+    if b"null" in text and _holds_non_finite(payload):
+        return json.dumps(payload, default=str)
+    return text.decode()
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """Whether ``value`` is or holds a NaN or an infinity (a walk without recursion)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if type(node) is float and not math.isfinite(node):
+            return True
+        if type(node) is dict:
+            stack.extend(node.values())
+        elif type(node) is list or type(node) is tuple:
+            stack.extend(node)
+    return False
 
 
 _BEHIND = {status: ", ".join(f"'{s.value}'" for s, rank in RANK.items() if rank < RANK[status]) for status in RANK}
