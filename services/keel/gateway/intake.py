@@ -21,6 +21,7 @@ from keel.domain.messages import payload_class
 from keel.domain.principal import Principal
 from keel.errors import KeelError, ValidationError
 from keel.gateway.errors import WrongActor, WrongTenant
+from keel.jsonvalues import holds_float
 from keel.outbox.enqueue import to_new_command
 from keel.outbox.models import NewCommand
 
@@ -60,7 +61,7 @@ def check(raw: bytes, principal: Principal, *, max_age_s: float = 0.0,
     if document.get("actor") is not None and document["actor"] != actor:
         raise WrongActor(f"the body names another actor; this key acts as {actor['kind']}:{actor['id']}",
                          field="actor")
-    floats = _holds_float(document)  # one look, for the fingerprint and the validation; most bodies hold none
+    floats = holds_float(document)  # one look, for the fingerprint and the validation; most bodies hold none
     request_hash = fingerprint(document, floats=floats)
     command_id = document["id"] if document.get("id") is not None else str(uuid.uuid4())  # "" is no id
     filled = {"correlation_id": command_id, "occurred_at": datetime.now(UTC),
@@ -89,26 +90,9 @@ def fingerprint(document: dict[str, Any], *, floats: bool | None = None) -> str:
         text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:
         text = b""
-    if not text or not text.isascii() or _DEL in text or (_holds_float(document) if floats is None else floats):
+    if not text or not text.isascii() or _DEL in text or (holds_float(document) if floats is None else floats):
         text = _CANONICAL.encode(document).encode()
     return hashlib.sha256(text).hexdigest()
-
-
-def _holds_float(value: Any) -> bool:
-    """Whether ``value`` is or holds a float: a walk without recursion (half the cost of a
-    recursive one, measured on a command body)."""
-    if type(value) is float:
-        return True
-    stack = [value] if type(value) is dict or type(value) is list else []
-    while stack:
-        node = stack.pop()
-        for item in node.values() if type(node) is dict else node:
-            kind = type(item)
-            if kind is float:
-                return True
-            if kind is dict or kind is list:
-                stack.append(item)
-    return False
 
 
 def encode(envelope: Envelope, request_hash: str, codec: EnvelopeCodec) -> NewCommand:

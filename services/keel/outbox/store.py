@@ -7,7 +7,6 @@ SQLite and on a real PostgreSQL. Every write is one short transaction.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections import defaultdict
@@ -20,6 +19,7 @@ import orjson
 
 from keel.effects.progress import EffectState
 from keel.effects.status import EffectChange, EffectRecord, fold
+from keel.jsonvalues import holds_float
 from keel.outbox.db import Cursor, Database, Row
 from keel.outbox.models import (
     RANK,
@@ -387,30 +387,17 @@ def payload_text(payload: dict[str, Any]) -> str:
 
     orjson writes it in a twentieth of ``json.dumps``'s time (measured: 0.24 against 4.8 µs a
     payload); a value with no JSON form becomes its ``str`` as there. A payload orjson refuses (a
-    lone surrogate, an integer past 64 bits) or would change (it writes NaN and infinities as
-    ``null``) goes through ``json.dumps`` as before.
+    lone surrogate, an integer past 64 bits) or may have changed (it writes NaN and infinities
+    as ``null``: text with a ``null`` from a payload holding a float) goes through ``json.dumps``
+    as before.
     """
     try:
         text = orjson.dumps(payload, default=str, option=_AS_JSON_DUMPS)
     except orjson.JSONEncodeError:
         return json.dumps(payload, default=str)
-    if b"null" in text and _holds_non_finite(payload):
+    if b"null" in text and holds_float(payload):
         return json.dumps(payload, default=str)
     return text.decode()
-
-
-def _holds_non_finite(value: Any) -> bool:
-    """Whether ``value`` is or holds a NaN or an infinity (a walk without recursion)."""
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if type(node) is float and not math.isfinite(node):
-            return True
-        if type(node) is dict:
-            stack.extend(node.values())
-        elif type(node) is list or type(node) is tuple:
-            stack.extend(node)
-    return False
 
 
 _BEHIND = {status: ", ".join(f"'{s.value}'" for s, rank in RANK.items() if rank < RANK[status]) for status in RANK}
