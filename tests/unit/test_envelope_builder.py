@@ -1,7 +1,7 @@
 """The native envelope builder builds exactly what pydantic builds, or defers to it: never more.
 
 ``keel_avro.EnvelopeBuilder`` replaces pydantic's validation of decoded envelopes in the
-processor's hot path. Whatever record it is given, it must return the envelope pydantic would
+processor's hot path, and of requests' envelopes in the gateway's. Whatever record it is given, it must return the envelope pydantic would
 return (same values, same types, same fields set) or ``None``, and ``None`` whenever pydantic
 refuses the record, so errors always come from pydantic.
 """
@@ -122,14 +122,14 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], Any], bool]] = [
     ("an actor with more", lambda r: r.update(actor={**_actor(), "name": "x"}), False),
     ("an actor as text", lambda r: r.update(actor="agent:bot"), False),
     ("a 1,001-character reason", lambda r: r.update(delegation=[{"actor": _actor(), "reason": "r" * 1001}]), False),
-    ("a link without its reason", lambda r: r.update(delegation=[{"actor": _actor()}]), False),
+    ("a link without its reason", lambda r: r.update(delegation=[{"actor": _actor()}]), True),
     ("a delegation tuple", lambda r: r.update(delegation=({"actor": _actor(), "reason": None},)), False),
     ("a link's bad actor", lambda r: r.update(delegation=[{"actor": _actor(id="/"), "reason": None}]), False),
     ("201 characters on behalf of", lambda r: r.update(on_behalf_of="x" * 201), False),
     ("a number on behalf of", lambda r: r.update(on_behalf_of=7), False),
     ("a 129-character traceparent", lambda r: r.update(traceparent="t" * 129), False),
     ("an authority with more", lambda r: r.update(authority={**r["authority"], "scope": "x"}), False),
-    ("an authority with less", lambda r: r.update(authority={"role": "x"}), False),
+    ("an authority with less", lambda r: r.update(authority={"role": "x"}), True),
     ("an authority of numbers", lambda r: r.update(authority={**r["authority"], "grant": 5}), False),
     ("schema version 0", lambda r: r.update(schema_version=0), False),
     ("schema version True", lambda r: r.update(schema_version=True), False),
@@ -137,7 +137,15 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], Any], bool]] = [
     ("expected version -1", lambda r: r.update(expected_version=-1), False),
     ("version 0", lambda r: r.update(version=0), False),
     ("version as text", lambda r: r.update(version="3"), False),
-    ("a causation id as text", lambda r: r.update(causation_id=str(uuid.uuid4())), False),
+    ("a causation id as text", lambda r: r.update(causation_id=str(uuid.uuid4())), True),
+    ("ids as upper-case text", lambda r: r.update(id=str(uuid.uuid4()).upper(), correlation_id=str(uuid.uuid4())),
+     True),
+    ("an id as 32 hex digits", lambda r: r.update(id=uuid.uuid4().hex), False),
+    ("an id in braces", lambda r: r.update(id="{%s}" % uuid.uuid4()), False),
+    ("an id as a URN", lambda r: r.update(id=uuid.uuid4().urn), False),
+    ("an id of 36 characters that are not hex", lambda r: r.update(id="g" * 8 + "-0000-0000-0000-" + "0" * 12), False),
+    ("an id with the hyphens moved", lambda r: r.update(id="0" * 9 + "-000-0000-0000-" + "0" * 12), False),
+    ("an id of text with spaces", lambda r: r.update(id=" %s" % str(uuid.uuid4())[1:]), False),
     ("a correlation id that is no uuid", lambda r: r.update(correlation_id="x"), False),
     ("an id as bytes", lambda r: r.update(id=uuid.uuid4().bytes), False),
     ("a naive time", lambda r: r.update(occurred_at=datetime(2026, 1, 1)), False),
@@ -145,7 +153,17 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], Any], bool]] = [
     ("a time as text", lambda r: r.update(occurred_at="2026-01-01T00:00:00Z"), False),
     ("a payload of another type", lambda r: r.update(type="StartSubscription"), False),
     ("a field more", lambda r: r.update(extra="x"), False),
-    ("no traceparent", lambda r: r.pop("traceparent"), False),
+    ("no traceparent", lambda r: r.pop("traceparent"), True),
+    ("every optional field omitted", lambda r: [r.pop(name) for name in (
+        "delegation", "on_behalf_of", "authority", "schema_version", "expected_version", "version", "causation_id",
+        "traceparent")], True),
+    ("the default authority object", lambda r: r.update(authority=Envelope.model_fields["authority"].default), True),
+    ("no correlation id", lambda r: r.pop("correlation_id"), False),
+    ("no time", lambda r: r.pop("occurred_at"), False),
+    ("no actor", lambda r: r.pop("actor"), False),
+    ("no type", lambda r: r.pop("type"), False),
+    ("an actor of more and less", lambda r: r.update(actor={"kind": "agent", "name": "x"}), False),
+    ("a link of its reason only", lambda r: r.update(delegation=[{"reason": "x"}]), False),
 ]
 
 
@@ -155,6 +173,35 @@ def test_a_changed_record_is_built_as_pydantic_builds_it_or_left_to_pydantic(
     record = with_payload(reference_records()[0])
     change(record)
     assert assert_same_or_deferred(record) is builds, what
+
+
+def request_mapping(**fields: Any) -> dict[str, Any]:
+    """A mapping as the gateway's intake makes of a request body: ids as text, fields omitted."""
+    command_id = str(uuid.uuid4())
+    return {"correlation_id": command_id, "occurred_at": datetime.now(UTC), "id": command_id, "tenant_id": "acme",
+            "actor": _actor(), "type": "IssueRefund", "aggregate_id": "sub-1",
+            "payload": {"amount_cents": 5, "currency": "EUR", "reason": "r"}, **fields}
+
+
+REQUESTS: list[tuple[str, dict[str, Any], bool]] = [
+    ("the fewest fields", {}, True),
+    ("delegated, on behalf of, with a role", {
+        "on_behalf_of": "cust-1", "authority": {"role": "support-agent"},
+        "delegation": [{"actor": {"kind": "human", "id": "jane.lead"}, "reason": "the customer asked"}]}, True),
+    ("every field", {"expected_version": 3, "schema_version": 1, "causation_id": str(uuid.uuid4()),
+                     "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "version": None,
+                     "authority": {"role": "r", "grant": "g", "policy_rule": None}, "delegation": []}, True),
+    ("a time as text", {"occurred_at": "2026-01-01T00:00:00Z"}, False),
+    ("a null delegation", {"delegation": None}, False),
+    ("a null authority", {"authority": None}, False),
+    ("a schema version of 2", {"schema_version": 2}, True),
+]
+
+
+@pytest.mark.parametrize("what, fields, builds", REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_a_requests_mapping_is_built_as_pydantic_builds_it_or_left_to_pydantic(
+        what: str, fields: dict[str, Any], builds: bool) -> None:
+    assert assert_same_or_deferred(with_payload(request_mapping(**fields))) is builds, what
 
 
 def test_the_utc_singleton_is_what_a_zero_offset_makes() -> None:

@@ -531,9 +531,7 @@ impl Plan {
     /// the text again in Python (the class forbids `__setattr__`; its slots are set as
     /// `object.__setattr__` would).
     fn new_uuid<'py>(&self, py: Python<'py>, n: u128) -> PyResult<Bound<'py, PyAny>> {
-        let int = n.into_pyobject(py)?;
-        objects::instance(self.uuid_type.bind(py), &[(intern!(py, "int"), int.as_any()),
-                                                    (intern!(py, "is_safe"), self.uuid_safe_unknown.bind(py))])
+        objects::uuid(self.uuid_type.bind(py), self.uuid_safe_unknown.bind(py), n)
     }
 
     /// `1970-01-01T00:00:00+00:00` plus `micros`, as fastavro adds a timedelta to its epoch.
@@ -591,7 +589,7 @@ fn uuid_text(n: u128) -> [u8; 36] {
 }
 
 /// The integer of a canonical 8-4-4-4-12 UUID (either case); `None` for any other text.
-fn uuid_value(text: &str) -> Option<u128> {
+pub(crate) fn uuid_value(text: &str) -> Option<u128> {
     let bytes = text.as_bytes();
     if bytes.len() != 36 {
         return None;

@@ -4,6 +4,7 @@
 
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::intern;
 use pyo3::types::{PyString, PyType};
 
 /// A new instance of `class` with `attributes` set, as `object.__new__(class)` then
@@ -26,4 +27,11 @@ pub(crate) fn instance<'py>(class: &Bound<'py, PyType>, attributes: &[(&Bound<'p
         }
     }
     Ok(object)
+}
+
+/// The `uuid.UUID` (`class`) of the integer `n`, as `uuid.UUID(int=n)` makes it (`is_safe`:
+/// `uuid.SafeUUID.unknown`), without the checks of its `__init__`.
+pub(crate) fn uuid<'py>(class: &Bound<'py, PyType>, is_safe: &Bound<'py, PyAny>, n: u128) -> PyResult<Bound<'py, PyAny>> {
+    let py = class.py();
+    instance(class, &[(intern!(py, "int"), n.into_pyobject(py)?.as_any()), (intern!(py, "is_safe"), is_safe)])
 }

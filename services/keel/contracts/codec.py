@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Literal, Protocol, cast
 
 from fastavro import schemaless_reader, schemaless_writer
+from pydantic_core import PydanticUndefined
 
 from keel.contracts.catalog import Catalog, MessageSchema, Upcaster, load_catalog
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope
@@ -114,8 +115,9 @@ def _envelope_builder() -> Builder | None:
         log.warning("the envelope models' rules changed (digest %s, the native builder implements %s): "
                     "pydantic builds every decoded envelope", digest, NATIVE_ENVELOPE_RULES)
         return None
-    fields = [item for model in ENVELOPE_MODELS for item in (model, list(model.model_fields))]
-    builder = _NATIVE.EnvelopeBuilder(*fields, {kind.value: kind for kind in ActorKind})
+    models = [item for model in ENVELOPE_MODELS
+              for item in (model, {name: info.default for name, info in model.model_fields.items()})]
+    builder = _NATIVE.EnvelopeBuilder(*models, {kind.value: kind for kind in ActorKind}, PydanticUndefined)
     return cast(Builder, builder.build)
 
 

@@ -18,7 +18,7 @@ Builder = Callable[[dict[str, Any], Any], Any]
 when it cannot confirm every rule (``keel_avro.EnvelopeBuilder.build``, see ``keel.contracts.codec``)."""
 
 
-def parse_envelope(data: Mapping[str, Any], *, strict: bool = False, floats: bool = True,
+def parse_envelope(data: Mapping[str, Any], *, strict: bool = False, integral_floats: bool = True,
                    builder: Builder | None = None) -> Envelope:
     """Validate a mapping as an envelope; errors name the offending field path.
 
@@ -27,13 +27,14 @@ def parse_envelope(data: Mapping[str, Any], *, strict: bool = False, floats: boo
     schema of ``GET /v1/actions`` and the OpenAPI document say; as in JSON Schema, ``5.0`` is
     the integer 5. (A payload model with a ``before`` validator is validated from Python values
     there, strictly: keep payload models declarative.) Decoded records are trusted and
-    validated as they are. ``floats=False`` says ``data`` holds no float (a caller that looked
-    already), so the walk that makes integral floats integers is skipped. ``builder``, once the
-    payload is validated here, builds the envelope faster than pydantic or defers to it.
+    validated as they are. ``integral_floats=False`` says ``data`` holds no float of an integer
+    value (a caller that looked already), so the walk that makes them integers is skipped.
+    ``builder``, once the payload is validated here, builds the envelope faster than pydantic
+    or defers to it.
     """
     if type(data) is not dict and not isinstance(data, Mapping):
         raise ValidationError("a message must be an object", field="")
-    raw = {name: _whole(value) for name, value in data.items()} if strict and floats else dict(data)
+    raw = {name: _whole(value) for name, value in data.items()} if strict and integral_floats else dict(data)
     payload = raw.get("payload")
     if type(payload) is dict or isinstance(payload, Mapping):
         cls = payload_class(str(raw.get("type")))
