@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -182,3 +183,28 @@ def test_a_taken_port_is_refused_with_a_clear_error(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "port_unavailable" in done.stderr + done.stdout and str(port) in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("trusted, client", [("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9")])
+def test_forwarded_headers_name_the_client_only_from_a_trusted_proxy(tmp_path: Path, trusted: str, client: str) -> None:
+    """Any local process can send ``X-Forwarded-For``: it is believed only from the proxies configured."""
+    log = tmp_path / "gateway.log"
+    env = {**os.environ, "KEEL_DATA_DIR": str(tmp_path), "KEEL_OUTBOX_DSN": f"sqlite:///{tmp_path / 'o.sqlite3'}",
+           "KEEL_GATEWAY_TRUSTED_PROXIES": trusted}
+    port = _free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "keel.cli", "gateway", "--port", str(port)], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            assert time.monotonic() < deadline and server.poll() is None, "the gateway did not start"
+            time.sleep(0.2)
+        refused = httpx.post(f"http://127.0.0.1:{port}/v1/commands", json={}, headers={
+            "Authorization": "Bearer keel_0000000000000000_nope", "X-Forwarded-For": "203.0.113.9"})
+        assert refused.status_code == 401
+    finally:
+        server.terminate()
+        server.wait(30)
+    [line] = [json.loads(line) for line in log.read_text().splitlines() if '"request refused"' in line]
+    assert (line["code"], line["client"]) == ("invalid_key", client)

@@ -27,6 +27,10 @@ class IngressSettings(BaseSettings):
         default=5.0, ge=0, description="How long a verified API key is trusted before it is looked up again: "
                                        "a revoked key stops working within this bound.")
     gateway_batch_max: int = Field(default=512, ge=1, description="Commands per outbox transaction (group commit).")
+    gateway_trusted_proxies: str = Field(
+        default="", description="Comma-separated addresses or networks (or '*') of the proxies whose "
+                                "X-Forwarded-For and X-Forwarded-Proto the gateway believes; empty: none, "
+                                "the connection's peer is the client.")
     relay_batch_size: int = Field(default=2000, ge=1, description="Outbox rows per relay round.")
     relay_poll_interval_s: float = Field(default=0.05, gt=0, description="Sleep when the outbox is empty.")
     relay_lease_ttl_s: float = Field(default=10.0, gt=0, description="A dead relay's lease expires after this.")
