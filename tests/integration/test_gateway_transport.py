@@ -12,7 +12,8 @@ import pytest
 import uvicorn
 import uvloop
 
-from keel.gateway.transport import PROTOCOL, TurnBufferedTransport
+from keel.gateway.protocol import PROTOCOL
+from keel.gateway.transport import TurnBufferedTransport
 
 pytestmark = pytest.mark.integration
 

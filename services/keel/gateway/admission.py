@@ -55,12 +55,16 @@ class Admission:
         ``traceparent`` is the request's span (the batch runs outside every request's context).
         One future from admission to commit: the request's task wakes once, with its answer.
         """
+        return await self.enqueue(raw, caller, traceparent)
+
+    def enqueue(self, raw: bytes, caller: Principal, traceparent: str | None = None) -> asyncio.Future[Accepted]:
+        """``admit`` without awaiting: the future of its result, for a caller with no task of its own."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Accepted] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._admit_pending)  # runs after the requests already scheduled this turn
         self._pending.append((raw, caller, traceparent, future))
-        return await future
+        return future
 
     def close(self) -> None:
         """Stop the key thread once what it runs is done."""

@@ -30,7 +30,7 @@ import uvicorn
 
 from keel.errors import ConfigError
 from keel.gateway.settings import IngressSettings
-from keel.gateway.transport import PROTOCOL
+from keel.gateway.protocol import PROTOCOL
 
 log = logging.getLogger("keel.gateway")
 

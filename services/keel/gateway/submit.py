@@ -28,6 +28,7 @@ from keel.gateway.errors import RECORDED, BodyTooLarge, IdempotencyConflict, htt
 from keel.gateway.admission import Admission
 from keel.gateway.settings import IngressSettings
 from keel.gateway.writer import BatchWriter
+from keel.outbox.models import Accepted
 from keel.outbox.store import OutboxStore
 from keel.gateway.security_log import SecurityLog
 from keel.observability import tracing
@@ -38,6 +39,8 @@ log = logging.getLogger("keel.gateway")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Respond = Callable[[int, bytes], None]
+"""Answers a request ``SubmitFastPath.begin`` took: its status and JSON body."""
 
 PATH = "/v1/commands"
 
@@ -60,11 +63,16 @@ class Gateway:
         self.admission = Admission(self.codec, self.writer, self.settings.processor_dedupe_window_s)
         self.security = SecurityLog(self.settings, self.keys)
 
+    def cached(self, token: str | None) -> Principal | None:
+        """The key's principal while the cache holds it fresh; None: ``authenticate`` reads the key store."""
+        cached = self.verified.get(token or "")
+        return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
     async def authenticate(self, token: str | None) -> Principal:
         """The key's principal, from the cache while it is fresh."""
-        cached = self.verified.get(token or "")
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
+        cached = self.cached(token)
+        if cached is not None:
+            return cached
         principal = await to_thread.run_sync(self.keys.authenticate, token)
         if len(self.verified) > 10_000:
             self.verified.clear()
@@ -78,7 +86,7 @@ async def submit(gw: Gateway, headers: dict[bytes, bytes], receive: Receive) -> 
     The same id and body again answer with the original result; the same id with another
     body is a conflict.
     """
-    caller = await gw.authenticate(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+    caller = await gw.authenticate(_token(headers))
     try:
         raw = await _body(headers, receive, gw.ingress.gateway_max_body_bytes)
     except KeelError as exc:
@@ -99,6 +107,11 @@ async def submit_as(gw: Gateway, caller: Principal, raw: bytes) -> bytes:
     except KeelError as exc:
         await _refused(gw, caller, exc, raw)
         raise
+    return _accepted(result, caller, raw, traceparent)
+
+
+def _accepted(result: Accepted, caller: Principal, raw: bytes, traceparent: str | None) -> bytes:
+    """The 202 body of a command written durably."""
     command_id = str(result.command_id)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("command accepted", extra={"tenant_id": caller.tenant_id, "actor": actor_name(caller),
@@ -120,14 +133,38 @@ def log_unauthenticated(exc: KeelError, path: str, client: str | None) -> None:
 
 
 class SubmitFastPath:
-    """ASGI front of the gateway app: ``POST /v1/commands`` answered here, all else passed on."""
+    """ASGI front of the gateway app: ``POST /v1/commands`` answered here, all else passed on.
+
+    ``begin`` serves the same requests without the ASGI exchange, for the gateway's HTTP
+    protocol (``keel.gateway.protocol``), which hands it whole requests.
+    """
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         # Traced by OpenTelemetry's ASGI middleware when tracing is on (FastAPI's own
         # instrumentation never sees this path); untouched, and as fast, when it is off.
+        self.traced = tracing.enabled()
         self._submit: Callable[[Scope, Receive, Send], Awaitable[None]] = (
-            tracing.asgi_traced(self._answer, f"POST {PATH}") if tracing.enabled() else self._answer)
+            tracing.asgi_traced(self._answer, f"POST {PATH}") if self.traced else self._answer)
+
+    def begin(self, headers: dict[bytes, bytes], raw: bytes, respond: Respond) -> bool:
+        """Submit the body ``raw`` as ``submit`` does, without a task of its own, when its key is in
+        the cache: ``respond(status, body)`` once the command is durable, or refused. False (and
+        nothing done) when the key must be read from the key store first, or while tracing:
+        the ASGI path serves the request then.
+        """
+        gw: Gateway = self.app.state.gateway
+        caller = None if self.traced else gw.cached(_token(headers))
+        if caller is None:
+            return False
+        try:
+            _check_body(headers, len(raw), gw.ingress.gateway_max_body_bytes)
+        except KeelError as exc:
+            _refuse(gw, caller, exc, b"", respond)
+            return True
+        gw.admission.enqueue(raw, caller).add_done_callback(
+            lambda written: _settle(gw, caller, raw, written, respond))
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
@@ -157,7 +194,12 @@ def actor_name(principal: Principal) -> str:
     return f"{principal.actor.kind.value}:{principal.actor.id}"
 
 
-async def _body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
+def _token(headers: dict[bytes, bytes]) -> str | None:
+    return bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
+
+
+def _check_body(headers: dict[bytes, bytes], size: int, limit: int) -> None:
+    """Refuse a body that is no JSON, or that is (or says it is) longer than ``limit``."""
     kind = headers.get(b"content-type", b"application/json").decode("latin-1")
     if "json" not in kind:
         raise KeelError(f"send application/json, not {kind[:100]}", code="unsupported_media_type",
@@ -165,6 +207,50 @@ async def _body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> by
     declared = headers.get(b"content-length", b"")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the body has {declared.decode()} bytes; the limit is {limit}", field="")
+    if size > limit:
+        raise BodyTooLarge(f"the body exceeds the limit of {limit} bytes", field="")
+
+
+def _settle(gw: Gateway, caller: Principal, raw: bytes, written: asyncio.Future[Accepted], respond: Respond) -> None:
+    """Answer ``begin``'s request once its write is done, as ``submit_as`` would."""
+    error = written.exception() if not written.cancelled() else KeelError("the write was cancelled",
+                                                                          code="internal_error")
+    if error is None:
+        result = written.result()
+        if not result.conflict:
+            respond(202, _accepted(result, caller, raw, None))
+            return
+        error = IdempotencyConflict(f"command id {result.command_id} was used before with another body", field="id")
+    if isinstance(error, KeelError):
+        _refuse(gw, caller, error, raw, respond)
+        return
+    log.error("submitting a command failed", exc_info=error)
+    respond(500, error_body(KeelError("the gateway failed; its log says why", code="internal_error")))
+
+
+def _refuse(gw: Gateway, caller: Principal, exc: KeelError, raw: bytes, respond: Respond) -> None:
+    """Log (and, when it may attack isolation, keep) the refusal, then answer it: in a task, since
+    keeping it writes to the outbox."""
+
+    async def refuse() -> None:
+        try:
+            await _refused(gw, caller, exc, raw)
+        except Exception:  # noqa: BLE001 - as the ASGI path, whose error would reach uvicorn
+            log.exception("recording a refusal failed")
+            respond(500, error_body(KeelError("the gateway failed; its log says why", code="internal_error")))
+            return
+        respond(http_status(exc), error_body(exc))
+
+    _refusals.add(task := asyncio.get_running_loop().create_task(refuse()))
+    task.add_done_callback(_refusals.discard)
+
+
+_refusals: set[asyncio.Task[None]] = set()
+"""The refusals being recorded (the loop keeps only weak references to tasks)."""
+
+
+async def _body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
+    _check_body(headers, 0, limit)
     chunks, size = [], 0
     while True:
         message = await receive()

@@ -96,6 +96,3 @@ class TurnBufferedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(TurnBufferedTransport(transport, self.loop))
 
-
-PROTOCOL = f"{__name__}:{TurnBufferedHttpToolsProtocol.__name__}"
-"""The protocol as uvicorn's ``http`` setting names it."""

@@ -83,13 +83,18 @@ class Metered:
         try:
             await self.inner(scope, receive, sending)
         finally:
-            route, method = route_of(scope), scope.get("method", "")
-            series = self._series.get((route, method, status))
-            if series is None:
-                series = self._series[route, method, status] = (REQUESTS.labels(route, method, str(status)),
-                                                                 REQUEST_SECONDS.labels(route, method))
-            series[0].inc()
-            series[1].observe(time.perf_counter() - started)
+            self.count(scope, status, started)
+
+    def count(self, scope: Scope, status: int, started: float) -> None:
+        """Count a request answered with ``status`` and time it from ``started`` (``time.perf_counter``);
+        for the requests the gateway's protocol answers without the ASGI app."""
+        route, method = route_of(scope), scope.get("method", "")
+        series = self._series.get((route, method, status))
+        if series is None:
+            series = self._series[route, method, status] = (REQUESTS.labels(route, method, str(status)),
+                                                             REQUEST_SECONDS.labels(route, method))
+        series[0].inc()
+        series[1].observe(time.perf_counter() - started)
 
 
 def route_of(scope: Scope) -> str:
