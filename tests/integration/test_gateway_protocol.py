@@ -44,7 +44,7 @@ class Gateway:
             self.taken += taken
             return taken
 
-        front.begin = counted  # type: ignore[method-assign]
+        front.begin = counted  # type: ignore[method-assign,assignment]
 
     def post(self, body: object, *extra: str, version: str = "1.1", raw: bytes | None = None) -> bytes:
         data = raw if raw is not None else json.dumps(body).encode()
