@@ -232,3 +232,18 @@ def test_random_records_of_every_type_are_built_as_pydantic_builds_them_or_left_
             assert assert_same_or_deferred(read), read
             built += 1
     assert built > 100
+
+
+def test_a_core_built_before_this_code_leaves_every_envelope_to_pydantic(monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """An installed core whose builder takes other arguments (built from older sources) is not used."""
+    import types
+
+    from keel.contracts import codec
+
+    def older_builder(*args: Any) -> Any:
+        raise TypeError(f"EnvelopeBuilder.__new__() takes 9 positional arguments but {len(args)} were given")
+
+    monkeypatch.setattr(codec, "_NATIVE", types.SimpleNamespace(EnvelopeBuilder=older_builder))
+    assert codec._envelope_builder() is None
+    assert "make setup" in caplog.text

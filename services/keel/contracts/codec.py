@@ -63,7 +63,7 @@ class NativeCore(Protocol):
     """Compiles a parsed schema with its header; raises ``UnsupportedSchema`` for a feature it lacks."""
     UnsupportedSchema: type[ValueError]
     EnvelopeBuilder: Callable[..., Any]
-    """Builds decoded envelopes once given the models and their field names (``native/keel-avro/src/envelope.rs``)."""
+    """Builds envelopes once given the models, their fields and defaults (``native/keel-avro/src/envelope.rs``)."""
 
 
 def _native_core() -> NativeCore | None:
@@ -117,7 +117,12 @@ def _envelope_builder() -> Builder | None:
         return None
     models = [item for model in ENVELOPE_MODELS
               for item in (model, {name: info.default for name, info in model.model_fields.items()})]
-    builder = _NATIVE.EnvelopeBuilder(*models, {kind.value: kind for kind in ActorKind}, PydanticUndefined)
+    try:
+        builder = _NATIVE.EnvelopeBuilder(*models, {kind.value: kind for kind in ActorKind}, PydanticUndefined)
+    except TypeError as exc:  # a build of the core older than this code
+        log.warning("the native core's envelope builder does not match this code (%s): pydantic builds every "
+                    "envelope until `make setup` builds the core again", exc)
+        return None
     return cast(Builder, builder.build)
 
 
