@@ -8,7 +8,10 @@ from keel.domain.envelope import Actor, ActorKind, Envelope, Payload, new_comman
 from support_desk.messages import IssueRefund, StartSubscription
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
+from keel.outbox.db import open_database
+from keel.outbox.store import OutboxStore
 from keel.sdk.producer import CommandProducer
+from keel.security.keys import KeyStore
 
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 
@@ -38,3 +41,17 @@ def send(settings: Settings, *commands: Envelope) -> None:
     with CommandProducer(settings) as producer:
         for cmd in commands:
             producer.send(cmd)
+
+
+def outbox_with_agent_key(dsn: str) -> str:
+    """A new outbox at ``dsn`` with tenant ``acme`` and a key of its agent ``support-bot``; the token."""
+    db = open_database(dsn)
+    try:
+        OutboxStore(db).migrate()
+        keys = KeyStore(db)
+        keys.create_tenant("acme")
+        _, token = keys.create_key("acme", Actor(kind=ActorKind.AGENT, id="support-bot"),
+                                   frozenset({"support-agent"}))
+        return token
+    finally:
+        db.close()

@@ -16,15 +16,12 @@ import uvicorn
 import uvloop
 
 from keel.config import Settings
-from keel.domain.envelope import Actor, ActorKind
 from keel.gateway.app import create_app
 from keel.gateway.protocol import PROTOCOL
 from keel.gateway.settings import IngressSettings
 from keel.gateway.submit import SubmitFastPath
 from keel.observability.http import Metered
-from keel.outbox.db import open_database
-from keel.outbox.store import OutboxStore
-from keel.security.keys import KeyStore
+from tests.helpers import outbox_with_agent_key
 
 pytestmark = pytest.mark.integration
 
@@ -58,12 +55,7 @@ class Gateway:
 @pytest.fixture
 def gateway(settings: Settings, tmp_path: Path) -> Iterator[Gateway]:
     dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    OutboxStore(db).migrate()
-    keys = KeyStore(db)
-    keys.create_tenant("acme")
-    _, token = keys.create_key("acme", Actor(kind=ActorKind.AGENT, id="support-bot"), frozenset({"support-agent"}))
-    db.close()
+    token = outbox_with_agent_key(dsn)
     yield Gateway(create_app(settings.model_copy(update={"data_dir": tmp_path}),
                              IngressSettings(outbox_dsn=dsn, gateway_max_body_bytes=LIMIT)), token)
 

@@ -40,7 +40,7 @@ from keel.outbox.store import OutboxStore
 from keel.testing.provider import ProviderSimulator
 from support_desk.messages import CancelSubscription
 from tests.broker_faults import free_port
-from tests.helpers import command, events, refund, send, start
+from tests.helpers import command, events, outbox_with_agent_key, refund, send, start
 from tests.processes import KeelProcess, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -289,18 +289,12 @@ def test_the_gateway_wired_as_docs_say_counts_submits_by_status(settings: Settin
     the fast path's ``POST /v1/commands`` is counted, by status, under its route."""
     from fastapi.testclient import TestClient
 
-    from keel.domain.envelope import Actor, ActorKind
     from keel.gateway.app import create_app
     from keel.gateway.settings import IngressSettings
     from keel.observability.http import Metered, add_metrics_route
-    from keel.security.keys import KeyStore
 
     dsn = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-    db = open_database(dsn)
-    OutboxStore(db).migrate()
-    keys = KeyStore(db)
-    keys.create_tenant("acme")
-    _, token = keys.create_key("acme", Actor(kind=ActorKind.AGENT, id="support-bot"), frozenset({"support-agent"}))
+    token = outbox_with_agent_key(dsn)
     front = create_app(settings.model_copy(update={"data_dir": tmp_path}),
                        IngressSettings(outbox_dsn=dsn, gateway_key_cache_s=0))
     add_metrics_route(front.app)
@@ -313,7 +307,6 @@ def test_the_gateway_wired_as_docs_say_counts_submits_by_status(settings: Settin
             assert accepted.status_code == 202, accepted.text
         assert client.post("/v1/commands", json=body).status_code == 401
         exposed = client.get("/metrics").text
-    db.close()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines()
                if line.startswith("keel_gateway_requests_total{")}
     assert samples['keel_gateway_requests_total{method="POST",route="/v1/commands",status="202"}'] >= 2

@@ -103,7 +103,7 @@ async def submit_as(gw: Gateway, caller: Principal, raw: bytes) -> bytes:
     try:
         result = await gw.admission.admit(raw, caller, traceparent)
         if result.conflict:
-            raise IdempotencyConflict(f"command id {result.command_id} was used before with another body", field="id")
+            raise _conflict(result)
     except KeelError as exc:
         await _refused(gw, caller, exc, raw)
         raise
@@ -220,12 +220,20 @@ def _settle(gw: Gateway, caller: Principal, raw: bytes, written: asyncio.Future[
         if not result.conflict:
             respond(202, _accepted(result, caller, raw, None))
             return
-        error = IdempotencyConflict(f"command id {result.command_id} was used before with another body", field="id")
+        error = _conflict(result)
     if isinstance(error, KeelError):
         _refuse(gw, caller, error, raw, respond)
         return
     log.error("submitting a command failed", exc_info=error)
-    respond(500, error_body(KeelError("the gateway failed; its log says why", code="internal_error")))
+    respond(500, _FAILED)
+
+
+def _conflict(result: Accepted) -> IdempotencyConflict:
+    return IdempotencyConflict(f"command id {result.command_id} was used before with another body", field="id")
+
+
+_FAILED = error_body(KeelError("the gateway failed; its log says why", code="internal_error"))
+"""The answer to a submit that failed for a reason no refusal names (a bug, a lost disk)."""
 
 
 def _refuse(gw: Gateway, caller: Principal, exc: KeelError, raw: bytes, respond: Respond) -> None:
@@ -237,7 +245,7 @@ def _refuse(gw: Gateway, caller: Principal, exc: KeelError, raw: bytes, respond:
             await _refused(gw, caller, exc, raw)
         except Exception:  # noqa: BLE001 - as the ASGI path, whose error would reach uvicorn
             log.exception("recording a refusal failed")
-            respond(500, error_body(KeelError("the gateway failed; its log says why", code="internal_error")))
+            respond(500, _FAILED)
             return
         respond(http_status(exc), error_body(exc))
 
