@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
-from keel.gateway.submit import PATH, SubmitFastPath
+from keel.gateway.submit import SubmitFastPath, submits
 from keel.gateway.transport import TurnBufferedHttpToolsProtocol
 from keel.observability.http import Metered, Scope
 
@@ -39,9 +39,7 @@ class GatewayHttpProtocol(TurnBufferedHttpToolsProtocol):
         self._waiting: _Waiting | None = None  # a submit whose body is still arriving
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        scope = cycle.scope
-        if self._metered is None or scope["method"] != "POST" or scope["path"] != PATH \
-                or cycle.waiting_for_100_continue:
+        if self._metered is None or not submits(cast(Scope, cycle.scope)) or cycle.waiting_for_100_continue:
             super()._start_asgi_task(cycle, app)
         elif cycle.more_body:
             self._waiting = (cycle, app)
@@ -53,7 +51,7 @@ class GatewayHttpProtocol(TurnBufferedHttpToolsProtocol):
         waiting = self._waiting
         if waiting is None or waiting[0] is not self.cycle:
             return
-        if len(self.cycle.body) > self._limit():
+        if len(self.cycle.body) > self._front().max_body_bytes:
             self._waiting = None
             super()._start_asgi_task(*waiting)  # which refuses it as it reads
         else:
@@ -69,20 +67,18 @@ class GatewayHttpProtocol(TurnBufferedHttpToolsProtocol):
         self._waiting = None
         super().connection_lost(exc)
 
-    def _limit(self) -> int:
+    def _front(self) -> SubmitFastPath:
         assert self._metered is not None
-        limit: int = self._metered.app.state.gateway.ingress.gateway_max_body_bytes
-        return limit
+        front: SubmitFastPath = self._metered.inner
+        return front
 
     def _submit(self, cycle: RequestResponseCycle, app: Any) -> None:
-        assert self._metered is not None
         started = time.perf_counter()
-        front: SubmitFastPath = self._metered.inner
 
         def respond(status: int, body: bytes) -> None:
             self._respond(cycle, status, body, started)
 
-        if not front.begin(dict(cycle.scope["headers"]), bytes(cycle.body), respond):
+        if not self._front().begin(dict(cycle.scope["headers"]), bytes(cycle.body), respond):
             super()._start_asgi_task(cycle, app)
 
     def _respond(self, cycle: RequestResponseCycle, status: int, body: bytes, started: float) -> None:

@@ -166,8 +166,14 @@ class SubmitFastPath:
             lambda written: _settle(gw, caller, raw, written, respond))
         return True
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body a submit may have."""
+        limit: int = self.app.state.gateway.ingress.gateway_max_body_bytes
+        return limit
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
+        if not submits(scope):
             await self.app(scope, receive, send)
             return
         await self._submit(scope, receive, send)
@@ -181,6 +187,11 @@ class SubmitFastPath:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
+
+
+def submits(scope: Scope) -> bool:
+    """Whether the request is a ``POST /v1/commands``, which ``SubmitFastPath`` answers."""
+    return bool(scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == PATH)
 
 
 def bearer_token(authorization: str) -> str | None:
