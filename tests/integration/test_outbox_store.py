@@ -12,6 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from keel.effects.progress import EffectState
+from keel.effects.status import EffectChange, Stage
 from keel.errors import KeelError
 from keel.outbox.db import SQLiteDatabase, open_database
 from keel.outbox.enqueue import enqueue
@@ -251,6 +253,60 @@ def test_replicas_racing_on_one_id_write_it_once(dsn: str) -> None:
     check = OutboxStore(open_database(dsn))
     assert len(check.unsent(10)) == 1
     check.db.close()
+
+
+def change(effect_id: uuid.UUID, stage: Stage, state: EffectState, generation: int = 0,
+           attempts: int | None = 0, **facts: object) -> EffectChange:
+    return EffectChange(tenant_id="acme", effect_id=effect_id, aggregate_id="sub-1", generation=generation,
+                        stage=stage, state=state, attempts=attempts, **facts)
+
+
+def test_effects_fold_in_one_batch_new_changed_and_replayed(store: OutboxStore) -> None:
+    known, fresh, settled = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    opened = [change(known, Stage.OPENED, EffectState.PENDING, provider="payments"),
+              change(settled, Stage.SETTLED, EffectState.SUCCEEDED, attempts=1, result="{}")]
+    assert store.apply_outcomes([], opened) == 2
+    batch = [change(fresh, Stage.OPENED, EffectState.PENDING, provider="mail"),
+             change(known, Stage.REPORTED, EffectState.RUNNING, seq=1, attempts=1),
+             change(settled, Stage.OPENED, EffectState.PENDING, provider="payments", event_offset=7),  # late
+             change(fresh, Stage.REPORTED, EffectState.RUNNING, seq=1, attempts=1),
+             change(known, Stage.REPORTED, EffectState.RUNNING, seq=1, attempts=1)]  # a replay within it
+    assert store.apply_outcomes([], batch) == 3  # fresh inserted; known moved; settled learns its offset
+    assert store.apply_outcomes([], batch) == 0
+    found = {i: store.effect("acme", i) for i in (known, fresh, settled)}
+    assert all(found.values())
+    assert (found[fresh].state, found[fresh].attempts, found[fresh].provider) == (EffectState.RUNNING, 1, "mail")
+    assert (found[known].state, found[known].seq, found[known].provider) == (EffectState.RUNNING, 1, "payments")
+    assert (found[settled].state, found[settled].event_offset) == (EffectState.SUCCEEDED, 7)
+    assert store.effect("other", fresh) is None
+
+
+def test_trackers_opening_one_effect_at_once_fold_both_changes(postgres_dsn: str) -> None:
+    """The second insert of a new effect waits for the first transaction, then folds onto its row."""
+    stores = [OutboxStore(open_database(postgres_dsn)) for _ in range(2)]
+    stores[0].migrate()
+    effect_id, inserted, done = uuid.uuid4(), threading.Event(), []
+    report = change(effect_id, Stage.REPORTED, EffectState.RUNNING, seq=2, attempts=1)
+
+    def second() -> None:
+        inserted.wait(10)
+        done.append(stores[1].apply_outcomes([], [report]))
+
+    racer = threading.Thread(target=second)
+    racer.start()
+    with stores[0].db.transaction() as cursor:  # the first tracker, holding its insert uncommitted
+        assert stores[0]._fold_all(cursor, [change(effect_id, Stage.OPENED, EffectState.PENDING,
+                                                   provider="payments", event_offset=3)]) == 1
+        inserted.set()
+        time.sleep(0.5)  # the second now waits on this insert
+        assert not done
+    racer.join(10)
+    assert done == [1]
+    found = stores[0].effect("acme", effect_id)
+    assert found is not None
+    assert (found.state, found.seq, found.provider, found.event_offset) == (EffectState.RUNNING, 2, "payments", 3)
+    for store in stores:
+        store.db.close()
 
 
 def wal_sizes(db: SQLiteDatabase, commits: int, pause_s: float = 0.0) -> list[int]:

@@ -12,7 +12,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Any
 
 import orjson
@@ -193,13 +192,47 @@ class OutboxStore:
         says, in effect id order (so trackers lock effect rows in one order and never deadlock).
         """
         with self.db.transaction() as cursor:
-            changed = _apply(cursor, outcomes)
-            for _, changes in groupby(sorted(effects, key=lambda c: c.effect_id.bytes), key=lambda c: c.effect_id):
-                changed += self._fold(cursor, list(changes))
-        return changed
+            return _apply(cursor, outcomes) + self._fold_all(cursor, effects)
+
+    def _fold_all(self, cursor: Cursor, effects: Sequence[EffectChange]) -> int:
+        """Fold the effects' changes into their rows: one read of the rows, one write per kind.
+
+        Rows are read (and on PostgreSQL locked) in effect id order, then new effects are
+        inserted in that order; two trackers so never wait on each other in a cycle. A new
+        effect that another tracker inserted meanwhile is folded again, onto its row, by ``_fold``.
+        """
+        changes: dict[str, list[EffectChange]] = {}
+        for change in sorted(effects, key=lambda c: c.effect_id.bytes):
+            changes.setdefault(str(change.effect_id), []).append(change)
+        if not changes:
+            return 0
+        lock = ' ORDER BY effect_id COLLATE "C" FOR UPDATE' if self.db.is_postgres else ""
+        stored = {str(record.effect_id): record for marks, chunk in in_lists(list(changes)) for record in map(
+            _effect, cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE effect_id IN ({marks}){lock}",
+                                  chunk))}
+        now, updates, inserts, new = time.time(), [], [], []
+        for effect_id, folding in changes.items():
+            before = stored.get(effect_id)
+            row = before
+            for change in folding:
+                row = fold(row, change, now) or row
+            if row is before or row is None:
+                continue
+            values = row.model_dump(mode="json")  # ids and enums as their columns hold them
+            if before is None:
+                inserts.append([values[n] for n in _EFFECT_NAMES])
+                new.append(effect_id)
+            else:
+                updates.append([*(values[n] for n in _UPDATED), effect_id])
+        changed = cursor.execute_many(_UPDATE_EFFECT, updates) if updates else 0
+        inserted = cursor.execute_many(_INSERT_EFFECT, inserts) if inserts else 0
+        if inserted < len(inserts):  # another tracker inserted some first: fold onto its rows
+            inserted += sum(self._fold(cursor, changes[effect_id]) for effect_id in new)
+        return changed + inserted
 
     def _fold(self, cursor: Cursor, changes: list[EffectChange]) -> int:
-        """Fold one effect's changes into its row; 1 when the row changed.
+        """Fold one effect's changes into its row, read again; 1 when the row changed (a fold
+        that changes nothing, as a replay of what this transaction wrote, is 0).
 
         Trackers that own different partitions may fold one effect at once (its event and its
         reports are keyed differently): PostgreSQL locks the row, and the first insert of a
@@ -215,14 +248,10 @@ class OutboxStore:
                 row = fold(row, change, now) or row
             if row is before or row is None:
                 return 0
-            values = row.model_dump(mode="json")  # ids and enums as their columns hold them
+            values = row.model_dump(mode="json")
             if before is not None:
-                names = [name for name in _EFFECT_NAMES if name != "effect_id"]
-                return cursor.execute(f"UPDATE keel_effects SET {', '.join(f'{n} = ?' for n in names)} "
-                                      "WHERE effect_id = ?", (*(values[n] for n in names), effect_id))
-            if cursor.execute(f"INSERT INTO keel_effects ({_EFFECT_COLUMNS}) VALUES "
-                              f"({', '.join('?' * len(_EFFECT_NAMES))}) ON CONFLICT (effect_id) DO NOTHING",
-                              [values[n] for n in _EFFECT_NAMES]):
+                return cursor.execute(_UPDATE_EFFECT, (*(values[n] for n in _UPDATED), effect_id))
+            if cursor.execute(_INSERT_EFFECT, [values[n] for n in _EFFECT_NAMES]):
                 return 1
 
     # -- leases (one active relay per outbox) ----------------------------------------------
@@ -363,16 +392,17 @@ def _apply(cursor: Cursor, outcomes: Sequence[Outcome]) -> int:
     different statuses may so run out of order, with the same result: a status only replaces
     those ranked behind it.
     """
-    events = [(str(outcome.event.event_id), str(outcome.command_id), outcome.event.type, outcome.event.occurred_at,
-               payload_text(outcome.event.payload)) for outcome in outcomes if outcome.event is not None]
+    now, events, moves = time.time(), [], defaultdict[CommandStatus, list[tuple[Any, ...]]](list)
+    for outcome in outcomes:
+        command_id = str(outcome.command_id)
+        if (event := outcome.event) is not None:
+            events.append((str(event.event_id), command_id, event.type, event.occurred_at,
+                           payload_text(event.payload)))
+        if outcome.status is not None and _BEHIND[outcome.status]:
+            moves[outcome.status].append((outcome.status.value, outcome.reason_code, outcome.reason, now, command_id))
     if events:
         cursor.execute_many("INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload) "
                             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING", events)
-    now, moves = time.time(), defaultdict[CommandStatus, list[tuple[Any, ...]]](list)
-    for outcome in outcomes:
-        if outcome.status is not None and _BEHIND[outcome.status]:
-            moves[outcome.status].append(
-                (outcome.status.value, outcome.reason_code, outcome.reason, now, str(outcome.command_id)))
     return sum(cursor.execute_many("UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
                                    f"WHERE command_id = ? AND status IN ({_BEHIND[status]})", rows)
                for status, rows in moves.items())
@@ -407,6 +437,10 @@ checks the rank itself (one statement an outcome, not a read and then a write)."
 
 _EFFECT_NAMES = tuple(EffectRecord.model_fields)
 _EFFECT_COLUMNS = ", ".join(_EFFECT_NAMES)
+_UPDATED = tuple(name for name in _EFFECT_NAMES if name != "effect_id")
+_UPDATE_EFFECT = f"UPDATE keel_effects SET {', '.join(f'{n} = ?' for n in _UPDATED)} WHERE effect_id = ?"
+_INSERT_EFFECT = (f"INSERT INTO keel_effects ({_EFFECT_COLUMNS}) VALUES ({', '.join('?' * len(_EFFECT_NAMES))}) "
+                  "ON CONFLICT (effect_id) DO NOTHING")
 
 
 def _effect(row: Row) -> EffectRecord:
