@@ -8,12 +8,16 @@ the targets; this one says whether a change made the work smaller. Stages:
 
 - ``processor``: the timed part of ``processor_cpu.py --story`` (decode, govern, decide, evolve,
   seal and encode; no Kafka), instrumented around the timed batches only;
+- ``tracker``: the status tracker's work in ``keel relay`` (``StatusLearner.apply``: decode each event,
+  learn its commands' statuses and its effect, one outbox transaction per batch of 1,000 as its
+  consumer hands them over), over the events the processor stage's commands yield, on a SQLite
+  outbox holding those commands; instrumented around the batches only;
 - ``gateway``: a one-worker gateway (``keel gateway``, SQLite outbox) under callgrind, answering a
   closed loop of ``POST /v1/commands`` from ``--connections`` keep-alive connections after a
   warm-up; every thread of the process is counted (event loop, outbox writer, key thread).
 
 Needs valgrind (``apt-get install valgrind``); each stage runs about 50 times slower than
-natively. Run: ``.venv/bin/python benchmarks/instructions.py [--stage processor|gateway|all]``.
+natively. Run: ``.venv/bin/python benchmarks/instructions.py [--stage processor|tracker|gateway|all]``.
 """
 
 from __future__ import annotations
@@ -28,11 +32,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, cast
+
+from confluent_kafka import Message
 
 import gateway as gateway_bench
 from processor_cpu import workload
+from keel.config import Settings
+from keel.outbox.db import open_database
+from keel.outbox.enqueue import to_new_command
+from keel.outbox.store import OutboxStore
+from keel.relay.tracker import StatusLearner
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
+TRACKER_BATCH = 1000  # records per batch: what the tracker's consumer hands over at most
 
 
 def _callgrind(out: Path) -> list[str]:
@@ -51,24 +64,76 @@ def _collected(log: str) -> int:
     return int(found[-1])
 
 
-def processor_stage(commands: int, folder: Path) -> dict[str, float]:
-    """Run this file under callgrind in ``--inside`` mode; instructions per timed command."""
-    run = subprocess.run([*_callgrind(folder / "processor.out"), sys.executable, __file__, "--inside",
+def inside_stage(name: str, commands: int, folder: Path) -> dict[str, float]:
+    """Run this file under callgrind in ``--inside`` mode for stage ``name``; instructions per timed command."""
+    run = subprocess.run([*_callgrind(folder / f"{name}.out"), sys.executable, __file__, "--inside", name,
                           "--commands", str(commands)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONHASHSEED": "0"})
     if run.returncode:
-        raise SystemExit(f"the processor stage failed:\n{run.stderr[-2000:]}")
-    timed = json.loads(run.stdout.strip().splitlines()[-1])["timed"]
-    return {"commands": timed, "instructions_k": _collected(run.stderr) / timed / 1e3}
+        raise SystemExit(f"the {name} stage failed:\n{run.stderr[-2000:]}")
+    counted = json.loads(run.stdout.strip().splitlines()[-1])
+    return {**counted, "instructions_k": _collected(run.stderr) / counted["commands"] / 1e3}
 
 
-def inside(commands: int) -> None:
+def inside_processor(commands: int) -> dict[str, int]:
     """Under callgrind: build the workload uninstrumented, count only the timed batches."""
     with workload(commands, story=True, batch_size=5000) as (worker, timed):
         _instrument(os.getpid(), True)
         worker.run(timed)
         _instrument(os.getpid(), False)
-    print(json.dumps({"timed": len(timed)}))
+    return {"commands": len(timed)}
+
+
+class Consumed:
+    """A record as the tracker's consumer hands it over: the methods of ``confluent_kafka.Message`` it reads."""
+
+    def __init__(self, topic: str, value: bytes | None, headers: Any, partition: int, offset: int) -> None:
+        self._topic, self._value, self._headers, self._partition, self._offset = (
+            topic, value, headers, partition, offset)
+
+    def topic(self) -> str:
+        return self._topic
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> Any:
+        return self._headers
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self) -> None:
+        return None
+
+
+def inside_tracker(commands: int) -> dict[str, int]:
+    """Under callgrind: decide the workload and keep its commands in an outbox uninstrumented, then count
+    the tracker's batches over the events."""
+    with workload(commands, story=True, batch_size=5000) as (worker, timed), \
+            tempfile.TemporaryDirectory() as folder:
+        events_topic = worker.outputs.events
+        events = [Consumed(topic, value, headers, partition, offset) for offset, (topic, value, _, partition, headers)
+                  in enumerate(worker.run(timed)) if topic == events_topic]
+        store = OutboxStore(open_database(f"sqlite:///{folder}/outbox.db"))
+        store.migrate()
+        store.accept([to_new_command(worker.codec.decode(value), value) for value, _, _, _ in timed])
+        settings = Settings(topic_prefix=events_topic.rsplit(".", 1)[0])
+        learner = StatusLearner(store, settings)
+        if learner.events_topic != events_topic:
+            raise SystemExit(f"the tracker would read {learner.events_topic}, the events are in {events_topic}")
+        applied = 0
+        _instrument(os.getpid(), True)
+        for start in range(0, len(events), TRACKER_BATCH):
+            applied += learner.apply(cast(list[Message], events[start:start + TRACKER_BATCH]))[1]
+        _instrument(os.getpid(), False)
+        store.db.close()
+    if applied < len(events):
+        raise SystemExit(f"the tracker applied {applied} outcomes for {len(events)} events")
+    return {"commands": len(timed), "events": len(events)}
 
 
 def gateway_stage(requests: int, connections: int, folder: Path) -> dict[str, float]:
@@ -114,23 +179,28 @@ async def _closed_loop(port: int, token: str, connections: int, count: int) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("processor", "gateway", "all"), default="all")
-    parser.add_argument("--commands", type=int, default=3000, help="timed processor commands (about)")
+    parser.add_argument("--stage", choices=("processor", "tracker", "gateway", "all"), default="all")
+    parser.add_argument("--commands", type=int, default=3000, help="timed processor and tracker commands (about)")
     parser.add_argument("--requests", type=int, default=3000, help="counted gateway requests")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--inside", choices=("processor", "tracker"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
-        inside(args.commands)
+        inside = inside_processor if args.inside == "processor" else inside_tracker
+        print(json.dumps(inside(args.commands)))
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("instructions.py needs valgrind: apt-get install valgrind")
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="keel-instructions-") as folder:
         if args.stage in ("processor", "all"):
-            figures["processor"] = processor_stage(args.commands, Path(folder))
+            figures["processor"] = inside_stage("processor", args.commands, Path(folder))
             print(f"processor: {figures['processor']['instructions_k']:.1f} k instructions per command "
                   f"({figures['processor']['commands']:.0f} commands, whole stories)")
+        if args.stage in ("tracker", "all"):
+            figures["tracker"] = inside_stage("tracker", args.commands, Path(folder))
+            print(f"tracker: {figures['tracker']['instructions_k']:.1f} k instructions per command "
+                  f"({figures['tracker']['events']:.0f} events of {figures['tracker']['commands']:.0f} commands)")
         if args.stage in ("gateway", "all"):
             figures["gateway"] = gateway_stage(args.requests, args.connections, Path(folder))
             print(f"gateway: {figures['gateway']['instructions_k']:.1f} k instructions per request "

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from _common import STORY_LENGTH, reference_commands
 from processor import policy_commands
@@ -47,6 +48,8 @@ REFUND_STEPS = (1, 2)  # a story's refunds: one the domain accepts, one it rejec
 
 # value, key, headers, partition: one commands-topic record as the worker sees it.
 Record = tuple[bytes, bytes, dict[str, bytes], int]
+# topic, value, key, partition, headers: one record the worker produces.
+Produced = tuple[str, bytes | None, bytes | None, int, Any]
 
 
 class Worker:
@@ -67,8 +70,10 @@ class Worker:
         return (self.codec.encode(command), key, {PRINCIPAL_TENANT_HEADER: command.tenant_id.encode()},
                 zlib.crc32(key) % PARTITIONS)
 
-    def run(self, records: list[Record]) -> None:
-        """Decide ``records`` in batches, each committed to the state as the worker does after its transaction."""
+    def run(self, records: list[Record]) -> list[Produced]:
+        """Decide ``records`` in batches, each committed to the state as the worker does after its transaction;
+        returns the records the worker would produce."""
+        produced: list[Produced] = []
         for start in range(0, len(records), self.batch_size):
             view = BatchView(self.partitions)
             now = datetime.now(UTC)
@@ -83,10 +88,11 @@ class Worker:
                 decided_records(outcome.decision, self.codec, self.outputs, key, partition, chunk)
                 thrown += outcome.decision.controls
                 self.events.update(_label(e) for e in outcome.decision.events)
-            chunk.take(self.outputs.audit_intake)  # the intake bundled, as the worker hands it on
+            produced += chunk.take(self.outputs.audit_intake)  # the intake bundled, as the worker hands it on
             view.commit(now.timestamp())
             for control_key, control_value in thrown:
                 self.governance.controls.apply(control_key, control_value)
+        return produced
 
 
 def _label(event: Envelope) -> str:

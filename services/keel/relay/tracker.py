@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 import pydantic
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -36,54 +37,31 @@ log = logging.getLogger(__name__)
 Learnt = tuple[list[Outcome], list[EffectChange]]
 
 
-class StatusTracker:
-    """One member of the tracker group; each owns some partitions of events, DLQ and effects."""
+class StatusLearner:
+    """What the tracker makes of records, apart from reading them: what each says, applied in one transaction."""
 
-    def __init__(self, store: OutboxStore, settings: Settings,
-                 codec: EnvelopeCodec | None = None) -> None:
+    def __init__(self, store: OutboxStore, settings: Settings, codec: EnvelopeCodec | None = None) -> None:
         self.store = store
         self.codec = codec or EnvelopeCodec()
         self.events_topic = topic_name(settings, Topic.EVENTS)
         self.dlq_topic = topic_name(settings, Topic.DLQ)
         self.effects_topic = topic_name(settings, Topic.EFFECTS)
-        self.applied = 0
-        self._consumer = Consumer(consumer_config(
-            settings, f"{settings.topic_prefix}.tracker", **BATCHED_FETCH))
-        self._consumer.subscribe([self.events_topic, self.dlq_topic, self.effects_topic])
 
-    def run_once(self, timeout_s: float = 0.5) -> int:
-        """Apply one batch of records; returns how many statuses changed."""
-        messages = self._consumer.consume(1000, timeout=timeout_s)
+    def apply(self, messages: Sequence[Message]) -> tuple[int, int]:
+        """Learn from ``messages`` and apply it; returns how many statuses and effects changed, and how
+        many outcomes and effect changes were applied."""
         outcomes: list[Outcome] = []
         effects: list[EffectChange] = []
         for message in messages:
             if message.error() is None:
-                found, changes = self._learn(message)
+                found, changes = self.learn(message)
                 outcomes += found
                 effects += changes
         changed = self.store.apply_outcomes(outcomes, effects) if outcomes or effects else 0
-        positions: dict[tuple[str, int], int] = {}
-        for message in messages:
-            topic, partition, offset = message.topic(), message.partition(), message.offset()
-            if topic is not None and partition is not None and offset is not None:
-                positions[(topic, partition)] = offset + 1
-        if positions:
-            self._consumer.commit(offsets=[TopicPartition(topic, partition, offset) for
-                                           (topic, partition), offset in positions.items()],
-                                  asynchronous=False)
-        self.applied += len(outcomes) + len(effects)
-        return changed
+        return changed, len(outcomes) + len(effects)
 
-    def run(self, stop: threading.Event) -> None:
-        """Track until ``stop`` is set."""
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except KeelError as exc:  # the outbox is down: records are read again later
-                log.warning("status tracking failed: %s", exc)
-                stop.wait(1.0)
-
-    def _learn(self, message: Message) -> Learnt:
+    def learn(self, message: Message) -> Learnt:
+        """What one record of the events, dead-letter or effects topic says."""
         if message.topic() == self.effects_topic:
             try:
                 return [], [from_report(EffectReport.model_validate_json(message.value() or b""))]
@@ -104,6 +82,43 @@ class StatusTracker:
         provider = effect.provider if effect else _header(message, EFFECT_HEADER) or None
         change = from_event(envelope, partition=message.partition(), offset=message.offset(), provider=provider)
         return event_outcomes(envelope), [change] if change else []
+
+
+class StatusTracker:
+    """One member of the tracker group; each owns some partitions of events, DLQ and effects."""
+
+    def __init__(self, store: OutboxStore, settings: Settings,
+                 codec: EnvelopeCodec | None = None) -> None:
+        self.learner = StatusLearner(store, settings, codec)
+        self.applied = 0
+        self._consumer = Consumer(consumer_config(
+            settings, f"{settings.topic_prefix}.tracker", **BATCHED_FETCH))
+        self._consumer.subscribe([self.learner.events_topic, self.learner.dlq_topic, self.learner.effects_topic])
+
+    def run_once(self, timeout_s: float = 0.5) -> int:
+        """Apply one batch of records; returns how many statuses changed."""
+        messages = self._consumer.consume(1000, timeout=timeout_s)
+        changed, applied = self.learner.apply(messages)
+        positions: dict[tuple[str, int], int] = {}
+        for message in messages:
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is not None and partition is not None and offset is not None:
+                positions[(topic, partition)] = offset + 1
+        if positions:
+            self._consumer.commit(offsets=[TopicPartition(topic, partition, offset) for
+                                           (topic, partition), offset in positions.items()],
+                                  asynchronous=False)
+        self.applied += applied
+        return changed
+
+    def run(self, stop: threading.Event) -> None:
+        """Track until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except KeelError as exc:  # the outbox is down: records are read again later
+                log.warning("status tracking failed: %s", exc)
+                stop.wait(1.0)
 
     def close(self) -> None:
         """Leave the group."""
