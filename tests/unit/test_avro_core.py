@@ -24,6 +24,7 @@ import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.utils import generate_many
 
+from keel.contracts import codec as codec_module
 from keel.contracts.catalog import MessageSchema, load_catalog
 from keel.contracts.codec import AVRO_CORE, HEADER_SIZE, MAGIC, EnvelopeCodec, native_plan, to_record
 from keel.domain.envelope import Actor, ActorKind, DelegationLink, Envelope, new_command
@@ -358,3 +359,25 @@ def test_the_codec_raises_as_fastavro_does_for_an_envelope_that_does_not_fit(upd
     with pytest.raises(type(fastavro_error.value)) as caught:
         EnvelopeCodec().encode(command.model_copy(update=update))  # model_copy does not validate
     assert str(caught.value) == str(fastavro_error.value)
+
+
+def test_uuid_text_is_str_of_any_uuid_and_of_anything_else() -> None:
+    rng = random.Random(7)
+    ids = [uuid.UUID(int=0), uuid.UUID(int=2**128 - 1), uuid.uuid4(), uuid.uuid1(),
+           *(uuid.UUID(int=rng.getrandbits(128)) for _ in range(500))]
+    assert [keel_avro.uuid_text(i) for i in ids] == [str(i) for i in ids]
+
+    class Spelled(uuid.UUID):
+        def __str__(self) -> str:
+            return "spelled"
+
+    assert keel_avro.uuid_text(Spelled(int=5)) == "spelled"
+    assert keel_avro.uuid_text("text") == "text" and keel_avro.uuid_text(12) == "12"
+    assert codec_module.uuid_text is keel_avro.uuid_text
+
+
+def test_a_core_built_before_uuid_text_leaves_it_to_str() -> None:
+    run = subprocess.run([sys.executable, "-c", (
+        "import sys, types; sys.modules['keel_avro'] = types.ModuleType('keel_avro'); "
+        "from keel.contracts import codec; print(codec.uuid_text is str)")], capture_output=True, text=True)
+    assert run.stdout.strip() == "True", run.stderr

@@ -21,7 +21,7 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from keel.config import Settings
-from keel.contracts.codec import EnvelopeCodec
+from keel.contracts.codec import EnvelopeCodec, uuid_text
 from keel.domain.principal import Principal
 from keel.errors import KeelError
 from keel.gateway.errors import RECORDED, BodyTooLarge, IdempotencyConflict, http_status
@@ -112,7 +112,7 @@ async def submit_as(gw: Gateway, caller: Principal, raw: bytes) -> bytes:
 
 def _accepted(result: Accepted, caller: Principal, raw: bytes, traceparent: str | None) -> bytes:
     """The 202 body of a command written durably."""
-    command_id = str(result.command_id)
+    command_id = uuid_text(result.command_id)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("command accepted", extra={"tenant_id": caller.tenant_id, "actor": actor_name(caller),
                                             "command_id": command_id, "replayed": result.replayed,

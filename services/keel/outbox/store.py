@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from keel.contracts.codec import uuid_text
 from keel.effects.progress import EffectState
 from keel.effects.status import EffectChange, EffectRecord, fold
 from keel.jsonvalues import holds_float
@@ -173,7 +174,7 @@ class OutboxStore:
 
     def mark_published(self, command_ids: Iterable[uuid.UUID]) -> int:
         """Record Kafka's acknowledgement; an outcome already tracked keeps its status."""
-        ids = [str(i) for i in command_ids]
+        ids = [uuid_text(i) for i in command_ids]
         if not ids:
             return 0
         now = time.time()
@@ -203,11 +204,11 @@ class OutboxStore:
         """
         changes: dict[str, list[EffectChange]] = {}
         for change in sorted(effects, key=lambda c: c.effect_id.bytes):
-            changes.setdefault(str(change.effect_id), []).append(change)
+            changes.setdefault(uuid_text(change.effect_id), []).append(change)
         if not changes:
             return 0
         lock = ' ORDER BY effect_id COLLATE "C" FOR UPDATE' if self.db.is_postgres else ""
-        stored = {str(record.effect_id): record for marks, chunk in in_lists(list(changes)) for record in map(
+        stored = {uuid_text(record.effect_id): record for marks, chunk in in_lists(list(changes)) for record in map(
             _effect, cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE effect_id IN ({marks}){lock}",
                                   chunk))}
         now, updates, inserts, new = time.time(), [], [], []
@@ -326,7 +327,7 @@ def _first(commands: Sequence[NewCommand]) -> dict[uuid.UUID, NewCommand]:
 
 
 def _params(commands: Iterable[NewCommand], now: float) -> list[tuple[object, ...]]:
-    return [(str(c.command_id), c.tenant_id, c.key, c.command_type, c.actor, c.request_hash, c.value,
+    return [(uuid_text(c.command_id), c.tenant_id, c.key, c.command_type, c.actor, c.request_hash, c.value,
              CommandStatus.ACCEPTED.value, now, now) for c in commands]
 
 
@@ -394,9 +395,9 @@ def _apply(cursor: Cursor, outcomes: Sequence[Outcome]) -> int:
     """
     now, events, moves = time.time(), [], defaultdict[CommandStatus, list[tuple[Any, ...]]](list)
     for outcome in outcomes:
-        command_id = str(outcome.command_id)
+        command_id = uuid_text(outcome.command_id)
         if (event := outcome.event) is not None:
-            events.append((str(event.event_id), command_id, event.type, event.occurred_at,
+            events.append((uuid_text(event.event_id), command_id, event.type, event.occurred_at,
                            payload_text(event.payload)))
         if outcome.status is not None and _BEHIND[outcome.status]:
             moves[outcome.status].append((outcome.status.value, outcome.reason_code, outcome.reason, now, command_id))
