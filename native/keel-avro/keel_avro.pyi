@@ -1,5 +1,5 @@
 """Keel's Avro binary codec: a plan compiled from a fastavro-parsed schema, byte-identical to fastavro;
-and the builder of decoded envelopes."""
+the builder of decoded envelopes; a UUID's text."""
 
 from typing import Any
 
@@ -29,10 +29,14 @@ class EnvelopeBuilder:
     """Builds ``keel.domain.envelope.Envelope``s from decoded records, checking the model rules the
     Avro types do not hold; ``None`` for a record it cannot confirm (pydantic decides then)."""
 
-    def __init__(self, envelope: type, envelope_fields: list[str], actor: type, actor_fields: list[str],
-                 link: type, link_fields: list[str], authority: type, authority_fields: list[str],
-                 kinds: dict[str, object]) -> None:
-        """The models with their field names, in order; raises ``ValueError`` for fields it does not know."""
+    def __init__(self, envelope: type, envelope_defaults: dict[str, Any], actor: type, actor_defaults: dict[str, Any],
+                 link: type, link_defaults: dict[str, Any], authority: type, authority_defaults: dict[str, Any],
+                 kinds: dict[str, object], required: object) -> None:
+        """The models with each field's default (``required``, pydantic's ``PydanticUndefined``, for none),
+        in order; raises ``ValueError`` for fields it does not know."""
 
     def build(self, record: dict[str, Any], payload: object) -> Any:
         """The envelope of ``record`` carrying ``payload`` (its validated payload model), or ``None``."""
+
+def uuid_text(value: object) -> str:
+    """``str(value)``, formatted natively for a ``uuid.UUID`` (``UUID.__str__`` is Python code)."""

@@ -286,6 +286,7 @@ def test_features_the_plan_lacks_are_unsupported(schema: Any) -> None:
 def test_a_schema_the_plan_lacks_takes_fastavro() -> None:
     wide = parse_schema({"type": "record", "name": "keel.Wide", "fields": [
         {"name": "either", "type": ["null", "string", "long"]}]})
+    assert isinstance(wide, dict)
     schema = MessageSchema("Wide", "commands", 1, 1, wide, b"\x00" * 8)
     assert native_plan(schema) is None
 
