@@ -1,4 +1,4 @@
-"""Instructions per command of the processor's and the gateway's hot paths, counted by callgrind.
+"""Instructions per command of the processor's, the status tracker's and the gateway's hot paths, counted by callgrind.
 
 Why: on the shared 2-core machines the CPU-time figures of two runs of the same code differ by
 up to a third, so a change of a few per cent cannot be told from the drift. Instructions
