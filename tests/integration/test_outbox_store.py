@@ -256,9 +256,10 @@ def test_replicas_racing_on_one_id_write_it_once(dsn: str) -> None:
 
 
 def change(effect_id: uuid.UUID, stage: Stage, state: EffectState, generation: int = 0,
-           attempts: int | None = 0, **facts: object) -> EffectChange:
-    return EffectChange(tenant_id="acme", effect_id=effect_id, aggregate_id="sub-1", generation=generation,
-                        stage=stage, state=state, attempts=attempts, **facts)
+           attempts: int | None = 0, **fields: object) -> EffectChange:
+    return EffectChange.model_validate({"tenant_id": "acme", "effect_id": effect_id, "aggregate_id": "sub-1",
+                                        "generation": generation, "stage": stage, "state": state,
+                                        "attempts": attempts, **fields})
 
 
 def test_effects_fold_in_one_batch_new_changed_and_replayed(store: OutboxStore) -> None:
