@@ -214,12 +214,9 @@ class OutboxStore:
         now, updates, inserts, new = time.time(), [], [], []
         for effect_id, folding in changes.items():
             before = stored.get(effect_id)
-            row = before
-            for change in folding:
-                row = fold(row, change, now) or row
-            if row is before or row is None:
+            values = _folded(before, folding, now)
+            if values is None:
                 continue
-            values = row.model_dump(mode="json")  # ids and enums as their columns hold them
             if before is None:
                 inserts.append([values[n] for n in _EFFECT_NAMES])
                 new.append(effect_id)
@@ -244,12 +241,9 @@ class OutboxStore:
         while True:
             rows = cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE effect_id = ?{lock}", (effect_id,))
             before = _effect(rows[0]) if rows else None
-            row = before
-            for change in changes:
-                row = fold(row, change, now) or row
-            if row is before or row is None:
+            values = _folded(before, changes, now)
+            if values is None:
                 return 0
-            values = row.model_dump(mode="json")
             if before is not None:
                 return cursor.execute(_UPDATE_EFFECT, (*(values[n] for n in _UPDATED), effect_id))
             if cursor.execute(_INSERT_EFFECT, [values[n] for n in _EFFECT_NAMES]):
@@ -445,6 +439,16 @@ _UPDATED = tuple(name for name in _EFFECT_NAMES if name != "effect_id")
 _UPDATE_EFFECT = f"UPDATE keel_effects SET {', '.join(f'{n} = ?' for n in _UPDATED)} WHERE effect_id = ?"
 _INSERT_EFFECT = (f"INSERT INTO keel_effects ({_EFFECT_COLUMNS}) VALUES ({', '.join('?' * len(_EFFECT_NAMES))}) "
                   "ON CONFLICT (effect_id) DO NOTHING")
+
+
+def _folded(before: EffectRecord | None, changes: list[EffectChange], now: float) -> dict[str, Any] | None:
+    """The effect row's column values after ``changes``; None when they change nothing."""
+    row = before
+    for change in changes:
+        row = fold(row, change, now) or row
+    if row is before or row is None:
+        return None
+    return row.model_dump(mode="json")  # ids and enums as their columns hold them
 
 
 def _effect(row: Row) -> EffectRecord:
