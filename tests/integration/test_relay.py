@@ -173,15 +173,17 @@ def lease_expiry(store: OutboxStore) -> float:
 
 def test_the_holder_renews_its_lease_once_a_third_of_it_has_passed_not_every_round(
         settings: Settings, sqlite_store: OutboxStore) -> None:
-    relay = Relay(sqlite_store, settings, IngressSettings(relay_lease_ttl_s=0.6, relay_batch_size=50))
+    ttl = 3.0  # a third of it (1 s) holds three rounds even on a slow, shared machine
+    relay = Relay(sqlite_store, settings, IngressSettings(relay_lease_ttl_s=ttl, relay_batch_size=50))
     accept(sqlite_store, "acme", "sub-1")
     assert relay.run_once() == 1
-    taken = lease_expiry(sqlite_store)
+    taken_at, taken = time.monotonic(), lease_expiry(sqlite_store)
     for i in range(3):  # rounds within the first third: no write to the lease
         accept(sqlite_store, "acme", f"sub-{i}")
         assert relay.run_once() == 1
+    assert time.monotonic() - taken_at < ttl / 3, "the rounds outlasted a third of the TTL"
     assert lease_expiry(sqlite_store) == taken
-    time.sleep(0.25)  # past a third of the TTL: the next round renews it
+    time.sleep(ttl / 3 - (time.monotonic() - taken_at) + 0.05)  # past a third: the next round renews it
     accept(sqlite_store, "acme", "sub-9")
     assert relay.run_once() == 1
     assert lease_expiry(sqlite_store) > taken
