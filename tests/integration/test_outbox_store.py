@@ -191,11 +191,11 @@ def test_a_rejection_keeps_its_code_and_reason(store: OutboxStore) -> None:
 
 
 def test_one_lease_holder_at_a_time_and_a_takeover_after_expiry(store: OutboxStore) -> None:
-    first = store.acquire_lease("relay", "a", ttl_s=0.5)
+    first = store.acquire_lease("relay", "a", ttl_s=1.0)
     assert first is not None
-    assert store.acquire_lease("relay", "b", ttl_s=0.5) is None
-    assert store.acquire_lease("relay", "a", ttl_s=0.5) == first  # renewal keeps the epoch
-    time.sleep(0.6)
+    assert store.acquire_lease("relay", "b", ttl_s=1.0) is None
+    assert store.acquire_lease("relay", "a", ttl_s=1.0) == first  # renewal keeps the epoch
+    time.sleep(1.1)
     taken = store.acquire_lease("relay", "b", ttl_s=5)
     assert taken is not None and taken > first
     assert store.acquire_lease("relay", "a", ttl_s=5) is None
