@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from functools import reduce
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keel.domain.aggregate import EMPTY, AggregateState, evolve_aggregate
 from keel.domain.envelope import Actor, ActorKind, Envelope, Payload
@@ -18,7 +22,7 @@ from keel.domain.messages import ApproveCommand, CommandRejected, Event, ExpireA
 from support_desk.messages import ReverseRefund, SubscriptionStarted
 from keel.outbox.models import CommandStatus, Outcome
 from keel.outbox.store import payload_text
-from keel.relay.status import dead_letter_outcome, event_outcomes
+from keel.relay.status import dead_letter_outcome, event_outcomes, iso_text
 from tests.helpers import AGENT, command, refund, start
 
 ADMIN = Actor(kind=ActorKind.HUMAN, id="jane.lead")
@@ -186,7 +190,7 @@ def test_a_dead_letter_keeps_the_processors_reason() -> None:
 def test_payload_text_reads_back_as_json_dumps_wrote_it() -> None:
     """The kept payload text loads to what ``json.dumps(default=str)`` wrote, on orjson's path and on its fallback."""
     when = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-    payloads = [
+    payloads: list[dict[str, Any]] = [
         {"plan": "pro", "amount_cents": 1200, "ratio": 0.5, "flags": [True, None], "nested": {"k": "v"}},
         {"name": "Zoë \u00e9\u4e2d", "control": "a\x00b\x1f", "quote": '"\\'},
         {"big": 2**70},  # past 64 bits: orjson refuses, json.dumps writes it
@@ -199,3 +203,9 @@ def test_payload_text_reads_back_as_json_dumps_wrote_it() -> None:
         assert repr(json.loads(payload_text(payload))) == repr(json.loads(json.dumps(payload, default=str)))
     for payload in payloads[-2:]:  # NaN stays NaN, not null
         assert payload_text(payload) == json.dumps(payload, default=str)
+
+
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                                 timezone(timedelta(seconds=-3661))])) | st.datetimes())
+def test_an_event_time_is_kept_as_isoformat_writes_it(moment: datetime) -> None:
+    assert iso_text(moment) == moment.isoformat()

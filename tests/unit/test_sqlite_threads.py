@@ -49,3 +49,12 @@ def test_a_thread_that_wrote_and_ended_leaves_no_descriptor_open(tmp_path: Path)
     # a few more after 120 more threads, not one each
     assert descriptors_of(tmp_path / "outbox.sqlite3") <= database_after_60 + 10
     db.close()
+
+
+def test_none_and_bytes_parameters_bind_as_null_and_blob(tmp_path: Path) -> None:
+    """The adapters that spare sqlite3 its attribute look-ups change no value bound."""
+    db = open_database(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    with db.transaction() as cursor:
+        [row] = cursor.query("SELECT ? IS NULL, typeof(?), typeof(?), ?", (None, None, b"\x00\xff", b"\x00\xff"))
+    assert row == (1, "null", "blob", b"\x00\xff")
+    db.close()

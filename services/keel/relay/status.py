@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from keel.domain.effects import EFFECT_OUTCOME_EVENTS
 from keel.domain.envelope import Envelope
@@ -67,7 +70,7 @@ SUBJECT_SUMMARY: dict[str, Callable[[uuid.UUID, dict[str, Any]], str]] = {
 def event_outcomes(event: Envelope) -> list[Outcome]:
     """What ``event`` says about the commands it names; empty when it names none."""
     payload = event.payload.model_dump(mode="json")
-    tracked = TrackedEvent(event_id=event.id, type=event.type, occurred_at=event.occurred_at.isoformat(),
+    tracked = TrackedEvent(event_id=event.id, type=event.type, occurred_at=iso_text(event.occurred_at),
                            payload=payload)
     # A field, read from the instance's own values: ``getattr`` on a model without the field
     # raises inside pydantic's ``__getattr__`` first (1.9 µs against 0.06 µs an event).
@@ -91,6 +94,14 @@ def event_outcomes(event: Envelope) -> list[Outcome]:
                         reason=f"command {undone} undone" + (f": {reason}" if reason else ""),
                         subject_command_id=undone)]
     return [_named_outcome(event.causation_id, event.type, payload, tracked)]
+
+
+def iso_text(moment: datetime) -> str:
+    """``moment.isoformat()``; orjson writes a UTC time the same (0.5 against 1.3 µs: ``isoformat``
+    formats through ``PyUnicode_FromFormat``, 7 k instructions a call under callgrind)."""
+    if moment.tzinfo is UTC:
+        return orjson.dumps(moment)[1:-1].decode()
+    return moment.isoformat()
 
 
 def _named_outcome(command_id: uuid.UUID, event_type: str, payload: dict[str, Any],
