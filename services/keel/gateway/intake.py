@@ -28,7 +28,7 @@ from keel.outbox.models import NewCommand
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 """The request fingerprint's form of a body (``json.dumps``'s, with an encoder built once)."""
-_DEL = b"\x7f"  # ASCII, yet escaped by json (and not by orjson); looked for with ``find``, see ``payload_text``
+_DEL = b"\x7f"  # ASCII, yet escaped by json (and not by orjson)
 
 
 def admit(raw: bytes, principal: Principal, codec: EnvelopeCodec, *,
@@ -93,6 +93,7 @@ def fingerprint(document: dict[str, Any], *, floats: list[float] | None = None) 
     except orjson.JSONEncodeError:
         text = b""
     floats = floats_in(document) if floats is None else floats
+    # ``find``, not ``in``: ``bytes.__contains__`` tries an integer first (a TypeError built and dropped)
     if (not text or not text.isascii() or text.find(_DEL) >= 0
             or not all(orjson.dumps(value) == repr(value).encode() for value in floats)):
         text = _CANONICAL.encode(document).encode()

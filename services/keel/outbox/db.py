@@ -34,14 +34,14 @@ _BEHIND = 16
 _PAGE = 4096  # SQLite's default page size, which the outbox keeps
 
 
-def _null(_: None) -> None:
-    return None
-
-
 # sqlite3 looks for an adapter for every parameter that is not exactly an int, float, str or
 # bytearray. Finding none registered for None or bytes, it asks for ``__adapt__`` by attribute and
 # builds and drops an AttributeError, about 1 µs a parameter (the tracker binds four a command,
 # the gateway one). Registered, they bind as before (NULL, a BLOB) after one dict look-up.
+def _null(_: None) -> None:
+    return None
+
+
 sqlite3.register_adapter(type(None), _null)
 sqlite3.register_adapter(bytes, bytes)
 
