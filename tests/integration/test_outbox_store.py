@@ -6,20 +6,25 @@ import sqlite3
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Envelope
 from keel.effects.progress import EffectState
 from keel.effects.status import EffectChange, Stage
 from keel.errors import KeelError
 from keel.outbox.db import SQLiteDatabase, open_database
 from keel.outbox.enqueue import enqueue
-from keel.outbox.models import CommandStatus, NewCommand, Outcome, TrackedEvent
+from keel.outbox.models import CommandStatus, NewCommand, Outcome, RecordedEvent, TrackedEvent
 from keel.outbox.store import OutboxStore
-from tests.helpers import command, start
+from keel.relay.status import iso_text
+from support_desk.messages import SubscriptionStarted
+from tests.helpers import AGENT, command, start
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +117,63 @@ def test_statuses_only_move_forward_and_events_are_kept_once(store: OutboxStore)
     assert record is not None and record.status is CommandStatus.EXECUTED
     assert [e.event_id for e in record.events] == [event.event_id]
     assert record.events[0].payload == {"plan": "pro"}
+
+
+def recorded_event(causation: uuid.UUID) -> tuple[RecordedEvent, Envelope]:
+    """A real event, kept as the tracker keeps it: its Avro record."""
+    event = Envelope(id=uuid.uuid4(), tenant_id="acme", actor=AGENT, type="SubscriptionStarted", aggregate_id="sub-1",
+                     causation_id=causation, correlation_id=uuid.uuid4(), occurred_at=datetime.now(UTC),
+                     payload=SubscriptionStarted(customer_id="c-1", plan="pro", monthly_price_cents=1200,
+                                                 currency="EUR"))
+    return RecordedEvent(event_id=event.id, type=event.type, occurred_at=iso_text(event.occurred_at),
+                         record=EnvelopeCodec().encode(event)), event
+
+
+def test_a_kept_record_reads_as_its_payload_when_the_command_is_read(store: OutboxStore) -> None:
+    row = new()
+    store.accept([row])
+    kept, event = recorded_event(row.command_id)
+    assert store.apply_outcomes([Outcome(command_id=row.command_id, status=CommandStatus.EXECUTED, event=kept)]) == 1
+    record = store.get("acme", row.command_id)
+    assert record is not None and record.status is CommandStatus.EXECUTED
+    assert [(e.event_id, e.type, e.occurred_at) for e in record.events] == [(kept.event_id, kept.type,
+                                                                            kept.occurred_at)]
+    assert record.events[0].payload == event.payload.model_dump(mode="json") == {
+        "customer_id": "c-1", "plan": "pro", "monthly_price_cents": 1200, "currency": "EUR"}
+
+
+OLD_EVENTS_TABLE = """CREATE TABLE keel_command_events (event_id TEXT PRIMARY KEY, command_id TEXT NOT NULL,
+    event_type TEXT NOT NULL, occurred_at TEXT NOT NULL, payload TEXT NOT NULL)"""
+
+
+def test_an_events_table_from_before_records_keeps_its_rows_and_takes_records(dsn: str) -> None:
+    """An outbox whose trail was kept as JSON only (before 2026-12-07) is brought up to date by ``migrate``:
+    its rows read as before, records are kept beside them, and the index by command is there."""
+    db = open_database(dsn)
+    old, young = new(), new()
+    try:
+        with db.transaction() as cursor:
+            cursor.execute(OLD_EVENTS_TABLE)
+            cursor.execute("CREATE INDEX keel_command_events_command ON keel_command_events (command_id)")
+            cursor.execute("INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload) "
+                           "VALUES (?, ?, 'SubscriptionStarted', '2026-01-01T00:00:00+00:00', '{\"plan\": \"pro\"}')",
+                           (str(uuid.uuid4()), str(old.command_id)))
+        store = OutboxStore(db)
+        store.migrate()
+        store.migrate()
+        store.accept([old, young])
+        kept, _ = recorded_event(young.command_id)
+        store.apply_outcomes([Outcome(command_id=young.command_id, status=CommandStatus.EXECUTED, event=kept)])
+        before, after = store.get("acme", old.command_id), store.get("acme", young.command_id)
+        assert before is not None and [e.payload for e in before.events] == [{"plan": "pro"}]
+        assert after is not None and after.events[0].payload["plan"] == "pro"
+        with db.transaction() as cursor:
+            indexes = cursor.query("SELECT indexname FROM pg_indexes WHERE tablename = 'keel_command_events'"
+                                   if db.is_postgres else
+                                   "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keel_command_events'")
+        assert "keel_command_events_command" in {name for (name,) in indexes}
+    finally:
+        db.close()
 
 
 def test_retention_prunes_old_published_commands_with_their_events_but_not_pending_approvals(

@@ -13,16 +13,24 @@ from hypothesis import strategies as st
 
 from keel.domain.aggregate import EMPTY, AggregateState, evolve_aggregate
 from keel.domain.envelope import Actor, ActorKind, Envelope, Payload
-from keel.domain.events import ApprovalExpired, ApprovalGranted, ApprovalKind, ApprovalRejected, ApprovalRequested
+from keel.contracts.codec import EnvelopeCodec
+from keel.domain.events import (
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalKind,
+    ApprovalRejected,
+    ApprovalRequested,
+    EffectSucceeded,
+)
 from keel.domain.governance.controls import TenantControls
 from keel.domain.governance.pipeline import Context, govern
 from keel.domain.governance.policy import parse_policy
 from keel.domain.governance.ratelimit import RateLimiter
 from keel.domain.messages import ApproveCommand, CommandRejected, Event, ExpireApproval, RejectCommand
 from support_desk.messages import ReverseRefund, SubscriptionStarted
-from keel.outbox.models import CommandStatus, Outcome
+from keel.outbox.models import CommandStatus, Outcome, RecordedEvent, TrackedEvent
 from keel.outbox.store import payload_text
-from keel.relay.status import dead_letter_outcome, event_outcomes, iso_text
+from keel.relay.status import dead_letter_outcome, event_outcomes, iso_text, recorded_outcomes
 from tests.helpers import AGENT, command, refund, start
 
 ADMIN = Actor(kind=ActorKind.HUMAN, id="jane.lead")
@@ -74,7 +82,7 @@ def test_an_effect_event_marks_its_command_executed_and_is_kept() -> None:
     outcome = only(event(SubscriptionStarted(customer_id="c", plan="p", monthly_price_cents=1, currency="EUR"),
                          cause))
     assert outcome.command_id == cause and outcome.status is CommandStatus.EXECUTED
-    assert outcome.event is not None and outcome.event.payload["plan"] == "p"
+    assert isinstance(outcome.event, TrackedEvent) and outcome.event.payload["plan"] == "p"
     assert (outcome.reason_code, outcome.reason, outcome.subject_command_id) == (None, None, None)
 
 
@@ -125,7 +133,7 @@ def test_a_compensation_is_executed_and_names_what_it_undid() -> None:
     assert (outcome.command_id, outcome.status, outcome.subject_command_id) == (
         undo.id, CommandStatus.EXECUTED, issued.id)
     assert outcome.reason == f"command {issued.id} undone: disputed"
-    assert outcome.event is not None and outcome.event.payload["reverses"] == str(issued.id)
+    assert isinstance(outcome.event, TrackedEvent) and outcome.event.payload["reverses"] == str(issued.id)
 
 
 def test_every_command_of_an_approval_through_the_pipeline_reaches_a_final_status() -> None:
@@ -178,6 +186,44 @@ def test_an_approval_whose_resume_is_refused_rejects_the_parked_command_and_says
 
 def test_an_event_that_names_no_command_changes_nothing() -> None:
     assert event_outcomes(event(CommandRejected(command_type="X", code="c", reason="r"), None)) == []
+
+
+def recorded(event: Envelope) -> list[Outcome] | None:
+    """``recorded_outcomes`` of ``event`` as the tracker reads it from the events topic."""
+    data = CODEC.encode(event)
+    return recorded_outcomes(CODEC.read(data), data)
+
+
+CODEC = EnvelopeCodec()
+
+
+def test_an_event_read_from_its_record_ends_its_command_as_its_validated_envelope_does() -> None:
+    """The tracker's path without a payload model learns what ``event_outcomes`` learns, and keeps the
+    event's record for the trail; each event that names another command is left to the full path."""
+    aggregate = Aggregate()
+    done, big, refused = command("acme", "sub-1", refund(700)), command("acme", "sub-1", refund(150_000)), command(
+        "acme", "sub-1", start())  # started already
+    plain = aggregate.send(done) + aggregate.send(refused)
+    assert [e.type for e in plain] == ["RefundIssued", "CommandRejected"]
+    for happened in plain:
+        expected, found = event_outcomes(happened), recorded(happened)
+        assert found is not None and len(found) == len(expected) == 1
+        assert found[0].model_copy(update={"event": None}) == expected[0].model_copy(update={"event": None})
+        kept, tracked = found[0].event, expected[0].event
+        assert isinstance(kept, RecordedEvent) and isinstance(tracked, TrackedEvent)
+        assert (kept.event_id, kept.type, kept.occurred_at, kept.record) == (
+            tracked.event_id, tracked.type, tracked.occurred_at, CODEC.encode(happened))
+        assert CODEC.decode(kept.record).payload.model_dump(mode="json") == tracked.payload
+    assert found is not None and found[0].status is CommandStatus.REJECTED and found[0].reason_code and found[0].reason
+    [requested] = aggregate.send(big)
+    undo = command("acme", "sub-1", ReverseRefund(refund_command_id=done.id, reason="disputed"))
+    granted, *_ = aggregate.send(command("acme", "sub-1", ApproveCommand(command_id=big.id), actor=ADMIN))
+    naming_another = [requested, *aggregate.send(undo), granted,
+                      event(EffectSucceeded(effect_id=uuid.uuid4(), origin_command_id=done.id, generation=0,
+                                            provider="payments", attempts=1, result="{}"), uuid.uuid4())]
+    assert [e.type for e in naming_another][:3] == ["ApprovalRequested", "RefundReversed", "ApprovalGranted"]
+    assert [recorded(e) for e in naming_another] == [None] * len(naming_another)
+    assert recorded(event(CommandRejected(command_type="X", code="c", reason="r"), None)) == []
 
 
 def test_a_dead_letter_keeps_the_processors_reason() -> None:

@@ -123,10 +123,18 @@ def from_event(event: Envelope, *, partition: int | None, offset: int | None,
             return _change(event, retried, stage=Stage.OPENED, state=EffectState.PENDING, attempts=0,
                            detail=f"retried: {retried.reason}", event_partition=retried.event_partition,
                            event_offset=retried.event_offset)
-    if provider is None or event.causation_id is None:  # the processor opens effects of caused events only
+    return opened(tenant_id=event.tenant_id, aggregate_id=event.aggregate_id, event_id=event.id,
+                  causation_id=event.causation_id, event_type=event.type, provider=provider,
+                  partition=partition, offset=offset)
+
+
+def opened(*, tenant_id: str, aggregate_id: str, event_id: uuid.UUID, causation_id: uuid.UUID | None,
+           event_type: str, provider: str | None, partition: int | None, offset: int | None) -> EffectChange | None:
+    """The effect an event of ``event_type`` opens, pending, when its type has one (``provider``)."""
+    if provider is None or causation_id is None:  # the processor opens effects of caused events only
         return None
-    return EffectChange(tenant_id=event.tenant_id, aggregate_id=event.aggregate_id, effect_id=event.id,
-                        origin_command_id=event.causation_id, event_type=event.type, provider=provider,
+    return EffectChange(tenant_id=tenant_id, aggregate_id=aggregate_id, effect_id=event_id,
+                        origin_command_id=causation_id, event_type=event_type, provider=provider,
                         event_partition=partition, event_offset=offset, generation=0, stage=Stage.OPENED,
                         state=EffectState.PENDING, attempts=0)
 

@@ -9,7 +9,7 @@ effect, found by its origin command or by tenant and state.
 
 from __future__ import annotations
 
-from keel.outbox.db import Database
+from keel.outbox.db import Cursor, Database
 from keel.outbox.models import CommandStatus
 
 PARKED = CommandStatus.PENDING_APPROVAL.value
@@ -40,12 +40,7 @@ def ddl(db: Database) -> list[str]:
         # accepting a command and every other status change leave it alone.
         f"CREATE INDEX IF NOT EXISTS keel_outbox_parked ON keel_outbox (tenant_id) WHERE status = '{PARKED}'",
         "DROP INDEX IF EXISTS keel_outbox_tenant_status",  # what indexed every row for that list before
-        """CREATE TABLE IF NOT EXISTS keel_command_events (
-            event_id TEXT PRIMARY KEY,
-            command_id TEXT NOT NULL,
-            event_type TEXT NOT NULL,
-            occurred_at TEXT NOT NULL,
-            payload TEXT NOT NULL)""",
+        _command_events(db, "keel_command_events"),
         "CREATE INDEX IF NOT EXISTS keel_command_events_command ON keel_command_events (command_id)",
         f"""CREATE TABLE IF NOT EXISTS keel_ingress_rejections (
             id {db.serial},
@@ -100,10 +95,48 @@ def ddl(db: Database) -> list[str]:
     ]
 
 
+def _command_events(db: Database, table: str) -> str:
+    """The events each command led to. ``record`` is the event's Avro record as the events topic
+    holds it, turned into JSON only when someone reads the command; ``payload`` is the JSON of
+    rows written before 2026-12-07 (or of an outcome given with its payload)."""
+    return f"""CREATE TABLE IF NOT EXISTS {table} (
+            event_id TEXT PRIMARY KEY,
+            command_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            occurred_at TEXT NOT NULL,
+            payload TEXT,
+            record {db.blob})"""
+
+
 def migrate(db: Database) -> None:
-    """Create the outbox's tables where missing (safe to run from every process)."""
+    """Create the outbox's tables where missing and bring older ones up to date (safe to run
+    from every process)."""
     with db.transaction() as cursor:
         if db.is_postgres:  # concurrent CREATE IF NOT EXISTS races in PostgreSQL
             cursor.execute("SELECT pg_advisory_xact_lock(7306734)")
+        _keep_event_records(db, cursor)
         for statement in ddl(db):
             cursor.execute(statement)
+
+
+def _keep_event_records(db: Database, cursor: Cursor) -> None:
+    """Give a ``keel_command_events`` table from before 2026-12-07 its ``record`` column and a
+    nullable ``payload``. SQLite cannot drop a NOT NULL: the table is copied into its new form
+    (its index goes with the old table; ``ddl`` creates it again)."""
+    if db.is_postgres:
+        columns = {row[0] for row in cursor.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = 'keel_command_events'")}
+    else:
+        columns = {row[1] for row in cursor.query("PRAGMA table_info(keel_command_events)")}
+    if not columns or "record" in columns:
+        return  # none yet (``ddl`` creates it) or already in its new form: no lock taken
+    if db.is_postgres:
+        cursor.execute("ALTER TABLE keel_command_events ADD COLUMN record BYTEA")
+        cursor.execute("ALTER TABLE keel_command_events ALTER COLUMN payload DROP NOT NULL")
+        return
+    cursor.execute(_command_events(db, "keel_command_events_new"))
+    cursor.execute("INSERT INTO keel_command_events_new (event_id, command_id, event_type, occurred_at, payload) "
+                   "SELECT event_id, command_id, event_type, occurred_at, payload FROM keel_command_events")
+    cursor.execute("DROP TABLE keel_command_events")
+    cursor.execute("ALTER TABLE keel_command_events_new RENAME TO keel_command_events")

@@ -12,11 +12,11 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
-from keel.contracts.codec import uuid_text
+from keel.contracts.codec import EnvelopeCodec, uuid_text
 from keel.effects.progress import EffectState
 from keel.effects.status import EffectChange, EffectRecord, fold
 from keel.jsonvalues import holds_float
@@ -29,6 +29,7 @@ from keel.outbox.models import (
     NewCommand,
     Outcome,
     PendingRow,
+    RecordedEvent,
     TrackedEvent,
 )
 from keel.outbox.schema import PARKED, migrate
@@ -38,8 +39,16 @@ from keel.sqlmarks import in_lists
 class OutboxStore:
     """Commands waiting for Kafka, and what became of them."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, codec: EnvelopeCodec | None = None) -> None:
         self.db = db
+        self._codec = codec
+
+    @property
+    def codec(self) -> EnvelopeCodec:
+        """What reads the events' records (built at the first read: writers never need it)."""
+        if self._codec is None:
+            self._codec = EnvelopeCodec()
+        return self._codec
 
     def migrate(self) -> None:
         """Create the tables where missing."""
@@ -74,7 +83,7 @@ class OutboxStore:
             if not rows:
                 return None
             events = cursor.query(
-                "SELECT event_id, event_type, occurred_at, payload FROM keel_command_events "
+                "SELECT event_id, event_type, occurred_at, payload, record FROM keel_command_events "
                 "WHERE command_id = ? ORDER BY occurred_at, event_id", (str(command_id),))
             effects = cursor.query(f"SELECT {_EFFECT_COLUMNS} FROM keel_effects WHERE origin_command_id = ? "
                                    "AND tenant_id = ? ORDER BY event_offset IS NULL, event_offset, effect_id",
@@ -85,7 +94,7 @@ class OutboxStore:
             status=CommandStatus(status), reason_code=code, reason=reason,
             created_at=created, updated_at=updated,
             events=tuple(TrackedEvent(event_id=uuid.UUID(e[0]), type=e[1], occurred_at=e[2],
-                                      payload=json.loads(e[3])) for e in events),
+                                      payload=self._payload(e[3], e[4])) for e in events),
             effects=tuple(_effect(row) for row in effects),
         )
 
@@ -95,7 +104,7 @@ class OutboxStore:
         with self.db.transaction() as cursor:
             rows = cursor.query(
                 "SELECT o.command_id, o.command_type, o.aggregate_key, o.created_at, o.updated_at, "
-                "e.event_id, e.occurred_at, e.payload FROM keel_outbox o JOIN keel_command_events e "
+                "e.event_id, e.occurred_at, e.payload, e.record FROM keel_outbox o JOIN keel_command_events e "
                 "ON e.command_id = o.command_id AND e.event_type = 'ApprovalRequested' "
                 f"WHERE o.tenant_id = ? AND o.status = '{PARKED}' ORDER BY e.occurred_at, o.command_id LIMIT ?",
                 (tenant_id, limit))  # the status as a literal: only then may the partial index serve it
@@ -103,7 +112,16 @@ class OutboxStore:
             command_id=uuid.UUID(row[0]), tenant_id=tenant_id, command_type=row[1], key=row[2],
             status=CommandStatus.PENDING_APPROVAL, created_at=row[3], updated_at=row[4],
             events=(TrackedEvent(event_id=uuid.UUID(row[5]), type="ApprovalRequested", occurred_at=row[6],
-                                 payload=json.loads(row[7])),)) for row in rows]
+                                 payload=self._payload(row[7], row[8])),)) for row in rows]
+
+    def _payload(self, text: str | None, record: bytes | None) -> dict[str, Any]:
+        """An event's payload as JSON values: its row's JSON, or its record decoded as the
+        tracker's full path decodes it (``DecodeError`` if this process's catalog lacks its schema)."""
+        if text is not None:
+            return cast(dict[str, Any], json.loads(text))
+        if record is None:
+            raise ValueError("an event row holds neither a payload nor a record")
+        return self.codec.decode(bytes(record)).payload.model_dump(mode="json")
 
     def effect(self, tenant_id: str, effect_id: uuid.UUID) -> EffectRecord | None:
         """The effect's state, only when it belongs to ``tenant_id``."""
@@ -387,17 +405,22 @@ def _apply(cursor: Cursor, outcomes: Sequence[Outcome]) -> int:
     different statuses may so run out of order, with the same result: a status only replaces
     those ranked behind it.
     """
-    now, events, moves = time.time(), [], defaultdict[CommandStatus, list[tuple[Any, ...]]](list)
+    now, moves = time.time(), defaultdict[CommandStatus, list[tuple[Any, ...]]](list)
+    events: list[tuple[str, str, str, str, str | None, bytes | None]] = []
     for outcome in outcomes:
         command_id = uuid_text(outcome.command_id)
         if (event := outcome.event) is not None:
-            events.append((uuid_text(event.event_id), command_id, event.type, event.occurred_at,
-                           payload_text(event.payload)))
+            if isinstance(event, RecordedEvent):
+                events.append((uuid_text(event.event_id), command_id, event.type, event.occurred_at, None,
+                               event.record))
+            else:
+                events.append((uuid_text(event.event_id), command_id, event.type, event.occurred_at,
+                               payload_text(event.payload), None))
         if outcome.status is not None and _BEHIND[outcome.status]:
             moves[outcome.status].append((outcome.status.value, outcome.reason_code, outcome.reason, now, command_id))
     if events:
-        cursor.execute_many("INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload) "
-                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING", events)
+        cursor.execute_many("INSERT INTO keel_command_events (event_id, command_id, event_type, occurred_at, payload, "
+                            "record) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING", events)
     return sum(cursor.execute_many("UPDATE keel_outbox SET status = ?, reason_code = ?, reason = ?, updated_at = ? "
                                    f"WHERE command_id = ? AND ({_BEHIND[status]})", rows)
                for status, rows in moves.items())

@@ -36,7 +36,7 @@ import orjson
 from keel.domain.effects import EFFECT_OUTCOME_EVENTS
 from keel.domain.envelope import Envelope
 from keel.domains.registry import current
-from keel.outbox.models import CommandStatus, Outcome, TrackedEvent
+from keel.outbox.models import CommandStatus, Outcome, RecordedEvent, TrackedEvent
 
 # event type -> (status of the command it names, reason code); a None status records the
 # event and changes nothing.
@@ -96,6 +96,34 @@ def event_outcomes(event: Envelope) -> list[Outcome]:
     return [_named_outcome(event.causation_id, event.type, payload, tracked)]
 
 
+_SETTLING = frozenset(kind.__name__ for kind in EFFECT_OUTCOME_EVENTS)
+
+
+def recorded_outcomes(record: dict[str, Any], value: bytes) -> list[Outcome] | None:
+    """What an event says, read from its decoded Avro ``record`` (``value``'s) without a payload
+    model, when it names only the command that caused it: most events. The tracker so keeps
+    ``value`` for the command's trail and builds no model (decoding, validating and dumping the
+    payload was a third of its work). None for an event that names another command (an approval,
+    an effect's outcome, a compensation: ``event_outcomes`` reads those from the validated
+    envelope) or one this function cannot read.
+
+    The records are the events topic's, which only the processor writes, each from an envelope
+    it validated; Avro's schema holds their types. An event read here ends its command as
+    ``event_outcomes`` says: ``executed``, or ``rejected`` with the payload's code and reason.
+    """
+    kind, payload = record.get("type"), record.get("payload")
+    if (type(kind) is not str or type(payload) is not dict or kind in _SETTLING
+            or kind in current().undone_field or payload.get("command_id") is not None):
+        return None
+    causation, moment = record.get("causation_id"), record.get("occurred_at")
+    if causation is None:
+        return []
+    if not isinstance(moment, datetime):
+        return None
+    event = RecordedEvent(event_id=record["id"], type=kind, occurred_at=iso_text(moment), record=value)
+    return [_named_outcome(causation, kind, payload, event)]
+
+
 def iso_text(moment: datetime) -> str:
     """``moment.isoformat()``; orjson writes a UTC time the same (0.5 against 1.3 µs: ``isoformat``
     formats through ``PyUnicode_FromFormat``, 7 k instructions a call under callgrind)."""
@@ -105,7 +133,7 @@ def iso_text(moment: datetime) -> str:
 
 
 def _named_outcome(command_id: uuid.UUID, event_type: str, payload: dict[str, Any],
-                   tracked: TrackedEvent) -> Outcome:
+                   tracked: TrackedEvent | RecordedEvent) -> Outcome:
     status, code = EVENT_STATUS.get(event_type, (CommandStatus.EXECUTED, None))
     if status is not CommandStatus.REJECTED:
         return Outcome(command_id=command_id, status=status, event=tracked)

@@ -19,10 +19,11 @@ import pydantic
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from keel.config import Settings
-from keel.contracts.codec import EnvelopeCodec
+from keel.contracts.codec import ENVELOPE_BUILDER, EnvelopeCodec, parse_envelope
+from keel.domain.envelope import Envelope
 from keel.domains.registry import current
 from keel.effects.progress import EffectReport
-from keel.effects.status import EffectChange, from_event, from_report
+from keel.effects.status import EffectChange, from_event, from_report, opened
 from keel.errors import KeelError
 from keel.kafka.clients import BATCHED_FETCH, consumer_config
 from keel.kafka.reader import record_headers
@@ -30,7 +31,7 @@ from keel.kafka.topics import Topic, topic_name
 from keel.outbox.models import Outcome
 from keel.outbox.store import OutboxStore
 from keel.processor.worker import EFFECT_HEADER
-from keel.relay.status import dead_letter_outcome, event_outcomes
+from keel.relay.status import dead_letter_outcome, event_outcomes, recorded_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,37 @@ class StatusLearner:
             except pydantic.ValidationError as exc:  # not a report of this contract: nothing to fold
                 log.info("tracker skipped a record of %s: %s", message.topic(), exc.errors()[0]["msg"])
                 return [], []
+        value = message.value() or b""
         try:
-            envelope = self.codec.decode(message.value() or b"")
+            record = self.codec.read(value)
+            if message.topic() == self.dlq_topic:
+                return [self._dead_lettered(message, parse_envelope(record, builder=ENVELOPE_BUILDER))], []
+            if (outcomes := recorded_outcomes(record, value)) is not None:  # the usual event: no model
+                change = opened(tenant_id=record["tenant_id"], aggregate_id=record["aggregate_id"],
+                                event_id=record["id"], causation_id=record["causation_id"], event_type=record["type"],
+                                provider=self._provider(message, record["type"]),
+                                partition=message.partition(), offset=message.offset())
+                return outcomes, [change] if change else []
+            envelope = parse_envelope(record, builder=ENVELOPE_BUILDER)
         except KeelError as exc:  # not ours to fail on: unknown schemas, foreign bytes
             log.info("tracker skipped a record of %s: %s", message.topic(), exc)
             return [], []
-        if message.topic() == self.dlq_topic:
-            headers = _headers(message)
-            code = headers.get("keel-error-code") or "dead_lettered"
-            reason = headers.get("keel-error-reason") or ""
-            return [dead_letter_outcome(envelope, code, reason)], []
-        effect = current().effect_of.get(envelope.type)
-        provider = effect.provider if effect else _header(message, EFFECT_HEADER) or None
-        change = from_event(envelope, partition=message.partition(), offset=message.offset(), provider=provider)
+        change = from_event(envelope, partition=message.partition(), offset=message.offset(),
+                            provider=self._provider(message, envelope.type))
         return event_outcomes(envelope), [change] if change else []
+
+    @staticmethod
+    def _dead_lettered(message: Message, command: Envelope) -> Outcome:
+        headers = _headers(message)
+        return dead_letter_outcome(command, headers.get("keel-error-code") or "dead_lettered",
+                                   headers.get("keel-error-reason") or "")
+
+    @staticmethod
+    def _provider(message: Message, event_type: str) -> str | None:
+        """Who carries out the effect of ``event_type``'s events, if it has one: this process's
+        registry says, or the processor's ``keel-effect`` header for a type it does not know."""
+        effect = current().effect_of.get(event_type)
+        return effect.provider if effect else _header(message, EFFECT_HEADER) or None
 
 
 class StatusTracker:
