@@ -78,7 +78,7 @@ def _body_schema(component: str) -> dict[str, Any]:
 
 
 async def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]  # async: no thread hop
+    return request.app.state["gateway"]  # type: ignore[no-any-return]  # async: no thread hop
 
 
 _bearer = HTTPBearer(auto_error=False, description="A key from `keel keys create`.")
@@ -210,7 +210,7 @@ def create_app(settings: Settings, ingress: IngressSettings) -> Metered:
         """Accept a command durably; the same id and body again answer with the original result."""
         # SubmitFastPath answers this path before FastAPI sees it; the route gives it its
         # OpenAPI entry, and serves it the same way if the FastAPI app is mounted bare.
-        body = await submit(request.app.state.gateway, dict(request.headers.raw), request.receive)
+        body = await submit(request.app.state["gateway"], dict(request.headers.raw), request.receive)
         return Response(body, status_code=202, media_type="application/json")
 
     @app.get("/v1/commands/{command_id}", response_model=CommandRecord, responses=_READ)

@@ -123,7 +123,7 @@ def approvals_router(principal: Callable[..., Awaitable[Principal]]) -> APIRoute
 
 
 def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state["gateway"]  # type: ignore[no-any-return]
 
 
 async def _decide(request: Request, caller: Principal, command_id: uuid.UUID, decision: str,

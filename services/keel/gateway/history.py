@@ -262,4 +262,4 @@ def history_router(principal: Callable[..., Awaitable[Principal]]) -> APIRouter:
 
 
 def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state["gateway"]  # type: ignore[no-any-return]

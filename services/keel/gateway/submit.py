@@ -153,7 +153,10 @@ class SubmitFastPath:
         nothing done) when the key must be read from the key store first, or while tracing:
         the ASGI path serves the request then.
         """
-        gw: Gateway = self.app.state.gateway
+        # ``state["gateway"]``, not ``state.gateway``: Starlette's ``State`` answers attributes from
+        # ``__getattr__``, which Python calls only after its own look-up raised (and dropped) an
+        # AttributeError: 0.65 µs, against 0.02, twice a request.
+        gw: Gateway = self.app.state["gateway"]
         caller = None if self.traced else gw.cached(_token(headers))
         if caller is None:
             return False
@@ -169,7 +172,7 @@ class SubmitFastPath:
     @property
     def max_body_bytes(self) -> int:
         """The largest body a submit may have."""
-        limit: int = self.app.state.gateway.ingress.gateway_max_body_bytes
+        limit: int = self.app.state["gateway"].ingress.gateway_max_body_bytes
         return limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,7 +183,7 @@ class SubmitFastPath:
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            status, body = 202, await submit(self.app.state.gateway, dict(scope["headers"]), receive)
+            status, body = 202, await submit(self.app.state["gateway"], dict(scope["headers"]), receive)
         except KeelError as exc:
             log_unauthenticated(exc, PATH, scope["client"][0] if scope.get("client") else None)
             status, body = http_status(exc), error_body(exc)

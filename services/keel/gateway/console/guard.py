@@ -25,7 +25,7 @@ CSRF_HEADER = "x-csrf-token"
 
 def gateway(request: Request) -> Gateway:
     """The gateway's shared state."""
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state["gateway"]  # type: ignore[no-any-return]
 
 
 def sessions(request: Request) -> SessionStore:
