@@ -103,7 +103,7 @@ def recorded_outcomes(record: dict[str, Any], value: bytes) -> list[Outcome] | N
     """What an event says, read from its decoded Avro ``record`` (``value``'s) without a payload
     model, when it names only the command that caused it: most events. The tracker so keeps
     ``value`` for the command's trail and builds no model (decoding, validating and dumping the
-    payload was a third of its work). None for an event that names another command (an approval,
+    payload cost a fifth of its instructions). None for an event that names another command (an approval,
     an effect's outcome, a compensation: ``event_outcomes`` reads those from the validated
     envelope) or one this function cannot read.
 
