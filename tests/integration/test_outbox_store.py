@@ -168,9 +168,9 @@ def test_an_events_table_from_before_records_keeps_its_rows_and_takes_records(ds
         assert before is not None and [e.payload for e in before.events] == [{"plan": "pro"}]
         assert after is not None and after.events[0].payload["plan"] == "pro"
         with db.transaction() as cursor:
-            indexes = cursor.query("SELECT indexname FROM pg_indexes WHERE tablename = 'keel_command_events'"
-                                   if db.is_postgres else
-                                   "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keel_command_events'")
+            indexes = cursor.query(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'keel_command_events'" if db.is_postgres else
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'keel_command_events'")
         assert "keel_command_events_command" in {name for (name,) in indexes}
     finally:
         db.close()
