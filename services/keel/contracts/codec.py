@@ -186,7 +186,11 @@ class EnvelopeCodec:
 
     def decode(self, data: bytes) -> Envelope:
         """The envelope in ``data``; raises ``DecodeError`` or ``ValidationError`` if it is not one."""
-        return parse_envelope(self.read(data), builder=ENVELOPE_BUILDER)
+        return self.parse(self.read(data))
+
+    def parse(self, record: dict[str, Any]) -> Envelope:
+        """The envelope of a record ``read`` returned (validated: raises ``ValidationError``)."""
+        return parse_envelope(record, builder=ENVELOPE_BUILDER)
 
     def read(self, data: bytes) -> dict[str, Any]:
         """The raw (unvalidated) record in ``data``, resolved to its type's current schema."""

@@ -39,9 +39,9 @@ from keel.sqlmarks import in_lists
 class OutboxStore:
     """Commands waiting for Kafka, and what became of them."""
 
-    def __init__(self, db: Database, codec: EnvelopeCodec | None = None) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self._codec = codec
+        self._codec: EnvelopeCodec | None = None
 
     @property
     def codec(self) -> EnvelopeCodec:

@@ -19,7 +19,7 @@ import pydantic
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from keel.config import Settings
-from keel.contracts.codec import ENVELOPE_BUILDER, EnvelopeCodec, parse_envelope
+from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Envelope
 from keel.domains.registry import current
 from keel.effects.progress import EffectReport
@@ -73,14 +73,14 @@ class StatusLearner:
         try:
             record = self.codec.read(value)
             if message.topic() == self.dlq_topic:
-                return [self._dead_lettered(message, parse_envelope(record, builder=ENVELOPE_BUILDER))], []
+                return [self._dead_lettered(message, self.codec.parse(record))], []
             if (outcomes := recorded_outcomes(record, value)) is not None:  # the usual event: no model
                 change = opened(tenant_id=record["tenant_id"], aggregate_id=record["aggregate_id"],
                                 event_id=record["id"], causation_id=record["causation_id"], event_type=record["type"],
                                 provider=self._provider(message, record["type"]),
                                 partition=message.partition(), offset=message.offset())
                 return outcomes, [change] if change else []
-            envelope = parse_envelope(record, builder=ENVELOPE_BUILDER)
+            envelope = self.codec.parse(record)
         except KeelError as exc:  # not ours to fail on: unknown schemas, foreign bytes
             log.info("tracker skipped a record of %s: %s", message.topic(), exc)
             return [], []
