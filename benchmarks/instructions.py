@@ -12,6 +12,10 @@ the targets; this one says whether a change made the work smaller. Stages:
   learn its commands' statuses and its effect, one outbox transaction per batch of 1,000 as its
   consumer hands them over), over the events the processor stage's commands yield, on a SQLite
   outbox holding those commands; instrumented around the batches only;
+- ``chainer``: the audit chainer's work per intake record in ``keel chain`` (``Chainer._append``: read
+  the bundle's events, seal each as the next record of its tenant's chain, hand it to the producer,
+  which here keeps nothing), over the intake records the processor stage's commands yield;
+  instrumented around the records only;
 - ``gateway``: a one-worker gateway (``keel gateway``, SQLite outbox) under callgrind, answering a
   closed loop of ``POST /v1/commands`` from ``--connections`` keep-alive connections after a
   warm-up; every thread of the process is counted (event loop, outbox writer, key thread).
@@ -34,15 +38,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 
 import gateway as gateway_bench
 from processor_cpu import workload
 from keel.config import Settings
+from keel.contracts.catalog import load_catalog
 from keel.outbox.db import open_database
 from keel.outbox.enqueue import to_new_command
 from keel.outbox.store import OutboxStore
 from keel.relay.tracker import StatusLearner
+from keel.trust.chainer import Chainer, TenantHead
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 TRACKER_BATCH = 1000  # records per batch: what the tracker's consumer hands over at most
@@ -85,14 +91,19 @@ def inside_processor(commands: int) -> dict[str, int]:
 
 
 class Consumed:
-    """A record as the tracker's consumer hands it over: the methods of ``confluent_kafka.Message`` it reads."""
+    """A record as a consumer hands it over: the methods of ``confluent_kafka.Message`` the tracker and
+    the chainer read."""
 
-    def __init__(self, topic: str, value: bytes | None, headers: Any, partition: int, offset: int) -> None:
-        self._topic, self._value, self._headers, self._partition, self._offset = (
-            topic, value, headers, partition, offset)
+    def __init__(self, topic: str, value: bytes | None, headers: Any, partition: int, offset: int,
+                 key: bytes | None = None) -> None:
+        self._topic, self._value, self._headers, self._partition, self._offset, self._key = (
+            topic, value, headers, partition, offset, key)
 
     def topic(self) -> str:
         return self._topic
+
+    def key(self) -> bytes | None:
+        return self._key
 
     def value(self) -> bytes | None:
         return self._value
@@ -134,6 +145,31 @@ def inside_tracker(commands: int) -> dict[str, int]:
     if applied < len(events):
         raise SystemExit(f"the tracker applied {applied} outcomes for {len(events)} events")
     return {"commands": len(timed), "events": len(events)}
+
+
+class Discarded:
+    """The one method of ``confluent_kafka.Producer`` the chainer calls per record, keeping nothing."""
+
+    def produce(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+def inside_chainer(commands: int) -> dict[str, int]:
+    """Under callgrind: decide the workload uninstrumented, then count the chainer's appends of its intake
+    records (a chainer without Kafka: the attributes ``_append`` reads, set as ``__init__`` would)."""
+    with workload(commands, story=True, batch_size=5000) as (worker, timed):
+        intake_topic = worker.outputs.audit_intake
+        intake = [Consumed(topic, value, headers, partition, offset, key) for offset, (topic, value, key, partition,
+                  headers) in enumerate(worker.run(timed)) if topic == intake_topic]
+    chainer = object.__new__(Chainer)
+    chainer.catalog, chainer.audit_topic, chainer.checkpoint_every = load_catalog(), "audit", 10**9
+    chainer.partitions = {message.partition(): {} for message in intake}
+    chainer._producer = cast(Producer, Discarded())
+    touched: dict[tuple[int, str], TenantHead] = {}
+    _instrument(os.getpid(), True)
+    chained = sum(chainer._append(cast(Message, message), touched, 0.0) for message in intake)
+    _instrument(os.getpid(), False)
+    return {"commands": len(timed), "intake_records": len(intake), "entries": chained}
 
 
 def gateway_stage(requests: int, connections: int, folder: Path) -> dict[str, float]:
@@ -179,14 +215,14 @@ async def _closed_loop(port: int, token: str, connections: int, count: int) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("processor", "tracker", "gateway", "all"), default="all")
-    parser.add_argument("--commands", type=int, default=3000, help="timed processor and tracker commands (about)")
+    parser.add_argument("--stage", choices=("processor", "tracker", "chainer", "gateway", "all"), default="all")
+    parser.add_argument("--commands", type=int, default=3000, help="timed processor, tracker and chainer commands (about)")
     parser.add_argument("--requests", type=int, default=3000, help="counted gateway requests")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--inside", choices=("processor", "tracker"), help=argparse.SUPPRESS)
+    parser.add_argument("--inside", choices=("processor", "tracker", "chainer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
-        inside = inside_processor if args.inside == "processor" else inside_tracker
+        inside = {"processor": inside_processor, "tracker": inside_tracker, "chainer": inside_chainer}[args.inside]
         print(json.dumps(inside(args.commands)))
         return
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -201,6 +237,11 @@ def main() -> None:
             figures["tracker"] = inside_stage("tracker", args.commands, Path(folder))
             print(f"tracker: {figures['tracker']['instructions_k']:.1f} k instructions per command "
                   f"({figures['tracker']['events']:.0f} events of {figures['tracker']['commands']:.0f} commands)")
+        if args.stage in ("chainer", "all"):
+            figures["chainer"] = inside_stage("chainer", args.commands, Path(folder))
+            print(f"chainer: {figures['chainer']['instructions_k']:.1f} k instructions per command "
+                  f"({figures['chainer']['entries']:.0f} entries in {figures['chainer']['intake_records']:.0f} "
+                  f"intake records of {figures['chainer']['commands']:.0f} commands)")
         if args.stage in ("gateway", "all"):
             figures["gateway"] = gateway_stage(args.requests, args.connections, Path(folder))
             print(f"gateway: {figures['gateway']['instructions_k']:.1f} k instructions per request "

@@ -140,9 +140,9 @@ def test_a_rotated_key_set_verifies_checkpoints_of_old_and_new_keys(records: lis
 
 def test_no_bytes_can_move_between_fields() -> None:
     base = AuditEntry("acme", "event", "e1", "ab", "c", None, None, None, None, None, None, None, None, None, b"")
-    shifted = dataclasses.replace(base, type="a", aggregate_id="bc")
-    empty = dataclasses.replace(base, aggregate_id="")
-    absent = dataclasses.replace(base, aggregate_id=None)
+    shifted = base._replace(type="a", aggregate_id="bc")
+    empty = base._replace(aggregate_id="")
+    absent = base._replace(aggregate_id=None)
     hashes = {seal_record(1, GENESIS, e)[-32:] for e in (base, shifted, empty, absent)}
     assert len(hashes) == 4
 

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -48,9 +49,8 @@ from keel.trust.record import GENESIS, peek, seal_record
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TenantHead:
-    """Where a tenant's chain stands, and what is not yet signed."""
+class TenantHead(NamedTuple):
+    """Where a tenant's chain stands, and what is not yet signed (a new one per record chained)."""
 
     seq: int = 0
     head: bytes = GENESIS

@@ -23,7 +23,7 @@ import orjson
 from fastavro import schemaless_reader
 
 from keel.contracts.catalog import Catalog, load_catalog
-from keel.contracts.codec import HEADER_SIZE, MAGIC, native_plan
+from keel.contracts.codec import HEADER_SIZE, MAGIC, native_plan, uuid_text
 from keel.errors import KeelError
 from keel.trust.record import AuditEntry
 
@@ -33,6 +33,7 @@ BUNDLE_BYTES = 256 * 1024
 """A bundle's size bound: well inside the producer's and the broker's 1 MB record limits."""
 _FRAME = struct.Struct(">I")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def canonical_json(value: Any) -> str:
@@ -163,11 +164,11 @@ def _event_entry(value: bytes, catalog: Catalog) -> AuditEntry:
                   schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), writer.parsed, None))
     actor, authority = record["actor"], record["authority"]
     return AuditEntry(
-        tenant=record["tenant_id"], kind="event", entry_id=str(record["id"]), type=record["type"],
+        tenant=record["tenant_id"], kind="event", entry_id=uuid_text(record["id"]), type=record["type"],
         aggregate_id=record["aggregate_id"], version=record.get("version"),
         actor=f"{actor['kind']}:{actor['id']}", on_behalf_of=record.get("on_behalf_of"),
         authority=canonical_json(authority), delegation=canonical_json(record.get("delegation", [])),
-        causation_id=_opt(record.get("causation_id")), correlation_id=str(record["correlation_id"]),
+        causation_id=_opt(record.get("causation_id")), correlation_id=uuid_text(record["correlation_id"]),
         occurred_at_us=_micros(record["occurred_at"]), schema_version=record["schema_version"], body=value,
     )
 
@@ -190,11 +191,11 @@ def _opaque(value: bytes, tenant: str, type: str) -> AuditEntry:
                       occurred_at_us=None, schema_version=None, body=value)
 
 
-def _opt(value: object) -> str | None:
-    return None if value is None else str(value)
+def _opt(value: uuid.UUID | None) -> str | None:
+    return None if value is None else uuid_text(value)
 
 
 def _micros(value: datetime | int) -> int:
     if isinstance(value, int):
         return value
-    return (value - _EPOCH) // timedelta(microseconds=1)
+    return (value - _EPOCH) // _MICROSECOND
