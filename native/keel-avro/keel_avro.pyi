@@ -1,5 +1,5 @@
 """Keel's Avro binary codec: a plan compiled from a fastavro-parsed schema, byte-identical to fastavro;
-the builder of decoded envelopes; a UUID's text."""
+the builder of decoded envelopes; a UUID's text; an audit record's fields."""
 
 from typing import Any
 
@@ -37,6 +37,11 @@ class EnvelopeBuilder:
 
     def build(self, record: dict[str, Any], payload: object) -> Any:
         """The envelope of ``record`` carrying ``payload`` (its validated payload model), or ``None``."""
+
+def audit_head(prefix: bytes, fields: tuple[object, ...]) -> bytes | None:
+    """An audit record's bytes before its hash (``keel.trust.record``'s ``KAR1`` layout): ``prefix`` (magic, seq,
+    previous hash), then each field (``None``, ``str``, ``bytes`` or ``int``); ``None`` for a value of another
+    type, a string that is not UTF-8 or a value too long, which the Python implementation writes or refuses."""
 
 def uuid_text(value: object) -> str:
     """``str(value)``, formatted natively for a ``uuid.UUID`` (``UUID.__str__`` is Python code)."""

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 
+mod audit;
 mod envelope;
 mod objects;
 
@@ -737,6 +738,7 @@ fn text_of_uuid<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyString>
 fn keel_avro(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Plan>()?;
     module.add_function(wrap_pyfunction!(text_of_uuid, module)?)?;
+    module.add_function(wrap_pyfunction!(audit::audit_head, module)?)?;
     module.add_class::<envelope::EnvelopeBuilder>()?;
     module.add("ID_PATTERN", envelope::ID_PATTERN)?;
     module.add("UnsupportedSchema", module.py().get_type::<UnsupportedSchema>())?;

@@ -87,6 +87,9 @@ def _native_core() -> NativeCore | None:
 _NATIVE: Final = _native_core()
 AVRO_CORE: Final[Literal["native", "python"]] = "python" if _NATIVE is None else "native"
 """Which Avro core encodes and decodes current-schema messages: ``native`` (keel_avro) or ``python`` (fastavro)."""
+audit_head: Final[Callable[[bytes, tuple[object, ...]], bytes | None] | None] = getattr(_NATIVE, "audit_head", None)
+"""The native core's writer of an audit record's fields (``keel.trust.record.seal_record`` falls back to its
+own); absent from builds before 2026-12-07."""
 uuid_text: Final[Callable[[uuid.UUID], str]] = getattr(_NATIVE, "uuid_text", str)
 """``str`` of a ``uuid.UUID``, by the native core when it has it: ``UUID.__str__`` is Python code
 (0.59 against 0.15 µs a call), and the outbox keys every row by a command's or an event's id."""

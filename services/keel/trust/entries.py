@@ -44,11 +44,20 @@ def canonical_json(value: Any) -> str:
     hold) in a tenth of the time; anything else (a float, whose notation may differ; a value with
     no JSON form; a lone surrogate) goes to ``json.dumps``.
     """
-    if _plain(value):
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        except orjson.JSONEncodeError:  # a lone surrogate
-            pass
+    return _canonical_plain(value) if _plain(value) else _canonical_any(value)
+
+
+def _canonical_plain(value: Any) -> str:
+    """``canonical_json`` of a value known to be plain, without the walk that checks it: an event's
+    authority and delegation, which its Avro schema types as records and arrays of text and nulls
+    (the walk was a fifth of the chainer's Python time)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:  # a lone surrogate
+        return _canonical_any(value)
+
+
+def _canonical_any(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
@@ -167,7 +176,7 @@ def _event_entry(value: bytes, catalog: Catalog) -> AuditEntry:
         tenant=record["tenant_id"], kind="event", entry_id=uuid_text(record["id"]), type=record["type"],
         aggregate_id=record["aggregate_id"], version=record.get("version"),
         actor=f"{actor['kind']}:{actor['id']}", on_behalf_of=record.get("on_behalf_of"),
-        authority=canonical_json(authority), delegation=canonical_json(record.get("delegation", [])),
+        authority=_canonical_plain(authority), delegation=_canonical_plain(record.get("delegation", [])),
         causation_id=_opt(record.get("causation_id")), correlation_id=uuid_text(record["correlation_id"]),
         occurred_at_us=_micros(record["occurred_at"]), schema_version=record["schema_version"], body=value,
     )

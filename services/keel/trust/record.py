@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from keel.contracts.codec import audit_head
 from keel.trust.errors import AuditFormatError
 
 MAGIC = b"KAR\x01"
@@ -82,22 +83,30 @@ class AuditRecord:
 def seal_record(seq: int, prev_hash: bytes, entry: AuditEntry) -> bytes:
     """The wire bytes of ``entry`` as record ``seq`` after ``prev_hash``, hash appended.
 
-    One loop over the fields, each written as parts of one ``join``: a call per field and the
-    concatenations that copied the body twice cost the chainer ~55 k instructions an entry.
+    The native core writes the fields when it is there (the chainer seals one record per event:
+    a loop turn, a ``struct.pack`` and an encode per field were a third of its Python time);
+    ``unhashed`` is the reference, and writes what the native core leaves to it.
     """
     if seq < 1 or len(prev_hash) != HASH_SIZE:
         raise ValueError("seq starts at 1 and prev_hash is 32 bytes")
-    parts = [MAGIC, _SEQ.pack(seq), prev_hash]
+    prefix = MAGIC + _SEQ.pack(seq) + prev_hash
+    written = None if audit_head is None else audit_head(prefix, entry)
+    data = written if written is not None else unhashed(prefix, entry)
+    hasher = _HASHER.copy()
+    hasher.update(data)
+    return data + hasher.digest()
+
+
+def unhashed(prefix: bytes, entry: AuditEntry) -> bytes:
+    """``prefix`` (magic, seq, previous hash) and the fields of ``entry``: the record before its hash."""
+    parts = [prefix]
     for value in entry:
         if value is None:
             parts.append(_ABSENT)
             continue
         data = value if isinstance(value, bytes) else str(value).encode()
         parts += (_PRESENT, _LEN.pack(len(data)), data)
-    head = b"".join(parts)
-    hasher = _HASHER.copy()
-    hasher.update(head)
-    return head + hasher.digest()
+    return b"".join(parts)
 
 
 def record_hash(raw: bytes) -> bytes:
