@@ -62,8 +62,9 @@ class Accepted(Model):
     conflict: bool = Field(default=False, description="The id was accepted before with another body.")
 
 
-class PendingRow(Model):
-    """An unpublished outbox row, as the relay reads it."""
+class PendingRow(NamedTuple):
+    """An unpublished outbox row, as the relay reads it (a tuple: one per command relayed, from columns
+    the gateway wrote, with nothing left to validate)."""
 
     seq: int
     command_id: uuid.UUID
