@@ -44,7 +44,7 @@ def test_statuses_follow_execution_rejection_and_dead_letters(settings: Settings
     started, too_much = command("acme", "sub-1", start(price=1000)), command("acme", "sub-1", refund(5000))
     misrouted = command("acme", "sub-2", start())
     rows = [to_new_command(c, CODEC.encode(c)) for c in (started, too_much)]
-    wrong_key = to_new_command(misrouted, CODEC.encode(misrouted)).model_copy(update={"key": "acme/elsewhere"})
+    wrong_key = to_new_command(misrouted, CODEC.encode(misrouted))._replace(key="acme/elsewhere")
     store.accept([*rows, wrong_key])
     relay = Relay(store, settings, INGRESS)
     assert relay.run_once() == 3

@@ -21,11 +21,7 @@ from keel.outbox.store import insert_commands
 
 
 def to_new_command(command: Envelope, value: bytes, request_hash: str | None = None) -> NewCommand:
-    """The outbox row of an encoded command; the hash defaults to the encoding's.
-
-    Validated like any model: for these plain fields pydantic's validator costs less than
-    ``model_construct`` (measured: 1.4 against 2.5 µs).
-    """
+    """The outbox row of an encoded command; the hash defaults to the encoding's."""
     return NewCommand(
         command_id=command.id, tenant_id=command.tenant_id, key=command.key, command_type=command.type,
         actor=f"{command.actor.kind.value}:{command.actor.id}",

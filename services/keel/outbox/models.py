@@ -41,25 +41,32 @@ RANK = {
 TERMINAL = frozenset(status for status, rank in RANK.items() if rank == 3)
 
 
-class NewCommand(Model):
-    """A validated, encoded command and the idempotency fingerprint of the request."""
+class NewCommand(NamedTuple):
+    """A validated, encoded command and the idempotency fingerprint of the request.
+
+    ``key`` is the Kafka key (tenant/aggregate), ``actor`` the authenticated actor's kind:id,
+    ``request_hash`` the sha256 of the canonical request body, ``value`` the Avro single-object
+    encoding of the envelope. Built from an envelope already validated: a tuple, not a model
+    validated again (the gateway makes one per request).
+    """
 
     command_id: uuid.UUID
     tenant_id: str
-    key: str = Field(description="The Kafka key, tenant/aggregate.")
+    key: str
     command_type: str
-    actor: str = Field(description="kind:id of the authenticated actor.")
-    request_hash: str = Field(description="sha256 of the canonical request body.")
-    value: bytes = Field(description="The Avro single-object encoding of the envelope.")
+    actor: str
+    request_hash: str
+    value: bytes
 
 
-class Accepted(Model):
-    """What a write of one command returned."""
+class Accepted(NamedTuple):
+    """What a write of one command returned: ``replayed`` when the id was accepted before with the
+    same body, ``conflict`` when with another."""
 
     command_id: uuid.UUID
     status: CommandStatus
-    replayed: bool = Field(description="The id was accepted before with the same body.")
-    conflict: bool = Field(default=False, description="The id was accepted before with another body.")
+    replayed: bool
+    conflict: bool = False
 
 
 class PendingRow(NamedTuple):
