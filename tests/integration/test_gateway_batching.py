@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from keel.trust.codec import SealingCodec
 from keel.trust.fields import FieldCipher
 from keel.trust.keystore import MasterKey
 from keel.trust.keystore_sqlite import SqliteKeyStore
+from support_desk.messages import SendEmail
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +166,7 @@ def test_a_turns_new_data_subjects_get_their_keys_together_off_the_event_loop(tm
     assert len(rows) == 50
     assert b"@example.com" not in b"".join(row.value for row in rows)
     opened = [codec.decode(row.value) for row in rows]
-    assert [c.payload.to_address for c in opened] == [f"{c}@example.com" for c in customers] * 2
+    assert [cast(SendEmail, c.payload).to_address for c in opened] == [f"{c}@example.com" for c in customers] * 2
     keys.close()
 
 
@@ -204,8 +205,8 @@ def test_a_key_store_that_fails_refuses_each_command_with_its_error(tmp_path: Pa
     admission = Admission(SealingCodec(FieldCipher(keys)), writer, max_age_s=0)
 
     async def burst() -> list[Accepted | BaseException]:
-        return await asyncio.gather(send(admission, email("sub-1", "cust-1")), send(admission, body("sub-2")),
-                                    return_exceptions=True)
+        return list(await asyncio.gather(send(admission, email("sub-1", "cust-1")), send(admission, body("sub-2")),
+                                         return_exceptions=True))
 
     try:
         mail, refund = asyncio.run(burst())
