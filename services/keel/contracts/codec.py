@@ -13,8 +13,8 @@ case, byte for byte and value for value as fastavro does, several times faster
 (``benchmarks/README.md``). Resolution between schema versions, upcasting, schemas the
 native plan does not compile and values it does not write (it defers them to fastavro, which
 writes or rejects them as ever) take fastavro. ``KEEL_AVRO=python`` forces fastavro;
-``KEEL_AVRO=native`` fails at import when the native core is not installed. ``AVRO_CORE``
-says which one runs. The native core also builds decoded envelopes (``ENVELOPE_BUILDER``),
+``KEEL_AVRO=native`` fails at import when the native core is not installed (``keel.contracts.native``
+loads it). ``AVRO_CORE`` says which one runs. The native core also builds decoded envelopes (``ENVELOPE_BUILDER``),
 checking the rules of the envelope models the Avro types do not hold, where pydantic took
 5–7 µs an envelope; a record it cannot confirm goes to pydantic, which accepts it or names
 the error.
@@ -23,23 +23,23 @@ the error.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Literal, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 from pydantic_core import PydanticUndefined
 
+from keel.contracts import native
 from keel.contracts.catalog import Catalog, MessageSchema, Upcaster, load_catalog
+from keel.contracts.native import AVRO_CORE, audit_head, uuid_text
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope
 from keel.domain.parsing import Builder, parse_envelope
 from keel.errors import DecodeError
 
-__all__ = ["EnvelopeCodec", "parse_envelope", "MAGIC", "AVRO_CORE", "ENVELOPE_BUILDER"]
+__all__ = ["EnvelopeCodec", "parse_envelope", "MAGIC", "AVRO_CORE", "ENVELOPE_BUILDER", "audit_head", "uuid_text"]
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
@@ -69,30 +69,7 @@ class NativeCore(Protocol):
     """``str(value)``, formatted natively for a ``uuid.UUID`` (absent from builds before 2026-12-06)."""
 
 
-def _native_core() -> NativeCore | None:
-    """The native core unless ``KEEL_AVRO=python``; None when it is not installed (and not required)."""
-    choice = os.environ.get("KEEL_AVRO", "")
-    if choice not in ("", "native", "python"):
-        raise ValueError(f"KEEL_AVRO must be 'native' or 'python', not {choice!r}")
-    if choice == "python":
-        return None
-    try:
-        return cast(NativeCore, importlib.import_module("keel_avro"))
-    except ImportError:
-        if choice == "native":
-            raise
-        return None
-
-
-_NATIVE: Final = _native_core()
-AVRO_CORE: Final[Literal["native", "python"]] = "python" if _NATIVE is None else "native"
-"""Which Avro core encodes and decodes current-schema messages: ``native`` (keel_avro) or ``python`` (fastavro)."""
-audit_head: Final[Callable[[bytes, tuple[object, ...]], bytes | None] | None] = getattr(_NATIVE, "audit_head", None)
-"""The native core's writer of an audit record's fields (``keel.trust.record.seal_record`` falls back to its
-own); absent from builds before 2026-12-07."""
-uuid_text: Final[Callable[[uuid.UUID], str]] = getattr(_NATIVE, "uuid_text", str)
-"""``str`` of a ``uuid.UUID``, by the native core when it has it: ``UUID.__str__`` is Python code
-(0.59 against 0.15 µs a call), and the outbox keys every row by a command's or an event's id."""
+_NATIVE: Final = cast(NativeCore | None, native.CORE)
 log.debug("Avro core: %s", AVRO_CORE)
 
 ENVELOPE_MODELS = (Envelope, Actor, DelegationLink, Authority)

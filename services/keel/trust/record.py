@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from keel.contracts.codec import audit_head
+from keel.contracts.native import audit_head
 from keel.trust.errors import AuditFormatError
 
 MAGIC = b"KAR\x01"
