@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from keel.domain.envelope import Envelope, Payload
 from keel.domain.events import ApprovalGranted, EffectCancelled, EffectFailed, EffectRetried, EffectSucceeded
 from keel.effects.progress import EffectReport, EffectState, WaitReason
-from keel.effects.status import EffectChange, EffectRecord, Stage, fold, from_event, from_report
+from keel.effects.status import EffectChange, EffectRecord, Stage, fold, from_event, from_report, new_row
 from keel.errors import ValidationError
 from keel.outbox.models import CommandRecord, CommandStatus
 from keel.relay.status import event_outcomes
@@ -145,6 +145,16 @@ def test_any_order_and_any_replay_of_the_records_folds_to_the_same_row(changes: 
     assert (row.state, row.generation, row.attempts, row.result) == (
         EffectState.SUCCEEDED, 1, 2, '{"refund": "re_1"}')
     assert (row.event_type, row.event_partition, row.event_offset, row.provider) == ("RefundIssued", 2, 41, "payments")
+
+
+def test_a_new_effects_row_is_the_fold_of_its_first_change_whatever_the_change() -> None:
+    cancel = outcome(EffectCancelled(effect_id=EFFECT, origin_command_id=ORIGIN, generation=0,
+                                     code="cancelled_by_operator", reason="customer called"))
+    for change in (opened(), report(0, 2, EffectState.WAITING, reason=WaitReason.BACKOFF, next_attempt_at=9.5),
+                   succeeded(), failed(), retried(), cancel):
+        row = fold(None, change, now=7.0)
+        assert row is not None
+        assert new_row(change, 7.0) == row.model_dump(mode="json")
 
 
 def record(status: CommandStatus, *states: EffectState, reason: WaitReason | None = None) -> CommandRecord:

@@ -92,9 +92,19 @@ def fold(row: EffectRecord | None, change: EffectChange, now: float) -> EffectRe
     if change.position > row.position:
         values.update({name: getattr(change, name) for name in _PROGRESS})
         if change.attempts is not None:
-            values["attempts"] = change.attempts
+            values["attempts"] = change.attempts or 0
     folded = EffectRecord(**values)
     return None if folded == row else folded.model_copy(update={"updated_at": now})
+
+
+def new_row(change: EffectChange, now: float) -> dict[str, Any]:
+    """The row ``fold(None, change, now)`` makes, as its columns hold it (``model_dump(mode="json")``),
+    without building and dumping the record: a new effect's first change is the tracker's usual
+    fold, and the record's validation and dump were four fifths of it (measured: 21 against 4 µs)."""
+    values = change.model_dump(mode="json")
+    values["attempts"] = change.attempts or 0
+    values["updated_at"] = now
+    return values
 
 
 def from_report(report: EffectReport) -> EffectChange:

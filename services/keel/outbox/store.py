@@ -18,7 +18,7 @@ import orjson
 
 from keel.contracts.codec import EnvelopeCodec, uuid_text
 from keel.effects.progress import EffectState
-from keel.effects.status import EffectChange, EffectRecord, fold
+from keel.effects.status import EffectChange, EffectRecord, fold, new_row
 from keel.jsonvalues import holds_float
 from keel.outbox.db import Cursor, Database, Row
 from keel.outbox.models import (
@@ -468,6 +468,8 @@ _INSERT_EFFECT = (f"INSERT INTO keel_effects ({_EFFECT_COLUMNS}) VALUES ({', '.j
 
 def _folded(before: EffectRecord | None, changes: list[EffectChange], now: float) -> dict[str, Any] | None:
     """The effect row's column values after ``changes``; None when they change nothing."""
+    if before is None and len(changes) == 1:
+        return new_row(changes[0], now)
     row = before
     for change in changes:
         row = fold(row, change, now) or row
