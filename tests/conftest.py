@@ -57,8 +57,9 @@ def broker_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
 
 def _containers() -> Iterator[Settings]:
     """Kafka and ClickHouse in containers (opt-in; requires a Docker engine)."""
-    from testcontainers.clickhouse import ClickHouseContainer
-    from testcontainers.kafka import KafkaContainer
+    # testcontainers comes with the optional docker extra, not installed for type checking
+    from testcontainers.clickhouse import ClickHouseContainer  # type: ignore[import-not-found, unused-ignore]
+    from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found, unused-ignore]
 
     with KafkaContainer("apache/kafka:4.1.1") as kafka, \
             ClickHouseContainer("clickhouse/clickhouse-server:25.8") as clickhouse:

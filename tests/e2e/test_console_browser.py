@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
@@ -199,7 +200,8 @@ def test_a_change_without_the_csrf_token_is_refused_and_changes_nothing(console:
     ann = console.person(ANN.id)
     expect(ann.locator(f"#approval-{refund}")).to_be_visible()
     for form in ({"comment": "ok"}, {"comment": "ok", "csrf_token": "forged"}):
-        answer = ann.request.post(f"/console/approvals/{refund}/approve", form=form)  # ann's own session cookie
+        answer = ann.request.post(f"/console/approvals/{refund}/approve",
+                                  form=cast(dict[str, str | float | bool], form))  # ann's own session cookie
         assert answer.status == 403 and "CSRF" in answer.text()
     ann.reload()
     expect(ann.locator(f"#approval-{refund}")).to_be_visible()

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -80,8 +80,9 @@ def api(broker_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _status(api: Api, command_id: str, *states: str) -> dict[str, Any]:
-    return api.until(AGENT.id, f"/v1/commands/{command_id}",
-                     lambda r: r["status"] in states or r["summary"]["state"] in states, f"{command_id} in {states}")
+    return cast(dict[str, Any], api.until(AGENT.id, f"/v1/commands/{command_id}",
+                                          lambda r: r["status"] in states or r["summary"]["state"] in states,
+                                          f"{command_id} in {states}"))
 
 
 def test_a_refund_approved_paid_and_undone_tells_its_whole_story(api: Api) -> None:

@@ -8,13 +8,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from keel.config import Settings
-from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink
+from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope
 from support_desk.messages import CancelSubscription
 from keel.kafka.clients import admin_config
 from keel.kafka.topics import Topic, topic_name
@@ -35,11 +36,11 @@ CLI = [sys.executable, "-m", "keel.cli"]
 LEAD = Actor(kind=ActorKind.HUMAN, id="lead-ann")
 
 
-def story(tenant: str, n: int) -> list:
+def story(tenant: str, n: int) -> list[Envelope]:
     """Per subscription: start, two refunds (one rejected), cancel; delegated by a lead."""
     out = []
     for i in range(n):
-        kw = {"on_behalf_of": f"cust-{i}", "authority": Authority(role="support", grant="refunds"),
+        kw: dict[str, Any] = {"on_behalf_of": f"cust-{i}", "authority": Authority(role="support", grant="refunds"),
               "delegation": (DelegationLink(actor=LEAD, reason="customer called"),)}
         out += [command(tenant, f"sub-{i}", start(), **kw), command(tenant, f"sub-{i}", refund(2000), **kw),
                 command(tenant, f"sub-{i}", refund(90000), **kw),
@@ -120,6 +121,7 @@ def test_chains_continue_from_committed_heads_and_tampering_in_kafka_is_detected
 
     topic = topic_name(settings, Topic.AUDIT)
     [partition] = {m.partition() for m in _messages(settings, topic) if m.key() == b"acme"}
+    assert partition is not None
     admin = AdminClient(admin_config(settings))
     for future in admin.delete_records([TopicPartition(topic, partition, 3)]).values():
         future.result()
@@ -129,7 +131,7 @@ def test_chains_continue_from_committed_heads_and_tampering_in_kafka_is_detected
     assert (report.failure.seq, report.failure.kind) == (1, FailureKind.MISSING)
 
 
-def _messages(settings: Settings, topic: str) -> list:
+def _messages(settings: Settings, topic: str) -> list[Message]:
     from keel.kafka.reader import read_to_end
     return list(read_to_end(settings, topic))
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 import httpx
-import pyarrow
-import pyarrow.ipc
+import pyarrow  # type: ignore[import-untyped]
+import pyarrow.ipc  # type: ignore[import-untyped]
 import pytest
 from confluent_kafka.admin import AdminClient
 
@@ -50,7 +50,7 @@ POLICY = {"version": "client-1",
                     {"name": "agents-never-cancel", "decision": "deny",
                      "match": {"command_types": ["CancelSubscription"]}}]}
 START = {"customer_id": "cust-1", "plan": "pro", "monthly_price_cents": 1_000_000, "currency": "EUR"}
-SUBJECT = {"on_behalf_of": "cust-1"}
+SUBJECT: dict[str, Any] = {"on_behalf_of": "cust-1"}
 
 
 def refund(amount_cents: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -79,7 +80,7 @@ class Console:
 def sign_in_csrf(client: httpx.Client) -> str:
     form = client.get("/console/sign-in")
     assert form.status_code == 200
-    return CSRF.findall(form.text)[0]
+    return cast(str, CSRF.findall(form.text)[0])
 
 
 @pytest.fixture

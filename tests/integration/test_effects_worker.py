@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -143,7 +143,7 @@ class Keel:
     def calls(self, effect_id: uuid.UUID) -> list[dict[str, Any]]:
         return [call for call in calls(self.folder) if call["effect_id"] == str(effect_id)]
 
-    def wait_for(self, find: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
+    def wait_for(self, find: Callable[[], T | Literal[False] | None], what: str, timeout_s: float = WAIT_S) -> T:
         """Poll ``find`` until it returns something truthy, checking the processes stay alive."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

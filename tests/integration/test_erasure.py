@@ -8,18 +8,20 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from fastavro import reader
 from typer.testing import CliRunner
 
 from keel.cli.main import app
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
+from keel.domain.envelope import Envelope
 from support_desk.messages import EmailQueued, SendEmail
 from keel.kafka.clients import admin_config
 from keel.kafka.reader import read_to_end
@@ -31,7 +33,7 @@ from keel.projector.projector import PROJECTED_TOPICS, EventProjector
 from keel.replay.engine import ReplayJob, replay
 from keel.replay.range import Bound, Filter
 from keel.replay.rebuild import rebuild
-from keel.replay.sinks import AvroFileSink, JsonLinesSink, TableSink, TopicSink
+from keel.replay.sinks import AvroFileSink, JsonLinesSink, Sink, TableSink, TopicSink
 from keel.sdk.producer import CommandProducer
 from keel.trust.chainer import Chainer
 from keel.trust.checkpoints import CheckpointSigner, TrustedKeys
@@ -63,7 +65,7 @@ def client(settings: Settings) -> Iterator[Client]:
     client.close()
 
 
-def emails(tenant: str, subject: str, marker: str) -> list:
+def emails(tenant: str, subject: str, marker: str) -> list[Envelope]:
     return [command(tenant, f"sub-{subject}", start(), on_behalf_of=subject),
             command(tenant, f"sub-{subject}", SendEmail(to_address=f"{marker}@example.com", template=PUBLIC,
                                                         body=f"Dear {marker}, your refund."), on_behalf_of=subject)]
@@ -75,7 +77,8 @@ def stores_containing(settings: Settings, client: Client, paths: list[Path], tex
     found = set()
     for spec in declared_topics(settings):
         for m in read_to_end(settings, spec.name):
-            blob = (m.value() or b"") + (m.key() or b"") + b"".join(v for _, v in m.headers() or [])
+            headers = cast(list[tuple[str, bytes]], m.headers() or [])
+            blob = (m.value() or b"") + (m.key() or b"") + b"".join(v for _, v in headers)
             if needle in blob:
                 found.add(f"kafka:{spec.name}")
     # What is stored is in tables (views only compute from them; some take parameters)
@@ -252,7 +255,7 @@ def test_a_replay_after_an_erasure_writes_the_subject_erased_to_files_topics_and
     admin.create_topics([NewTopic(staging, 3, 1)])[staging].result()
     job = ReplayJob(topic=events, start=Bound.parse("beginning"), end=Bound.parse("end"), filter=Filter(),
                     target="test")
-    sinks = [JsonLinesSink(tmp_path / "events.jsonl"), AvroFileSink(tmp_path / "events.avro"),
+    sinks: list[Sink] = [JsonLinesSink(tmp_path / "events.jsonl"), AvroFileSink(tmp_path / "events.avro"),
              TopicSink(settings, staging), TableSink(client, "events_replay", events)]
 
     for sink in sinks:
@@ -262,7 +265,7 @@ def test_a_replay_after_an_erasure_writes_the_subject_erased_to_files_topics_and
     plain = EnvelopeCodec()
     lines = [json.loads(line)["event"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     with (tmp_path / "events.avro").open("rb") as file:
-        avro = [plain.decode(record["value"]) for record in reader(file)]  # type: ignore[index,arg-type]
+        avro = [plain.decode(record["value"]) for record in cast(list[dict[str, Any]], list(reader(file)))]
     topic = [plain.decode(m.value() or b"") for m in read_to_end(settings, staging)]
     written = {
         "jsonl": personal_values((e["on_behalf_of"], e["type"], e["payload"]) for e in lines),

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -127,7 +127,7 @@ def test_an_isolation_violation_reaches_the_offenders_and_the_targets_audit_chai
         if len(intake) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert sorted(key for key, _ in intake) == [b"acme", b"acme", b"globex"]  # no chain for initech
+    assert sorted(cast(bytes, key) for key, _ in intake) == [b"acme", b"acme", b"globex"]  # no chain for initech
     assert all(b"IsolationViolation" in value for _, value in intake)
     [(_, targeted)] = [(k, v) for k, v in intake if k == b"globex"]
     assert b'"offender_tenant":"acme"' in targeted.replace(b" ", b"")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -135,7 +135,7 @@ def test_explain_refuses_bodies_as_submit_does(gateway: Gateway) -> None:
                                    ({"tenant_id": "globex"}, "wrong_tenant", 403)):
             with pytest.raises(RequestRefused) as refused:
                 bot.explain("IssueRefund", "sub-a", {"amount_cents": 5, "currency": "EUR", "reason": "x",
-                                                     **body.get("payload", {})},
+                                                     **cast(dict[str, Any], body.get("payload", {}))},
                             **{k: v for k, v in body.items() if k != "payload"})
             assert (refused.value.code, refused.value.status) == (code, status)
         with pytest.raises(RequestRefused) as refused:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +32,7 @@ ANN = Actor(kind=ActorKind.HUMAN, id="ann")
 POLICY = {"version": "acme-8", "roles": {"agent": ["IssueRefund", "StartSubscription"], "admin": ["*"]},
           "grants": {"agent:support-bot": ["agent"], "human:ann": ["admin"]},
           "rules": [{"name": "big", "decision": "approve", "match": {"payload": {"amount_cents": {"gt": 100_000}}}}]}
-SUBJECT = {"on_behalf_of": "cust-1"}
+SUBJECT: dict[str, Any] = {"on_behalf_of": "cust-1"}
 
 
 @dataclass
@@ -134,6 +135,7 @@ def test_unknown_and_other_tenants_ids_are_404_and_bodies_are_checked(platform: 
         plain = bot.submit("IssueRefund", "sub-x", {"amount_cents": 5, "currency": "EUR", "reason": "x"},
                            **SUBJECT).command_id  # never asked for a decision
     with platform.client("globex-ann") as other, platform.client("acme-ann") as ann:
+        decide: Callable[[], object]
         for client, command_id in ((other, refund), (ann, uuid.uuid4()), (ann, plain)):
             for decide in (lambda: client.approve(command_id), lambda: client.reject(command_id, "no")):
                 with pytest.raises(RequestRefused) as refused:
@@ -148,11 +150,11 @@ def test_unknown_and_other_tenants_ids_are_404_and_bodies_are_checked(platform: 
     with platform.client("acme-ann") as ann:
         assert [p.command_id for p in ann.approvals()] == [refund]  # nothing was decided
     decision, url = str(uuid.uuid4()), f"{platform.url}/v1/approvals/{refund}/approve"
-    first, again, other = (httpx.post(url, json={"comment": comment, "id": decision}, headers=headers)
-                           for comment in ("ok", "ok", "changed"))
+    first, again, changed = (httpx.post(url, json={"comment": comment, "id": decision}, headers=headers)
+                             for comment in ("ok", "ok", "changed"))
     assert (first.status_code, first.json()["command_id"], first.json()["replayed"]) == (202, decision, False)
     assert (again.status_code, again.json()["replayed"]) == (202, True)
-    assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_conflict")
+    assert (changed.status_code, changed.json()["error"]["code"]) == (409, "idempotency_conflict")
 
 
 def test_the_openapi_document_lists_the_routes_and_their_errors(platform: Platform) -> None:

@@ -50,7 +50,7 @@ def worker(settings: Settings) -> Iterator[CommandProcessor]:
     processor.close()
 
 
-def produce_raw(settings: Settings, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> None:
+def produce_raw(settings: Settings, value: bytes, key: bytes, headers: list[tuple[str, str | bytes | None]]) -> None:
     producer = Producer(producer_config(settings))
     producer.produce(topic_name(settings, Topic.COMMANDS), value, key, headers=headers)
     assert producer.flush(10) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 from confluent_kafka import Producer
@@ -67,7 +68,7 @@ def test_malformed_bytes_go_to_the_dlq_with_a_reason_and_processing_continues(
 
     assert (stats.dead_lettered, stats.events) == (1, 1)
     [dead] = list(read_to_end(settings, topic_name(settings, Topic.DLQ)))
-    headers = {k: v.decode() for k, v in dead.headers() or []}
+    headers = {k: v.decode() for k, v in cast(list[tuple[str, bytes]], dead.headers() or [])}
     assert dead.value() == b"\x00not avro at all"
     assert headers["keel-error-code"] == "undecodable"
     assert headers["keel-source-topic"] == topic_name(settings, Topic.COMMANDS)

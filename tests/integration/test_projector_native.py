@@ -7,7 +7,10 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
+from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -41,8 +44,8 @@ def test_native_and_python_paths_write_the_same_rows(settings: Settings, migrate
         assert python.catch_up() == len(events)
 
     def rows(table: str) -> list[tuple[object, ...]]:
-        return migrated.query(f"SELECT {COLUMNS}, delegation, payload FROM {table} ORDER BY _partition, _offset"
-                              ).result_rows
+        return cast(list[tuple[object, ...]], migrated.query(
+            f"SELECT {COLUMNS}, delegation, payload FROM {table} ORDER BY _partition, _offset").result_rows)
 
     native_rows, python_rows = rows("events"), rows("events_python")
     assert [r[:-2] for r in native_rows] == [r[:-2] for r in python_rows]
@@ -81,7 +84,8 @@ def test_commands_topic_is_projected_into_the_commands_table(settings: Settings,
     with EventProjector(settings, migrated, source=Topic.COMMANDS) as projector:
         assert projector.catch_up() == len(commands)
 
-    rows = migrated.query("SELECT command_id, command_type, submitted_at, status FROM command_lifecycle").result_rows
+    rows = cast(list[tuple[uuid.UUID, str, datetime, str]], migrated.query(
+        "SELECT command_id, command_type, submitted_at, status FROM command_lifecycle").result_rows)
     assert sorted(rows) == sorted((c.id, "IssueRefund", c.occurred_at, "submitted") for c in commands)
 
 

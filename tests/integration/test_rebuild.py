@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -38,8 +39,8 @@ def test_rebuild_swaps_in_an_identical_table_and_keeps_the_old_for_rollback(
     assert scalar(migrated, "SELECT count() FROM events__previous") == drifted < len(events)
     assert [d.table for d in report.dependents] == ["tenant_hourly"]
     assert scalar(migrated, "SELECT sum(events) FROM tenant_metrics") == len(events)
-    held = dict(migrated.query("SELECT _partition, max(_offset) FROM events__previous GROUP BY _partition")
-                .result_rows)
+    held = dict(cast(list[tuple[int, int]], migrated.query(
+        "SELECT _partition, max(_offset) FROM events__previous GROUP BY _partition").result_rows))
     since = sum(1 for partition, offset in migrated.query("SELECT _partition, _offset FROM events").result_rows
                 if offset > held.get(partition, -1))  # past the drifted table's end: kept by a rollback
     rolled_back = rollback(migrated, "events")

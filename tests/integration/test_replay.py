@@ -9,11 +9,13 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Message
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from fastavro import reader
 
 from keel.config import Settings
@@ -72,8 +74,8 @@ def test_avro_replay_by_type_and_actor_writes_a_readable_container(settings: Set
     sink.close()
 
     with (tmp_path / "refunds.avro").open("rb") as file:
-        records = list(reader(file))
-    decoded = [CODEC.decode(r["value"]) for r in records]  # type: ignore[index,arg-type]
+        records = cast(list[dict[str, Any]], list(reader(file)))
+    decoded = [CODEC.decode(r["value"]) for r in records]
     assert sorted(str(e.id) for e in decoded) == by_partition([e for e in events if e.type == "RefundIssued"])
 
 

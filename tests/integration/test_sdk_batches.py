@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_a_batch_arrives_sealed_in_order_under_one_key_per_subject(settings: Set
     assert all(c.payload == batch[sent_at[c.id]].payload for c in received)
     key_ids: dict[str, set[str]] = {}  # the key id each sealed value names, by subject
     for wire in (PLAIN.decode(m.value() or b"") for m in records):
-        key_ids.setdefault(wire.on_behalf_of or "", set()).add(wire.payload.to_address.split(":")[2])
+        key_ids.setdefault(wire.on_behalf_of or "", set()).add(cast(SendEmail, wire.payload).to_address.split(":")[2])
     assert len(key_ids) == 300 and all(len(ids) == 1 for ids in key_ids.values())
 
 

@@ -8,13 +8,14 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
 from keel.config import Settings
 from keel.domain.aggregate import EMPTY as INITIAL, evolve_aggregate as evolve
-from support_desk.subscription import Status
+from support_desk.subscription import Status, SubscriptionState
 from keel.projector.projector import EventProjector
 from keel.replay.errors import ReplayError
 from keel.replay.state import parse_at, state_at, unprojected_events
@@ -38,12 +39,14 @@ def test_state_at_each_version_is_the_fold_of_the_events_up_to_it(projected: Cli
         expected = evolve(expected, event)
         found = state_at(projected, "acme", "sub-1", event.version or 0, evolve=evolve, initial=INITIAL)
         assert found.state.version == event.version
-        assert (found.state.domain.status, found.state.domain.refunded_cents, found.state.domain.emails_queued) == (
-            expected.domain.status, expected.domain.refunded_cents, expected.domain.emails_queued)
+        domain, expected_domain = cast(SubscriptionState, found.state.domain), cast(SubscriptionState, expected.domain)
+        assert (domain.status, domain.refunded_cents, domain.emails_queued) == (
+            expected_domain.status, expected_domain.refunded_cents, expected_domain.emails_queued)
         assert found.events[-1].type == event.type
 
     at_refund = state_at(projected, "acme", "sub-1", 2, evolve=evolve, initial=INITIAL)
-    assert (at_refund.state.domain.status, at_refund.state.domain.refunded_cents) == (Status.ACTIVE, 1000)
+    at_refund_domain = cast(SubscriptionState, at_refund.state.domain)
+    assert (at_refund_domain.status, at_refund_domain.refunded_cents) == (Status.ACTIVE, 1000)
     assert [e.type for e in at_refund.events] == ["SubscriptionStarted", "RefundIssued"]
 
 
@@ -55,7 +58,8 @@ def test_state_at_a_time_includes_only_what_had_happened(projected: Client) -> N
     latest = state_at(projected, "acme", "sub-1", parse_at("2999-01-01T00:00:00Z"), evolve=evolve, initial=INITIAL)
 
     assert before.state == INITIAL and before.events == ()
-    assert latest.state.domain.status is Status.CANCELLED and latest.events[-1].type == "CommandRejected"
+    assert cast(SubscriptionState, latest.state.domain).status is Status.CANCELLED
+    assert latest.events[-1].type == "CommandRejected"
 
 
 @pytest.mark.parametrize(("tenant", "aggregate", "at", "code"), [
@@ -100,7 +104,7 @@ def test_state_reads_the_events_the_projection_does_not_hold_yet_from_kafka_and_
     latest = max(e.version or 0 for e in story)
     found = state_at(migrated, "acme", "sub-1", latest, evolve=evolve, initial=INITIAL, tail=tail)
 
-    assert found.state.version == latest and found.state.domain.status is Status.CANCELLED
+    assert found.state.version == latest and cast(SubscriptionState, found.state.domain).status is Status.CANCELLED
     assert found.unprojected == len(story) - 2
     cut = next(i for i, e in enumerate(story) if e.version == latest) + 1
     assert [e.id for e in found.events] == [e.id for e in story[:cut]]

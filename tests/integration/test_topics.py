@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported without __all__
+    AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType)
 
 from keel.config import Settings
 from keel.errors import InfraError

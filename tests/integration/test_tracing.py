@@ -112,8 +112,9 @@ def _print_tree(spans: Sequence[ReadableSpan]) -> None:
 
 
 def _parent_of(child: ReadableSpan, parent: ReadableSpan) -> bool:
-    assert child.parent is not None and parent.context is not None
-    return child.parent.span_id == parent.context.span_id and child.parent.trace_id == parent.context.trace_id
+    context = parent.get_span_context()
+    assert child.parent is not None and context is not None
+    return child.parent.span_id == context.span_id and child.parent.trace_id == context.trace_id
 
 
 def test_one_trace_follows_a_command_from_the_request_through_its_approval_to_the_projected_rows(

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]  # re-exported without __all__
 
 from keel.config import Settings
 
@@ -65,7 +65,7 @@ def end_offsets(settings: Settings, prefix: str, timeout_s: float = 10.0) -> dic
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException:
         return None
-    wanted = {TopicPartition(name, partition): OffsetSpec.latest()
+    wanted = {TopicPartition(name, partition): OffsetSpec.latest()  # type: ignore[no-untyped-call]  # untyped upstream
               for name, topic in metadata.topics.items() if name.startswith(f"{prefix}.")
               for partition in topic.partitions}
     if not wanted:

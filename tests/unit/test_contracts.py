@@ -180,4 +180,4 @@ def test_every_released_schema_version_is_readable_by_the_current_reader(message
             schemaless_writer(buffer, writer.parsed, record)
             buffer.seek(0)
             resolved = schemaless_reader(buffer, writer.parsed, reader.parsed)
-            assert resolved["type"] == record["type"]
+            assert isinstance(resolved, dict) and resolved["type"] == record["type"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_domain_type_named_like_a_core_type_is_refused(tmp_path: Path) -> None
 
 def test_an_aggregate_without_decide_or_evolve_is_refused(tmp_path: Path) -> None:
     for role in ("decide", "evolve"):
-        aggregate = replace(PINGER, **{role: None})
+        aggregate = replace(PINGER, **{role: cast(Any, None)})
         with pytest.raises(DomainError, match=f"aggregate 'pinger' has no {role} function") as raised:
             build([_domain(tmp_path, aggregates=(aggregate,))], check_schemas=False)
         assert raised.value.code == "aggregate_incomplete"

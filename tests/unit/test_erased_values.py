@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -57,22 +58,25 @@ def test_only_values_under_an_erased_key_read_as_erased_and_the_rest_keep_their_
     erased = Erasures(keys).among([CODEC.encode(gone), CODEC.encode(kept)])
 
     assert erased.envelope(gone).payload == cipher.open(gone).payload  # as opening it would read
-    assert (erased.envelope(gone).payload.to_address, erased.envelope(gone).payload.template) == (ERASED, "t")
+    opened = cast(EmailQueued, erased.envelope(gone).payload)
+    assert (opened.to_address, opened.template) == (ERASED, "t")
     assert erased.envelope(kept) is kept
-    row = json.dumps({"body": gone.payload.body, "other": kept.payload.body}, ensure_ascii=False)
-    assert json.loads(erased.text(row)) == {"body": ERASED, "other": kept.payload.body}
+    gone_mail, kept_mail = cast(EmailQueued, gone.payload), cast(EmailQueued, kept.payload)
+    row = json.dumps({"body": gone_mail.body, "other": kept_mail.body}, ensure_ascii=False)
+    assert json.loads(erased.text(row)) == {"body": ERASED, "other": kept_mail.body}
 
 
 def test_the_key_store_is_asked_once_per_batch_about_keys_not_known_erased() -> None:
     store = CountingTombstones({"a" * 32})
     erasures = Erasures(store)
-    batch = [f"{PREFIX}{'a' * 32}:AAAA".encode(), f'{{"x":"{PREFIX}{"b" * 32}:BBBB"}}', "no sealed value"]
+    batch: list[bytes | str] = [f"{PREFIX}{'a' * 32}:AAAA".encode(), f'{{"x":"{PREFIX}{"b" * 32}:BBBB"}}',
+                                "no sealed value"]
 
     first = erasures.among(batch)
     store.erased_ids.add("b" * 32)  # erased after the first batch
     second = erasures.among(batch)
 
-    assert (first.key_ids, second.key_ids) == ({"a" * 32}, {"a" * 32, "b" * 32})
+    assert (first.key_ids, second.key_ids) == (frozenset({"a" * 32}), frozenset({"a" * 32, "b" * 32}))
     assert store.asked == [{"a" * 32, "b" * 32}, {"b" * 32}]  # an erased key stays erased
     assert erasures.among([b"plain"]) == Erased() and len(store.asked) == 2
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from keel.domain.envelope import Envelope
 from keel.errors import ConfigError
 from keel.trust.errors import WrongTenantKey
 from keel.trust.codec import SealingCodec
@@ -55,7 +56,7 @@ def key(n: int, subject: str | None = None) -> DataKey:
     return DataKey(f"k{n}", "acme", subject or f"cust-{n}", os.urandom(32))
 
 
-def email(subject: str, tenant: str = "acme") -> Any:
+def email(subject: str, tenant: str = "acme") -> Envelope:
     return command(tenant, "sub-1", SendEmail(to_address="ann@example.com", template="t"), on_behalf_of=subject)
 
 
@@ -102,17 +103,18 @@ def test_sealing_and_opening_hit_the_store_once_per_subject_within_the_lifetime(
     first = cipher.seal(email("cust-1"))
     before = keys.statements
     sealed = [cipher.seal(email("cust-1")) for _ in range(5)]
-    assert [cipher.open(s).payload.to_address for s in [first, *sealed]] == ["ann@example.com"] * 6
+    assert [cast(SendEmail, cipher.open(s).payload).to_address for s in [first, *sealed]] == ["ann@example.com"] * 6
     assert keys.statements == before  # no query, no unwrap: every key came from the cache
 
 
 def test_an_erasure_here_is_seen_at_once_though_the_key_was_cached(keys: CountingStore) -> None:
     cipher = FieldCipher(keys)
     sealed = cipher.seal(email("cust-1"))
-    assert cipher.open(sealed).payload.to_address == "ann@example.com"
+    assert cast(SendEmail, cipher.open(sealed).payload).to_address == "ann@example.com"
     keys.erase("acme", "cust-1", "human:dpo")
-    assert cipher.open(sealed).payload.to_address == ERASED
-    assert cipher.seal(email("cust-1")).payload.to_address.split(":")[2] != sealed.payload.to_address.split(":")[2]
+    assert cast(SendEmail, cipher.open(sealed).payload).to_address == ERASED
+    assert cast(SendEmail, cipher.seal(email("cust-1")).payload).to_address.split(":")[2] != \
+        cast(SendEmail, sealed.payload).to_address.split(":")[2]
 
 
 def test_an_erasure_by_another_process_is_seen_once_the_lifetime_has_passed(
@@ -121,9 +123,10 @@ def test_an_erasure_by_another_process_is_seen_once_the_lifetime_has_passed(
     sealed = cipher.seal(email("cust-1"))
     with SqliteKeyStore(tmp_path / "keys.db", keys.master) as elsewhere:  # as `keel subjects erase` would
         elsewhere.erase("acme", "cust-1", "human:dpo")
-    assert cipher.open(sealed).payload.to_address == "ann@example.com"  # still cached: within the bound
+    assert cast(SendEmail, cipher.open(sealed).payload).to_address == \
+        "ann@example.com"  # still cached: within the bound
     clock.now += 5.0
-    assert cipher.open(sealed).payload.to_address == ERASED
+    assert cast(SendEmail, cipher.open(sealed).payload).to_address == ERASED
 
 
 def test_a_cached_key_is_still_refused_to_another_tenant(keys: CountingStore) -> None:
@@ -144,11 +147,11 @@ def test_preparing_a_batch_creates_its_new_subjects_keys_in_a_few_statements(key
     before = keys.statements
     sealed = [FieldCipher(keys).seal(e) for e in batch]
     assert keys.statements == before  # every key came from the cache
-    assert sealed[0].payload.to_address.split(":")[2] == known.key_id
-    assert len({s.payload.to_address.split(":")[2] for s in sealed}) == 301
+    assert cast(SendEmail, sealed[0].payload).to_address.split(":")[2] == known.key_id
+    assert len({cast(SendEmail, s.payload).to_address.split(":")[2] for s in sealed}) == 301
     keys.cache = KeyCache(1000, 5.0, clock)  # a cold cache: the keys were stored
     assert [keys.key_for("acme", f"cust-{n}").key_id for n in (0, 299)] == [
-        sealed[n].payload.to_address.split(":")[2] for n in (0, 299)]
+        cast(SendEmail, sealed[n].payload).to_address.split(":")[2] for n in (0, 299)]
 
 
 def test_a_batch_served_from_the_cache_does_not_extend_the_keys_lifetime(keys: CountingStore, clock: Clock) -> None:
@@ -170,7 +173,7 @@ def test_prefetching_encoded_records_reads_their_keys_in_one_statement_and_openi
         assert elsewhere.statements == 1  # 300 key ids in one IN list
         opened = [reader.decode(r) for r in records[:300]]
         assert elsewhere.statements == 1
-    assert {e.payload.to_address for e in opened} == {"ann@example.com"}
+    assert {cast(SendEmail, e.payload).to_address for e in opened} == {"ann@example.com"}
     keys.cache = KeyCache(1000, 0.0, clock)  # no cache: a prefetch would read keys for nothing
     before = keys.statements
     SealingCodec(FieldCipher(keys)).prefetch(records)
@@ -187,6 +190,6 @@ def test_a_prefetch_leaves_erased_unknown_and_foreign_keys_to_the_open_that_repo
     keys.cache = KeyCache(1000, 5.0, clock)
     codec.prefetch([erased, foreign, looks_sealed])
     assert len(keys.cache) == 1  # only the live key, cached under its own tenant
-    assert codec.decode(erased).payload.to_address == ERASED
+    assert cast(SendEmail, codec.decode(erased).payload).to_address == ERASED
     with pytest.raises(WrongTenantKey):
         keys.lookup("acme", codec.read(foreign)["payload"]["to_address"].split(":")[2])

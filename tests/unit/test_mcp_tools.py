@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from keel.domains.registry import current
 from keel.effects.progress import EffectState, WaitReason
-from keel.effects.status import EffectRecord
+from keel.effects.status import EffectRecord, Stage
 from keel.client.waiting import settled
 from keel.mcp.answers import bad_arguments, catalogue, status_of
 from keel.mcp.server import build_server
@@ -27,7 +27,7 @@ def _record(status: CommandStatus, *effects: tuple[EffectState, WaitReason | Non
         events=(TrackedEvent(event_id=uuid.uuid4(), type="RefundIssued", occurred_at="now", payload={}),),
         effects=tuple(EffectRecord(tenant_id="acme", effect_id=uuid.uuid4(), aggregate_id="sub-1",
                                    origin_command_id=command_id, event_type="RefundIssued", provider="payments",
-                                   generation=0, stage=1, state=state, reason=reason, updated_at=2.0)
+                                   generation=0, stage=Stage.REPORTED, state=state, reason=reason, updated_at=2.0)
                       for state, reason in effects), **fields)
 
 

@@ -19,7 +19,8 @@ def test_top_zero_names_nobody() -> None:
 
 
 def test_a_thousand_small_tenants_share_other_beyond_the_top_n() -> None:
-    labels, evicted = TenantLabels(top=5), []
+    labels = TenantLabels(top=5)
+    evicted: list[str] = []
     labels.on_evict(evicted.append)
     seen = {labels.label(f"t{i % 1000}", 1) for i in range(20_000)}
     assert len(seen) == 6 and OTHER in seen  # five names and `other`, however many tenants
@@ -28,7 +29,8 @@ def test_a_thousand_small_tenants_share_other_beyond_the_top_n() -> None:
 
 
 def test_a_noisy_newcomer_takes_the_smallest_label_and_the_loser_is_evicted() -> None:
-    labels, evicted = TenantLabels(top=3), []
+    labels = TenantLabels(top=3)
+    evicted: list[str] = []
     labels.on_evict(evicted.append)
     for tenant, volume in (("a", 50), ("b", 10), ("c", 40)):
         assert labels.label(tenant, volume) == tenant

@@ -46,5 +46,5 @@ def test_a_chunks_events_go_to_the_audit_intake_as_one_bundle_per_tenant_in_deci
               if topic == outputs.audit_intake]
     assert [key for key, _ in intake] == [b"acme", b"globex"]
     for key, value in intake:
-        assert value is not None and value.startswith(BUNDLE_MAGIC)
+        assert key is not None and value is not None and value.startswith(BUNDLE_MAGIC)
         assert [entry.body for entry in entries_from_intake(value, key.decode())] == decided[key.decode()]

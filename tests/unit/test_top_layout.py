@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from rich.console import Console
 
@@ -14,7 +15,7 @@ from tests.unit.test_top_overview import APPROVALS, EFFECTS, PROCESSOR_1, PROCES
 SETTINGS = Settings(topic_prefix="keel")
 
 
-def screen(view: Frame, width: int = 80, **console: bool) -> str:
+def screen(view: Frame, width: int = 80, **console: Any) -> str:
     out = Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None, **console)
     out.print(render(view, SETTINGS, 2.0))
     text = out.file.getvalue()  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ its own, and each event record carries the span that wrote it."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -26,9 +27,9 @@ APPROVER_TRACE = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-2222222222222222-01"
 
 
 def _requested(cmd_id: uuid.UUID) -> ApprovalRequested:
-    fields = {name: None for name in ApprovalRequested.model_fields}
+    fields: dict[str, Any] = {name: None for name in ApprovalRequested.model_fields}
     fields.update(command_id=cmd_id)
-    return ApprovalRequested.model_construct(**fields)  # type: ignore[arg-type]
+    return ApprovalRequested.model_construct(**fields)
 
 
 def test_a_parked_decision_is_a_child_of_its_record_and_says_it_waits(spans: InMemorySpanExporter) -> None:
@@ -98,6 +99,7 @@ def test_without_tracing_the_event_records_keep_their_shared_headers() -> None:
                     Outputs.of(Settings(topic_prefix="unit")), b"acme/sub-1", 0, chunk)
     records = chunk.take("intake")
     shared = records[0][4]
+    assert shared is not None
     assert tracing.HEADER not in dict(shared) and records[2][4] is None  # the audit intake's: none
     assert records[1][4] is shared  # one list per pair of types, not one per record
     assert not tracing.enabled()

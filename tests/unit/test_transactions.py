@@ -3,10 +3,10 @@ one that needs an abort is raised to the loop, which aborts and rewinds."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from keel.kafka import transactions
 from keel.supervision.progress import Progress
@@ -45,8 +45,8 @@ class _Consumer:
 
 
 def _send(producer: _Producer) -> None:
-    transactions.send_offsets(producer, _Consumer(), [_Message(0, 4), _Message(0, 7), _Message(2, 1)],  # type: ignore[arg-type]
-                              Progress())
+    transactions.send_offsets(cast(Producer, producer), cast(Consumer, _Consumer()),
+                              cast(list[Message], [_Message(0, 4), _Message(0, 7), _Message(2, 1)]), Progress())
 
 
 def test_a_retriable_refusal_is_retried_with_the_same_offsets() -> None:
