@@ -41,7 +41,10 @@ def main(path: str, seconds: float) -> None:
         os.close(descriptor)
         os.unlink(path)
     samples.sort()
-    pick = (lambda q: samples[min(int(len(samples) * q), len(samples) - 1)]) if samples else (lambda q: 0.0)
+
+    def pick(q: float) -> float:
+        return samples[min(int(len(samples) * q), len(samples) - 1)] if samples else 0.0
+
     print(json.dumps({"samples": len(samples), "p50_ms": pick(0.5), "p99_ms": pick(0.99),
                       "max_ms": samples[-1] if samples else 0.0}), flush=True)
 

@@ -134,8 +134,11 @@ def measure_lag(settings: Settings, topic: str, rate: float, seconds: float, lin
     with EventProjector(settings, client, linger_s=linger_s) as projector:
         follower = threading.Thread(target=projector.run, args=(stop,))
         follower.start()
-        producer = threading.Thread(target=lambda: (produce(settings, topic, values(int(rate * seconds), seed=5),
-                                                            rate=rate, acked=acked), done.set()))
+        def send() -> None:
+            produce(settings, topic, values(int(rate * seconds), seed=5), rate=rate, acked=acked)
+            done.set()
+
+        producer = threading.Thread(target=send)
         producer.start()
         target = int(rate * seconds)
         while True:

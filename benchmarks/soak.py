@@ -365,7 +365,7 @@ def outcome_count(settings: Settings) -> int:
     client = connect(settings, may_host=False)
     try:
         names = ", ".join(map(repr, sorted(OUTCOME_TYPES)))
-        return int(client.command(f"SELECT count() FROM events WHERE type IN ({names})"))
+        return int(client.query(f"SELECT count() FROM events WHERE type IN ({names})").result_rows[0][0])
     finally:
         client.close()
 

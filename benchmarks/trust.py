@@ -13,7 +13,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -90,10 +92,10 @@ def sealing_overhead(events: int, folder: Path) -> dict[str, float]:
         for e in sample[:200]:  # create the subjects' keys outside the clock
             sealing.encode(e)
 
-        def clock(fn: object, items: list) -> float:
+        def clock(fn: Callable[[Any], object], items: Sequence[object]) -> float:
             started = time.perf_counter()
             for item in items:
-                fn(item)  # type: ignore[operator]
+                fn(item)
             return (time.perf_counter() - started) / len(items) * 1e6
 
         plain_enc = clock(plain.encode, sample)
