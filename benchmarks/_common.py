@@ -360,10 +360,22 @@ def process_tree_cpu(roots: dict[str, int]) -> dict[str, float]:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds every core of the machine spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    """CPU seconds every core of the machine spent busy since boot (``/proc/stat``: all but idle, iowait
+    and steal). Steal is time the hypervisor gave another guest while this one had work: not this
+    machine's work, though its slow phases are mostly that (``machine_stolen_seconds``)."""
+    fields = _cpu_fields()
+    return (sum(fields[:7]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_stolen_seconds() -> float:
+    """CPU seconds the hypervisor took from this machine's cores since boot (``/proc/stat``'s steal)."""
+    return _cpu_fields()[7] / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_fields() -> list[int]:
+    """``/proc/stat``'s first line: user, nice, system, idle, iowait, irq, softirq, steal, ..."""
     with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        return [int(v) for v in stat.readline().split()[1:]]
 
 
 # -- output -----------------------------------------------------------------------------

@@ -33,9 +33,10 @@ sends, after its first 20 %, and whether the backlog (sent, not yet queryable) g
 every command is checked in ClickHouse's raw rows (no FINAL): each accepted command has
 exactly the events its id derives (no loss, no duplicate row), no refused one has any, and
 ``GET /v1/query`` counts as many commands; a failure exits 1. Over each window it reads the
-CPU of each service (its process tree), of the broker's JVM, its own and the rest of the
-machine's from ``/proc``. Last, the raw baseline: idempotent ``acks=all`` produce of the same
-workload's encoded commands. Figures are printed, never judged.
+CPU of each service (its process tree), of the broker's JVM (and of its JIT compiler's threads
+apart), its own and the rest of the machine's from ``/proc``, and the time the hypervisor took from
+the machine (steal), which is no one's work here. Last, the raw baseline: idempotent ``acks=all``
+produce of the same workload's encoded commands. Figures are printed, never judged.
 
 Run: ``.venv/bin/python benchmarks/end_to_end.py`` after ``keel up`` (``--help`` for options).
 """
@@ -73,7 +74,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from rich.table import Table
 
 from _common import (
-    STORY_LENGTH, TENANTS, environment, environment_table, machine_busy_seconds, process_tree_cpu,
+    STORY_LENGTH, TENANTS, environment, environment_table, machine_busy_seconds, machine_stolen_seconds,
+    process_tree_cpu,
     reference_commands, status_console, unique_prefix,
 )
 from keel.analytics.owner import served_dsn
@@ -668,26 +670,62 @@ def remove_kafka_state(settings: Settings, patience_s: float = 60.0) -> list[str
 # -- measuring --------------------------------------------------------------------------
 
 
+BROKER_JIT, STOLEN = "broker JIT", "stolen"
+"""Rows of the CPU table beside the services': the broker's compiler threads (part of the broker's
+row) and the time the hypervisor took from the machine's cores (part of no row)."""
+
+
 @dataclass(frozen=True)
 class CpuSample:
     wall: float
     by_service: dict[str, float]
     machine: float
+    stolen: float
+    broker_jit: float
     pids: dict[str, int]
 
 
 def cpu_sample(pids: dict[str, int]) -> CpuSample:
-    return CpuSample(time.perf_counter(), process_tree_cpu(pids), machine_busy_seconds(), dict(pids))
+    return CpuSample(time.perf_counter(), process_tree_cpu(pids), machine_busy_seconds(), machine_stolen_seconds(),
+                     jit_seconds(pids.get("broker", 0)), dict(pids))
+
+
+def jit_seconds(pid: int) -> float:
+    """CPU seconds the JVM ``pid``'s JIT compiler threads (``C1``/``C2 CompilerThread``) have used.
+
+    A broker compiles Kafka's hot code for minutes after it starts (a fresh one's compilers took half
+    its CPU in a first run, 2026-12-07), a cost a long-running broker has paid long before.
+    """
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task") if pid else []
+    except OSError:
+        return 0.0
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/comm") as comm:
+                if not comm.read().startswith(("C1 CompilerThre", "C2 CompilerThre")):
+                    continue
+            with open(f"/proc/{pid}/task/{thread}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile: the JVM stops idle compiler threads
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def cpu_shares(first: CpuSample, last: CpuSample, commands: int) -> dict[str, dict[str, float]]:
-    """Per service: cores used over the window and CPU µs per command; ``others`` is the rest of the machine."""
+    """Per service: cores used over the window and CPU µs per command; ``others`` is the rest of the machine,
+    ``broker JIT`` the part of the broker's that compiled code, ``stolen`` what the hypervisor took."""
     wall = last.wall - first.wall
     # a service started again during the window counts from its new start (its old process is gone)
     used = {name: last.by_service[name] - (first.by_service.get(name, 0.0) if first.pids.get(name) == pid else 0.0)
             for name, pid in last.pids.items()}
     used["others"] = max(0.0, last.machine - first.machine - sum(used.values()))
     used["machine"] = last.machine - first.machine
+    same_broker = first.pids.get("broker") == last.pids.get("broker")
+    used[BROKER_JIT] = max(0.0, last.broker_jit - (first.broker_jit if same_broker else 0.0))
+    used[STOLEN] = last.stolen - first.stolen
     return {name: {"cores": seconds / wall, "us_per_command": seconds / max(commands, 1) * 1e6}
             for name, seconds in used.items()}
 
@@ -1019,7 +1057,7 @@ def kafka_raw(settings: Settings, count: int) -> float:
 # -- output -----------------------------------------------------------------------------
 
 
-SERVICE_ORDER = ("gateway", "relay", "processor", "chainer", "projector", "broker", "harness", "others")
+SERVICE_ORDER = ("gateway", "relay", "processor", "chainer", "projector", "broker", BROKER_JIT, "harness", "others")
 
 
 def stages_table(stages: list[Stage], raw: float | None) -> Table:
@@ -1064,7 +1102,7 @@ def keel_cpu(stage: Stage, idle: dict[str, dict[str, float]]) -> dict[str, float
     what the pipeline could reach with the machine to itself, were it CPU-bound. The idle
     window shows how much of the cost is the instrument's (and heartbeats', metrics').
     """
-    names = [n for n in stage.cpu if n not in ("harness", "others", "machine")]
+    names = [n for n in stage.cpu if n not in ("harness", "others", "machine", BROKER_JIT, STOLEN)]
     gross = sum(stage.cpu[n]["us_per_command"] for n in names)
     return {"us_per_command": gross, "ceiling_commands_per_s": (os.cpu_count() or 1) * 1e6 / gross if gross else 0.0}
 
@@ -1077,7 +1115,7 @@ def cpu_table(stages: list[Stage], idle: dict[str, dict[str, float]], cores: int
     for s in stages:
         table.add_column(s.name, justify="right")
     processors = sorted({n for s in stages for n in s.cpu if n.startswith("processor")})
-    names = [*SERVICE_ORDER[:2], *processors, *SERVICE_ORDER[3:], "machine"]
+    names = [*SERVICE_ORDER[:2], *processors, *SERVICE_ORDER[3:], "machine", STOLEN]
     for name in names:
         table.add_row(name, f"{idle[name]['cores']:.2f}" if name in idle and "cores" in idle[name] else "",
                       *(f"{s.cpu[name]['cores']:.2f} · {s.cpu[name]['us_per_command']:,.0f}"
@@ -1120,7 +1158,8 @@ def main(
     connections: int = typer.Option(256, help="Keep-alive connections of the open-loop generator (pipelined)."),
     poll_ms: float = typer.Option(5.0, help="Least ms between the starts of two engine polls (latency stage)."),
     throughput_poll_ms: float = typer.Option(
-        100.0, help="The same in the throughput stages, where each engine poll costs the projector's CPU."),
+        250.0, help="The same in the throughput stages, where each engine poll costs the projector's CPU "
+                    "(a scan of the events' positions: ~7 ms at 120,000 rows, growing with the table)."),
     analyst_poll_ms: float = typer.Option(
         1000.0, help="Least ms between two rounds of GET /v1/query (one per tenant at once); 0: no analyst poller."),
     throughput_analyst: bool = typer.Option(
