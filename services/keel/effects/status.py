@@ -92,7 +92,7 @@ def fold(row: EffectRecord | None, change: EffectChange, now: float) -> EffectRe
     if change.position > row.position:
         values.update({name: getattr(change, name) for name in _PROGRESS})
         if change.attempts is not None:
-            values["attempts"] = change.attempts or 0
+            values["attempts"] = change.attempts
     folded = EffectRecord(**values)
     return None if folded == row else folded.model_copy(update={"updated_at": now})
 
