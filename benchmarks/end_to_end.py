@@ -75,8 +75,7 @@ from rich.table import Table
 
 from _common import (
     STORY_LENGTH, TENANTS, environment, environment_table, machine_busy_seconds, machine_stolen_seconds,
-    process_tree_cpu,
-    reference_commands, status_console, unique_prefix,
+    process_tree_cpu, reference_commands, status_console, unique_prefix,
 )
 from keel.analytics.owner import served_dsn
 from keel.bootstrap import ensure_local_keys
