@@ -60,6 +60,7 @@ from _common import (
     committed_total,
     environment,
     environment_table,
+    machine_busy_seconds,
     mismatches,
     results_table,
     stage_result,
@@ -110,12 +111,6 @@ def _stat_cpu_s(path: str) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds all cores spent not idle since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / _TICK  # minus idle and iowait
 
 
 def child_pid(marker: str) -> int | None:
@@ -186,7 +181,7 @@ def usage_now(total: int, watched: Watched) -> Usage:
         thread=_stat_cpu_s(f"/proc/self/task/{watched.thread_id}/stat") if watched.thread_id else None,
         simulator=_stat_cpu_s(f"/proc/{watched.simulator_pid}/stat") if watched.simulator_pid else None,
         broker=_stat_cpu_s(f"/proc/{watched.broker_pid}/stat") if watched.broker_pid else None,
-        machine=_machine_busy_s(), gc=GC.seconds, full_collections=GC.full_collections)
+        machine=machine_busy_seconds(), gc=GC.seconds, full_collections=GC.full_collections)
 
 
 @dataclass(frozen=True)
@@ -204,7 +199,7 @@ class Load:
     simulator_us: float | None
     broker_us: float | None
     machine_cores: float
-    """Cores busy on the whole machine, everything included."""
+    """Cores busy on the whole machine, everything included but the hypervisor's steal."""
     others_cores: float
     """Cores busy with anything but this process, the simulator and the broker: the neighbours."""
     in_flight_mean: float | None
