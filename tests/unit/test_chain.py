@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import keel.trust.entries
 from keel.contracts.catalog import load_catalog
 from keel.contracts.codec import AVRO_CORE, MAGIC, EnvelopeCodec
-from keel.contracts.codec import audit_head as native_audit_head
+from keel.contracts.native import audit_head as native_audit_head
 from keel.domain.envelope import Authority
 from support_desk.messages import EmailQueued, RefundIssued
 from keel.domain.outcomes import to_events

@@ -13,11 +13,11 @@ case, byte for byte and value for value as fastavro does, several times faster
 (``benchmarks/README.md``). Resolution between schema versions, upcasting, schemas the
 native plan does not compile and values it does not write (it defers them to fastavro, which
 writes or rejects them as ever) take fastavro. ``KEEL_AVRO=python`` forces fastavro;
-``KEEL_AVRO=native`` fails at import when the native core is not installed (``keel.contracts.native``
-loads it). ``AVRO_CORE`` says which one runs. The native core also builds decoded envelopes (``ENVELOPE_BUILDER``),
-checking the rules of the envelope models the Avro types do not hold, where pydantic took
-5–7 µs an envelope; a record it cannot confirm goes to pydantic, which accepts it or names
-the error.
+``KEEL_AVRO=native`` fails at import when the native core is not installed
+(``keel.contracts.native`` loads it). ``AVRO_CORE`` says which one runs. The native core also
+builds decoded envelopes (``ENVELOPE_BUILDER``), checking the rules of the envelope models the
+Avro types do not hold, where pydantic took 5–7 µs an envelope; a record it cannot confirm goes
+to pydantic, which accepts it or names the error.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ from typing import Any, Final, Protocol, cast
 from fastavro import schemaless_reader, schemaless_writer
 from pydantic_core import PydanticUndefined
 
-from keel.contracts import native
 from keel.contracts.catalog import Catalog, MessageSchema, Upcaster, load_catalog
-from keel.contracts.native import AVRO_CORE, audit_head, uuid_text
+from keel.contracts.native import AVRO_CORE, CORE, uuid_text
 from keel.domain.envelope import Actor, ActorKind, Authority, DelegationLink, Envelope
 from keel.domain.parsing import Builder, parse_envelope
 from keel.errors import DecodeError
 
-__all__ = ["EnvelopeCodec", "parse_envelope", "MAGIC", "AVRO_CORE", "ENVELOPE_BUILDER", "audit_head", "uuid_text"]
+__all__ = ["EnvelopeCodec", "parse_envelope", "MAGIC", "AVRO_CORE", "ENVELOPE_BUILDER", "uuid_text"]
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
@@ -69,7 +68,7 @@ class NativeCore(Protocol):
     """``str(value)``, formatted natively for a ``uuid.UUID`` (absent from builds before 2026-12-06)."""
 
 
-_NATIVE: Final = cast(NativeCore | None, native.CORE)
+_NATIVE: Final = cast(NativeCore | None, CORE)
 log.debug("Avro core: %s", AVRO_CORE)
 
 ENVELOPE_MODELS = (Envelope, Actor, DelegationLink, Authority)

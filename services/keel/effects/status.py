@@ -85,8 +85,7 @@ _PROGRESS = tuple(name for name in EffectProgress.model_fields if name not in _F
 def fold(row: EffectRecord | None, change: EffectChange, now: float) -> EffectRecord | None:
     """``row`` after ``change``; None when the change tells nothing new (a replay, an outranked record)."""
     if row is None:
-        return EffectRecord(**change.model_dump(exclude={"attempts"}), attempts=change.attempts or 0,
-                            updated_at=now)
+        return EffectRecord.model_validate(new_row(change, now))
     values = row.model_dump()
     values.update({name: getattr(change, name) for name in _FACTS if values[name] is None})
     if change.position > row.position:
