@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -19,6 +21,7 @@ from keel.kafka.clients import producer_config
 from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
 from keel.processor.worker import CommandProcessor
+from keel.sdk.producer import CommandProducer
 from tests.helpers import command, events, refund, send, start
 
 pytestmark = pytest.mark.integration
@@ -214,3 +217,44 @@ def test_a_worker_counts_the_partitions_it_is_given_and_gives_back(settings: Set
         worker.close()  # leaves the group: its partitions are handed back
     assert value("keel_partition_rebalances_total", change="revoked") == revoked + 1
     assert value("keel_owned_partitions", member="counted") == 0
+
+
+def test_under_load_a_batch_gathers_for_the_linger_and_light_load_never_waits(settings: Settings) -> None:
+    tuned = settings.model_copy(update={"processor_linger_s": 2.0, "processor_batch_size": 500})
+    worker = CommandProcessor(tuned, instance_id="linger")
+    try:
+        send(settings, command("acme", "sub-first", start()))
+        assert worker.run_until_caught_up().commands == 1
+
+        send(settings, command("acme", "sub-light", start()))
+        began = time.monotonic()
+        assert worker.process_batch(timeout_s=5) == 1
+        assert time.monotonic() - began < 1.0  # light load: decided without the linger
+
+        with CommandProducer(settings) as producer:
+            producer.send_many(command("acme", f"sub-{i}", start()) for i in range(20_000))
+        time.sleep(3)  # fetched ahead: the worker then takes full batches back to back, thousands a second
+        taken = 0
+        while taken < 20_000:
+            taken += worker.process_batch(timeout_s=5)
+
+        def trickle() -> None:
+            with CommandProducer(settings) as producer:
+                for i in range(3):
+                    time.sleep(0.3)
+                    producer.send(command("acme", f"sub-late-{i}", start()))
+                    producer.flush()
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        try:
+            assert worker.process_batch(timeout_s=5) == 3  # under load: one batch gathered for the linger
+        finally:
+            sender.join()
+
+        send(settings, command("acme", "sub-light-again", start()))
+        began = time.monotonic()
+        assert worker.process_batch(timeout_s=5) == 1  # three commands in two seconds: light load again
+        assert time.monotonic() - began < 1.0
+    finally:
+        worker.close()

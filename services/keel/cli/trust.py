@@ -108,7 +108,8 @@ def chain(
     def build(progress: Progress | None = None) -> Chainer:
         chainer = Chainer(settings, CheckpointSigner.from_settings(trust), instance_id=instance,
                           checkpoint_every=trust.audit_checkpoint_every,
-                          checkpoint_interval_s=trust.audit_checkpoint_interval_s, progress=progress)
+                          checkpoint_interval_s=trust.audit_checkpoint_interval_s,
+                          linger_s=trust.audit_chain_linger_s, progress=progress)
         collector.settle()
         return chainer
 

@@ -92,14 +92,14 @@ def loader_config(settings: Settings, group_id: str) -> dict[str, Any]:
 
 
 def follower_config(settings: Settings, group_id: str) -> dict[str, Any]:
-    """A consumer that reads partitions to their end once, then keeps following them.
+    """A consumer that follows partitions already read to their end (by a loader).
 
     A fetch returns as soon as committed data arrives, whatever its wait, so following
-    needs no short one: the loader's 10 ms meant a hundred empty fetches a second per
-    worker, forever (~13 % of a broker core). 100 ms bounds what the first read of an
-    empty topic waits for its end-of-partition events.
+    needs no short one. Each fetch that comes back empty costs the broker 0.25–0.5 ms of
+    CPU (``benchmarks/README.md``, 2026-12-07, afternoon): at the loader's 10 ms that was
+    a hundred a second per worker, forever (~13 % of a broker core), at 100 ms still ten.
     """
-    return consumer_config(settings, group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 100,
+    return consumer_config(settings, group_id, **{"fetch.wait.max.ms": 1000,
                                                   "logger": outage_quiet_logger("keel.kafka.follower")})
 
 

@@ -73,6 +73,8 @@ an effect worker without a handler for it reports the effect as waiting, never s
 _Record = tuple[str, bytes | None, bytes | None, int, _Headers | None]
 _ANY_PARTITION = -1  # librdkafka's "unassigned": the partitioner picks by key
 _PRODUCE_CHUNK = 250  # events decided before they go to the producer (about ten ms of deciding)
+_BUSY_RATE = 2_000.0  # commands a second (smoothed over about a second) above which batches linger (_poll)
+_RATE_WINDOW_S = 1.0
 
 
 @dataclass
@@ -111,6 +113,8 @@ class CommandProcessor:
         self.partitions: dict[int, PartitionState] = {}
         self.metrics = LoopMetrics("processor")
         self._tracing = tracing.enabled()  # read once: the loop tests a bool, never the SDK
+        self._rate = 0.0  # commands a second, smoothed over about _RATE_WINDOW_S
+        self._batch_began = time.monotonic()  # when the last batch was taken
         membership: dict[str, object] = {"session.timeout.ms": settings.processor_session_timeout_ms,
                                          **lag_config(settings, self.group_id)}
         if settings.processor_static_membership:
@@ -223,6 +227,7 @@ class CommandProcessor:
             return 0
         self.progress.enter("deciding")
         started = time.perf_counter()
+        self._measure_rate(len(messages))
         view = BatchView(self.partitions)
         outcome_counts = ProcessorStats()
         tally = DecisionTally()
@@ -302,14 +307,34 @@ class CommandProcessor:
         return len(records)
 
     def _poll(self, timeout_s: float) -> list[Message]:
-        """The records already fetched, or else the first to arrive within ``timeout_s`` and those behind it."""
+        """The records already fetched, or else the first to arrive within ``timeout_s`` and those behind it.
+
+        Under load (more than ``_BUSY_RATE`` commands a second) the batch gathers until
+        ``processor_linger_s`` after the last one was taken, or until it is full: each
+        transaction costs the broker milliseconds of CPU whatever it holds (its markers, the
+        coordinator's log, a produce request per partition), so fewer, larger ones leave more
+        of the machine to the commands. Lighter load never waits.
+        """
         size = self.settings.processor_batch_size
         messages = self._consumer.consume(size, 0)
         if not messages:
             messages = self._consumer.consume(1, timeout_s)
             if messages and size > 1:
                 messages += self._consumer.consume(size - 1, 0)
+        if messages and self._rate >= _BUSY_RATE and len(messages) < size:
+            remaining = self._batch_began + self.settings.processor_linger_s - time.monotonic()
+            if remaining > 0:
+                messages += self._consumer.consume(size - len(messages), remaining)
         return messages
+
+    def _measure_rate(self, taken: int) -> None:
+        """Fold a batch of ``taken`` commands into the rate: what arrived since the last batch was taken.
+
+        Smoothed so a burst at light load (two sends in one commit's time) does not make a batch linger.
+        """
+        now = time.monotonic()
+        interval, self._batch_began = max(now - self._batch_began, 1e-3), now
+        self._rate += min(1.0, interval / _RATE_WINDOW_S) * (taken / interval - self._rate)
 
     def _decide(self, message: Message, view: BatchView, counts: ProcessorStats, now: datetime,
                 chunk: Chunk, tally: DecisionTally,

@@ -45,6 +45,7 @@ from keel.supervision.progress import IDLE, Progress
 from keel.trust.checkpoints import CheckpointSigner
 from keel.trust.entries import entries_from_intake
 from keel.trust.record import GENESIS, peek, seal_record
+from keel.trust.settings import CHAIN_LINGER_S
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,9 @@ class Chainer:
 
     def __init__(self, settings: Settings, signer: CheckpointSigner, *, instance_id: str = "0",
                  checkpoint_every: int = 1000, checkpoint_interval_s: float = 10.0,
-                 batch_size: int = 5000, progress: Progress | None = None) -> None:
+                 batch_size: int = 5000, linger_s: float = CHAIN_LINGER_S, progress: Progress | None = None) -> None:
         self.settings, self.signer, self.instance = settings, signer, instance_id
+        self.linger_s = linger_s
         self.progress = progress or Progress()
         self.checkpoint_every, self.checkpoint_interval_s = checkpoint_every, checkpoint_interval_s
         self.batch_size = batch_size
@@ -282,9 +284,9 @@ class Chainer:
     # -- running ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Chain batches until ``stop`` is set."""
+        """Chain batches until ``stop`` is set, each gathered for ``linger_s`` (or until full)."""
         while not stop.is_set():
-            self.process_batch()
+            self.process_batch(self.linger_s)
 
     def run_until_caught_up(self, timeout_s: float = 60.0) -> ChainerStats:
         """Chain everything on the intake topic when called, then sign every unsigned head."""

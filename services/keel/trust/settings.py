@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DATA_KEY_CACHE_S = 5.0  # short: the longest another process's erasure can take to reach this one
 DATA_KEY_CACHE_KEYS = 10_000
+CHAIN_LINGER_S = 0.25
 
 
 class TrustSettings(BaseSettings):
@@ -27,6 +28,10 @@ class TrustSettings(BaseSettings):
     audit_checkpoint_every: int = Field(default=1000, ge=1, description="Sign a tenant's head every N records.")
     audit_checkpoint_interval_s: float = Field(
         default=10.0, gt=0, description="...or when its newest record is this old and unsigned.")
+    audit_chain_linger_s: float = Field(
+        default=CHAIN_LINGER_S, gt=0, le=10, description="How long the chainer gathers intake before each transaction: "
+        "a transaction costs the broker milliseconds of CPU whatever it holds, so the chain trails the events "
+        "by up to this much more in exchange for fewer of them.")
     master_key_file: Path | None = Field(
         default=None, description="File holding the 32-byte root master key (raw or base64) that wraps data keys.")
     master_key_previous_file: Path | None = Field(
