@@ -359,6 +359,25 @@ def process_tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     return totals
 
 
+def listening_pid(port: int) -> int | None:
+    """The process listening on local TCP ``port`` (the broker's JVM, however it was started), if visible."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in rows.readlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and inodes:
+            try:
+                if any(os.readlink(fd.path) in inodes for fd in os.scandir(f"/proc/{entry.name}/fd")):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every core of the machine spent busy since boot (``/proc/stat``: all but idle, iowait
     and steal). Steal is time the hypervisor gave another guest while this one had work: not this

@@ -53,7 +53,8 @@ from rich.console import Console
 from rich.table import Table
 
 from _common import (
-    STORY_LENGTH, TENANTS, committed_total, environment, environment_table, high_watermarks_total, unique_prefix,
+    STORY_LENGTH, TENANTS, committed_total, environment, environment_table, high_watermarks_total, listening_pid,
+    unique_prefix,
 )
 from end_to_end import (
     AGENT, ENGINE, GROUP_SECONDS, NOT_YET, OUTCOME_TYPES, CpuSample, Deployment, Harness, StageRun, Tokens, Workload,
@@ -163,25 +164,6 @@ def process_tree_memory(roots: dict[str, int]) -> dict[str, tuple[int, int]]:
             pending += [child for child in children.get(pid, []) if child not in named]
         found[name] = (rss, fds)
     return found
-
-
-def listening_pid(port: int) -> int | None:
-    """The process listening on local TCP ``port`` (the broker's JVM, however it was started), if visible."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as rows:
-            for row in rows.readlines()[1:]:
-                fields = row.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                    inodes.add(f"socket:[{fields[9]}]")
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and inodes:
-            try:
-                if any(os.readlink(fd.path) in inodes for fd in os.scandir(f"/proc/{entry.name}/fd")):
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
 
 
 class GroupLag:
