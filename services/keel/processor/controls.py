@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from keel.config import Settings
 from keel.domain.governance.controls import Controls
-from keel.errors import InfraError, KeelError
-from keel.kafka.clients import follower_config, loader_config
+from keel.errors import KeelError
+from keel.kafka.clients import follower_config
+from keel.kafka.reader import read_to_end
 from keel.kafka.topics import Topic, topic_name
 
 log = logging.getLogger(__name__)
@@ -35,38 +35,21 @@ class ControlsFollower:
         self._thread = threading.Thread(target=self._follow, name="controls-follower", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> None:
-        """Read the topic to its end, then follow it in the background from there.
+        """Read the topic to its end (``read_to_end``: short fetch waits), then follow it from there
+        in the background, with long ones: a fetch returns as soon as a record is committed anyway.
 
-        The end is read with a loader (short fetch waits, end-of-partition events), the rest
-        by a consumer that waits long: a fetch returns as soon as a record arrives anyway.
-        Raises ``InfraError`` when the end is not reached within ``timeout_s`` (a broker
+        Raises ``InfraError`` when the end is not reached (no progress for ``timeout_s``: a broker
         that went away): no command may be decided under switches only half read.
         """
-        loader = Consumer(loader_config(self._settings, f"{self._settings.topic_prefix}.controls-loader"))
-        try:
-            partitions = loader.list_topics(self._topic, timeout=timeout_s).topics[self._topic].partitions
-            loader.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
-            pending = set(partitions)
-            positions: dict[int, int] = {}  # the next offset to read, past what was applied or seen to end
-            deadline = time.monotonic() + timeout_s
-            while pending:
-                if time.monotonic() > deadline:
-                    raise InfraError(f"the controls topic {self._topic} was not read to its end within "
-                                     f"{timeout_s:.0f}s (partitions {sorted(pending)} pending)", code="controls_unread")
-                for message in loader.consume(1000, timeout=0.2):
-                    error, partition, offset = message.error(), message.partition(), message.offset()
-                    if error is not None and error.code() == KafkaError._PARTITION_EOF:
-                        assert partition is not None and offset is not None  # an end has a position
-                        pending.discard(partition)
-                        positions[partition] = max(positions.get(partition, 0), offset)
-                        continue
-                    self._apply(message)  # a record, or an error it logs
-                    if error is None and partition is not None and offset is not None:
-                        positions[partition] = offset + 1
-            self._consumer.assign([TopicPartition(self._topic, p, positions.get(p, OFFSET_BEGINNING))
-                                   for p in partitions])
-        finally:
-            loader.close()
+        positions: dict[int, int] = {}
+        for message in read_to_end(self._settings, self._topic, timeout_s):
+            self._apply(message)
+            partition, offset = message.partition(), message.offset()
+            assert partition is not None and offset is not None  # a record always has a position
+            positions[partition] = offset + 1
+        partitions = self._consumer.list_topics(self._topic, timeout=timeout_s).topics[self._topic].partitions
+        self._consumer.assign([TopicPartition(self._topic, p, positions.get(p, OFFSET_BEGINNING))
+                               for p in partitions])
         self._thread.start()
 
     def _follow(self) -> None:
@@ -76,9 +59,8 @@ class ControlsFollower:
 
     def _apply(self, message: Message) -> None:
         error = message.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.error("controls topic error: %s", error)
+        if error is not None:  # the follower asks for no end-of-partition events: every one is worth a line
+            log.error("controls topic error: %s", error)
             return
         key = (message.key() or b"").decode()
         try:
