@@ -6,8 +6,6 @@ record (without validating the envelope: the gateway did). Built only when traci
 
 from __future__ import annotations
 
-import uuid
-
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from keel.contracts.codec import EnvelopeCodec
@@ -22,7 +20,7 @@ class PublishSpans:
     def __init__(self, topic: str, codec: EnvelopeCodec) -> None:
         self._topic = topic
         self._codec = codec
-        self._open: dict[uuid.UUID, Span] = {}
+        self._open: dict[bytes, Span] = {}  # by the row's value, unique as its command id is
 
     def start(self, row: PendingRow) -> bytes:
         """Open ``row``'s span; returns its ``traceparent`` header value."""
@@ -36,12 +34,12 @@ class PublishSpans:
                         "messaging.destination.name": self._topic, "messaging.kafka.message.key": row.key,
                         "keel.tenant_id": row.key.split("/", 1)[0], "keel.command_id": str(row.command_id),
                         "keel.outbox.seq": row.seq})
-        self._open[row.command_id] = span
+        self._open[row.value] = span
         return (tracing.traceparent_of(span) or "").encode()
 
-    def end(self, command_id: uuid.UUID, error: str | None) -> None:
-        """Close the span of ``command_id`` once Kafka acknowledged (or refused) it."""
-        span = self._open.pop(command_id, None)
+    def end(self, value: bytes, error: str | None) -> None:
+        """Close the span of the row whose value is ``value`` once Kafka acknowledged (or refused) it."""
+        span = self._open.pop(value, None)
         if span is None:
             return
         if error is not None:
