@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from keel.config import Settings
 from keel.contracts.codec import EnvelopeCodec
 from keel.domain.envelope import Actor, ActorKind, Envelope, Payload, new_command
@@ -12,6 +14,7 @@ from keel.outbox.db import open_database
 from keel.outbox.store import OutboxStore
 from keel.sdk.producer import CommandProducer
 from keel.security.keys import KeyStore
+from keel.trust.keystore_sqlite import SqliteKeyStore
 
 AGENT = Actor(kind=ActorKind.AGENT, id="support-bot")
 
@@ -55,3 +58,13 @@ def outbox_with_agent_key(dsn: str) -> str:
         return token
     finally:
         db.close()
+
+
+class CountingKeyStore(SqliteKeyStore):
+    """A SQLite key store that counts the statements it runs."""
+
+    statements = 0
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        self.statements += 1
+        return super()._rows(sql, params)

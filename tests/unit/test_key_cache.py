@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
@@ -18,7 +18,7 @@ from keel.trust.keycache import KeyCache
 from keel.trust.keystore import DataKey, MasterKey
 from keel.trust.keystore_sqlite import SqliteKeyStore
 from support_desk.messages import SendEmail
-from tests.helpers import command
+from tests.helpers import CountingKeyStore, command
 
 
 class Clock:
@@ -31,24 +31,14 @@ class Clock:
         return self.now
 
 
-class CountingStore(SqliteKeyStore):
-    """A SQLite key store that counts the statements it runs."""
-
-    statements = 0
-
-    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        self.statements += 1
-        return super()._rows(sql, params)
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
 @pytest.fixture
-def keys(tmp_path: Path, clock: Clock) -> Iterator[CountingStore]:
-    with CountingStore(tmp_path / "keys.db", MasterKey(os.urandom(32)), cache=KeyCache(4, 5.0, clock)) as store:
+def keys(tmp_path: Path, clock: Clock) -> Iterator[CountingKeyStore]:
+    with CountingKeyStore(tmp_path / "keys.db", MasterKey(os.urandom(32)), cache=KeyCache(4, 5.0, clock)) as store:
         yield store
 
 
@@ -98,7 +88,7 @@ def test_a_cache_with_no_lifetime_holds_nothing_and_a_bad_bound_is_refused(clock
     assert refused.value.code == "key_cache_invalid"
 
 
-def test_sealing_and_opening_hit_the_store_once_per_subject_within_the_lifetime(keys: CountingStore) -> None:
+def test_sealing_and_opening_hit_the_store_once_per_subject_within_the_lifetime(keys: CountingKeyStore) -> None:
     cipher = FieldCipher(keys)
     first = cipher.seal(email("cust-1"))
     before = keys.statements
@@ -107,7 +97,7 @@ def test_sealing_and_opening_hit_the_store_once_per_subject_within_the_lifetime(
     assert keys.statements == before  # no query, no unwrap: every key came from the cache
 
 
-def test_an_erasure_here_is_seen_at_once_though_the_key_was_cached(keys: CountingStore) -> None:
+def test_an_erasure_here_is_seen_at_once_though_the_key_was_cached(keys: CountingKeyStore) -> None:
     cipher = FieldCipher(keys)
     sealed = cipher.seal(email("cust-1"))
     assert cast(SendEmail, cipher.open(sealed).payload).to_address == "ann@example.com"
@@ -118,7 +108,7 @@ def test_an_erasure_here_is_seen_at_once_though_the_key_was_cached(keys: Countin
 
 
 def test_an_erasure_by_another_process_is_seen_once_the_lifetime_has_passed(
-        keys: CountingStore, tmp_path: Path, clock: Clock) -> None:
+        keys: CountingKeyStore, tmp_path: Path, clock: Clock) -> None:
     cipher = FieldCipher(keys)
     sealed = cipher.seal(email("cust-1"))
     with SqliteKeyStore(tmp_path / "keys.db", keys.master) as elsewhere:  # as `keel subjects erase` would
@@ -129,13 +119,13 @@ def test_an_erasure_by_another_process_is_seen_once_the_lifetime_has_passed(
     assert cast(SendEmail, cipher.open(sealed).payload).to_address == ERASED
 
 
-def test_a_cached_key_is_still_refused_to_another_tenant(keys: CountingStore) -> None:
+def test_a_cached_key_is_still_refused_to_another_tenant(keys: CountingKeyStore) -> None:
     key_id = keys.key_for("acme", "cust-1").key_id
     with pytest.raises(WrongTenantKey):
         keys.lookup("globex", key_id)
 
 
-def test_preparing_a_batch_creates_its_new_subjects_keys_in_a_few_statements(keys: CountingStore,
+def test_preparing_a_batch_creates_its_new_subjects_keys_in_a_few_statements(keys: CountingKeyStore,
                                                                              clock: Clock) -> None:
     keys.cache = KeyCache(1000, 5.0, clock)
     known = keys.key_for("acme", "cust-0")
@@ -154,7 +144,7 @@ def test_preparing_a_batch_creates_its_new_subjects_keys_in_a_few_statements(key
         cast(SendEmail, sealed[n].payload).to_address.split(":")[2] for n in (0, 299)]
 
 
-def test_a_batch_served_from_the_cache_does_not_extend_the_keys_lifetime(keys: CountingStore, clock: Clock) -> None:
+def test_a_batch_served_from_the_cache_does_not_extend_the_keys_lifetime(keys: CountingKeyStore, clock: Clock) -> None:
     first = keys.key_for("acme", "cust-1")
     clock.now += 4.0
     assert keys.keys_for("acme", ["cust-1"]) == {"cust-1": first}
@@ -163,11 +153,11 @@ def test_a_batch_served_from_the_cache_does_not_extend_the_keys_lifetime(keys: C
 
 
 def test_prefetching_encoded_records_reads_their_keys_in_one_statement_and_opening_asks_no_more(
-        tmp_path: Path, keys: CountingStore, clock: Clock) -> None:
+        tmp_path: Path, keys: CountingKeyStore, clock: Clock) -> None:
     keys.cache = KeyCache(1000, 5.0, clock)
     writer = SealingCodec(FieldCipher(keys))
     records = [writer.encode(email(f"cust-{n}")) for n in range(300)] + [b"not a record", b""]
-    with CountingStore(tmp_path / "keys.db", keys.master, cache=KeyCache(1000, 5.0, clock)) as elsewhere:
+    with CountingKeyStore(tmp_path / "keys.db", keys.master, cache=KeyCache(1000, 5.0, clock)) as elsewhere:
         reader = SealingCodec(FieldCipher(elsewhere))  # another process: none of these keys cached
         reader.prefetch(records)
         assert elsewhere.statements == 1  # 300 key ids in one IN list
@@ -181,7 +171,7 @@ def test_prefetching_encoded_records_reads_their_keys_in_one_statement_and_openi
 
 
 def test_a_prefetch_leaves_erased_unknown_and_foreign_keys_to_the_open_that_reports_them(
-        keys: CountingStore, clock: Clock) -> None:
+        keys: CountingKeyStore, clock: Clock) -> None:
     keys.cache = KeyCache(1000, 5.0, clock)
     codec = SealingCodec(FieldCipher(keys))
     erased, foreign = codec.encode(email("cust-1")), codec.encode(email("cust-2", tenant="globex"))

@@ -163,6 +163,9 @@ class EnvelopeCodec:
     def prefetch(self, records: Iterable[bytes | None]) -> None:
         """Get ready to decode ``records`` as a batch: nothing to do here (``SealingCodec`` reads keys)."""
 
+    def prepare(self, envelopes: Iterable[Envelope]) -> None:
+        """Get ready to encode ``envelopes`` as a batch: nothing to do here (``SealingCodec`` creates keys)."""
+
     def decode(self, data: bytes) -> Envelope:
         """The envelope in ``data``; raises ``DecodeError`` or ``ValidationError`` if it is not one."""
         return self.parse(self.read(data))

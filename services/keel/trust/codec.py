@@ -47,6 +47,10 @@ class SealingCodec(EnvelopeCodec):
         """Read the keys that opening ``records`` needs, a few statements for all of them."""
         self.cipher.prefetch(records)
 
+    def prepare(self, envelopes: Iterable[Envelope]) -> None:
+        """Fetch, or create, the keys sealing ``envelopes`` needs, a few statements for all of them."""
+        self.cipher.prepare(envelopes)
+
     def decode(self, data: bytes) -> Envelope:
         """Decode the raw record, open its personal fields (or mark them erased), then validate."""
         record = self.read(data)
