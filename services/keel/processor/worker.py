@@ -246,13 +246,15 @@ class CommandProcessor:
             for message in messages:
                 thrown += self._decide(message, view, outcome_counts, now, chunk, tally, spans)
                 if len(chunk.decided) + len(chunk.records) >= _PRODUCE_CHUNK:  # large: send while deciding the rest
+                    records = self._take(chunk)  # keys created before the transaction begins
                     if not opened:
                         self._open(messages)
                         opened = True
-                    produced += self._produce(self._take(chunk))
+                    produced += self._produce(records)
+            records = self._take(chunk)
             if not opened:
                 self._open(messages)
-            produced += self._produce(self._take(chunk))
+            produced += self._produce(records)
             produced += self._checkpoints.add_to(self._producer, self.partitions, now.timestamp())
             committing = time.perf_counter()
             transactions.commit(self._producer, self.progress)
